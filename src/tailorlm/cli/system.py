@@ -1,0 +1,94 @@
+"""Commands about the installation itself: doctor, ask, demo, where."""
+
+from __future__ import annotations
+
+import time
+
+import typer
+
+from tailorlm import console, doctor, models, settings
+from tailorlm.cli import app
+from tailorlm.cli.common import JSON_OPTION, MODEL_OPTION, user_errors
+
+
+@app.command("doctor")
+def doctor_command(
+    as_json: bool = JSON_OPTION,
+    load: bool = typer.Option(True, "--load/--no-load", help="Also load the default base model."),
+) -> None:
+    """Check Python, libraries, the base model, the cache folder, data packages and threads."""
+    checks = doctor.run_checks(load_model=load)
+    payload = doctor.as_payload(checks)
+
+    def render(data: dict) -> None:
+        for check in data["checks"]:
+            mark = (
+                "[green]ok[/]"
+                if check["ok"]
+                else ("[red]FAIL[/]" if check["required"] else "[yellow]warn[/]")
+            )
+            console.out.print(f"{mark:>14}  {check['name']:<22} {check['detail']}", highlight=False)
+            if check["fix"]:
+                console.out.print(f"{'':>6}  fix: {check['fix']}", highlight=False)
+
+    console.emit(payload, as_json, render)
+    if not payload["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command("ask")
+def ask_command(
+    question: str = typer.Argument(..., help="What to ask the base model."),
+    model: str | None = MODEL_OPTION,
+    max_new_tokens: int = typer.Option(48, min=1, max=2048, help="Longest answer, in tokens."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Ask the base model one question (greedy decoding, the model's chat template)."""
+    from tailorlm.engine.generation import DecodeConfig, generate_texts
+
+    with user_errors(models.ModelNotFoundError):
+        started = time.perf_counter()
+        base = models.load_base(model)
+        loaded = time.perf_counter() - started
+    prompt = models.chat_prompt(base.tokenizer, question)
+    started = time.perf_counter()
+    answer = generate_texts(
+        base.model, base.tokenizer, [prompt], DecodeConfig(max_new_tokens=max_new_tokens)
+    )[0]
+    payload = {
+        "model": base.name,
+        "question": question,
+        "answer": answer,
+        "load_seconds": loaded,
+        "generate_seconds": time.perf_counter() - started,
+    }
+    console.emit(payload, as_json, lambda d: console.out.print(d["answer"], highlight=False))
+
+
+@app.command("where")
+def where_command(as_json: bool = JSON_OPTION) -> None:
+    """Show the folders tailorlm reads and writes."""
+    payload = {
+        "home": settings.home(),
+        "models": settings.models_dir(),
+        "default_model_cache": models.default_cache_dir(),
+        "default_model_gguf": models.gguf_path(),
+    }
+    console.emit(
+        payload, as_json, lambda d: [console.out.print(f"{k:<20} {v}", highlight=False) for k, v in d.items()]
+    )
+
+
+@app.command("demo")
+def demo_command(model: str | None = MODEL_OPTION) -> None:
+    """The main job `make demo` runs."""
+    console.out.rule("tailorlm demo")
+    started = time.perf_counter()
+    with user_errors(models.ModelNotFoundError):
+        base = models.load_base(model)
+    console.out.print(f"loaded {base.name} in {time.perf_counter() - started:.1f} s")
+    from tailorlm.engine.generation import generate_texts
+
+    question = "What is the capital of France?"
+    answer = generate_texts(base.model, base.tokenizer, [models.chat_prompt(base.tokenizer, question)])[0]
+    console.out.print(f"Q: {question}\nA: {answer}", highlight=False)

