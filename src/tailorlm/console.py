@@ -12,6 +12,14 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 out = Console(soft_wrap=True)
@@ -60,3 +68,19 @@ def fmt(value: Any) -> str:
             return "-"
         return f"{value:.4g}"
     return "-" if value is None else str(value)
+
+
+def progress_bar(visible: bool = True) -> Progress:
+    """A progress display on stderr with counts, elapsed time and ETA; invisible when ``visible`` is false
+    (tests, --json runs) so callers need no second code path."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not visible,
+        transient=False,
+    )

@@ -14,13 +14,49 @@ class DecodeConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    stop: tuple[str, ...] = ()  # a row also ends at the first of these strings (the string is dropped)
+
+
+def _sampling(decode: DecodeConfig) -> dict:
+    if decode.do_sample:
+        return {"do_sample": True, "temperature": decode.temperature, "top_p": decode.top_p, "top_k": None}
+    # Explicit Nones stop a model's generation_config from slipping sampling settings into greedy decoding.
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
+def generate_from_inputs(model, tokenizer, inputs: dict, decode: DecodeConfig) -> list[str]:
+    """Run ``model.generate`` on prepared inputs (``input_ids`` or ``inputs_embeds``, with an attention
+    mask); rows stop independently at end-of-sequence or at a stop string."""
+    extra = {"stop_strings": list(decode.stop), "tokenizer": tokenizer} if decode.stop else {}
+    with torch.random.fork_rng(), torch.inference_mode():
+        torch.manual_seed(decode.seed)
+        output = model.generate(
+            **inputs,
+            max_new_tokens=decode.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **_sampling(decode),
+            **extra,
+        )
+    if "input_ids" in inputs:  # decoder-only models echo the prompt ids unless they were given embeddings
+        output = output[:, inputs["input_ids"].shape[1] :]
+    return [
+        _cut_at_stop(text, decode.stop) for text in tokenizer.batch_decode(output, skip_special_tokens=True)
+    ]
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    for stop in stops:
+        index = text.find(stop)
+        if index >= 0:
+            text = text[:index]
+    return text.strip()
 
 
 def generate_texts(
-    model, tokenizer, prompts: list[str], decode: DecodeConfig | None = None, max_prompt_tokens: int = 512
+    model, tokenizer, prompts: list[str], decode: DecodeConfig | None = None, max_prompt_tokens: int = 1024
 ) -> list[str]:
-    """Continue each prompt; rows stop independently at the tokenizer's end-of-sequence token."""
-    decode = decode or DecodeConfig()
+    """Continue each prompt with a bare model (no per-user modules)."""
     if not prompts:
         return []
     batch = tokenizer(
@@ -30,20 +66,6 @@ def generate_texts(
         truncation=True,
         max_length=max_prompt_tokens,
         padding_side="left",
+        add_special_tokens=False,
     )
-    sampling = (
-        {"do_sample": True, "temperature": decode.temperature, "top_p": decode.top_p}
-        if decode.do_sample
-        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    )
-    with torch.random.fork_rng(), torch.inference_mode():
-        torch.manual_seed(decode.seed)
-        output = model.generate(
-            **batch,
-            max_new_tokens=decode.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **sampling,
-        )
-    new_tokens = output[:, batch["input_ids"].shape[1] :]
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return generate_from_inputs(model, tokenizer, dict(batch), decode or DecodeConfig())

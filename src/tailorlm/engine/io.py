@@ -1,0 +1,147 @@
+"""One user's module on disk.
+
+LoRA, IA3 and prompt tuning are written in PEFT's own format (``adapter_config.json`` +
+``adapter_model.safetensors``), so ``PeftModel.from_pretrained(base, folder)`` reads them. The bottleneck
+adapter, which PEFT lacks, uses the same safetensors file with keys ``{projection path}.adapter_down.weight``
+(``[width, hidden]``), ``.adapter_down.bias``, ``.adapter_up.weight`` (``[hidden, width]``) and
+``.adapter_up.bias``, the adapter applied as ``out + up(act(down(out)))`` to that projection's output.
+Every module folder also has ``tailorlm.json``: the spec, the base model's name, the storage dtype and
+whatever the trainer recorded (user id, epochs, validation loss).
+
+Tensors are stored in fp16 by default (half the bytes; loading casts back to the bank's fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tailorlm.engine import modules
+from tailorlm.engine.modules import ModuleSpec, ModuleSpecError
+
+if TYPE_CHECKING:
+    from tailorlm.engine.core import Engine
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"
+META_FILE = "tailorlm.json"
+FORMAT_VERSION = 1
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class ModuleFileError(ValueError):
+    """A module folder is missing a file, is not a module tailorlm can read, or does not fit the bank."""
+
+
+@dataclass
+class StoredModule:
+    spec: ModuleSpec
+    tensors: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)
+
+
+def save_module(
+    engine: Engine, slot: int, folder: str | Path, *, dtype: str = "float16", meta: dict | None = None
+) -> Path:
+    """Write slot ``slot``'s module to ``folder``, replacing it atomically (a reader or a resumed job
+    never sees half a module)."""
+    stored = StoredModule(engine.spec, engine.bank.read(slot), dict(meta or {}))
+    return write_module(stored, folder, model=engine.model, base_name=engine.base.name, dtype=dtype)
+
+
+def write_module(
+    module: StoredModule, folder: str | Path, *, model, base_name: str | None = None, dtype: str = "float16"
+) -> Path:
+    """Write a module (tensors named as in the bank) for a base ``model``."""
+    if dtype not in _DTYPES:
+        raise ModuleFileError(f"unknown storage dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        tensors = {name: t.detach().to(_DTYPES[dtype]).contiguous() for name, t in module.tensors.items()}
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        config = modules.peft_config(module.spec, model, base_name)
+        if config is not None:
+            config.save_pretrained(str(staging))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "spec": modules.spec_to_dict(module.spec),
+            "base_model": base_name,
+            "dtype": dtype,
+            **module.meta,
+        }
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def read_module(folder: str | Path) -> StoredModule:
+    """Read a module folder written by tailorlm, or a LoRA / IA3 / prompt-tuning folder written by PEFT."""
+    folder = Path(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModuleFileError(f"{folder} is not a module folder: {WEIGHTS_FILE} is missing")
+    meta = _read_json(folder / META_FILE) if (folder / META_FILE).is_file() else {}
+    try:
+        if "spec" in meta:
+            spec = modules.spec_from_dict(meta["spec"])
+        elif (folder / PEFT_CONFIG_FILE).is_file():
+            spec = modules.spec_from_peft_config(_read_json(folder / PEFT_CONFIG_FILE))
+        else:
+            raise ModuleFileError(
+                f"{folder} has neither {META_FILE} nor {PEFT_CONFIG_FILE}: its kind is unknown"
+            )
+    except (ModuleSpecError, KeyError, TypeError) as error:
+        raise ModuleFileError(f"{folder}: unreadable module config: {error}") from error
+    try:
+        tensors = load_file(str(weights))
+    except Exception as error:  # safetensors raises its own error types for truncated or foreign files
+        raise ModuleFileError(f"{weights}: not a readable safetensors file ({error})") from error
+    return StoredModule(spec, tensors, meta)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModuleFileError(f"{path}: not valid JSON ({error})") from error
+
+
+def load_module(engine: Engine, slot: int, folder: str | Path) -> dict:
+    """Put the module stored in ``folder`` into ``slot``; other slots are untouched. Returns its metadata."""
+    bank = engine.bank
+    stored = read_module(folder)
+    if not modules.same_layout(stored.spec, bank.spec):
+        raise ModuleFileError(
+            f"{folder} holds a {modules.spec_to_dict(stored.spec)} module; this bank holds "
+            f"{modules.spec_to_dict(bank.spec)}"
+        )
+    tensors = stored.tensors
+    if isinstance(bank.spec, modules.LoraSpec):
+        tensors = _strip_adapter_name(tensors)
+    bank.write(slot, tensors)
+    return stored.meta
+
+
+def _strip_adapter_name(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # PEFT writes "...lora_A.weight"; some versions and tools keep the adapter name ("lora_A.default.weight").
+    return {name.replace(".default.weight", ".weight"): value for name, value in tensors.items()}
+
+
+def module_bytes(folder: str | Path) -> int:
+    """Bytes a stored module takes on disk (weights and configs)."""
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())

@@ -1,0 +1,351 @@
+"""Training many users' modules at once.
+
+Each step concatenates the next mini-batch of every user in the bank into one batch, so the frozen base
+model runs once for all of them. Each user's loss is the mean over their own target tokens, and the
+users' tensors are disjoint slots, so a user's gradient is exactly the one they would get training
+alone. The optimizer keeps per-slot moments, step counts, learning-rate schedules and gradient-norm
+clipping, and a user's mini-batch order depends only on (seed, user id, epoch): training a user in any
+group gives the module training them alone gives, up to float rounding.
+
+When a user finishes (epochs done, or early stop on their own validation loss) their best module is
+handed back and their slot goes to the next user in the queue.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tailorlm import console
+from tailorlm.engine import io
+from tailorlm.engine.bank import EngineError
+from tailorlm.engine.core import Engine, Row
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 2
+    learning_rate: float = 1e-4
+    batch_size: int = 4  # rows of one user per step
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    patience: int | None = None  # epochs without validation improvement before a user stops early
+    seed: int = 0
+    users_per_step: int | None = None  # default: every user slot of the bank
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise EngineError("training needs epochs >= 1, batch_size >= 1 and a positive learning rate")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise EngineError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class UserData:
+    """One user's training job: (prompt, target) pairs, optional validation pairs, optional start module."""
+
+    user_id: str
+    train: Sequence[tuple[str, str]]
+    val: Sequence[tuple[str, str]] = ()
+    init: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class UserResult:
+    user_id: str
+    module: dict[str, torch.Tensor]
+    steps: int
+    epochs_run: int
+    best_epoch: int | None
+    train_losses: list[float]  # mean token loss per epoch
+    val_losses: list[float]
+    seconds: float
+
+    def meta(self) -> dict:
+        return {
+            "user": self.user_id,
+            "steps": self.steps,
+            "epochs_run": self.epochs_run,
+            "best_epoch": self.best_epoch,
+            "train_losses": self.train_losses,
+            "val_losses": self.val_losses,
+            "train_seconds": self.seconds,
+            "complete": True,
+        }
+
+
+def _seed_for(*parts: object) -> int:
+    return zlib.crc32(":".join(str(p) for p in parts).encode())
+
+
+class SlotAdamW:
+    """AdamW with independent state per slot, the same arithmetic as ``torch.optim.AdamW``."""
+
+    def __init__(self, tensors: dict[str, torch.nn.Parameter], config: TrainConfig) -> None:
+        self.tensors = tensors
+        self.config = config
+        self.exp_avg = {n: torch.zeros_like(t) for n, t in tensors.items()}
+        self.exp_avg_sq = {n: torch.zeros_like(t) for n, t in tensors.items()}
+        slots = next(iter(tensors.values())).shape[0]
+        self.steps = torch.zeros(slots, dtype=torch.long)
+
+    def reset(self, slot: int) -> None:
+        for state in (*self.exp_avg.values(), *self.exp_avg_sq.values()):
+            state[slot].zero_()
+        self.steps[slot] = 0
+
+    @torch.no_grad()
+    def step(self, slots: torch.Tensor, learning_rates: torch.Tensor) -> None:
+        """Update only ``slots``; each with its own learning rate, clipping and bias correction."""
+        beta1, beta2 = self.config.betas
+        grads = {
+            n: (t.grad.index_select(0, slots) if t.grad is not None else torch.zeros_like(t[slots]))
+            for n, t in self.tensors.items()
+        }
+        if self.config.max_grad_norm is not None:
+            norms = torch.sqrt(sum(g.pow(2).flatten(1).sum(1) for g in grads.values()))
+            coefficient = (self.config.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            grads = {n: g * coefficient.view(-1, *[1] * (g.dim() - 1)) for n, g in grads.items()}
+        self.steps[slots] += 1
+        step = self.steps[slots].double()
+        correction1 = (1 - beta1**step).float()
+        correction2_sqrt = (1 - beta2**step).sqrt().float()
+        for name, tensor in self.tensors.items():
+            shape = (-1, *[1] * (tensor.dim() - 1))
+            lr = learning_rates.view(shape)
+            param = tensor.data.index_select(0, slots)
+            param.mul_(1 - lr * self.config.weight_decay)
+            exp_avg = self.exp_avg[name].index_select(0, slots).lerp_(grads[name], 1 - beta1)
+            exp_avg_sq = self.exp_avg_sq[name].index_select(0, slots).mul_(beta2)
+            exp_avg_sq.addcmul_(grads[name], grads[name], value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / correction2_sqrt.view(shape)).add_(self.config.eps)
+            param.sub_(lr / correction1.view(shape) * exp_avg / denom)
+            tensor.data.index_copy_(0, slots, param)
+            self.exp_avg[name].index_copy_(0, slots, exp_avg)
+            self.exp_avg_sq[name].index_copy_(0, slots, exp_avg_sq)
+
+
+def linear_schedule(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor at optimizer step ``step`` (0-based): linear warm-up, then linear decay to 0,
+    as transformers' ``get_linear_schedule_with_warmup``."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+@dataclass
+class _Active:
+    """A user occupying a slot: their batch plan, progress and best module so far."""
+
+    data: UserData
+    slot: int
+    batches_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    started: float
+    plan: Iterator[tuple[int, list[int], bool]] = field(init=False)
+    steps: int = 0
+    epoch_loss: float = 0.0
+    epoch_tokens: int = 0
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    stale_epochs: int = 0
+    done: bool = False
+
+
+class MultiUserTrainer:
+    """Moves a queue of users through the bank's slots until every one is trained."""
+
+    def __init__(self, engine: Engine, config: TrainConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.bank = engine.bank
+        capacity = self.bank.slots - 1
+        self.width = min(capacity, config.users_per_step or capacity)
+        self.optimizer = SlotAdamW(self.bank.tensors, config)
+
+    # ---- plans ------------------------------------------------------------------------------------
+
+    def _plan(self, user: UserData) -> Iterator[tuple[int, list[int], bool]]:
+        """(epoch, row indices, last batch of the epoch?) in the order this user always sees them."""
+        size = self.config.batch_size
+        for epoch in range(self.config.epochs):
+            generator = torch.Generator().manual_seed(_seed_for(self.config.seed, user.user_id, epoch))
+            order = torch.randperm(len(user.train), generator=generator).tolist()
+            chunks = [order[i : i + size] for i in range(0, len(order), size)]
+            for index, chunk in enumerate(chunks):
+                yield epoch, chunk, index == len(chunks) - 1
+
+    def _admit(self, user: UserData, slot: int) -> _Active:
+        if not user.train:
+            raise EngineError(f"user {user.user_id!r} has no training examples")
+        if user.init is not None:
+            self.bank.write(slot, user.init)
+        else:
+            self.bank.reset(
+                slot, torch.Generator().manual_seed(_seed_for(self.config.seed, user.user_id, "init"))
+            )
+        self.optimizer.reset(slot)
+        per_epoch = math.ceil(len(user.train) / self.config.batch_size)
+        total = per_epoch * self.config.epochs
+        active = _Active(
+            user, slot, per_epoch, total, math.ceil(total * self.config.warmup_ratio), time.perf_counter()
+        )
+        active.plan = self._plan(user)
+        return active
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def run(
+        self,
+        users: Sequence[UserData],
+        on_done: Callable[[UserResult], None] | None = None,
+        progress: bool = False,
+    ) -> list[UserResult]:
+        ids = [u.user_id for u in users]
+        if len(set(ids)) != len(ids):
+            raise EngineError("user ids in one training job must be unique")
+        queue = deque(users)
+        free = list(range(self.width, 0, -1))
+        active: dict[int, _Active] = {}
+        results: list[UserResult] = []
+        total_steps = sum(
+            math.ceil(len(u.train) / self.config.batch_size) * self.config.epochs for u in users
+        )
+        with console.progress_bar(progress) as bar, self.engine.training():
+            task = bar.add_task("training users", total=total_steps)
+            while queue or active:
+                while queue and free:
+                    slot = free.pop()
+                    active[slot] = self._admit(queue.popleft(), slot)
+                stepped = self._step(list(active.values()))
+                bar.advance(task, stepped)
+                for slot in [s for s, a in active.items() if a.done]:
+                    result = self._finish(active.pop(slot))
+                    results.append(result)
+                    if on_done is not None:
+                        on_done(result)
+                    self.bank.clear(slot)
+                    free.append(slot)
+        return results
+
+    def _step(self, users: list[_Active]) -> int:
+        rows: list[Row] = []
+        owners: list[tuple[_Active, int, int, bool]] = []  # user, first row, row count, epoch ended
+        for user in users:
+            _epoch, indices, epoch_end = next(user.plan)
+            owners.append((user, len(rows), len(indices), epoch_end))
+            rows.extend(Row(*user.data.train[i], slot=user.slot) for i in indices)
+        batch = self.engine.encode(rows)
+        sums, counts = self.engine.token_nll(batch)
+        losses = [
+            sums[first : first + n].sum() / counts[first : first + n].sum().clamp(min=1)
+            for _, first, n, _ in owners
+        ]
+        torch.stack(losses).sum().backward()
+        slots = torch.tensor([u.slot for u in users])
+        factors = [linear_schedule(u.steps, u.total_steps, u.warmup_steps) for u in users]
+        self.optimizer.step(slots, self.config.learning_rate * torch.tensor(factors))
+        for tensor in self.bank.tensors.values():
+            tensor.grad = None
+        for (user, first, n, epoch_end), loss in zip(owners, losses, strict=True):
+            user.steps += 1
+            tokens = int(counts[first : first + n].sum())
+            user.epoch_loss += float(loss.detach()) * tokens
+            user.epoch_tokens += tokens
+            if epoch_end:
+                self._end_epoch(user)
+        return len(users)
+
+    def _end_epoch(self, user: _Active) -> None:
+        user.train_losses.append(user.epoch_loss / max(1, user.epoch_tokens))
+        user.epoch_loss, user.epoch_tokens = 0.0, 0
+        epoch = len(user.train_losses) - 1
+        if user.data.val:
+            loss = self.validation_loss(user.data.val, user.slot)
+            user.val_losses.append(loss)
+            if user.best is None or loss < user.best[0]:
+                user.best = (loss, epoch, self.bank.read(user.slot))
+                user.stale_epochs = 0
+            else:
+                user.stale_epochs += 1
+            if self.config.patience is not None and user.stale_epochs >= self.config.patience:
+                user.done = True
+        if epoch + 1 == self.config.epochs:
+            user.done = True
+
+    @torch.no_grad()
+    def validation_loss(self, pairs: Sequence[tuple[str, str]], slot: int, batch_size: int = 16) -> float:
+        total, tokens = 0.0, 0
+        for start in range(0, len(pairs), batch_size):
+            chunk = [Row(p, t, slot) for p, t in pairs[start : start + batch_size]]
+            sums, counts = self.engine.token_nll(self.engine.encode(chunk))
+            total, tokens = total + float(sums.sum()), tokens + int(counts.sum())
+        return total / max(1, tokens)
+
+    def _finish(self, user: _Active) -> UserResult:
+        module = user.best[2] if user.best is not None else self.bank.read(user.slot)
+        return UserResult(
+            user.data.user_id,
+            module,
+            user.steps,
+            len(user.train_losses),
+            user.best[1] if user.best is not None else None,
+            user.train_losses,
+            user.val_losses,
+            time.perf_counter() - user.started,
+        )
+
+
+# ---- resumable jobs ----------------------------------------------------------------------------------
+
+
+def user_folder(root: str | Path, user_id: str) -> Path:
+    """A filesystem-safe folder per user id; ids that needed changing get a hash so they stay distinct."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:80]
+    if safe != user_id or safe.startswith("."):
+        safe = f"{safe.lstrip('.')}-{zlib.crc32(user_id.encode()):08x}"
+    return Path(root) / safe
+
+
+def is_trained(root: str | Path, user_id: str) -> bool:
+    meta = user_folder(root, user_id) / io.META_FILE
+    if not meta.is_file():
+        return False
+    try:
+        return bool(io._read_json(meta).get("complete"))
+    except io.ModuleFileError:
+        return False
+
+
+def train_job(
+    engine: Engine,
+    users: Sequence[UserData],
+    config: TrainConfig,
+    out_dir: str | Path,
+    progress: bool = False,
+) -> dict[str, Path]:
+    """Train every user whose module is not yet complete in ``out_dir``; each module is saved the moment
+    its user finishes, so a killed job restarts where it stopped. Returns user id -> module folder."""
+    pending = [u for u in users if not is_trained(out_dir, u.user_id)]
+
+    def save(result: UserResult) -> None:
+        stored = io.StoredModule(engine.spec, result.module, result.meta())
+        io.write_module(
+            stored, user_folder(out_dir, result.user_id), model=engine.model, base_name=engine.base.name
+        )
+
+    MultiUserTrainer(engine, config).run(pending, on_done=save, progress=progress)
+    return {u.user_id: user_folder(out_dir, u.user_id) for u in users}
