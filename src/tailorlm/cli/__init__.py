@@ -12,6 +12,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+import tailorlm.cli.data  # noqa: E402, F401
 from tailorlm.cli import system  # noqa: E402  (modules register their commands on `app`)
 
 __all__ = ["app", "main", "system"]

@@ -1,0 +1,64 @@
+"""Users, tasks and their data: one data model for PEFT-U folders, LaMP files and the offline tasks.
+
+from tailorlm.data import load_task, available_tasks
+task = load_task("verbagg", seed=0)                  # installed with the package's dependencies
+task = load_task("peftu:hatexplain", data_dir=DIR)   # a PEFT-U folder with user_data_leaked.json
+task = load_task("lamp:2", data_dir=DIR, split="dev")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# schema and errors first: tailorlm.tasks imports them while this package may still be initialising.
+from tailorlm.data.errors import DataError, UnknownTaskError
+from tailorlm.data.schema import KINDS, SPLITS, Example, HistoryItem, Kind, Task, User
+
+__all__ = [
+    "KINDS",
+    "SPLITS",
+    "DataError",
+    "Example",
+    "HistoryItem",
+    "Kind",
+    "Task",
+    "UnknownTaskError",
+    "User",
+    "available_tasks",
+    "load_task",
+]
+
+
+def available_tasks() -> list[str]:
+    """Every task name ``load_task`` accepts, offline tasks first."""
+    from tailorlm.tasks import specs
+
+    return list(specs.all_specs())
+
+
+def load_task(name: str, data_dir: str | Path | None = None, split: str | None = None, seed: int = 0) -> Task:
+    """Load a task by name.
+
+    ``data_dir`` is needed for PEFT-U (a task folder, a folder of task folders, or the JSON file) and LaMP
+    (the folder with ``{split}_questions.json`` and ``{split}_outputs.json``). ``split`` picks LaMP's
+    train / dev (default) / test files, or PEFT-U's leaked (default) / no_leak file; the offline tasks make
+    their own splits from ``seed``.
+    """
+    from tailorlm.data import lamp, offline, peftu
+    from tailorlm.tasks import specs
+
+    spec = specs.spec(name)
+    if not spec.needs_data:
+        if data_dir is not None or split is not None:
+            raise UnknownTaskError(
+                f"{spec.name} is read from an installed package: it takes no data folder or split"
+            )
+        return offline.load(spec, seed)
+    if data_dir is None:
+        raise UnknownTaskError(
+            f"{spec.name} reads your own files: give the folder that holds them (--data DIR)"
+        )
+    folder = Path(data_dir).expanduser()
+    if spec.family == "peftu":
+        return peftu.load(spec, folder, split)
+    return lamp.load(spec, folder, split or lamp.DEFAULT_SPLIT)

@@ -1,0 +1,146 @@
+"""Turning one user's labelled records into a ``User``, under the two split policies.
+
+Loaders parse their format into ``Record`` lists and call ``subjective_user`` or ``timeline_user``; the
+rules about what becomes history and what each example may see live here, once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tailorlm.data import splits
+from tailorlm.data.errors import DataError
+from tailorlm.data.schema import Example, HistoryItem, User
+from tailorlm.tasks import render
+from tailorlm.tasks.specs import TaskSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One labelled item of one user before splitting; ``key`` is unique within the user."""
+
+    key: str
+    text: str
+    targets: tuple[str, ...]
+    item_key: str | None = None
+    time: float | None = None
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        return ", ".join(self.targets)
+
+
+def natural_key(value: str) -> tuple:
+    """Sort "2" before "10" and keep every other id in plain string order, so user and item order never
+    depends on how a file happened to be written."""
+    parts = re.split(r"(\d+)", value)
+    return tuple((0, int(p), p) if p.isdigit() else (1, 0, p) for p in parts)
+
+
+def example_id(user_id: str, key: str) -> str:
+    return f"{user_id}/{key}"
+
+
+def to_example(user_id: str, record: Record, visible_before: int | None = None) -> Example:
+    return Example(
+        id=example_id(user_id, record.key),
+        text=record.text,
+        target=record.target,
+        targets=record.targets,
+        item_key=record.item_key,
+        time=record.time,
+        fields=record.fields,
+        visible_before=visible_before,
+    )
+
+
+def to_history(spec: TaskSpec, example: Example) -> HistoryItem:
+    """A train example as the user's history item; it keeps the example's id, so asking that example
+    never retrieves it."""
+    values = {**example.fields, "text": example.text, "target": example.target}
+    return HistoryItem(id=example.id, text=render.document(spec, values), fields=values, time=example.time)
+
+
+def subjective_user(
+    spec: TaskSpec,
+    user_id: str,
+    parts: tuple[Sequence[Record], Sequence[Record], Sequence[Record]],
+    user_fields: Mapping[str, Any] | None = None,
+) -> User:
+    """A user whose items have no time: history is the train split (in key order); every example may see
+    all of it except itself."""
+    train, val, test = (sorted(part, key=lambda r: natural_key(r.key)) for part in parts)
+    train_examples = [to_example(user_id, r) for r in train]
+    return User(
+        id=user_id,
+        train=train_examples,
+        val=[to_example(user_id, r) for r in val],
+        test=[to_example(user_id, r) for r in test],
+        history=[to_history(spec, e) for e in train_examples],
+        fields=dict(user_fields or {}),
+    )
+
+
+def stratified_user(
+    spec: TaskSpec, user_id: str, records: Sequence[Record], seed: int, user_fields: Mapping[str, Any] | None
+) -> User | None:
+    """PEFT-U's policy: 80/10/10 stratified by label; ``None`` for a user with too few items."""
+    if len(records) < splits.MIN_ITEMS:
+        return None
+    parts = splits.stratified_split(records, lambda r: r.target, lambda r: r.key, user_id, seed)
+    return subjective_user(spec, user_id, parts, user_fields)
+
+
+def timeline_user(
+    spec: TaskSpec, user_id: str, records: Sequence[Record], user_fields: Mapping[str, Any] | None = None
+) -> User | None:
+    """The chronological policy: the latest items are test, the ones before validation, the rest train and
+    history. A train example sees only the train items before it; validation and test see all of train."""
+    if len(records) < splits.MIN_ITEMS:
+        return None
+    train, val, test = splits.chronological_split(records, lambda r: (r.time, natural_key(r.key)))
+    train_examples = [to_example(user_id, r, visible_before=i) for i, r in enumerate(train)]
+    return User(
+        id=user_id,
+        train=train_examples,
+        val=[to_example(user_id, r, visible_before=len(train)) for r in val],
+        test=[to_example(user_id, r, visible_before=len(train)) for r in test],
+        history=[to_history(spec, e) for e in train_examples],
+        fields=dict(user_fields or {}),
+    )
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file, turning a missing file or a syntax error into a DataError that names it."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise DataError("file not found", file=path) from None
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})", file=path
+        ) from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"not UTF-8 text ({err.reason})", file=path) from None
+
+
+def check_labels(
+    values: Iterable[str], labels: Sequence[str] | None, file: Path | str, record: str, field_name: str
+) -> None:
+    if labels is None:
+        return
+    for value in values:
+        if value not in labels:
+            raise DataError(
+                f"label {value!r} is not one of the task's labels ({', '.join(labels)})",
+                file=file,
+                record=record,
+                field=field_name,
+            )
