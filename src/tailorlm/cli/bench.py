@@ -1,0 +1,107 @@
+"""`tailorlm bench`: run personalization methods on a task's users and write the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tailorlm import console, models
+from tailorlm.cli import app
+from tailorlm.cli.common import JSON_OPTION, MODEL_OPTION, user_errors
+from tailorlm.data import DataError, load_task
+from tailorlm.engine.bank import EngineError
+from tailorlm.methods.context import BenchConfig
+from tailorlm.methods.registry import default_methods, methods_for
+
+
+def _split_names(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+@app.command("bench")
+def bench_command(
+    task: str = typer.Option("verbagg", "--task", "-t", help="Task name (see `tailorlm data list`)."),
+    methods: str | None = typer.Option(
+        None,
+        "--methods",
+        help="Comma-separated methods (see `tailorlm methods`), 'name@generate' to force "
+        "free generation, or 'all'. Default: every family, sized for the quick profile.",
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Run folder (default runs/TASK-quick or -full)."
+    ),
+    full: bool = typer.Option(False, "--full", help="Every user instead of the quick seeded sample."),
+    test_users: int | None = typer.Option(None, "--test-users", min=1, help="How many users to test on."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Folder with PEFT-U or LaMP files, for those tasks."
+    ),
+    split: str | None = typer.Option(None, "--split", help="LaMP split to test on (e.g. dev)."),
+    model: str | None = MODEL_OPTION,
+    seed: int = typer.Option(0, "--seed", help="Seed for the user sample, splits, training and sampling."),
+    decoding: str | None = typer.Option(
+        None, "--decoding", help="choice or generate (default: choice for label tasks)."
+    ),
+    epochs: int = typer.Option(2, "--epochs", min=1, help="Epochs of each per-user module."),
+    k: int = typer.Option(3, "--k", min=1, help="History items retrieved into the prompt."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Benchmark personalization methods on one task; resumes an interrupted run in the same --out."""
+    from tailorlm.bench import runner
+
+    config = BenchConfig(model=model, seed=seed, decoding=decoding, epochs=epochs, k=k)
+    config = config.full() if full else config
+    if test_users is not None:
+        config = BenchConfig(**{**config.__dict__, "test_users": test_users})
+    out = out or Path("runs") / f"{task.replace(':', '-')}-{'full' if full else 'quick'}"
+    with user_errors(DataError, runner.RunFolderError, models.ModelNotFoundError, EngineError, ValueError):
+        runner.run(task, out, _split_names(methods), config, data_dir=data, split=split, progress=not as_json)
+    _finish(out, as_json)
+
+
+def _finish(out: Path, as_json: bool) -> None:
+    try:
+        from tailorlm.bench import report, summary
+    except ImportError:  # the report module is optional while it is being built
+        console.err.print(f"predictions written to {out}")
+        return
+    with user_errors(summary.ReportError):
+        results = summary.write_results(out)
+        paths = report.write_report(out)
+
+    def render(_: dict) -> None:
+        console.out.print(report.console_table(results))
+        console.out.print(f"report: {paths.get('html', out)}", highlight=False)
+
+    console.emit(results, as_json, render)
+
+
+@app.command("methods")
+def methods_command(
+    task: str = typer.Option("verbagg", "--task", "-t", help="Task name."),
+    data: Path | None = typer.Option(None, "--data", help="Folder with PEFT-U or LaMP files."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """List the methods that apply to a task, with their family and whether they run by default."""
+    with user_errors(DataError):
+        loaded = load_task(task, data_dir=data)
+    defaults = set(default_methods(loaded))
+    payload = {
+        "task": loaded.name,
+        "methods": [
+            {"name": m.name, "family": m.family, "default": m.name in defaults, "description": m.description}
+            for m in methods_for(loaded).values()
+        ],
+    }
+
+    def render(data: dict) -> None:
+        rows = [
+            (m["name"], m["family"], "yes" if m["default"] else "", m["description"]) for m in data["methods"]
+        ]
+        console.out.print(
+            console.table(f"methods for {data['task']}", ["method", "family", "default", "what"], rows)
+        )
+
+    console.emit(payload, as_json, render)

@@ -1,0 +1,175 @@
+"""Every method of the benchmark, as data: a model setup and a prompt recipe, or a simple baseline.
+
+Families: ``simple-baseline``; ``non-personal`` (nothing about the user reaches the model);
+``prompt-personal`` (the user's data in the prompt); ``parameter-personal`` (a module per user trained
+from the bare base, PEFT-U); ``oppu`` (a module per user on top of the merged task adapter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from tailorlm.data.schema import Task, User
+from tailorlm.methods import baselines
+from tailorlm.methods.context import RunContext
+from tailorlm.methods.recipes import Recipe
+from tailorlm.methods.setups import OPPU_PERSONAL, PERSONAL_KINDS, BaseSetup, PersonalSetup, TaskAdapterSetup
+
+UserAnswers = tuple[User, list[str], float]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    family: str
+    description: str
+    setup: object | None = None  # BaseSetup | TaskAdapterSetup | PersonalSetup
+    recipe: Recipe = field(default_factory=Recipe)
+    personal: bool = True
+
+    def run(self, ctx: RunContext, users: Sequence[User], decoding: str) -> Iterator[UserAnswers]:
+        if self.setup is None:
+            yield from baselines.applicable(ctx.task)[self.name](ctx, users)
+        else:
+            yield from self.setup.run(ctx, self.name, self.recipe, users, decoding)
+
+    @property
+    def trains(self) -> bool:
+        return isinstance(self.setup, TaskAdapterSetup | PersonalSetup)
+
+
+_BM25, _DENSE = Recipe(retrieval="bm25"), Recipe(retrieval="dense")
+_PROFILE = Recipe(profile=True)
+
+MODEL_METHODS: list[Method] = [
+    Method(
+        "zero-shot", "non-personal", "base model, instruction and query only", BaseSetup(), personal=False
+    ),
+    Method(
+        "few-shot",
+        "prompt-personal",
+        "the user's own train examples in the prompt, at most one per label",
+        BaseSetup(),
+        Recipe(shots=True),
+    ),
+    Method(
+        "rag-bm25", "prompt-personal", "top-k of the user's history by BM25 in the prompt", BaseSetup(), _BM25
+    ),
+    Method(
+        "rag-dense",
+        "prompt-personal",
+        "top-k of the user's history by MiniLM similarity in the prompt",
+        BaseSetup(),
+        _DENSE,
+    ),
+    Method(
+        "pag",
+        "prompt-personal",
+        "a profile of the user, written by the base model, in the prompt",
+        BaseSetup(),
+        _PROFILE,
+    ),
+    Method(
+        "task-adapter",
+        "non-personal",
+        "OPPU stage 1: one LoRA trained on other users only",
+        TaskAdapterSetup(),
+        personal=False,
+    ),
+    Method(
+        "task-adapter+rag",
+        "prompt-personal",
+        "the task adapter with BM25 retrieval (trained that way)",
+        TaskAdapterSetup(),
+        _BM25,
+    ),
+    Method(
+        "task-adapter+pag",
+        "prompt-personal",
+        "the task adapter with the user's profile (trained that way)",
+        TaskAdapterSetup(),
+        _PROFILE,
+    ),
+    *[
+        Method(
+            f"peft-{kind}",
+            "parameter-personal",
+            f"a {kind} module per user trained on their own data (PEFT-U)",
+            PersonalSetup(recipe),
+        )
+        for kind, recipe in PERSONAL_KINDS.items()
+    ],
+    Method(
+        "oppu",
+        "oppu",
+        "task adapter merged, then a LoRA per user on their own data",
+        PersonalSetup(OPPU_PERSONAL, on_task_adapter=True),
+    ),
+    Method(
+        "oppu+rag",
+        "oppu",
+        "OPPU with BM25 retrieval, trained and asked that way",
+        PersonalSetup(OPPU_PERSONAL, on_task_adapter=True),
+        _BM25,
+    ),
+    Method(
+        "oppu+pag",
+        "oppu",
+        "OPPU with the user's profile, trained and asked that way",
+        PersonalSetup(OPPU_PERSONAL, on_task_adapter=True),
+        _PROFILE,
+    ),
+]
+
+BASELINE_DESCRIPTIONS = {
+    "user-majority": "the user's most frequent training label",
+    "user-mean": "the user's mean training rating, rounded to the nearest label",
+    "item-user-bias": "the item's mean over all users' training answers plus the user's mean deviation",
+    "item-majority": "the label most users gave the item in training (non-personal)",
+    "nearest-output": "the output of the user's most similar earlier item (BM25)",
+}
+
+# The quick default: every family, sized for the 15-minute budget of `make demo`.
+DEFAULT_METHODS = (
+    "zero-shot",
+    "few-shot",
+    "rag-bm25",
+    "pag",
+    "task-adapter",
+    "peft-lora",
+    "peft-ia3",
+    "oppu",
+)
+
+
+def methods_for(task: Task) -> dict[str, Method]:
+    """Every method that applies to ``task``, by name."""
+    found = {m.name: m for m in MODEL_METHODS}
+    for name in baselines.applicable(task):
+        found[name] = Method(
+            name, "simple-baseline", BASELINE_DESCRIPTIONS[name], personal=name != "item-majority"
+        )
+    return found
+
+
+def default_methods(task: Task) -> list[str]:
+    return [*baselines.applicable(task), *DEFAULT_METHODS]
+
+
+def resolve(task: Task, requested: Sequence[str] | None) -> list[tuple[Method, str | None]]:
+    """Names as typed (``name`` or ``name@choice`` / ``name@generate``) to methods and decoding overrides;
+    ``all`` means every applicable method."""
+    available = methods_for(task)
+    names = default_methods(task) if not requested else list(requested)
+    if names == ["all"]:
+        names = list(available)
+    chosen = []
+    for entry in names:
+        name, _, decoding = entry.partition("@")
+        if name not in available:
+            raise ValueError(
+                f"unknown method {name!r} for task {task.name}; choose from {', '.join(available)}"
+            )
+        chosen.append((available[name], decoding or None))
+    return chosen
