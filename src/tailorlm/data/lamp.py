@@ -257,7 +257,7 @@ def _profile_examples(spec: TaskSpec, user_id: str, history: list[HistoryItem], 
         if item.id not in shared:
             continue
         target = render.fill(template["target"], item.fields)
-        if spec.labels is not None:
+        if spec.labels is not None and template.get("target_is_label", True):
             build.check_labels(
                 [target], spec.labels, path, f"user {user_id} / profile item {item.id}", "profile"
             )
