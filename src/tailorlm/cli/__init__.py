@@ -13,7 +13,7 @@ app = typer.Typer(
 )
 
 import tailorlm.cli.data  # noqa: E402, F401
-from tailorlm.cli import report, system  # noqa: E402, F401  (modules register their commands on `app`)
+from tailorlm.cli import bench, perf, report, system  # noqa: E402, F401  (modules register their commands on `app`)
 
 __all__ = ["app", "main", "system"]
 
