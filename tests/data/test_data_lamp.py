@@ -156,63 +156,61 @@ def test_lamp2_golds_pick_movie_or_news_labels(tmp_path):
 # --- malformed files -----------------------------------------------------------------------------------
 
 
+def _edit(folder, name, edit):
+    path = folder / name
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
 def _edit_questions(folder, edit):
-    path = folder / "dev_questions.json"
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
-    return path
+    return _edit(folder, "dev_questions.json", edit)
 
 
-def _edit_outputs(folder, edit):
-    path = folder / "dev_outputs.json"
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
-    return path
-
-
-QUESTION_CASES = {
-    "missing input": (lambda d: d[0].pop("input"), "question 2001", "'input'"),
-    "input not text": (lambda d: d[0].update(input=["a"]), "question 2001", "'input'"),
-    "profile not a list": (lambda d: d[0].update(profile="none"), "question 2001", "'profile'"),
+QUESTIONS, OUTPUTS = "dev_questions.json", "dev_outputs.json"
+MALFORMED = {
+    "missing input": (QUESTIONS, lambda d: d[0].pop("input"), "question 2001", "'input'"),
+    "input not text": (QUESTIONS, lambda d: d[0].update(input=["a"]), "question 2001", "'input'"),
+    "profile not a list": (QUESTIONS, lambda d: d[0].update(profile="none"), "question 2001", "'profile'"),
     "profile item without tag": (
+        QUESTIONS,
         lambda d: d[0]["profile"][0].pop("tag"),
         "question 2001 / profile item 20010",
         "'tag'",
     ),
-    "id of the wrong type": (lambda d: d[1].update(id=["2002"]), "#1", "'id'"),
-    "duplicate id": (lambda d: d[1].update(id="2001"), "id 2001", "'id'"),
-    "bad date": (lambda d: d[0]["profile"][0].update(date="last spring"), "profile item 20010", "'date'"),
-    "user_id on one question only": (lambda d: d[1].update(user_id="x"), "question 2002", "'user_id'"),
+    "id of the wrong type": (QUESTIONS, lambda d: d[1].update(id=["2002"]), "#1", "'id'"),
+    "duplicate id": (QUESTIONS, lambda d: d[1].update(id="2001"), "id 2001", "'id'"),
+    "bad date": (
+        QUESTIONS,
+        lambda d: d[0]["profile"][0].update(date="last spring"),
+        "question 2001 / profile item 20010",
+        "'date'",
+    ),
+    "user_id on one question only": (
+        QUESTIONS,
+        lambda d: d[1].update(user_id="x"),
+        "question 2002",
+        "'user_id'",
+    ),
+    "wrong task": (OUTPUTS, lambda d: d.update(task="LaMP_3"), None, "'task'"),
+    "gold missing": (OUTPUTS, lambda d: d["golds"].pop(), None, "'id'"),
+    "gold not a label": (
+        OUTPUTS,
+        lambda d: d["golds"][0].update(output="space opera"),
+        "id 2001",
+        "'output'",
+    ),
+    "gold without output": (OUTPUTS, lambda d: d["golds"][0].pop("output"), "golds #0", "'output'"),
+    "golds not a list": (OUTPUTS, lambda d: d.update(golds={}), None, "'golds'"),
 }
 
 
-@pytest.mark.parametrize("case", sorted(QUESTION_CASES))
-def test_malformed_questions_name_file_record_and_field(copy_fixture, case):
-    edit, record, field = QUESTION_CASES[case]
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_lamp_files_name_file_record_and_field(copy_fixture, case):
+    name, edit, record, field = MALFORMED[case]
     folder = copy_fixture("lamp/lamp2")
-    path = _edit_questions(folder, edit)
-    with pytest.raises(DataError) as raised:
-        load_task("lamp:2", data_dir=folder, split="dev")
-    message = str(raised.value)
-    assert str(path) in message and record in message and f"field {field}" in message, message
-
-
-OUTPUT_CASES = {
-    "wrong task": (lambda d: d.update(task="LaMP_3"), None, "'task'"),
-    "gold missing": (lambda d: d["golds"].pop(), None, "'id'"),
-    "gold not a label": (lambda d: d["golds"][0].update(output="space opera"), "id 2001", "'output'"),
-    "gold without output": (lambda d: d["golds"][0].pop("output"), "golds #0", "'output'"),
-    "golds not a list": (lambda d: d.update(golds={}), None, "'golds'"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(OUTPUT_CASES))
-def test_malformed_outputs_name_file_record_and_field(copy_fixture, case):
-    edit, record, field = OUTPUT_CASES[case]
-    folder = copy_fixture("lamp/lamp2")
-    path = _edit_outputs(folder, edit)
+    path = _edit(folder, name, edit)
     with pytest.raises(DataError) as raised:
         load_task("lamp:2", data_dir=folder, split="dev")
     message = str(raised.value)

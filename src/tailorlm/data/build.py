@@ -15,7 +15,7 @@ from typing import Any
 
 from tailorlm.data import splits
 from tailorlm.data.errors import DataError
-from tailorlm.data.schema import Example, HistoryItem, User
+from tailorlm.data.schema import Example, HistoryItem, Task, User
 from tailorlm.tasks import render
 from tailorlm.tasks.specs import TaskSpec
 
@@ -144,3 +144,19 @@ def check_labels(
                 record=record,
                 field=field_name,
             )
+
+
+def task(
+    spec: TaskSpec, users: list[User], source: str, chronological: bool, labels: tuple[str, ...] | None = None
+) -> Task:
+    """The loaded task; ``labels`` overrides the spec's when the file decides them."""
+    return Task(
+        name=spec.name,
+        kind=spec.kind,
+        labels=spec.labels if labels is None else labels,
+        metrics=spec.metrics,
+        users=users,
+        spec=spec,
+        source=source,
+        chronological=chronological,
+    )

@@ -322,16 +322,7 @@ def load(spec: TaskSpec, data_dir: Path, split: str = DEFAULT_SPLIT) -> Task:
         _user(spec, uid, sorted(grouped[uid], key=lambda q: build.natural_key(q.id)), golds, questions_path)
         for uid in sorted(grouped, key=build.natural_key)
     ]
-    return Task(
-        name=spec.name,
-        kind=spec.kind,
-        labels=spec.labels,
-        metrics=spec.metrics,
-        users=users,
-        spec=spec,
-        source=str(questions_path),
-        chronological=True,
-    )
+    return build.task(spec, users, str(questions_path), chronological=True)
 
 
 # --- predictions and scoring ----------------------------------------------------------------------------

@@ -47,19 +47,6 @@ def _require_columns(frame: pd.DataFrame, columns: Iterable[str], source: str) -
             raise DataError("column missing", file=source, field=column)
 
 
-def _task(spec: TaskSpec, users: list[User], source: str, chronological: bool) -> Task:
-    return Task(
-        name=spec.name,
-        kind=spec.kind,
-        labels=spec.labels,
-        metrics=spec.metrics,
-        users=users,
-        spec=spec,
-        source=source,
-        chronological=chronological,
-    )
-
-
 def _split_users(
     grouped: dict[str, list[build.Record]],
     user_fields: dict[str, dict],
@@ -104,7 +91,7 @@ def load_verbagg(spec: TaskSpec, seed: int) -> Task:
     def make(uid: str, records: list[build.Record], fields: dict) -> User | None:
         return build.stratified_user(spec, uid, records, seed, fields)
 
-    return _task(spec, _split_users(grouped, user_fields, make), source, chronological=False)
+    return build.task(spec, _split_users(grouped, user_fields, make), source, chronological=False)
 
 
 # --- bfi -----------------------------------------------------------------------------------------------
@@ -148,7 +135,7 @@ def load_bfi(spec: TaskSpec, seed: int) -> Task:
     def make(uid: str, records: list[build.Record], fields: dict) -> User | None:
         return build.stratified_user(spec, uid, records, seed, fields)
 
-    return _task(spec, _split_users(grouped, user_fields, make), source, chronological=False)
+    return build.task(spec, _split_users(grouped, user_fields, make), source, chronological=False)
 
 
 # --- movielens -----------------------------------------------------------------------------------------
@@ -227,7 +214,7 @@ def load_movielens(spec: TaskSpec, seed: int) -> Task:
         return build.timeline_user(spec, uid, records, fields)
 
     users = _split_users(grouped, _movielens_people(folder), make)
-    return _task(spec, users, str(folder), chronological=True)
+    return build.task(spec, users, str(folder), chronological=True)
 
 
 def _movielens_people(folder: Path) -> dict[str, dict]:
@@ -262,7 +249,7 @@ def load_tate(spec: TaskSpec, seed: int) -> Task:
     def make(uid: str, records: list[build.Record], fields: dict) -> User | None:
         return build.timeline_user(spec, uid, records, fields)
 
-    return _task(spec, _split_users(grouped, {}, make), source, chronological=True)
+    return build.task(spec, _split_users(grouped, {}, make), source, chronological=True)
 
 
 LOADERS: dict[str, Callable[[TaskSpec, int], Task]] = {

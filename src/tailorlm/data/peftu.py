@@ -113,13 +113,4 @@ def load(spec: TaskSpec, data_dir: Path, variant: str | None = None) -> Task:
         parts = _user_parts(str(uid), raw[uid], path)
         _check_labels(spec, str(uid), parts, path)
         users.append(build.subjective_user(spec, str(uid), (parts["train"], parts["val"], parts["test"])))
-    return Task(
-        name=spec.name,
-        kind=spec.kind,
-        labels=_task_labels(spec, users),
-        metrics=spec.metrics,
-        users=users,
-        spec=spec,
-        source=str(path),
-        chronological=False,
-    )
+    return build.task(spec, users, str(path), chronological=False, labels=_task_labels(spec, users))
