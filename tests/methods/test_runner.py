@@ -1,0 +1,83 @@
+"""The runner: resumes a killed run without redoing finished users, refuses to mix runs, scores right."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tailorlm.bench import runner
+from tailorlm.data import load_task
+from tailorlm.methods import baselines
+from tailorlm.methods.context import BenchConfig, split_users
+from tailorlm.methods.registry import resolve
+
+CONFIG = BenchConfig(
+    model="tiny", test_users=6, adapter_users=4, adapter_examples=16, epochs=1, users_per_step=2
+)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    real_append = runner._append
+    calls: list[tuple[str, str]] = []
+    resumed = False
+
+    def append_then_die(out_dir, key, user, predictions, seconds):
+        real_append(out_dir, key, user, predictions, seconds)
+        calls.append((key, user.id))
+        if len(calls) == 4 and not resumed:
+            raise Killed
+
+    monkeypatch.setattr(runner, "_append", append_then_die)
+    with pytest.raises(Killed):
+        runner.run("verbagg", tmp_path, ["user-majority", "zero-shot"], CONFIG, progress=False)
+    first_pass = list(calls)
+    calls.clear()
+    resumed = True
+    runner.run("verbagg", tmp_path, ["user-majority", "zero-shot"], CONFIG, progress=False)
+    assert not set(calls) & set(first_pass)
+    assert len(first_pass) + len(calls) == 2 * CONFIG.test_users
+    for key in ("user-majority", "zero-shot"):
+        assert len(runner.done_users(tmp_path, key)) == CONFIG.test_users
+
+
+def test_a_folder_of_another_run_is_refused(tmp_path):
+    runner.run("verbagg", tmp_path, ["user-majority"], CONFIG, progress=False)
+    other = BenchConfig(**{**CONFIG.__dict__, "seed": 5})
+    with pytest.raises(runner.RunFolderError, match="holds another run"):
+        runner.run("verbagg", tmp_path, ["user-majority"], other, progress=False)
+
+
+def test_unknown_method_and_bad_decoding_are_named(tmp_path):
+    task = load_task("verbagg")
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        resolve(task, ["nope"])
+    with pytest.raises(ValueError, match="unknown decoding"):
+        runner.run("verbagg", tmp_path, ["zero-shot@sideways"], CONFIG, progress=False)
+
+
+def test_user_majority_baseline_reads_only_training_labels(tmp_path):
+    runner.run("verbagg", tmp_path, ["user-majority"], CONFIG, progress=False)
+    task = load_task("verbagg")
+    test_users, _ = split_users(task, CONFIG)
+    lines = {
+        json.loads(x)["user"]: json.loads(x)
+        for x in (tmp_path / "predictions" / "user-majority.jsonl").read_text().splitlines()
+    }
+    for user in test_users:
+        train_labels = [e.target for e in task.training_examples(user)]
+        top = max(train_labels.count(label) for label in set(train_labels))
+        predicted = {e["prediction"] for e in lines[user.id]["examples"]}
+        assert len(predicted) == 1 and train_labels.count(predicted.pop()) == top
+
+
+def test_item_user_bias_uses_item_means_and_user_offset():
+    task = load_task("bfi")
+    ctx = type("Ctx", (), {"task": task})()
+    user = next(u for u in task.users if u.test)
+    [(_, predictions, _)] = list(baselines.item_user_bias(ctx, [user]))
+    assert len(predictions) == len(user.test) and set(predictions) <= set(task.labels)
