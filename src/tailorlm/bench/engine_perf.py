@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import random
 import resource
 import statistics
@@ -678,7 +679,10 @@ def run_benchmark(
     for name in sections:
         bench.log(f"section {name}")
         section_started = time.perf_counter()
+        # Other jobs share this machine: the load average says how much they competed during a section.
+        load_before = os.getloadavg()[0]
         section = RUNNERS[name](bench)
+        section.facts["load_average_1min"] = [load_before, os.getloadavg()[0]]
         section.facts["section_seconds"] = time.perf_counter() - section_started
         section.facts["rss_mb_after"] = _rss_mb()
         results.append(section)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from tailorlm import console, models
@@ -76,50 +79,59 @@ def _target(check: dict) -> str:
     return f"{check['direction']} {target}"
 
 
+_TIMING_COLUMNS = ("measured", "resident", "median", "min .. max", "runs")
+_BYTES_COLUMNS = ("module", "numbers per user", "fp16 at rest", "fp32 at rest", "fp16 weights file")
+
+
+def _section_table(section: dict) -> Table:
+    """Measured rows first (timings, or the bytes of each module kind), then each check with its ratio,
+    target and verdict in the last three columns."""
+    modules = section["facts"].get("modules")
+    columns = _BYTES_COLUMNS if modules else _TIMING_COLUMNS
+    grid = Table(title=section["title"], title_justify="left")
+    for column in (*columns, "ratio", "target", "result"):
+        grid.add_column(column)
+    blank = ("", "", "")
+    for timing in section["timings"]:
+        median = _duration(timing["median_s"])
+        if timing["per_second"] is not None:
+            median += f" ({timing['per_second']:.2f} ex/s)"
+        spread = f"{_duration(timing['min_s'])} .. {_duration(timing['max_s'])}"
+        grid.add_row(
+            timing["name"], console.fmt(timing["resident"]), median, spread, str(timing["runs"]), *blank
+        )
+    for row in modules or []:
+        sizes = (f"{row[key]:,} B" for key in ("bytes_fp16", "bytes_fp32", "weights_bytes_fp16"))
+        grid.add_row(row["module"], f"{row['numbers']:,}", *sizes, *blank)
+    if section["checks"]:
+        grid.add_section()
+    for check in section["checks"]:
+        verdict = "[green]PASS[/]" if check["passed"] else "[red]MISS[/]"
+        grid.add_row(check["label"], *[""] * (len(columns) - 1), _ratio(check), _target(check), verdict)
+    return grid
+
+
 def render(payload: dict) -> None:
-    console.out.print(
+    # Redirected to a file, rich would wrap the tables at 80 columns.
+    out = console.out if console.out.is_terminal else Console(file=sys.stdout, width=150, soft_wrap=True)
+    out.print(
         f"tailorlm perf engine: model {payload['model']}, {payload['threads']} torch threads on "
         f"{payload['cores']} cores, torch {payload['torch']}",
         highlight=False,
     )
     for section in payload["sections"]:
-        grid = Table(title=section["title"], title_justify="left")
-        for column in ("measured", "resident", "median", "min .. max", "runs", "ratio", "target", "result"):
-            grid.add_column(column)
-        for timing in section["timings"]:
-            median = _duration(timing["median_s"])
-            if timing["per_second"] is not None:
-                median += f" ({timing['per_second']:.2f} ex/s)"
-            grid.add_row(
-                timing["name"],
-                console.fmt(timing["resident"]),
-                median,
-                f"{_duration(timing['min_s'])} .. {_duration(timing['max_s'])}",
-                str(timing["runs"]),
-                "",
-                "",
-                "",
-            )
-        for row in section["facts"].get("modules", []):
-            grid.add_row(
-                row["module"],
-                "",
-                f"{row['bytes_fp16']:,} B fp16",
-                f"{row['bytes_fp32']:,} B fp32",
-                "",
-                "",
-                "",
-                "",
-            )
-        if section["checks"]:
-            grid.add_section()
-        for check in section["checks"]:
-            verdict = "[green]PASS[/]" if check["passed"] else "[red]MISS[/]"
-            grid.add_row(check["label"], "", "", "", "", _ratio(check), _target(check), verdict)
-        console.out.print(grid)
+        grid = _section_table(section)
+        out.print(grid)
         for note in section["notes"]:
-            console.out.print(f"  note: {note}", style="dim", highlight=False)
-    console.out.print(
+            out.print(f"  note: {note}", style="dim", highlight=False)
+        load = section["facts"].get("load_average_1min")
+        if load:
+            out.print(
+                f"  machine load average (1 min) before/after: {load[0]:.1f} / {load[1]:.1f}",
+                style="dim",
+                highlight=False,
+            )
+    out.print(
         f"{payload['passed']} targets passed, {payload['missed']} missed; peak RSS "
         f"{payload['peak_rss_mb']:.0f} MB; {payload['total_seconds']:.0f} s in all.",
         highlight=False,
