@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from rich import box
 from rich.table import Table
 
-from tailorlm.bench.summary import ALPHA, LEVEL, write_results
+from tailorlm.bench.summary import ALPHA, LEVEL, REFERENCES, write_results
 
 MARKDOWN_FILE = "report.md"
 HTML_FILE = "report.html"
@@ -200,18 +201,20 @@ def _leader_sentence(results: Results, scored: list[str]) -> str:
     if len(scored) > 1:
         second = methods[scored[1]]["metrics"][primary]
         overlap = second["ci_high"] >= best["ci_low"] and best["ci_high"] >= second["ci_low"]
-        text += f" The runner-up, {scored[1]}, has {_num(second['user_mean'])}; " + (
-            "their intervals overlap, so these users do not settle the order of the two."
-            if overlap
-            else "their intervals do not overlap."
-        )
+        if np.isclose(second["user_mean"], best["user_mean"], rtol=0.0, atol=1e-12):
+            verdict = "the same mean, so the two are tied and listed by name."
+        elif overlap:
+            verdict = "their intervals overlap, so these users do not settle the order of the two."
+        else:
+            verdict = "their intervals do not overlap."
+        text += f" The runner-up, {scored[1]}, has {_num(second['user_mean'])}; {verdict}"
     return text
 
 
 def _reference_sentence(results: Results, scored: list[str], key: str) -> str:
     title, ref = REFERENCE_TITLES[key], results["references"][key]
     if ref is None:
-        return f"No method of that family has results, so nothing was compared with {title}."
+        return f"No {REFERENCES[key]} method has results, so nothing was compared with {title}."
     methods = results["methods"]
     compared = [n for n in scored if methods[n]["comparisons"][key]["status"] == "compared"]
     if not compared:
@@ -291,15 +294,22 @@ def _family_legend(axes: Any, families: Sequence[str]) -> None:
         _legend(axes, handles=handles)
 
 
+def _method_rows_figure(results: Results) -> tuple[Figure, Any, list[str]]:
+    """A figure with one row per method that has results; the names come bottom-up so the best is on top."""
+    ordered = list(reversed(_scored(results)))
+    figure, axes = _new_figure(len(ordered))
+    if not ordered:
+        _nothing(axes, "no method has results yet")
+    return figure, axes, ordered
+
+
 def plot_methods(results: Results) -> bytes:
     """(a) Each method's per-user mean on the primary metric with its CI, coloured by family, best on top."""
-    names, primary = _scored(results), results["primary_metric"]
-    figure, axes = _new_figure(len(names))
-    if not names:
-        _nothing(axes, "no method has results yet")
+    figure, axes, ordered = _method_rows_figure(results)
+    if not ordered:
         return _png(figure)
-    methods = results["methods"]
-    for y, name in enumerate(reversed(names)):
+    methods, primary = results["methods"], results["primary_metric"]
+    for y, name in enumerate(ordered):
         m = methods[name]["metrics"][primary]
         error = [[m["user_mean"] - m["ci_low"]], [m["ci_high"] - m["user_mean"]]]
         axes.errorbar(
@@ -308,22 +318,19 @@ def plot_methods(results: Results) -> bytes:
     ref = results["references"]["non_personal"]
     if ref is not None:
         axes.axvline(methods[ref]["metrics"][primary]["user_mean"], color="#1f77b4", ls=":", lw=1)
-    axes.set_yticks(range(len(names)), [_label(results, n) for n in reversed(names)])
+    axes.set_yticks(range(len(ordered)), [_label(results, n) for n in ordered])
     axes.set_xlabel(f"{primary}, per-user mean ({_sense(results)}); bars: {LEVEL:.0%} CI over users")
     axes.set_title(f"{results['task']['name']}: methods on {primary}")
-    _family_legend(axes, [methods[n]["family"] for n in names])
+    _family_legend(axes, [methods[n]["family"] for n in reversed(ordered)])
     return _png(figure)
 
 
 def plot_users(results: Results) -> bytes:
     """(b) How each method's per-user values spread: a box per method with the users as jittered dots."""
-    names, primary = _scored(results), results["primary_metric"]
-    figure, axes = _new_figure(len(names))
-    if not names:
-        _nothing(axes, "no method has results yet")
+    figure, axes, ordered = _method_rows_figure(results)
+    if not ordered:
         return _png(figure)
-    methods = results["methods"]
-    ordered = list(reversed(names))
+    methods, primary = results["methods"], results["primary_metric"]
     values = [np.array(list(methods[n]["per_user"][primary].values())) for n in ordered]
     boxes = axes.boxplot(
         values,
@@ -333,8 +340,8 @@ def plot_users(results: Results) -> bytes:
         showfliers=False,
         widths=0.6,
     )
-    for box, name in zip(boxes["boxes"], ordered, strict=True):
-        box.set(facecolor=_colour(methods[name]["family"]), alpha=0.35)
+    for patch, name in zip(boxes["boxes"], ordered, strict=True):
+        patch.set(facecolor=_colour(methods[name]["family"]), alpha=0.35)
     rng = np.random.default_rng(0)  # fixed jitter: the same run draws the same picture
     for position, points in enumerate(values, start=1):
         axes.scatter(
@@ -505,31 +512,43 @@ def write_report(run_dir: str | Path, results: Results | None = None) -> dict[st
 
 def console_table(results: Results) -> Table:
     """The end-of-run summary: methods best first on the primary metric, with the two reference tests."""
-    primary = results["primary_metric"]
-    grid = Table(title=f"{results['task']['name']}: {primary} ({_sense(results)}, per-user mean)")
-    columns = ["#", "method", "family", f"{primary} [{LEVEL:.0%} CI]", "pooled", "users", "seconds"]
-    refs = results["references"]
-    columns += [f"vs {refs[key] or 'no ' + key.replace('_', '-')}" for key in REFERENCE_TITLES]
-    for column in columns:
-        grid.add_column(column)
+    primary, refs = results["primary_metric"], results["references"]
+    grid = Table(
+        title=f"{results['task']['name']}: {primary} ({_sense(results)}, per-user mean)",
+        caption=f"vs: delta = method - reference, one-sided paired bootstrap p; * significantly better "
+        f"(p < {ALPHA})",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+    )
+    # Narrow enough for an 80-column terminal: family and pooled values are in the report; the method name is
+    # what the reader scans for, so it never wraps.
+    grid.add_column("#", justify="right")
+    grid.add_column("method", no_wrap=True)
+    for column in [primary, f"{LEVEL:.0%} CI"]:
+        grid.add_column(column, no_wrap=True)
+    grid.add_column("users", min_width=7)
+    grid.add_column("sec", justify="right", no_wrap=True)
+    for key in REFERENCE_TITLES:
+        grid.add_column(f"vs {refs[key] or 'no ' + key.replace('_', '-')}", min_width=8)
     for rank, name in enumerate(results["ranking"], start=1):
         method = results["methods"][name]
-        summary = method["metrics"].get(primary)
+        m = method["metrics"].get(primary)
         grid.add_row(
             str(rank) if method["has_results"] else "-",
             name,
-            method["family"],
-            _ci_cell(summary) if summary else "-",
-            _num(summary["pooled"]) if summary else "-",
+            _num(m["user_mean"]) if m else "-",
+            f"{_num(m['ci_low'])}-{_num(m['ci_high'])}" if m else "-",
             _users_cell(method),
-            _num(method["seconds"], 1),
+            f"{method['seconds']:.0f}",
             *(_console_comparison(method["comparisons"][key]) for key in REFERENCE_TITLES),
         )
     return grid
 
 
 def _console_comparison(comparison: Mapping[str, Any]) -> str:
+    if comparison["status"] == "self":
+        return "(ref)"
     if comparison["status"] != "compared":
         return _comparison_cell(comparison)
-    mark = "[green]better[/]" if comparison["significant"] else "n.s."
-    return f"{_delta_p(comparison)} {mark}"
+    mark = " [bold green]*[/]" if comparison["significant"] else ""
+    return f"{comparison['delta']:+.3f}{mark}\n{_p(comparison['p_value'])}"
