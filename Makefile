@@ -27,8 +27,9 @@ install: $(VENV)/.installed
 
 dev: $(VENV)/.dev-installed
 
+# The main job: the quick benchmark on the default task (verbagg), report in runs/demo/.
 demo: install
-	$(BIN)/tailorlm demo
+	$(BIN)/tailorlm bench --task verbagg --out runs/demo
 
 test: dev
 	$(BIN)/ruff check src tests

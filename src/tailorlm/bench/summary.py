@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from tailorlm import console, metrics
+from tailorlm.files import atomic_write_text
 
 RUN_FILE = "run.json"
 PREDICTIONS_DIR = "predictions"
@@ -375,7 +376,5 @@ def write_results(run_dir: str | Path) -> dict[str, Any]:
     """``summarize`` the folder and store it as ``results.json`` there; returns what was written."""
     results = summarize(run_dir)
     path = Path(run_dir) / RESULTS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(console.dumps(results) + "\n", encoding="utf-8")
-    tmp.replace(path)  # never leave a half-written results.json behind for a reader
+    atomic_write_text(path, console.dumps(results) + "\n")
     return results

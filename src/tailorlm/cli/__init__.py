@@ -12,10 +12,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-import tailorlm.cli.data  # noqa: E402, F401
-from tailorlm.cli import bench, perf, report, system  # noqa: E402, F401  (modules register their commands on `app`)
+from tailorlm.cli import bench, data, perf, report, system  # noqa: E402, F401  (modules register their commands on `app`)
 
-__all__ = ["app", "main", "system"]
+__all__ = ["app", "main"]
 
 
 def main() -> None:

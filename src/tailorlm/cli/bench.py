@@ -69,7 +69,7 @@ def _finish(out: Path, as_json: bool) -> None:
         return
     with user_errors(summary.ReportError):
         results = summary.write_results(out)
-        paths = report.write_report(out)
+        paths = report.write_report(out, results)
 
     def render(_: dict) -> None:
         console.out.print(report.console_table(results))

@@ -1,4 +1,4 @@
-"""Commands about the installation itself: doctor, ask, demo, where."""
+"""Commands about the installation itself: doctor, ask, where."""
 
 from __future__ import annotations
 
@@ -77,18 +77,3 @@ def where_command(as_json: bool = JSON_OPTION) -> None:
     console.emit(
         payload, as_json, lambda d: [console.out.print(f"{k:<20} {v}", highlight=False) for k, v in d.items()]
     )
-
-
-@app.command("demo")
-def demo_command(model: str | None = MODEL_OPTION) -> None:
-    """The main job `make demo` runs."""
-    console.out.rule("tailorlm demo")
-    started = time.perf_counter()
-    with user_errors(models.ModelNotFoundError):
-        base = models.load_base(model)
-    console.out.print(f"loaded {base.name} in {time.perf_counter() - started:.1f} s")
-    from tailorlm.engine.generation import generate_texts
-
-    question = "What is the capital of France?"
-    answer = generate_texts(base.model, base.tokenizer, [models.chat_prompt(base.tokenizer, question)])[0]
-    console.out.print(f"Q: {question}\nA: {answer}", highlight=False)

@@ -14,9 +14,6 @@ Tensors are stored in fp16 by default (half the bytes; loading casts back to the
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from tailorlm.engine import modules
 from tailorlm.engine.modules import ModuleSpec, ModuleSpecError
+from tailorlm.files import atomic_folder
 
 if TYPE_CHECKING:
     from tailorlm.engine.core import Engine
@@ -64,9 +62,7 @@ def write_module(
     if dtype not in _DTYPES:
         raise ModuleFileError(f"unknown storage dtype {dtype!r}; use one of {sorted(_DTYPES)}")
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as staging:
         tensors = {name: t.detach().to(_DTYPES[dtype]).contiguous() for name, t in module.tensors.items()}
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         config = modules.peft_config(module.spec, model, base_name)
@@ -80,12 +76,6 @@ def write_module(
             **module.meta,
         }
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 

@@ -13,6 +13,7 @@ from tailorlm import models
 from tailorlm.data.schema import HistoryItem, Task, User
 from tailorlm.engine.core import Engine
 from tailorlm.engine.generation import DecodeConfig
+from tailorlm.files import atomic_write_text
 
 PROFILE_INSTRUCTION = (
     "Here is what one person did or answered before:\n{items}\n\n"
@@ -89,7 +90,4 @@ class ProfileWriter:
         return models.chat_prompt(self.engine.tokenizer, PROFILE_INSTRUCTION.format(items=listing))
 
     def _save(self) -> None:
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.cache_file.with_suffix(".tmp")
-        staging.write_text(json.dumps(self._cache, indent=1, sort_keys=True))
-        staging.replace(self.cache_file)
+        atomic_write_text(self.cache_file, json.dumps(self._cache, indent=1, sort_keys=True))
