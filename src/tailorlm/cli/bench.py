@@ -105,3 +105,47 @@ def methods_command(
         )
 
     console.emit(payload, as_json, render)
+
+
+@app.command("tune")
+def tune_command(
+    method: str = typer.Argument(..., help="A per-user method, e.g. peft-lora, peft-ia3, oppu."),
+    task: str = typer.Option("verbagg", "--task", "-t", help="Task name."),
+    learning_rates: str = typer.Option("1e-4,3e-4,1e-3,3e-3", "--lrs", help="Comma-separated candidates."),
+    users: int = typer.Option(8, "--users", min=1, help="Users (outside the test sample) to tune on."),
+    epochs: int = typer.Option(2, "--epochs", min=1, help="Epochs per user."),
+    model: str | None = MODEL_OPTION,
+    seed: int = typer.Option(0, "--seed", help="Seed of the user sample and training."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Pick a learning rate for a per-user method by validation loss (test items are never read)."""
+    from tailorlm.bench.tune import tune
+
+    with user_errors(DataError, models.ModelNotFoundError, EngineError, ValueError):
+        rates = [float(x) for x in learning_rates.split(",") if x.strip()]
+        result = tune(
+            task,
+            method,
+            rates,
+            users=users,
+            epochs=epochs,
+            config=BenchConfig(model=model, seed=seed),
+            progress=not as_json,
+        )
+
+    def render(data: dict) -> None:
+        rows = [
+            (
+                f"{r['learning_rate']:g}",
+                r["val_loss"],
+                r["best_epoch"],
+                "<- best" if r["learning_rate"] == data["best_learning_rate"] else "",
+            )
+            for r in data["candidates"]
+        ]
+        title = (
+            f"{data['method']} on {data['task']}: mean best validation loss over {len(data['users'])} users"
+        )
+        console.out.print(console.table(title, ["learning rate", "val loss", "best epoch", ""], rows))
+
+    console.emit(result, as_json, render)
