@@ -150,7 +150,27 @@ def run(
     )
     for key, method, decoding in plan:
         _run_method(ctx, out_dir, key, method, decoding, progress)
+    if task.spec.family == "lamp":
+        _write_lamp_outputs(task, out_dir, [key for key, _, _ in plan])
     return out_dir
+
+
+def _write_lamp_outputs(task: Task, out_dir: Path, keys: list[str]) -> None:
+    """Each method's predictions in LaMP's outputs format, for LaMP's own evaluation script. LaMP requires
+    every question of the split, so only methods that answered every user are written."""
+    from tailorlm.data import lamp
+
+    for key in keys:
+        path = out_dir / PREDICTIONS / f"{key}.jsonl"
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        predictions = {e["id"]: e["prediction"] for line in lines for e in line["examples"]}
+        if len(predictions) < task.count("test"):
+            console.err.print(
+                f"{key}: LaMP outputs file skipped (answers {len(predictions)} of "
+                f"{task.count('test')} questions; run with --full)"
+            )
+            continue
+        lamp.write_predictions(task, predictions, out_dir / "lamp" / f"{key}.json")
 
 
 def _run_method(
