@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tailorlm import console
+from tailorlm.bench import report, summary
 from tailorlm.data import load_task
 from tailorlm.data.schema import Task, User
 from tailorlm.methods.context import BenchConfig, RunContext
@@ -152,7 +153,9 @@ def run(
         _run_method(ctx, out_dir, key, method, decoding, progress)
     if task.spec.family == "lamp":
         _write_lamp_outputs(task, out_dir, [key for key, _, _ in plan])
-    return out_dir
+    results = summary.write_results(out_dir)
+    report.write_report(out_dir, results)
+    return results
 
 
 def _write_lamp_outputs(task: Task, out_dir: Path, keys: list[str]) -> None:

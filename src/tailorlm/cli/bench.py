@@ -49,31 +49,24 @@ def bench_command(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Benchmark personalization methods on one task; resumes an interrupted run in the same --out."""
-    from tailorlm.bench import runner
+    from tailorlm.bench import report, runner
+    from tailorlm.bench.summary import ReportError
 
     config = BenchConfig(model=model, seed=seed, decoding=decoding, epochs=epochs, k=k)
     config = config.full() if full else config
     if test_users is not None:
         config = BenchConfig(**{**config.__dict__, "test_users": test_users})
     out = out or Path("runs") / f"{task.replace(':', '-')}-{'full' if full else 'quick'}"
-    with user_errors(DataError, runner.RunFolderError, models.ModelNotFoundError, EngineError, ValueError):
-        runner.run(task, out, _split_names(methods), config, data_dir=data, split=split, progress=not as_json)
-    _finish(out, as_json)
-
-
-def _finish(out: Path, as_json: bool) -> None:
-    try:
-        from tailorlm.bench import report, summary
-    except ImportError:  # the report module is optional while it is being built
-        console.err.print(f"predictions written to {out}")
-        return
-    with user_errors(summary.ReportError):
-        results = summary.write_results(out)
-        paths = report.write_report(out, results)
+    with user_errors(
+        DataError, runner.RunFolderError, models.ModelNotFoundError, EngineError, ValueError, ReportError
+    ):
+        results = runner.run(
+            task, out, _split_names(methods), config, data_dir=data, split=split, progress=not as_json
+        )
 
     def render(_: dict) -> None:
         console.out.print(report.console_table(results))
-        console.out.print(f"report: {paths.get('html', out)}", highlight=False)
+        console.out.print(f"report: {out / 'report.html'}", highlight=False)
 
     console.emit(results, as_json, render)
 
