@@ -22,6 +22,7 @@ SMALL = PerfConfig(
     users_per_batch=4,
     repeats=1,
     tokens=48,
+    decode_tokens=4,
     train_examples=4,
     train_batch=2,
     train_repeats=1,
@@ -60,6 +61,14 @@ def test_lora_mixed_batch_has_three_contenders_that_agree(bench):
     assert len(set(section.facts["users"])) == SMALL.users_per_batch
     assert section.facts["max_abs_logit_diff_vs_peft"] < 1e-3  # same modules, same rows, same answers
     assert section.facts["width"] <= SMALL.tokens + 2
+
+
+def test_decode_generates_the_same_tokens_as_peft(bench):
+    section = engine_perf.bench_decode(bench)
+    _assert_sane(section)
+    assert [t.name for t in section.timings] == [engine_perf.ENGINE, engine_perf.BARE, engine_perf.PEFT_MIXED]
+    assert section.facts["same_tokens_as_peft"] is True
+    assert [c.target for c in section.checks] == [0.9, 1.5]
 
 
 @pytest.mark.parametrize("kind", ["ia3", "prompt", "bottleneck"])

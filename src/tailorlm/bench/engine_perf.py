@@ -39,12 +39,12 @@ from safetensors.torch import load_file
 from tailorlm import models, settings
 from tailorlm.engine import io
 from tailorlm.engine import modules as module_kinds
-from tailorlm.engine.core import Engine, Row
+from tailorlm.engine.core import Batch, Engine, Row
 from tailorlm.engine.modules import BottleneckSpec, IA3Spec, LoraSpec, ModuleSpec, PromptSpec
 from tailorlm.engine.train import MultiUserTrainer, TrainConfig, UserData
 
 TINY = "tiny"
-SECTIONS = ("lora", "ia3", "prompt", "bottleneck", "train", "load", "bytes")
+SECTIONS = ("lora", "decode", "ia3", "prompt", "bottleneck", "train", "load", "bytes")
 
 ENGINE = "tailorlm engine"
 BARE = "bare base model"
@@ -97,6 +97,7 @@ class PerfConfig:
     repeats: int = 5
     warmup: int = 1
     tokens: int = 128  # prompt length of the longest row of a mixed batch
+    decode_tokens: int = 32  # new tokens per row in the generation comparison
     train_examples: int = 8  # per user
     train_batch: int = 4  # rows of one user per step
     train_repeats: int = 3
@@ -236,14 +237,17 @@ class Bench:
         return min(self.config.resident, fits)
 
     def interleaved(self, label: str, contenders: dict[str, Callable[[], object]]) -> dict[str, list[float]]:
-        """Seconds per run of each contender: warm-up rounds, then rounds of A, B, C, ... in turn."""
+        """Seconds per run of each contender: warm-up rounds, then rounds of A, B, C, then B, C, A, ..."""
         for _ in range(self.config.warmup):
             for run in contenders.values():
                 run()
         seconds: dict[str, list[float]] = {name: [] for name in contenders}
+        names = list(contenders)
         for round_index in range(self.config.repeats):
-            for name, run in contenders.items():
-                seconds[name].append(_timed(run))
+            # Each round starts with the next contender, so none always runs right after a given other.
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                seconds[name].append(_timed(contenders[name]))
             summary = ", ".join(f"{n} {s[-1]:.3f}s" for n, s in seconds.items())
             self.log(f"{label}: round {round_index + 1}/{self.config.repeats}: {summary}")
         return seconds
@@ -331,38 +335,71 @@ def _peak_rss_mb() -> float:
 # ---- sections ------------------------------------------------------------------------------------------
 
 
-def bench_mixed(bench: Bench, kind: str) -> Section:
-    """A batch of ``users_per_batch`` distinct users out of the resident ones, through the engine, the bare
-    base model and (LoRA) PEFT ``adapter_names``."""
+@dataclass
+class _MixedSetup:
+    """A filled bank, the batch of distinct users, and (LoRA) the PEFT model holding the same modules."""
+
+    engine: Engine
+    resident: int
+    users: list[int]
+    batch: Batch
+    peft_model: object | None
+    adapter_names: list[str]
+
+    @property
+    def inputs(self) -> dict:
+        return {
+            "input_ids": self.batch.input_ids,
+            "attention_mask": self.batch.attention_mask,
+            "position_ids": position_ids(self.batch.attention_mask),
+            "use_cache": False,
+        }
+
+
+def _mixed_setup(bench: Bench, spec: ModuleSpec, label: str) -> _MixedSetup:
     config = bench.config
-    spec = MIXED_SPECS[kind]
-    bare = bench.bare
     base = bench.fresh_base()
     resident = bench.resident_for(base.model, spec)
-    bench.log(f"{kind}: building a bank of {resident} resident users")
+    bench.log(f"{label}: building a bank of {resident} resident users")
     engine = Engine(base, spec, slots=resident + 1, max_length=max(512, config.tokens + 8))
     fill_bank(engine, torch.Generator().manual_seed(config.seed))
     users = random.Random(config.seed).sample(range(1, resident + 1), config.users_per_batch)
-    prompts = chat_prompts(bare.tokenizer, config.tokens, config.users_per_batch, config.seed)
+    prompts = chat_prompts(bench.bare.tokenizer, config.tokens, config.users_per_batch, config.seed)
     batch = engine.encode([Row(prompt, "", slot) for prompt, slot in zip(prompts, users, strict=True)])
-    inputs = {
-        "input_ids": batch.input_ids,
-        "attention_mask": batch.attention_mask,
-        "position_ids": position_ids(batch.attention_mask),
-        "use_cache": False,
+    peft_model, names = _peft_with_users(bench, engine, users) if isinstance(spec, LoraSpec) else (None, [])
+    return _MixedSetup(engine, resident, users, batch, peft_model, names)
+
+
+def _mixed_facts(setup: _MixedSetup, spec: ModuleSpec, bench: Bench) -> dict:
+    return {
+        "resident": setup.resident,
+        "users": setup.users,
+        "rows": len(setup.batch),
+        "width": setup.batch.input_ids.shape[1],
+        "real_tokens": int(setup.batch.attention_mask.sum()),
+        "numbers_per_user": numbers_per_user(bench.bare.model, spec),
     }
+
+
+def bench_mixed(bench: Bench, kind: str) -> Section:
+    """A batch of ``users_per_batch`` distinct users out of the resident ones, through the engine, the bare
+    base model and (LoRA) PEFT ``adapter_names``: one full forward pass each."""
+    config = bench.config
+    spec = MIXED_SPECS[kind]
+    bare = bench.bare
+    setup = _mixed_setup(bench, spec, kind)
+    engine, batch, inputs, peft_model = setup.engine, setup.batch, setup.inputs, setup.peft_model
     contenders: dict[str, Callable[[], object]] = {
         ENGINE: lambda: engine.logits(batch),
         BARE: lambda: bare.model(**inputs).logits,
     }
+    if peft_model is not None:
+        contenders[PEFT_MIXED] = lambda: peft_model(**inputs, adapter_names=setup.adapter_names).logits
     section = Section(
         kind,
-        f"Mixed batch, {spec.kind}: {config.users_per_batch} distinct users out of {resident} resident",
+        f"Mixed batch, {spec.kind}: {config.users_per_batch} distinct users out of {setup.resident} resident",
+        facts=_mixed_facts(setup, spec, bench),
     )
-    peft_model = None
-    if isinstance(spec, LoraSpec):
-        peft_model, names = _peft_with_users(bench, engine, users)
-        contenders[PEFT_MIXED] = lambda: peft_model(**inputs, adapter_names=names).logits
     with torch.inference_mode():
         if peft_model is not None:
             real = batch.attention_mask.bool()
@@ -370,39 +407,84 @@ def bench_mixed(bench: Bench, kind: str) -> Section:
             section.facts["max_abs_logit_diff_vs_peft"] = float(difference)
         seconds = bench.interleaved(kind, contenders)
     section.timings = [
-        Timing(ENGINE, seconds[ENGINE], resident=resident),
+        Timing(ENGINE, seconds[ENGINE], resident=setup.resident),
         Timing(BARE, seconds[BARE], resident=0),
     ]
     section.ratio("engine speed vs bare base model", BARE, ENGINE, TARGET_VS_BASE[kind])
     if peft_model is not None:
-        section.timings.append(Timing(PEFT_MIXED, seconds[PEFT_MIXED], resident=len(users)))
+        section.timings.append(Timing(PEFT_MIXED, seconds[PEFT_MIXED], resident=len(setup.users)))
         section.ratio("engine speed vs PEFT adapter_names", PEFT_MIXED, ENGINE, TARGET_VS_PEFT)
-    real_tokens = int(batch.attention_mask.sum())
-    section.facts.update(
-        {
-            "resident": resident,
-            "users": users,
-            "rows": len(batch),
-            "width": batch.input_ids.shape[1],
-            "real_tokens": real_tokens,
-            "numbers_per_user": numbers_per_user(bare.model, spec),
-        }
-    )
     section.notes.append(
-        f"{len(batch)} rows, {real_tokens} real tokens, left padded to {batch.input_ids.shape[1]}; "
-        "full forward with logits at every position on every contender."
+        f"{len(batch)} rows, {section.facts['real_tokens']} real tokens, left padded to "
+        f"{section.facts['width']}; full forward with logits at every position on every contender."
     )
     if isinstance(spec, PromptSpec):
         section.notes.append(
             f"the engine also runs each row's {spec.virtual_tokens} virtual tokens: that is the module's "
             "own cost, not overhead."
         )
-    if resident < config.resident:
+    if setup.resident < config.resident:
         section.notes.append(
-            f"{resident} resident instead of {config.resident}: a {spec.kind} user is "
+            f"{setup.resident} resident instead of {config.resident}: a {spec.kind} user is "
             f"{4 * section.facts['numbers_per_user'] / 1e6:.1f} MB in fp32 and the bank is capped at "
             f"{config.bank_budget_bytes / 2**30:.0f} GiB."
         )
+    return section
+
+
+def bench_decode(bench: Bench) -> Section:
+    """The LoRA mixed batch again, but generating ``decode_tokens`` new tokens per row with the KV cache:
+    the regime where each step is one token per row and per-layer overheads weigh most."""
+    config = bench.config
+    bare = bench.bare
+    setup = _mixed_setup(bench, LORA_QV, "decode")
+    engine, batch, peft_model = setup.engine, setup.batch, setup.peft_model
+    tokenizer = bare.tokenizer
+    # Exactly decode_tokens greedy tokens on every contender (no early stop at end of sequence), so each
+    # does the same work; Engine.generate has no minimum length, so the engine's model runs under its
+    # router here the way Engine.generate runs it.
+    generate = {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "max_new_tokens": config.decode_tokens,
+        "min_new_tokens": config.decode_tokens,
+        "do_sample": False,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+    def engine_generate() -> torch.Tensor:
+        with engine.router.route(batch.slot_ids):
+            return engine.model.generate(**generate)
+
+    contenders: dict[str, Callable[[], object]] = {
+        ENGINE: engine_generate,
+        BARE: lambda: bare.model.generate(**generate),
+        PEFT_MIXED: lambda: peft_model.generate(**generate, adapter_names=setup.adapter_names),
+    }
+    section = Section(
+        "decode",
+        f"Mixed-batch generation, LoRA: {config.users_per_batch} distinct users out of {setup.resident} "
+        f"resident, {config.decode_tokens} new tokens per row",
+        facts=_mixed_facts(setup, LORA_QV, bench),
+    )
+    with torch.inference_mode():
+        section.facts["same_tokens_as_peft"] = bool(torch.equal(engine_generate(), contenders[PEFT_MIXED]()))
+        seconds = bench.interleaved("decode", contenders)
+    section.timings = [
+        Timing(ENGINE, seconds[ENGINE], resident=setup.resident),
+        Timing(BARE, seconds[BARE], resident=0),
+        Timing(PEFT_MIXED, seconds[PEFT_MIXED], resident=len(setup.users)),
+    ]
+    section.ratio("engine speed vs bare base model", BARE, ENGINE, TARGET_VS_BASE["lora"])
+    section.ratio("engine speed vs PEFT adapter_names", PEFT_MIXED, ENGINE, TARGET_VS_PEFT)
+    section.notes.append(
+        f"greedy, KV cache on, exactly {config.decode_tokens} new tokens per row on every contender; "
+        "the issue's mixed-batch targets applied to generation."
+    )
     return section
 
 
@@ -504,8 +586,12 @@ def bench_train(bench: Bench) -> Section:
     peft_run(users[:1], "warmup")
     seconds: dict[str, list[float]] = {ENGINE_TRAIN: [], PEFT_TRAIN: []}
     for round_index in range(config.train_repeats):
-        seconds[ENGINE_TRAIN].append(_timed(lambda: engine_run(users)))
-        seconds[PEFT_TRAIN].append(_timed(lambda tag=f"r{round_index}": peft_run(users, tag)))
+        runs = [
+            (ENGINE_TRAIN, lambda: engine_run(users)),
+            (PEFT_TRAIN, lambda tag=f"r{round_index}": peft_run(users, tag)),
+        ]
+        for name, run in runs if round_index % 2 == 0 else reversed(runs):
+            seconds[name].append(_timed(run))
         bench.log(
             f"train: round {round_index + 1}/{config.train_repeats}: "
             + ", ".join(f"{n} {s[-1]:.2f}s" for n, s in seconds.items())
@@ -650,6 +736,7 @@ def bench_bytes(bench: Bench, folder: str | Path | None = None) -> Section:
 
 RUNNERS: dict[str, Callable[[Bench], Section]] = {
     "lora": lambda bench: bench_mixed(bench, "lora"),
+    "decode": bench_decode,
     "ia3": lambda bench: bench_mixed(bench, "ia3"),
     "prompt": lambda bench: bench_mixed(bench, "prompt"),
     "bottleneck": lambda bench: bench_mixed(bench, "bottleneck"),

@@ -31,18 +31,19 @@ def engine_command(
     users_per_batch: int = typer.Option(8, min=1, help="Distinct users in one mixed batch / training step."),
     repeats: int = typer.Option(5, min=1, help="Timed rounds per forward comparison (after a warm-up)."),
     tokens: int = typer.Option(128, min=8, help="Prompt length in tokens of the longest row of a batch."),
+    decode_tokens: int = typer.Option(32, min=1, help="New tokens per row in the generation comparison."),
     train_repeats: int = typer.Option(3, min=1, help="Timed rounds of the training comparison."),
     load_samples: int = typer.Option(200, min=1, help="Timed loads per store size."),
     only: list[str] | None = typer.Option(
         None,
         "--only",
-        help="Sections to run, repeated or comma separated: lora, ia3, prompt, bottleneck, train, load, "
-        "bytes (default: all).",
+        help="Sections to run, repeated or comma separated: lora, decode, ia3, prompt, bottleneck, train, "
+        "load, bytes (default: all).",
     ),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Mixed-user batches vs the bare base model and PEFT, multi-user training vs stock PEFT, cold loads
-    vs raw reads, and bytes per user at rest, each against its target."""
+    """Mixed-user batches (forward and generation) vs the bare base model and PEFT, multi-user training vs
+    stock PEFT, cold loads vs raw reads, and bytes per user at rest, each against its target."""
     from tailorlm.bench import engine_perf
 
     with user_errors(models.ModelNotFoundError, ValueError):
@@ -55,6 +56,7 @@ def engine_command(
             users_per_batch=users_per_batch,
             repeats=repeats,
             tokens=tokens,
+            decode_tokens=decode_tokens,
             train_repeats=train_repeats,
             load_samples=load_samples,
         )
