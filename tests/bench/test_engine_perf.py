@@ -87,6 +87,8 @@ def test_training_reports_examples_per_second_for_both(bench):
         assert timing.items == examples
         assert timing.rate == pytest.approx(examples / timing.median)
     assert section.facts["steps_peft"] == SMALL.users_per_batch * section.facts["steps_engine"]
+    facts = section.facts
+    assert facts["real_tokens"] <= facts["padded_positions_peft"] <= facts["padded_positions_engine"]
     assert math.isfinite(section.facts["mean_loss_engine"]) and math.isfinite(section.facts["mean_loss_peft"])
 
 

@@ -607,9 +607,21 @@ def bench_train(bench: Bench) -> Section:
         ],
     )
     section.ratio("examples/s vs stock PEFT one user at a time", PEFT_TRAIN, ENGINE_TRAIN, TARGET_TRAIN)
+    # Positions each side runs through the model (padding included): a bigger batch pads every row to the
+    # longest row of all users in the step, a one-user batch only to its own longest row.
+    engine_steps = [
+        engine.encode([Row(*user.train[i]) for user in users for i in plans[user.user_id][step]])
+        for step in range(len(next(iter(plans.values()))))
+    ]
+    peft_steps = [
+        engine.encode([Row(*u.train[i]) for i in chunk]) for u in users for chunk in plans[u.user_id]
+    ]
     section.facts.update(
         {
             "examples": examples,
+            "real_tokens": sum(int(b.attention_mask.sum()) for b in engine_steps),
+            "padded_positions_engine": sum(b.input_ids.numel() for b in engine_steps),
+            "padded_positions_peft": sum(b.input_ids.numel() for b in peft_steps),
             "steps_engine": len(next(iter(plans.values()))),
             "steps_peft": sum(len(p) for p in plans.values()),
             "mean_loss_engine": statistics.fmean(losses[ENGINE_TRAIN]),
