@@ -34,10 +34,6 @@ class Method:
         else:
             yield from self.setup.run(ctx, self.name, self.recipe, users, decoding)
 
-    @property
-    def trains(self) -> bool:
-        return isinstance(self.setup, TaskAdapterSetup | PersonalSetup)
-
 
 _BM25, _DENSE = Recipe(retrieval="bm25"), Recipe(retrieval="dense")
 _PROFILE = Recipe(profile=True)

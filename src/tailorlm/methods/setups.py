@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tailorlm import console
-from tailorlm.data.schema import Example, User
+from tailorlm.data.schema import User
 from tailorlm.engine import io, train
 from tailorlm.engine.bank import merge_lora_into_base
 from tailorlm.engine.core import Engine
@@ -81,10 +81,6 @@ class BaseSetup:
         builder = ctx.builder(recipe, engine.tokenizer)
         for group in _groups(users, 8):
             yield from _answer_users(ctx, engine, builder, group, {}, decoding)
-
-
-def _pairs(builder: PromptBuilder, user: User, examples: Sequence[Example]) -> list[tuple[str, str]]:
-    return builder.pairs(user, examples)
 
 
 class TaskAdapterSetup:
@@ -170,7 +166,7 @@ class PersonalSetup:
         builder = ctx.builder(recipe, engine.tokenizer)
         root = ctx.out_dir / "modules" / method
         jobs = [
-            UserData(u.id, _pairs(builder, u, ctx.task.training_examples(u)), _pairs(builder, u, u.val))
+            UserData(u.id, builder.pairs(u, ctx.task.training_examples(u)), builder.pairs(u, u.val))
             for u in users
         ]
         config = TrainConfig(
