@@ -136,3 +136,16 @@ def test_bad_slots_and_specs_are_named_errors(make_engine, tokenizer):
 
     with pytest.raises(ModuleSpecError, match="no linear projection named"):
         Engine(models.tiny_model(tokenizer=tokenizer), LoraSpec(targets=("query",)))
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_score_choices_equals_scoring_each_choice_as_a_row(kind, make_engine):
+    engine = make_engine(kind)
+    personalize(engine, [1, 2])
+    prompts = [p for p, _ in PROMPTS]
+    slots = [1, 0, 2, 1]
+    choices = ["yes", "no", "perhaps not", "a much longer answer"]
+    shared = engine.score_choices(prompts, slots, choices, batch_size=3)
+    for i, (prompt, slot) in enumerate(zip(prompts, slots, strict=True)):
+        alone = engine.score([Row(prompt, choice, slot) for choice in choices])
+        assert shared[i] == pytest.approx(alone, abs=1e-4)

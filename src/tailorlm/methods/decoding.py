@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tailorlm.data.schema import Task
-from tailorlm.engine.core import Engine, Row
+from tailorlm.engine.core import Engine
 from tailorlm.engine.generation import DecodeConfig
 
 DECODINGS = ("choice", "generate")
@@ -45,7 +45,5 @@ def choose(
 ) -> list[str]:
     """The label with the highest summed log-probability (the end-of-turn token included, so a label that
     is a prefix of another is not favoured for being short and unfinished)."""
-    rows = [Row(prompt, label, slot) for prompt, slot in zip(prompts, slots, strict=True) for label in labels]
-    scores = engine.score(rows, batch_size=max(batch_size, len(labels)))
-    width = len(labels)
-    return [labels[max(range(width), key=lambda j, i=i: scores[i * width + j])] for i in range(len(prompts))]
+    scores = engine.score_choices(prompts, slots, labels, batch_size=batch_size)
+    return [labels[max(range(len(labels)), key=row.__getitem__)] for row in scores]
