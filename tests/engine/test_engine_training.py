@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from engine_helpers import personalize
@@ -52,7 +54,8 @@ def test_training_leaves_other_slots_bit_identical(kind, make_engine):
 def test_users_trained_together_equal_users_trained_alone(kind, make_engine):
     users = [_user("ann", 5, val=2), _user("bob", 3, val=2), _user("cy", 7, val=1)]
     config = TrainConfig(epochs=2, batch_size=2, learning_rate=5e-3, warmup_ratio=0.2, weight_decay=0.01)
-    together = {r.user_id: r for r in MultiUserTrainer(make_engine(kind, slots=4), config).run(users)}
+    chunked = dataclasses.replace(config, micro_batch_rows=3)  # several forward/backward passes per step
+    together = {r.user_id: r for r in MultiUserTrainer(make_engine(kind, slots=4), chunked).run(users)}
     alone_engine = make_engine(kind, slots=2)
     for user in users:
         alone = MultiUserTrainer(alone_engine, config).run([user])[0]

@@ -41,6 +41,7 @@ class TrainConfig:
     patience: int | None = None  # epochs without validation improvement before a user stops early
     seed: int = 0
     users_per_step: int | None = None  # default: every user slot of the bank
+    micro_batch_rows: int = 16  # rows per forward/backward pass within one step
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
@@ -242,32 +243,47 @@ class MultiUserTrainer:
         return results
 
     def _step(self, users: list[_Active]) -> int:
-        rows: list[Row] = []
-        owners: list[tuple[_Active, int, int, bool]] = []  # user, first row, row count, epoch ended
-        for user in users:
-            _epoch, indices, epoch_end = next(user.plan)
-            owners.append((user, len(rows), len(indices), epoch_end))
-            rows.extend(Row(*user.data.train[i], slot=user.slot) for i in indices)
-        batch = self.engine.encode(rows)
-        sums, counts = self.engine.token_nll(batch)
-        losses = [
-            sums[first : first + n].sum() / counts[first : first + n].sum().clamp(min=1)
-            for _, first, n, _ in owners
-        ]
-        torch.stack(losses).sum().backward()
+        batches = [(user, *next(user.plan)) for user in users]  # (user, epoch, row indices, epoch ended)
+        losses: list[tuple[float, int]] = []  # per user: mean token loss, tokens
+        for chunk in self._micro_batches(batches):
+            rows = [
+                Row(*user.data.train[i], slot=user.slot) for user, _, indices, _ in chunk for i in indices
+            ]
+            sums, counts = self.engine.token_nll(self.engine.encode(rows))
+            chunk_losses, first = [], 0
+            for _, _, indices, _ in chunk:
+                tokens = counts[first : first + len(indices)].sum()
+                chunk_losses.append(sums[first : first + len(indices)].sum() / tokens.clamp(min=1))
+                losses.append((float(chunk_losses[-1].detach()), int(tokens)))
+                first += len(indices)
+            torch.stack(chunk_losses).sum().backward()  # gradients of the chunks add up in the bank
         slots = torch.tensor([u.slot for u in users])
         factors = [linear_schedule(u.steps, u.total_steps, u.warmup_steps) for u in users]
         self.optimizer.step(slots, self.config.learning_rate * torch.tensor(factors))
         for tensor in self.bank.tensors.values():
             tensor.grad = None
-        for (user, first, n, epoch_end), loss in zip(owners, losses, strict=True):
+        for (user, _, _, epoch_end), (loss, tokens) in zip(batches, losses, strict=True):
             user.steps += 1
-            tokens = int(counts[first : first + n].sum())
-            user.epoch_loss += float(loss.detach()) * tokens
+            user.epoch_loss += loss * tokens
             user.epoch_tokens += tokens
             if epoch_end:
                 self._end_epoch(user)
         return len(users)
+
+    def _micro_batches(self, batches: list) -> Iterator[list]:
+        """Whole users grouped into chunks of at most ``micro_batch_rows`` rows: one 32-row backward pass
+        faulted ~1.4 GB of activations back in every step; 16-row chunks were 20% faster, and since each
+        user's loss is their own mean, accumulating the chunks' gradients changes nothing."""
+        chunk, size = [], 0
+        for entry in batches:
+            rows = len(entry[2])
+            if chunk and size + rows > self.config.micro_batch_rows:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(entry)
+            size += rows
+        if chunk:
+            yield chunk
 
     def _end_epoch(self, user: _Active) -> None:
         user.train_losses.append(user.epoch_loss / max(1, user.epoch_tokens))

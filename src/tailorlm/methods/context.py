@@ -24,9 +24,9 @@ class BenchConfig:
 
     model: str | None = None
     seed: int = 0
-    test_users: int | None = 16  # users under test (seeded sample); None: every user with test items
+    test_users: int | None = 12  # users under test (seeded sample); None: every user with test items
     adapter_users: int | None = 64  # other users the task adapter trains on; None: all of them
-    adapter_examples: int | None = 384  # cap on the task adapter's training examples
+    adapter_examples: int | None = 256  # cap on the task adapter's training examples
     k: int = 3  # retrieved history items
     decoding: str | None = None  # None: choice for label tasks, generation otherwise
     max_new_tokens: int = 24
