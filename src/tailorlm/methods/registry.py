@@ -134,7 +134,6 @@ DEFAULT_METHODS = (
     "pag",
     "task-adapter",
     "peft-lora",
-    "peft-ia3",
     "oppu",
 )
 
