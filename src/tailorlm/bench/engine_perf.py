@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from tailorlm import models, settings
 from tailorlm.engine import io
 from tailorlm.engine import modules as module_kinds
-from tailorlm.engine.core import Batch, Engine, Row
+from tailorlm.engine.core import Batch, Engine, Row, position_ids
 from tailorlm.engine.modules import BottleneckSpec, IA3Spec, LoraSpec, ModuleSpec, PromptSpec
 from tailorlm.engine.train import MultiUserTrainer, TrainConfig, UserData
 
@@ -270,12 +270,6 @@ def numbers_per_user(model: torch.nn.Module, spec: ModuleSpec) -> int:
             shapes = module_kinds.linear_tensor_shapes(spec, short_name, module)
             total += sum(math.prod(shape) for shape in shapes.values())
     return total
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids counted from each row's first real token, as the engine computes them, so the bare
-    model and PEFT see left-padded rows exactly as the engine does."""
-    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
 def chat_prompts(tokenizer, tokens: int, count: int, seed: int) -> list[str]:

@@ -39,7 +39,7 @@ def tune(
         raise ValueError(f"task {task.name} has no users with validation items to tune on")
     rows = []
     for rate in learning_rates:
-        engine = chosen.setup._engine(ctx, chosen.recipe)
+        engine = chosen.setup.build_engine(ctx, chosen.recipe)
         builder = ctx.builder(chosen.recipe, engine.tokenizer)
         jobs = [
             UserData(u.id, builder.pairs(u, task.training_examples(u)), builder.pairs(u, u.val))

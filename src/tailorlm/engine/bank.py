@@ -82,6 +82,7 @@ class SlotBank:
         self.spec = modules.validate(spec)
         self.slots = slots
         self.tensors: dict[str, nn.Parameter] = {}
+        self.layers: list[SlotLinear] = []
         self._suffix: dict[str, str] = {}
         if isinstance(spec, PromptSpec):
             shape = (spec.virtual_tokens, model.get_input_embeddings().embedding_dim)
@@ -109,7 +110,9 @@ class SlotBank:
                 suffix: self._add(modules.tensor_name(self.spec, path, suffix), suffix, shape)
                 for suffix, shape in shapes.items()
             }
-            _replace_submodule(model, path, SlotLinear(module, short_name, self.spec, router, own))
+            layer = SlotLinear(module, short_name, self.spec, router, own)
+            _replace_submodule(model, path, layer)
+            self.layers.append(layer)
             found.add(short_name)
         missing = targets - found
         if missing:
@@ -170,8 +173,11 @@ class SlotBank:
         return sum(t[0].numel() for t in self.tensors.values())
 
     def trainable(self, enabled: bool) -> None:
+        """Bank tensors take gradients and module dropout is on (or both off); the base stays frozen."""
         for tensor in self.tensors.values():
             tensor.requires_grad_(enabled)
+        for layer in self.layers:
+            layer.train(enabled)
 
 
 def _replace_submodule(model: nn.Module, path: str, new: nn.Module) -> None:

@@ -18,6 +18,11 @@ from tailorlm.models import BaseModel
 IGNORE = -100
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that ignore left padding, so a padded row sees the positions it would see alone."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
 @dataclass(frozen=True)
 class Row:
     """One sequence of a batch: a formatted prompt, the text to score or learn after it, and whose module
@@ -74,7 +79,8 @@ class Engine:
         if not rows:
             raise EngineError("cannot encode an empty batch")
         for row in rows:
-            self.bank.check_slot(row.slot) if row.slot else None
+            if row.slot:
+                self.bank.check_slot(row.slot)
         prompts = self._token_ids([r.prompt for r in rows])
         targets = self._token_ids([r.target for r in rows])
         eos = [self.tokenizer.eos_token_id] if self.end_target_with_eos else []
@@ -133,9 +139,10 @@ class Engine:
     def hidden_states(self, batch: Batch) -> torch.Tensor:
         """Last hidden states aligned with ``batch.input_ids`` (virtual positions dropped)."""
         inputs, inserted = self._model_inputs(batch.input_ids, batch.attention_mask, batch.slot_ids)
-        position_ids = (inputs["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
         with self.router.route(batch.slot_ids):
-            output = self.model.get_decoder()(**inputs, position_ids=position_ids, use_cache=False)
+            output = self.model.get_decoder()(
+                **inputs, position_ids=position_ids(inputs["attention_mask"]), use_cache=False
+            )
         return output.last_hidden_state[:, inserted:]
 
     def logits(self, batch: Batch) -> torch.Tensor:
@@ -204,7 +211,7 @@ class Engine:
         mask = inputs["attention_mask"]
         decoder = self.model.get_decoder()
         with self.router.route(batch.slot_ids):
-            prefix = decoder(**inputs, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
+            prefix = decoder(**inputs, position_ids=position_ids(mask), use_cache=True)
         cache = prefix.past_key_values
         cache.batch_repeat_interleave(choices)  # row b * choices + j continues prompt b with choice j
         expanded_slots = batch.slot_ids.repeat_interleave(choices)
@@ -259,13 +266,8 @@ class Engine:
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
         """Bank tensors take gradients and module dropout is on; the base model stays frozen in eval."""
-        wrappers = [m for m in self.model.modules() if m is not self.model and hasattr(m, "bank_tensors")]
         self.bank.trainable(True)
-        for wrapper in wrappers:
-            wrapper.train(True)
         try:
             yield
         finally:
             self.bank.trainable(False)
-            for wrapper in wrappers:
-                wrapper.train(False)

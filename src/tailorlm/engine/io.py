@@ -85,12 +85,12 @@ def read_module(folder: str | Path) -> StoredModule:
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise ModuleFileError(f"{folder} is not a module folder: {WEIGHTS_FILE} is missing")
-    meta = _read_json(folder / META_FILE) if (folder / META_FILE).is_file() else {}
+    meta = read_json(folder / META_FILE) if (folder / META_FILE).is_file() else {}
     try:
         if "spec" in meta:
             spec = modules.spec_from_dict(meta["spec"])
         elif (folder / PEFT_CONFIG_FILE).is_file():
-            spec = modules.spec_from_peft_config(_read_json(folder / PEFT_CONFIG_FILE))
+            spec = modules.spec_from_peft_config(read_json(folder / PEFT_CONFIG_FILE))
         else:
             raise ModuleFileError(
                 f"{folder} has neither {META_FILE} nor {PEFT_CONFIG_FILE}: its kind is unknown"
@@ -104,7 +104,7 @@ def read_module(folder: str | Path) -> StoredModule:
     return StoredModule(spec, tensors, meta)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:

@@ -341,7 +341,7 @@ def is_trained(root: str | Path, user_id: str) -> bool:
     if not meta.is_file():
         return False
     try:
-        return bool(io._read_json(meta).get("complete"))
+        return bool(io.read_json(meta).get("complete"))
     except io.ModuleFileError:
         return False
 

@@ -150,7 +150,7 @@ class PersonalSetup:
         self.recipe = recipe
         self.on_task_adapter = on_task_adapter
 
-    def _engine(self, ctx: RunContext, prompt_recipe: Recipe) -> Engine:
+    def build_engine(self, ctx: RunContext, prompt_recipe: Recipe) -> Engine:
         base = ctx.load_base()
         if self.on_task_adapter:
             stored = io.read_module(TaskAdapterSetup().ensure_trained(ctx, prompt_recipe))
@@ -160,7 +160,7 @@ class PersonalSetup:
     def run(
         self, ctx: RunContext, method: str, recipe: Recipe, users: Sequence[User], decoding: str
     ) -> Iterator[UserAnswers]:
-        engine = self._engine(ctx, recipe)
+        engine = self.build_engine(ctx, recipe)
         if recipe.profile:
             ctx.ensure_profiles(list(users))
         builder = ctx.builder(recipe, engine.tokenizer)
