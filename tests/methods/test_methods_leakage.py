@@ -52,7 +52,7 @@ def spy(monkeypatch):
     def recording_adapter(self, ctx, recipe):
         return in_phase("adapter", lambda: original_adapter(self, ctx, recipe))
 
-    def recording_text(self, user, example):
+    def recording_text(self, user, example, content_free=False):
         shots = recipes.few_shot(self.task, user, example, seed=self.seed) if self.recipe.shots else []
         retrieved = []
         if self.recipe.retrieval:
@@ -61,7 +61,7 @@ def spy(monkeypatch):
             retrieved = self.retriever.top_k(
                 render.query(self.task, example), self.task.history_for(user, example), self.k
             )
-        text = original_text(self, user, example)
+        text = original_text(self, user, example, content_free)
         built[text].append(
             {
                 "user": user.id,
@@ -94,7 +94,7 @@ def _plain_text(prompt: str) -> str:
 
 def test_no_method_leaks_test_items_or_other_users(spy, tmp_path):
     built, jobs = spy
-    methods = ["few-shot", "rag-bm25", "task-adapter+rag", "peft-lora", "oppu+rag"]
+    methods = ["few-shot", "rag-bm25@calibrated", "task-adapter+rag", "peft-lora", "oppu+rag"]
     runner.run("verbagg", tmp_path, methods, SMALL, progress=False)
     from tailorlm.data import load_task
     from tailorlm.methods.context import split_users

@@ -1,23 +1,61 @@
 from __future__ import annotations
 
+import json
+
 import pytest
+from typer.testing import CliRunner
 
 from tailorlm.bench.tune import tune
+from tailorlm.cli import app
 from tailorlm.data import load_task
 from tailorlm.methods.context import BenchConfig, split_users
 
-CONFIG = BenchConfig(model="tiny", test_users=4, users_per_step=2)
+CONFIG = BenchConfig(model="tiny", test_users=4, adapter_users=6, users_per_step=2)
 
 
-def test_tune_uses_validation_of_users_outside_the_test_sample():
-    result = tune("verbagg", "peft-lora", [1e-3, 1e-2], users=2, epochs=1, config=CONFIG, progress=False)
+def test_tune_uses_validation_of_users_neither_tested_nor_in_the_task_adapter():
+    result = tune("verbagg", "peft-lora", [1e-3, 1e-2], users=3, epochs=1, config=CONFIG, progress=False)
+    test_users, adapter_users = split_users(load_task("verbagg"), CONFIG)
+    assert not set(result["users"]) & {u.id for u in [*test_users, *adapter_users]}
+    assert len(result["users"]) == 3
+    rows = result["candidates"]
+    assert all(0.0 <= row["val_metric"] <= 1.0 and row["users"] == 3 for row in rows)
+    best = max(rows, key=lambda r: (r["val_metric"], -r["val_loss"]))
+    assert result["best_learning_rate"] == best["learning_rate"]
+    assert result["metric"] == "accuracy" and result["decoding"] == "choice"
+
+
+def test_tune_can_select_by_validation_loss():
+    result = tune(
+        "verbagg",
+        "peft-lora",
+        [1e-3, 1e-2],
+        users=2,
+        epochs=1,
+        config=CONFIG,
+        select_by="loss",
+        progress=False,
+    )
     losses = {row["learning_rate"]: row["val_loss"] for row in result["candidates"]}
     assert result["best_learning_rate"] == min(losses, key=losses.get)
-    test_users, _ = split_users(load_task("verbagg"), CONFIG)
-    assert not set(result["users"]) & {u.id for u in test_users}
-    assert len(result["users"]) == 2
 
 
 def test_tune_refuses_methods_without_per_user_modules():
     with pytest.raises(ValueError, match="not a per-user module method"):
         tune("verbagg", "zero-shot", [1e-3], config=CONFIG, progress=False)
+
+
+def test_tune_command_names_bad_learning_rates():
+    result = CliRunner().invoke(app, ["tune", "peft-lora", "--lrs", "fast", "--model", "tiny"])
+    assert result.exit_code == 2
+    assert "--lrs must be comma-separated numbers" in result.output
+
+
+def test_tune_command_prints_json():
+    result = CliRunner().invoke(
+        app,
+        ["tune", "peft-ia3", "--lrs", "1e-2", "--users", "2", "--epochs", "1", "--model", "tiny", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["method"] == "peft-ia3" and len(data["candidates"]) == 1

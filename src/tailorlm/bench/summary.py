@@ -156,7 +156,7 @@ def is_personal(name: str, entry: Mapping[str, Any]) -> bool:
     return entry.get("family") != NON_PERSONAL_FAMILY and name not in NOT_PERSONAL_METHODS
 
 
-def _gold(example: Mapping[str, Any], kind: str) -> metrics.Gold:
+def gold_value(example: Mapping[str, Any], kind: str) -> metrics.Gold:
     golds = example.get("golds")
     # Several references are one gold text to ROUGE, but a set of accepted labels to the label metrics.
     if kind != "generation" and isinstance(golds, list) and golds:
@@ -171,7 +171,7 @@ def _score(
     golds, preds, users = [], [], []
     for user, line in lines.items():
         for example in line["examples"]:
-            golds.append(_gold(example, task["kind"]))
+            golds.append(gold_value(example, task["kind"]))
             prediction = example.get("prediction")
             preds.append(None if prediction is None else str(prediction))
             users.append(user)

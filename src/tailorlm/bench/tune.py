@@ -1,5 +1,7 @@
-"""Choosing a module recipe on validation data: train a sample of users with each candidate learning rate
-and compare their best validation loss (the loss PEFT-U picks epochs by). Test items are never read."""
+"""Choosing a module recipe on validation data: train a sample of users with each candidate learning rate,
+then compare their best validation loss (the loss PEFT-U picks epochs by) and the task's metric on their
+validation items, answered the way the benchmark answers. Test items are never read, and the users come
+from neither the benchmark's test sample nor the task adapter's training users."""
 
 from __future__ import annotations
 
@@ -8,12 +10,32 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from tailorlm import console
+from tailorlm import console, metrics
+from tailorlm.bench.summary import gold_value
 from tailorlm.data import load_task
-from tailorlm.engine.train import MultiUserTrainer, TrainConfig, UserData
+from tailorlm.data.schema import User
+from tailorlm.engine.core import Engine
+from tailorlm.engine.train import MultiUserTrainer, TrainConfig, UserData, UserResult
 from tailorlm.methods.context import BenchConfig, RunContext
+from tailorlm.methods.decoding import answer, check_decoding, default_decoding
+from tailorlm.methods.recipes import PromptBuilder
 from tailorlm.methods.registry import methods_for
 from tailorlm.methods.setups import PersonalSetup
+
+SELECT_BY = ("metric", "loss")
+
+
+def tuning_users(ctx: RunContext) -> list[User]:
+    """Users with validation items that neither the test sample nor the task adapter uses (OPPU's task
+    adapter has seen its users' training examples, which would flatter the personal modules tuned on
+    them); when every other user trains the adapter, the adapter's users are the only ones left."""
+    used = {u.id for u in ctx.test_users} | {u.id for u in ctx.adapter_users}
+    usable = [u for u in ctx.task.users if u.val and ctx.task.training_examples(u)]
+    fresh = [u for u in usable if u.id not in used]
+    if fresh:
+        return fresh
+    test_ids = {u.id for u in ctx.test_users}
+    return [u for u in ctx.adapter_users if u.id not in test_ids and u.val]
 
 
 def tune(
@@ -23,20 +45,24 @@ def tune(
     users: int = 8,
     epochs: int = 2,
     config: BenchConfig | None = None,
+    select_by: str = "metric",
     progress: bool = True,
 ) -> dict:
-    """Mean (over users) of each user's best validation loss, per learning rate, for a per-user method."""
+    """Per learning rate: the users' mean best validation loss and mean validation metric."""
+    if select_by not in SELECT_BY:
+        raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}, not {select_by!r}")
     config = config or BenchConfig()
     task = load_task(task_name, seed=config.seed)
     chosen = methods_for(task).get(method)
     if chosen is None or not isinstance(chosen.setup, PersonalSetup):
         personal = [m.name for m in methods_for(task).values() if isinstance(m.setup, PersonalSetup)]
         raise ValueError(f"{method!r} is not a per-user module method; choose one of {', '.join(personal)}")
+    decoding = check_decoding(task, config.decoding or default_decoding(task))
     ctx = RunContext(task, config, out_dir=_scratch())
-    # Users outside the benchmark's test sample, so tuning and testing never share a user.
-    sample = [u for u in ctx.adapter_users if u.val][:users]
+    sample = tuning_users(ctx)[:users]
     if not sample:
-        raise ValueError(f"task {task.name} has no users with validation items to tune on")
+        raise ValueError(f"task {task.name} has no users outside the test sample with validation items")
+    primary = task.metrics[0]
     rows = []
     for rate in learning_rates:
         engine = chosen.setup.build_engine(ctx, chosen.recipe)
@@ -53,27 +79,77 @@ def tune(
             users_per_step=config.users_per_step,
         )
         results = MultiUserTrainer(engine, train_config).run(jobs, progress=progress)
-        best = [min(r.val_losses) for r in results]
+        scored = _validation_scores(ctx, engine, builder, sample, results, decoding)
         rows.append(
             {
                 "learning_rate": rate,
-                "val_loss": statistics.fmean(best),
-                "users": len(best),
+                "val_loss": statistics.fmean(min(r.val_losses) for r in results),
+                "val_metric": scored["user_mean"][primary],
+                "users": len(results),
                 "best_epoch": statistics.fmean(r.best_epoch for r in results),
             }
         )
-        console.err.print(f"{method} lr={rate:g}: mean best validation loss {rows[-1]['val_loss']:.4f}")
+        console.err.print(
+            f"{method} lr={rate:g}: validation loss {rows[-1]['val_loss']:.4f}, "
+            f"{primary} {rows[-1]['val_metric']:.4f}"
+        )
         del engine
         ctx.release()
-    best_row = min(rows, key=lambda r: r["val_loss"])
+    best_row = min(rows, key=_selection_key(select_by, primary in metrics.LOWER_IS_BETTER))
     return {
         "task": task.name,
         "method": method,
         "epochs": epochs,
+        "decoding": decoding,
+        "metric": primary,
+        "lower_is_better": primary in metrics.LOWER_IS_BETTER,
+        "select_by": select_by,
         "users": [u.id for u in sample],
         "candidates": rows,
         "best_learning_rate": best_row["learning_rate"],
     }
+
+
+def _selection_key(select_by: str, lower_is_better: bool):
+    def key(row: dict) -> tuple[float, float]:
+        metric = row["val_metric"] if lower_is_better else -row["val_metric"]
+        # The loss breaks ties between rates whose few validation answers all come out the same.
+        return (row["val_loss"], metric) if select_by == "loss" else (metric, row["val_loss"])
+
+    return key
+
+
+def _validation_scores(
+    ctx: RunContext,
+    engine: Engine,
+    builder: PromptBuilder,
+    users: list[User],
+    results: list[UserResult],
+    decoding: str,
+) -> dict:
+    """Each user's best-epoch module answers their validation items, as the benchmark answers test items."""
+    modules = {r.user_id: r.module for r in results}
+    width = engine.bank.slots - 1
+    golds, predictions, owners = [], [], []
+    for start in range(0, len(users), width):
+        group = users[start : start + width]
+        queries = []
+        for slot, user in enumerate(group, start=1):
+            engine.bank.write(slot, modules[user.id])
+            queries += [(user, example, slot) for example in user.val]
+        prompts = [builder(u, e) for u, e, _ in queries]
+        content_free = None
+        if decoding == "calibrated":
+            content_free = [builder(u, e, content_free=True) for u, e, _ in queries]
+        slots = [slot for _, _, slot in queries]
+        predictions += answer(
+            engine, ctx.task, prompts, slots, decoding, ctx.config.max_new_tokens, content_free=content_free
+        )
+        golds += [
+            gold_value({"gold": e.target, "golds": list(e.targets)}, ctx.task.kind) for _, e, _ in queries
+        ]
+        owners += [u.id for u, _, _ in queries]
+    return metrics.score(ctx.task.metrics, golds, predictions, owners, labels=ctx.task.labels)
 
 
 def _scratch() -> Path:

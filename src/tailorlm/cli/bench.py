@@ -27,8 +27,9 @@ def bench_command(
     methods: str | None = typer.Option(
         None,
         "--methods",
-        help="Comma-separated methods (see `tailorlm methods`), 'name@generate' to force "
-        "free generation, or 'all'. Default: every family, sized for the quick profile.",
+        help="Comma-separated methods (see `tailorlm methods`), 'name@generate' to force free "
+        "generation ('name@calibrated' for calibrated choice), or 'all'. Default: every family, sized "
+        "for the quick profile.",
     ),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Run folder (default runs/TASK-quick or -full)."
@@ -42,7 +43,10 @@ def bench_command(
     model: str | None = MODEL_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed for the user sample, splits, training and sampling."),
     decoding: str | None = typer.Option(
-        None, "--decoding", help="choice or generate (default: choice for label tasks)."
+        None,
+        "--decoding",
+        help="choice, calibrated (choice against the label prior of the prompt with the query "
+        "blanked) or generate (default: choice for label tasks).",
     ),
     epochs: int = typer.Option(2, "--epochs", min=1, help="Epochs of each per-user module."),
     k: int = typer.Option(3, "--k", min=1, help="History items retrieved into the prompt."),
@@ -105,24 +109,41 @@ def tune_command(
     method: str = typer.Argument(..., help="A per-user method, e.g. peft-lora, peft-ia3, oppu."),
     task: str = typer.Option("verbagg", "--task", "-t", help="Task name."),
     learning_rates: str = typer.Option("1e-4,3e-4,1e-3,3e-3", "--lrs", help="Comma-separated candidates."),
-    users: int = typer.Option(8, "--users", min=1, help="Users (outside the test sample) to tune on."),
-    epochs: int = typer.Option(2, "--epochs", min=1, help="Epochs per user."),
+    users: int = typer.Option(
+        8, "--users", min=1, help="Users to tune on (never test users nor the task adapter's)."
+    ),
+    epochs: int = typer.Option(2, "--epochs", min=1, help="Most epochs per user (best epoch kept)."),
+    test_users: int = typer.Option(
+        12, "--test-users", min=1, help="Size of the bench run's test sample, whose users are left out."
+    ),
+    select_by: str = typer.Option(
+        "metric", "--select-by", help="metric (the task's first metric on validation items) or loss."
+    ),
+    decoding: str | None = typer.Option(
+        None, "--decoding", help="As in bench: choice, calibrated, generate."
+    ),
     model: str | None = MODEL_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed of the user sample and training."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Pick a learning rate for a per-user method by validation loss (test items are never read)."""
+    """Pick a learning rate for a per-user method on validation items (test items are never read)."""
     from tailorlm.bench.tune import tune
 
     with user_errors(DataError, models.ModelNotFoundError, EngineError, ValueError):
-        rates = [float(x) for x in learning_rates.split(",") if x.strip()]
+        try:
+            rates = [float(x) for x in learning_rates.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--lrs must be comma-separated numbers, got {learning_rates!r}") from None
+        if not rates or any(rate <= 0 for rate in rates):
+            raise ValueError(f"--lrs needs at least one positive learning rate, got {learning_rates!r}")
         result = tune(
             task,
             method,
             rates,
             users=users,
             epochs=epochs,
-            config=BenchConfig(model=model, seed=seed),
+            config=BenchConfig(model=model, seed=seed, test_users=test_users, decoding=decoding),
+            select_by=select_by,
             progress=not as_json,
         )
 
@@ -131,14 +152,19 @@ def tune_command(
             (
                 f"{r['learning_rate']:g}",
                 r["val_loss"],
+                r["val_metric"],
                 r["best_epoch"],
-                "<- best" if r["learning_rate"] == data["best_learning_rate"] else "",
+                "<- chosen" if r["learning_rate"] == data["best_learning_rate"] else "",
             )
             for r in data["candidates"]
         ]
+        direction = "lower" if data["lower_is_better"] else "higher"
         title = (
-            f"{data['method']} on {data['task']}: mean best validation loss over {len(data['users'])} users"
+            f"{data['method']} on {data['task']}: means over {len(data['users'])} validation users "
+            f"({data['metric']}: {direction} is better; {data['decoding']} decoding; "
+            f"chosen by {data['select_by']})"
         )
-        console.out.print(console.table(title, ["learning rate", "val loss", "best epoch", ""], rows))
+        headers = ["learning rate", "val loss", f"val {data['metric']}", "best epoch", ""]
+        console.out.print(console.table(title, headers, rows))
 
     console.emit(result, as_json, render)

@@ -1,5 +1,6 @@
-"""Turning prompts into answers: constrained choice among the task's labels by log-likelihood, or free
-generation scored later with the reference rules."""
+"""Turning prompts into answers: constrained choice among the task's labels by log-likelihood, the same
+choice calibrated against the label prior the prompt alone induces, or free generation scored later with
+the reference rules."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from tailorlm.data.schema import Task
 from tailorlm.engine.core import Engine
 from tailorlm.engine.generation import DecodeConfig
 
-DECODINGS = ("choice", "generate")
+DECODINGS = ("choice", "calibrated", "generate")
+CHOICE_DECODINGS = ("choice", "calibrated")
 
 
 def default_decoding(task: Task) -> str:
@@ -19,7 +21,7 @@ def default_decoding(task: Task) -> str:
 def check_decoding(task: Task, decoding: str) -> str:
     if decoding not in DECODINGS:
         raise ValueError(f"unknown decoding {decoding!r}; use one of {', '.join(DECODINGS)}")
-    if decoding == "choice" and task.labels is None:
+    if decoding in CHOICE_DECODINGS and task.labels is None:
         raise ValueError(f"task {task.name} has no label set: it can only be decoded with 'generate'")
     return decoding
 
@@ -32,9 +34,15 @@ def answer(
     decoding: str,
     max_new_tokens: int = 24,
     batch_size: int = 16,
+    content_free: Sequence[str] | None = None,
 ) -> list[str]:
+    """``content_free`` (one per prompt, same context with the query blanked) is needed by ``calibrated``."""
     if decoding == "choice":
         return choose(engine, task.labels, prompts, slots, batch_size)
+    if decoding == "calibrated":
+        if content_free is None or len(content_free) != len(prompts):
+            raise ValueError("calibrated decoding needs one content-free prompt per prompt")
+        return choose_calibrated(engine, task.labels, prompts, content_free, slots, batch_size)
     # One line is one answer in every task's format; stopping there saves most of the decoding time.
     config = DecodeConfig(max_new_tokens=max_new_tokens, stop=("\n",))
     return engine.generate(prompts, slots, config, batch_size=batch_size)
@@ -47,3 +55,23 @@ def choose(
     is a prefix of another is not favoured for being short and unfinished)."""
     scores = engine.score_choices(prompts, slots, labels, batch_size=batch_size)
     return [labels[max(range(len(labels)), key=row.__getitem__)] for row in scores]
+
+
+def choose_calibrated(
+    engine: Engine,
+    labels: Sequence[str],
+    prompts: Sequence[str],
+    content_free: Sequence[str],
+    slots: Sequence[int],
+    batch_size: int = 16,
+) -> list[str]:
+    """Contextual calibration (Zhao et al., 2021): each label's log-probability minus the one it gets when
+    the query is blanked and everything else is kept, so a prompt's pull toward one label (a small base
+    model answering "yes" to anything) no longer decides the answer. Dividing by the content-free
+    probabilities is this subtraction in log space; their normalisation is one constant per row."""
+    scores = engine.score_choices(prompts, slots, labels, batch_size=batch_size)
+    priors = engine.score_choices(content_free, slots, labels, batch_size=batch_size)
+    return [
+        labels[max(range(len(labels)), key=lambda i: row[i] - prior[i])]
+        for row, prior in zip(scores, priors, strict=True)
+    ]

@@ -64,17 +64,20 @@ class PromptBuilder:
     seed: int = 0
     budget_words: int | None = 256
 
-    def text(self, user: User, example: Example) -> str:
+    def text(self, user: User, example: Example, content_free: bool = False) -> str:
+        """The user message; ``content_free`` keeps the context the real query gets (its shots, retrieved
+        items and profile) and blanks the query itself, for contextual calibration."""
         shots = few_shot(self.task, user, example, seed=self.seed) if self.recipe.shots else ()
         retrieved = ()
         if self.recipe.retrieval:
             candidates = self.task.history_for(user, example)
             retrieved = self.retriever.top_k(render.query(self.task, example), candidates, self.k)
         profile = self.profiles(user) if self.recipe.profile else None
-        return render.prompt(self.task, example, shots, retrieved, profile, budget_words=self.budget_words)
+        asked = render.content_free(self.task, example) if content_free else example
+        return render.prompt(self.task, asked, shots, retrieved, profile, budget_words=self.budget_words)
 
-    def __call__(self, user: User, example: Example) -> str:
-        return models.chat_prompt(self.tokenizer, self.text(user, example))
+    def __call__(self, user: User, example: Example, content_free: bool = False) -> str:
+        return models.chat_prompt(self.tokenizer, self.text(user, example, content_free))
 
     def pairs(self, user: User, examples: Sequence[Example]) -> list[tuple[str, str]]:
         """(prompt, target) training pairs."""

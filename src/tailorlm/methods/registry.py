@@ -153,8 +153,8 @@ def default_methods(task: Task) -> list[str]:
 
 
 def resolve(task: Task, requested: Sequence[str] | None) -> list[tuple[Method, str | None]]:
-    """Names as typed (``name`` or ``name@choice`` / ``name@generate``) to methods and decoding overrides;
-    ``all`` means every applicable method."""
+    """Names as typed (``name``, or ``name@DECODING`` with choice / calibrated / generate) to methods and
+    decoding overrides; ``all`` means every applicable method."""
     available = methods_for(task)
     names = default_methods(task) if not requested else list(requested)
     if names == ["all"]:

@@ -55,8 +55,13 @@ def _answer_users(
     started = time.perf_counter()
     queries = [(user, example) for user in users for example in user.test]
     prompts = [builder(user, example) for user, example in queries]
+    content_free = None
+    if decoding == "calibrated":
+        content_free = [builder(user, example, content_free=True) for user, example in queries]
     slots = [slot_of.get(user.id, 0) for user, _ in queries]
-    outputs = answer(engine, ctx.task, prompts, slots, decoding, ctx.config.max_new_tokens)
+    outputs = answer(
+        engine, ctx.task, prompts, slots, decoding, ctx.config.max_new_tokens, content_free=content_free
+    )
     seconds = (time.perf_counter() - started) / max(1, len(users))
     position = 0
     for user in users:

@@ -13,6 +13,7 @@ The caller applies the model's chat template; this module only builds the text.
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -45,6 +46,25 @@ def query(task: Task, example: Example) -> str:
     if rule["method"] == "quotes":
         return _between_quotes(example.text, rule["take"])
     return _after_marker(example.text, rule["marker"])
+
+
+def content_free(task: Task, example: Example) -> Example:
+    """``example`` with its content replaced by the task's content-free filler (``N/A``) and the task's
+    own wording kept: the input contextual calibration (Zhao et al., 2021) measures the label prior on.
+    For LaMP the question's fixed wording stays and only the part retrieval would search with goes."""
+    filler = task.spec.template("content_free")
+    rule = task.spec.options.get("query")
+    text = example.text
+    if not rule:
+        text = filler
+    elif rule["method"] == "quotes":
+        parts = text.split('"')
+        parts[1::2] = [filler] * len(parts[1::2])
+        text = '"'.join(parts)
+    else:
+        at = text.find(rule["marker"])
+        text = filler if at == -1 else f"{text[: at + len(rule['marker'])]} {filler}"
+    return dataclasses.replace(example, text=text, fields={})
 
 
 def _after_marker(text: str, marker: str) -> str:
