@@ -131,7 +131,13 @@ def test_intervals_contain_the_mean(planted):
 def test_planted_better_method_is_significant_and_the_equal_one_is_not(planted):
     _, results = planted
     methods = results["methods"]
-    assert results["references"] == {"non_personal": "zero-shot", "simple_baseline": "user-majority"}
+    assert results["references"] == {
+        "non_personal": "zero-shot",
+        "simple_baseline": "user-majority",
+        "prompt_personal": "few-shot",
+    }
+    assert methods["peft-lora"]["comparisons"]["prompt_personal"]["significant"]
+    assert methods["few-shot"]["comparisons"]["prompt_personal"]["status"] == "self"
     better = methods["peft-lora"]["comparisons"]["non_personal"]
     assert better["status"] == "compared" and better["significant"] and better["p_value"] < 0.01
     assert better["delta"] == pytest.approx(0.3) and better["n_users"] == N_USERS
@@ -214,7 +220,7 @@ def test_missing_reference_is_stated(tmp_path):
         tmp_path, CLASSIFICATION, {"peft-lora": METHODS["peft-lora"], "few-shot": {}}, users, lines
     )
     results = summary.summarize(root)
-    assert results["references"] == {"non_personal": None, "simple_baseline": None}
+    assert results["references"] == {"non_personal": None, "simple_baseline": None, "prompt_personal": None}
     assert results["methods"]["peft-lora"]["comparisons"]["non_personal"]["status"] == "missing"
     assert results["methods"]["few-shot"]["has_results"] is False
     assert results["ranking"] == ["peft-lora", "few-shot"]

@@ -37,6 +37,7 @@ OTHER_COLOUR = "#bcbd22"
 REFERENCE_TITLES: dict[str, str] = {
     "non_personal": "the best non-personal method",
     "simple_baseline": "the best simple baseline",
+    "prompt_personal": "the best prompt-side personal method",
 }
 _LISTED = 8  # names spelled out in a sentence before "and N more"
 
@@ -125,17 +126,18 @@ def method_rows(results: Results) -> tuple[list[str], list[list[str]]]:
 
 
 def comparison_rows(results: Results) -> tuple[list[str], list[list[str]]]:
-    """Per method: does it beat each reference significantly, with delta (method - reference) and p."""
+    """Per method: does it beat each reference significantly, with delta (method - reference) and p.
+    A reference family without results gets no columns (the reading says so)."""
     refs = results["references"]
+    keys = [key for key in REFERENCE_TITLES if refs.get(key)]
     headers = ["method"]
-    for key in REFERENCE_TITLES:
-        label = refs[key] or "none"
-        headers += [f"beats {label}?", f"vs {label}: delta, p"]
+    for key in keys:
+        headers += [f"beats {refs[key]}?", f"vs {refs[key]}: delta, p"]
     rows = []
     for name in results["ranking"]:
         comparisons = results["methods"][name]["comparisons"]
         row = [_label(results, name)]
-        for key in REFERENCE_TITLES:
+        for key in keys:
             row += [_beats(comparisons[key]), _comparison_cell(comparisons[key])]
         rows.append(row)
     return headers, rows

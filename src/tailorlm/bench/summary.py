@@ -38,9 +38,16 @@ FAMILIES: tuple[str, ...] = (
 )
 NON_PERSONAL_FAMILY = "non-personal"
 BASELINE_FAMILY = "simple-baseline"
+PROMPT_FAMILY = "prompt-personal"
 # Simple baselines that use nothing about the user; every other baseline reads the user's own labels.
 NOT_PERSONAL_METHODS: frozenset[str] = frozenset({"item-majority"})
-REFERENCES: dict[str, str] = {"non_personal": NON_PERSONAL_FAMILY, "simple_baseline": BASELINE_FAMILY}
+# Every method is tested against the best of each: the personal modules must beat the strongest way to
+# personalize without training anything per user, not only the model that knows nothing of the user.
+REFERENCES: dict[str, str] = {
+    "non_personal": NON_PERSONAL_FAMILY,
+    "simple_baseline": BASELINE_FAMILY,
+    "prompt_personal": PROMPT_FAMILY,
+}
 
 
 class ReportError(ValueError):
