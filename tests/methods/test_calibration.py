@@ -1,9 +1,11 @@
-"""Calibrated choice: the content-free prompt keeps the real prompt's context and blanks only the query;
-the answer is the label whose log-probability gains most over that prior; the runner records it."""
+"""Decodings beyond plain choice. Calibrated: the content-free prompt keeps the real prompt's context and
+blanks only the query; the answer is the label whose log-probability gains most over that prior. Median:
+for ordered labels, the label where the distribution's cumulative mass reaches one half."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from tailorlm.bench import runner
 from tailorlm.data import load_task
 from tailorlm.methods.context import BenchConfig
-from tailorlm.methods.decoding import answer, choose_calibrated
+from tailorlm.methods.decoding import answer, check_decoding, choose_calibrated, choose_median
 from tailorlm.methods.recipes import PromptBuilder, Recipe
 from tailorlm.tasks import render
 
@@ -89,3 +91,32 @@ def test_calibrated_decoding_needs_a_label_set(tmp_path):
     config = BenchConfig(model="tiny", test_users=2)
     with pytest.raises(ValueError, match="no label set"):
         runner.run("tate", tmp_path, ["zero-shot@calibrated"], config, progress=False)
+
+
+def _log(probabilities: list[float]) -> list[float]:
+    return [math.log(p) for p in probabilities]
+
+
+def test_median_takes_the_middle_of_the_mass_not_its_peak():
+    labels = ["1", "2", "3", "4", "5"]
+    engine = FixedScores(
+        {
+            "split": _log([0.4, 0.05, 0.1, 0.05, 0.4]),  # two peaks at the ends: the median is 3
+            "top": _log([0.1, 0.1, 0.1, 0.1, 0.6]),
+            "low": _log([0.7, 0.1, 0.1, 0.05, 0.05]),
+            "unnormalised": [x - 7.0 for x in _log([0.2, 0.2, 0.05, 0.1, 0.45])],
+        }
+    )
+    prompts = ["split", "top", "low", "unnormalised"]
+    assert choose_median(engine, labels, prompts, [0] * 4) == ["3", "5", "1", "4"]
+    movielens = load_task("movielens")
+    assert answer(engine, movielens, ["split"], [0], "choice") == ["1"]
+    assert answer(engine, movielens, ["split"], [0], "median") == ["3"]
+    assert choose_median(engine, labels, [], []) == []
+
+
+def test_median_needs_ordered_labels():
+    assert check_decoding(load_task("verbagg"), "median") == "median"  # no < perhaps < yes
+    tags = load_task("lamp:2", data_dir=FIXTURES / "lamp" / "lamp2", split="dev")
+    with pytest.raises(ValueError, match="no order"):
+        check_decoding(tags, "median")

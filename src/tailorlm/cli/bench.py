@@ -27,9 +27,8 @@ def bench_command(
     methods: str | None = typer.Option(
         None,
         "--methods",
-        help="Comma-separated methods (see `tailorlm methods`), 'name@generate' to force free "
-        "generation ('name@calibrated' for calibrated choice), or 'all'. Default: every family, sized "
-        "for the quick profile.",
+        help="Comma-separated methods (see `tailorlm methods`), 'name@DECODING' to decode one method "
+        "another way (see --decoding), or 'all'. Default: every family, sized for the quick profile.",
     ),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Run folder (default runs/TASK-quick or -full)."
@@ -46,7 +45,8 @@ def bench_command(
         None,
         "--decoding",
         help="choice, calibrated (choice against the label prior of the prompt with the query "
-        "blanked) or generate (default: choice for label tasks).",
+        "blanked), median (of the label distribution; ordered labels) or generate (default: choice "
+        "for label tasks).",
     ),
     epochs: int = typer.Option(2, "--epochs", min=1, help="Epochs of each per-user module."),
     k: int = typer.Option(3, "--k", min=1, help="History items retrieved into the prompt."),
@@ -120,7 +120,7 @@ def tune_command(
         "metric", "--select-by", help="metric (the task's first metric on validation items) or loss."
     ),
     decoding: str | None = typer.Option(
-        None, "--decoding", help="As in bench: choice, calibrated, generate."
+        None, "--decoding", help="As in bench: choice, calibrated, median, generate."
     ),
     model: str | None = MODEL_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed of the user sample and training."),

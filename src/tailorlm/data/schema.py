@@ -86,6 +86,12 @@ class Task:
     _hidden: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)
     _by_id: dict[str, User] = field(default_factory=dict, repr=False)
 
+    @property
+    def ordinal(self) -> bool:
+        """Labels with an order: ratings, and label sets the task declares ordered (verbagg's no < perhaps
+        < yes)."""
+        return self.labels is not None and (self.kind == "rating" or bool(self.spec.options.get("ordinal")))
+
     def user(self, user_id: str) -> User:
         if not self._by_id:
             self._by_id = {u.id: u for u in self.users}

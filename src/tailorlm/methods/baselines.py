@@ -15,12 +15,6 @@ from tailorlm.tasks import render
 UserAnswers = tuple[User, list[str], float]
 
 
-def ordinal(task: Task) -> bool:
-    """Labels with an order: ratings, and label sets the task declares ordered (verbagg's no < perhaps <
-    yes)."""
-    return task.labels is not None and (task.kind == "rating" or bool(task.spec.options.get("ordinal")))
-
-
 def _position(task: Task, label: str) -> float:
     return float(task.labels.index(label))
 
@@ -120,7 +114,7 @@ def applicable(task: Task) -> dict[str, Baseline]:
     has_items = any(e.item_key is not None for u in task.users[:50] for e in u.test)
     if has_items:
         found["item-majority"] = item_majority
-    if ordinal(task):
+    if task.ordinal:
         found["user-mean"] = user_mean
         if has_items:
             found["item-user-bias"] = item_user_bias

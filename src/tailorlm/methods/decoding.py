@@ -1,17 +1,19 @@
 """Turning prompts into answers: constrained choice among the task's labels by log-likelihood, the same
-choice calibrated against the label prior the prompt alone induces, or free generation scored later with
-the reference rules."""
+choice calibrated against the label prior the prompt alone induces, the median of the label distribution
+for ordered labels, or free generation scored later with the reference rules."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from tailorlm.data.schema import Task
 from tailorlm.engine.core import Engine
 from tailorlm.engine.generation import DecodeConfig
 
-DECODINGS = ("choice", "calibrated", "generate")
-CHOICE_DECODINGS = ("choice", "calibrated")
+DECODINGS = ("choice", "calibrated", "median", "generate")
+CHOICE_DECODINGS = ("choice", "calibrated", "median")
 
 
 def default_decoding(task: Task) -> str:
@@ -23,6 +25,10 @@ def check_decoding(task: Task, decoding: str) -> str:
         raise ValueError(f"unknown decoding {decoding!r}; use one of {', '.join(DECODINGS)}")
     if decoding in CHOICE_DECODINGS and task.labels is None:
         raise ValueError(f"task {task.name} has no label set: it can only be decoded with 'generate'")
+    if decoding == "median" and not task.ordinal:
+        raise ValueError(
+            f"task {task.name}'s labels have no order: 'median' decoding needs ratings or ordered labels"
+        )
     return decoding
 
 
@@ -39,6 +45,8 @@ def answer(
     """``content_free`` (one per prompt, same context with the query blanked) is needed by ``calibrated``."""
     if decoding == "choice":
         return choose(engine, task.labels, prompts, slots, batch_size)
+    if decoding == "median":
+        return choose_median(engine, task.labels, prompts, slots, batch_size)
     if decoding == "calibrated":
         if content_free is None or len(content_free) != len(prompts):
             raise ValueError("calibrated decoding needs one content-free prompt per prompt")
@@ -75,3 +83,19 @@ def choose_calibrated(
         labels[max(range(len(labels)), key=lambda i: row[i] - prior[i])]
         for row, prior in zip(scores, priors, strict=True)
     ]
+
+
+def choose_median(
+    engine: Engine, labels: Sequence[str], prompts: Sequence[str], slots: Sequence[int], batch_size: int = 16
+) -> list[str]:
+    """For ordered labels (listed in their order): the median of the model's distribution over them, the
+    answer with the least expected absolute error. The most likely rating can sit at one end while most
+    of the mass lies toward the middle; MAE, the rating tasks' metric, charges for that distance."""
+    if not prompts:
+        return []
+    scores = torch.tensor(engine.score_choices(prompts, slots, labels, batch_size=batch_size))
+    cumulative = torch.softmax(scores, dim=-1).cumsum(dim=-1)
+    # The first label whose cumulative mass reaches one half; the clamp absorbs rounding at the top end.
+    middle = torch.full((len(prompts), 1), 0.5, dtype=cumulative.dtype)
+    index = torch.searchsorted(cumulative.contiguous(), middle).squeeze(-1).clamp(max=len(labels) - 1)
+    return [labels[i] for i in index.tolist()]
