@@ -17,10 +17,10 @@ from tailorlm.data.schema import User
 from tailorlm.engine.core import Engine
 from tailorlm.engine.train import MultiUserTrainer, TrainConfig, UserData, UserResult
 from tailorlm.methods.context import BenchConfig, RunContext
-from tailorlm.methods.decoding import answer, check_decoding, default_decoding
+from tailorlm.methods.decoding import check_decoding, default_decoding
 from tailorlm.methods.recipes import PromptBuilder
 from tailorlm.methods.registry import methods_for
-from tailorlm.methods.setups import PersonalSetup
+from tailorlm.methods.setups import PersonalSetup, answer_examples
 
 SELECT_BY = ("metric", "loss")
 
@@ -29,13 +29,10 @@ def tuning_users(ctx: RunContext) -> list[User]:
     """Users with validation items that neither the test sample nor the task adapter uses (OPPU's task
     adapter has seen its users' training examples, which would flatter the personal modules tuned on
     them); when every other user trains the adapter, the adapter's users are the only ones left."""
-    used = {u.id for u in ctx.test_users} | {u.id for u in ctx.adapter_users}
-    usable = [u for u in ctx.task.users if u.val and ctx.task.training_examples(u)]
-    fresh = [u for u in usable if u.id not in used]
-    if fresh:
-        return fresh
     test_ids = {u.id for u in ctx.test_users}
-    return [u for u in ctx.adapter_users if u.id not in test_ids and u.val]
+    used = test_ids | {u.id for u in ctx.adapter_users}
+    fresh = [u for u in ctx.task.users if u.val and ctx.task.training_examples(u) and u.id not in used]
+    return fresh or [u for u in ctx.adapter_users if u.id not in test_ids and u.val]
 
 
 def tune(
@@ -63,6 +60,7 @@ def tune(
     if not sample:
         raise ValueError(f"task {task.name} has no users outside the test sample with validation items")
     primary = task.metrics[0]
+    lower_is_better = primary in metrics.LOWER_IS_BETTER
     rows = []
     for rate in learning_rates:
         engine = chosen.setup.build_engine(ctx, chosen.recipe)
@@ -95,14 +93,14 @@ def tune(
         )
         del engine
         ctx.release()
-    best_row = min(rows, key=_selection_key(select_by, primary in metrics.LOWER_IS_BETTER))
+    best_row = min(rows, key=_selection_key(select_by, lower_is_better))
     return {
         "task": task.name,
         "method": method,
         "epochs": epochs,
         "decoding": decoding,
         "metric": primary,
-        "lower_is_better": primary in metrics.LOWER_IS_BETTER,
+        "lower_is_better": lower_is_better,
         "select_by": select_by,
         "users": [u.id for u in sample],
         "candidates": rows,
@@ -133,22 +131,14 @@ def _validation_scores(
     golds, predictions, owners = [], [], []
     for start in range(0, len(users), width):
         group = users[start : start + width]
-        queries = []
+        queries, slots = [], []
         for slot, user in enumerate(group, start=1):
             engine.bank.write(slot, modules[user.id])
-            queries += [(user, example, slot) for example in user.val]
-        prompts = [builder(u, e) for u, e, _ in queries]
-        content_free = None
-        if decoding == "calibrated":
-            content_free = [builder(u, e, content_free=True) for u, e, _ in queries]
-        slots = [slot for _, _, slot in queries]
-        predictions += answer(
-            engine, ctx.task, prompts, slots, decoding, ctx.config.max_new_tokens, content_free=content_free
-        )
-        golds += [
-            gold_value({"gold": e.target, "golds": list(e.targets)}, ctx.task.kind) for _, e, _ in queries
-        ]
-        owners += [u.id for u, _, _ in queries]
+            queries += [(user, example) for example in user.val]
+            slots += [slot] * len(user.val)
+        predictions += answer_examples(ctx, engine, builder, queries, slots, decoding)
+        golds += [gold_value({"gold": e.target, "golds": list(e.targets)}, ctx.task.kind) for _, e in queries]
+        owners += [u.id for u, _ in queries]
     return metrics.score(ctx.task.metrics, golds, predictions, owners, labels=ctx.task.labels)
 
 

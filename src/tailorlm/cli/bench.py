@@ -114,7 +114,10 @@ def tune_command(
     ),
     epochs: int = typer.Option(2, "--epochs", min=1, help="Most epochs per user (best epoch kept)."),
     test_users: int = typer.Option(
-        12, "--test-users", min=1, help="Size of the bench run's test sample, whose users are left out."
+        BenchConfig.test_users,
+        "--test-users",
+        min=1,
+        help="Size of the bench run's test sample, whose users are left out.",
     ),
     select_by: str = typer.Option(
         "metric", "--select-by", help="metric (the task's first metric on validation items) or loss."

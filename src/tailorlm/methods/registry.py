@@ -153,7 +153,7 @@ def default_methods(task: Task) -> list[str]:
 
 
 def resolve(task: Task, requested: Sequence[str] | None) -> list[tuple[Method, str | None]]:
-    """Names as typed (``name``, or ``name@DECODING`` with choice / calibrated / generate) to methods and
+    """Names as typed (``name``, or ``name@DECODING`` with one of ``decoding.DECODINGS``) to methods and
     decoding overrides; ``all`` means every applicable method."""
     available = methods_for(task)
     names = default_methods(task) if not requested else list(requested)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tailorlm import console
-from tailorlm.data.schema import User
+from tailorlm.data.schema import Example, User
 from tailorlm.engine import io, train
 from tailorlm.engine.bank import merge_lora_into_base
 from tailorlm.engine.core import Engine
@@ -48,6 +48,25 @@ TASK_ADAPTER = ModuleRecipe(LoraSpec(rank=8, alpha=8, targets=("q_proj", "k_proj
 OPPU_PERSONAL = ModuleRecipe(LoraSpec(rank=8, alpha=8, targets=("q_proj", "v_proj")), 1e-2)
 
 
+def answer_examples(
+    ctx: RunContext,
+    engine: Engine,
+    builder: PromptBuilder,
+    queries: Sequence[tuple[User, Example]],
+    slots: Sequence[int],
+    decoding: str,
+) -> list[str]:
+    """One answer per (user, example), each row in its slot; calibrated decoding also gets each prompt's
+    content-free twin."""
+    prompts = [builder(user, example) for user, example in queries]
+    content_free = None
+    if decoding == "calibrated":
+        content_free = [builder(user, example, content_free=True) for user, example in queries]
+    return answer(
+        engine, ctx.task, prompts, slots, decoding, ctx.config.max_new_tokens, content_free=content_free
+    )
+
+
 def _answer_users(
     ctx: RunContext,
     engine: Engine,
@@ -59,14 +78,8 @@ def _answer_users(
     """Answer every test example of ``users`` in shared batches (each row in its user's slot)."""
     started = time.perf_counter()
     queries = [(user, example) for user in users for example in user.test]
-    prompts = [builder(user, example) for user, example in queries]
-    content_free = None
-    if decoding == "calibrated":
-        content_free = [builder(user, example, content_free=True) for user, example in queries]
     slots = [slot_of.get(user.id, 0) for user, _ in queries]
-    outputs = answer(
-        engine, ctx.task, prompts, slots, decoding, ctx.config.max_new_tokens, content_free=content_free
-    )
+    outputs = answer_examples(ctx, engine, builder, queries, slots, decoding)
     seconds = (time.perf_counter() - started) / max(1, len(users))
     position = 0
     for user in users:
