@@ -16,11 +16,14 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+
+from tailorlm.progress import ProgressCallback, Reporter
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -84,3 +87,27 @@ def progress_bar(visible: bool = True) -> Progress:
         disable=not visible,
         transient=False,
     )
+
+
+class ConsoleReporter(Reporter):
+    """Messages and progress bars on stderr; ``visible=False`` keeps messages and hides bars (--json)."""
+
+    def __init__(self, visible: bool = True) -> None:
+        self.visible = visible
+
+    def log(self, message: str) -> None:
+        err.print(message, highlight=False)
+
+    def progress(self, label: str) -> ProgressCallback:
+        bar = progress_bar(self.visible)
+        task: list[TaskID] = []  # the bar starts on the first call: work that never reports draws nothing
+
+        def update(done: int, total: int) -> None:
+            if not task:
+                bar.start()
+                task.append(bar.add_task(label, total=total))
+            bar.update(task[0], completed=done, total=total)
+            if done >= total:
+                bar.stop()
+
+        return update

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from tailorlm.bench import engine_perf
 from tailorlm.bench.engine_perf import Bench, PerfConfig
 from tailorlm.cli import app
-from tailorlm.engine.core import Engine
+from tailorlm.engine.engine import Engine
 
 SMALL = PerfConfig(
     model="tiny",

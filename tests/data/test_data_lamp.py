@@ -8,8 +8,7 @@ import math
 
 import pytest
 
-from tailorlm.data import DataError, UnknownTaskError, lamp, load_task
-from tailorlm.tasks import render
+from tailorlm.data import DataError, UnknownTaskError, lamp, load_task, render
 
 
 def _load(fixtures, folder, name, split):

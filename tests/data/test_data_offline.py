@@ -6,9 +6,8 @@ import time
 
 import pytest
 
-from tailorlm.data import UnknownTaskError, load_task
+from tailorlm.data import UnknownTaskError, load_task, render
 from tailorlm.data.stats import summarize
-from tailorlm.tasks import render
 
 
 def test_verbagg_is_316_people_by_24_situations(offline_task, no_leak):

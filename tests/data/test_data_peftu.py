@@ -7,9 +7,8 @@ import re
 
 import pytest
 
-from tailorlm.data import DataError, UnknownTaskError, load_task
+from tailorlm.data import DataError, UnknownTaskError, load_task, render
 from tailorlm.data.stats import summarize
-from tailorlm.tasks import render
 
 
 def _hatexplain(fixtures):

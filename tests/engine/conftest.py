@@ -4,7 +4,7 @@ import pytest
 from engine_helpers import SPECS
 
 from tailorlm import models
-from tailorlm.engine.core import Engine
+from tailorlm.engine.engine import Engine
 
 
 @pytest.fixture

@@ -2,15 +2,13 @@ from __future__ import annotations
 
 import torch
 
-from tailorlm.engine.core import Engine
-from tailorlm.engine.modules import BottleneckSpec, IA3Spec, LoraSpec, PromptSpec
+from tailorlm import kinds
+from tailorlm.engine.engine import Engine
+from tailorlm.store import module_folder
 
-SPECS = {
-    "lora": LoraSpec(rank=4, alpha=8, targets=("q_proj", "v_proj")),
-    "ia3": IA3Spec(),
-    "prompt": PromptSpec(virtual_tokens=3),
-    "bottleneck": BottleneckSpec(reduction_factor=8),
-}
+# Every registered kind at its default settings: a new kind is tested by registering it.
+SPECS = {name: kinds.default_spec(name) for name in kinds.names()}
+PEFT_KINDS = [name for name, kind in kinds.KINDS.items() if kind.peft_type]
 
 PROMPTS = [
     ("Rate this: the bus did not stop.", "yes"),
@@ -30,3 +28,10 @@ def personalize(engine: Engine, slots, seed: int = 1, noise: float = 0.05) -> No
             for n, t in engine.bank.read(slot).items()
         }
         engine.bank.write(slot, module)
+
+
+def load_into(engine: Engine, slot: int, folder) -> dict:
+    """Put the module stored in ``folder`` into ``slot``; returns its metadata."""
+    stored = module_folder.read_for(engine.spec, folder)
+    engine.bank.write(slot, stored.tensors)
+    return stored.meta

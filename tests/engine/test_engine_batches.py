@@ -8,11 +8,11 @@ from engine_helpers import PROMPTS, SPECS, personalize
 from peft import PeftModel
 
 from tailorlm import models
-from tailorlm.engine import io
 from tailorlm.engine.bank import EngineError
-from tailorlm.engine.core import Row
+from tailorlm.engine.engine import Row
 from tailorlm.engine.generation import DecodeConfig
-from tailorlm.engine.modules import ModuleSpecError
+from tailorlm.kinds import ModuleSpecError
+from tailorlm.store import module_folder
 
 
 def _peft_logits(tokenizer, folder, prompt: str, target: str) -> torch.Tensor:
@@ -37,7 +37,9 @@ def test_mixed_batch_rows_equal_stock_peft_alone(kind, make_engine, tokenizer, t
     batch = engine.encode(rows)
     with torch.no_grad():
         mixed = engine.logits(batch)
-    folders = {s: io.save_module(engine, s, tmp_path / f"user{s}", dtype="float32") for s in (1, 2, 3)}
+    folders = {
+        s: module_folder.save_module(engine, s, tmp_path / f"user{s}", dtype="float32") for s in (1, 2, 3)
+    }
     for index, row in enumerate(rows):
         length = int(batch.attention_mask[index].sum())
         if row.slot == 0:
@@ -131,8 +133,8 @@ def test_bad_slots_and_specs_are_named_errors(make_engine, tokenizer):
         engine.encode([Row("x", "y", 3)])
     with pytest.raises(EngineError, match="already carries slot layers"):
         type(engine)(engine.base, SPECS["lora"])
-    from tailorlm.engine.core import Engine
-    from tailorlm.engine.modules import LoraSpec
+    from tailorlm.engine.engine import Engine
+    from tailorlm.kinds.lora import LoraSpec
 
     with pytest.raises(ModuleSpecError, match="no linear projection named"):
         Engine(models.tiny_model(tokenizer=tokenizer), LoraSpec(targets=("query",)))

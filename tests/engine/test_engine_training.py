@@ -10,11 +10,14 @@ from engine_helpers import personalize
 from peft import LoraConfig, get_peft_model
 
 from tailorlm import models
-from tailorlm.engine import io, train
 from tailorlm.engine.bank import EngineError
-from tailorlm.engine.core import Row
+from tailorlm.engine.engine import Row
 from tailorlm.engine.generation import DecodeConfig
-from tailorlm.engine.train import MultiUserTrainer, TrainConfig, UserData
+from tailorlm.store import module_folder
+from tailorlm.store.store import ModuleStore
+from tailorlm.train.jobs import train_job
+from tailorlm.train.optimizer import linear_schedule
+from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, UserData, seed_for
 
 
 class JobKilled(Exception):
@@ -77,7 +80,7 @@ def test_engine_optimizer_matches_peft_with_torch_adamw(make_engine, tokenizer):
 
     # The same user with stock PEFT and torch's AdamW, starting from the same initial module.
     init_engine = make_engine("lora", slots=2)
-    init_engine.bank.reset(1, torch.Generator().manual_seed(train._seed_for(config.seed, "dana", "init")))
+    init_engine.bank.reset(1, torch.Generator().manual_seed(seed_for(config.seed, "dana", "init")))
     start = init_engine.bank.read(1)
     spec = engine.spec
     peft_model = get_peft_model(
@@ -93,11 +96,9 @@ def test_engine_optimizer_matches_peft_with_torch_adamw(make_engine, tokenizer):
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     total = ours.steps
     warmup = int(-(-total * config.warmup_ratio // 1))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: train.linear_schedule(s, total, warmup)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total, warmup))
     peft_model.train()
-    for _, indices, _ in trainer._plan(user):
+    for _, indices, _ in trainer.batch_plan(user):
         batch = engine.encode([Row(*user.train[i], slot=0) for i in indices])
         positions = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
         loss = peft_model(
@@ -138,8 +139,8 @@ def test_training_learns_a_users_answer(kind, make_engine):
 
 @pytest.mark.real_model
 def test_real_model_learns_a_planted_fact():
-    from tailorlm.engine.core import Engine
-    from tailorlm.engine.modules import LoraSpec
+    from tailorlm.engine.engine import Engine
+    from tailorlm.kinds.lora import LoraSpec
 
     engine = Engine(
         models.load_base(),
@@ -193,7 +194,7 @@ def test_bad_training_input_is_a_named_error(make_engine):
 def test_killed_job_resumes_without_retraining_finished_users(make_engine, tmp_path, monkeypatch):
     users = [_user(name, 3) for name in ("u1", "u2", "u3", "u4")]
     config = TrainConfig(epochs=1, batch_size=2, learning_rate=1e-2, users_per_step=2)
-    real_write = io.write_module
+    real_write = module_folder.write_module
     written: list[str] = []
     kills_left = [1]
 
@@ -204,24 +205,19 @@ def test_killed_job_resumes_without_retraining_finished_users(make_engine, tmp_p
             kills_left[0] -= 1
             raise JobKilled  # the job dies right after its first user was saved
 
-    monkeypatch.setattr(io, "write_module", write_then_die)
+    monkeypatch.setattr(module_folder, "write_module", write_then_die)
+    store = ModuleStore(tmp_path)
     with pytest.raises(JobKilled):
-        train.train_job(make_engine("lora", slots=3), users, config, tmp_path)
+        train_job(make_engine("lora", slots=3), users, config, store)
     first = written[0]
-    first_file = train.user_folder(tmp_path, first) / io.WEIGHTS_FILE
+    first_file = store.folder(first) / module_folder.WEIGHTS_FILE
     stamp = first_file.stat().st_mtime_ns
-    assert sum(train.is_trained(tmp_path, u.user_id) for u in users) == 1
+    assert sum(store.has(u.user_id) for u in users) == 1
 
     written.clear()
-    folders = train.train_job(make_engine("lora", slots=3), users, config, tmp_path)
+    trained = train_job(make_engine("lora", slots=3), users, config, store)
     assert sorted(written) == sorted(u.user_id for u in users if u.user_id != first)
+    assert sorted(trained) == sorted(written)
     assert first_file.stat().st_mtime_ns == stamp
-    assert all(train.is_trained(tmp_path, u.user_id) for u in users)
-    assert set(folders) == {u.user_id for u in users}
-
-
-def test_user_folders_are_safe_and_distinct(tmp_path):
-    names = ["alice", "../etc", "a/b", "a_b", ".hidden"]
-    folders = [train.user_folder(tmp_path, n) for n in names]
-    assert len(set(folders)) == len(names)
-    assert all(f.parent == tmp_path and not f.name.startswith(".") for f in folders)
+    assert all(store.has(u.user_id) for u in users)
+    assert sorted(store.users()) == sorted(u.user_id for u in users)

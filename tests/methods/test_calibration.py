@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 
 from tailorlm.bench import runner
-from tailorlm.data import load_task
+from tailorlm.data import load_task, render
 from tailorlm.methods.context import BenchConfig
 from tailorlm.methods.decoding import answer, check_decoding, choose_calibrated, choose_median
 from tailorlm.methods.recipes import PromptBuilder, Recipe
-from tailorlm.tasks import render
 
 FIXTURES = Path(__file__).parents[1] / "data" / "fixtures"
 
@@ -78,7 +77,7 @@ def test_content_free_lamp_question_keeps_its_wording(task_name, folder, split, 
 
 def test_bench_runs_calibrated_choice_and_says_so(tmp_path):
     config = BenchConfig(model="tiny", test_users=3, adapter_users=2, adapter_examples=8, epochs=1)
-    runner.run("verbagg", tmp_path, ["few-shot@calibrated", "zero-shot"], config, progress=False)
+    runner.run("verbagg", tmp_path, ["few-shot@calibrated", "zero-shot"], config)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["methods"]["few-shot@calibrated"]["decoding"] == "calibrated"
     assert results["methods"]["zero-shot"]["decoding"] == "choice"
@@ -90,7 +89,7 @@ def test_bench_runs_calibrated_choice_and_says_so(tmp_path):
 def test_calibrated_decoding_needs_a_label_set(tmp_path):
     config = BenchConfig(model="tiny", test_users=2)
     with pytest.raises(ValueError, match="no label set"):
-        runner.run("tate", tmp_path, ["zero-shot@calibrated"], config, progress=False)
+        runner.run("tate", tmp_path, ["zero-shot@calibrated"], config)
 
 
 def _log(probabilities: list[float]) -> list[float]:

@@ -13,9 +13,9 @@ from collections import defaultdict
 import pytest
 
 from tailorlm.bench import runner
-from tailorlm.engine import train
 from tailorlm.methods import recipes, setups
 from tailorlm.methods.context import BenchConfig
+from tailorlm.train.trainer import UserData
 
 SMALL = BenchConfig(
     model="tiny",
@@ -33,7 +33,7 @@ SMALL = BenchConfig(
 def spy(monkeypatch):
     """Records which (user, example, shots, retrieved) built each prompt, and every training job."""
     built: dict[str, list[dict]] = defaultdict(list)
-    jobs: list[tuple[str, list[train.UserData]]] = []
+    jobs: list[tuple[str, list[UserData]]] = []
     phase = ["answering"]  # what the builder is being called for right now
     original_text = recipes.PromptBuilder.text
     original_pairs = recipes.PromptBuilder.pairs
@@ -56,7 +56,7 @@ def spy(monkeypatch):
         shots = recipes.few_shot(self.task, user, example, seed=self.seed) if self.recipe.shots else []
         retrieved = []
         if self.recipe.retrieval:
-            from tailorlm.tasks import render
+            from tailorlm.data import render
 
             retrieved = self.retriever.top_k(
                 render.query(self.task, example), self.task.history_for(user, example), self.k
@@ -73,16 +73,16 @@ def spy(monkeypatch):
         )
         return text
 
-    original_job = train.train_job
+    original_job = setups.train_job
 
-    def recording_job(engine, users, config, out_dir, progress=False):
-        jobs.append((str(out_dir), list(users)))
-        return original_job(engine, users, config, out_dir, progress=progress)
+    def recording_job(engine, users, config, store, on_progress=None):
+        jobs.append((str(store.root), list(users)))
+        return original_job(engine, users, config, store, on_progress)
 
     monkeypatch.setattr(recipes.PromptBuilder, "text", recording_text)
     monkeypatch.setattr(recipes.PromptBuilder, "pairs", recording_pairs)
     monkeypatch.setattr(setups.TaskAdapterSetup, "ensure_trained", recording_adapter)
-    monkeypatch.setattr(train, "train_job", recording_job)
+    monkeypatch.setattr(setups, "train_job", recording_job)
     return built, jobs
 
 
@@ -95,7 +95,7 @@ def _plain_text(prompt: str) -> str:
 def test_no_method_leaks_test_items_or_other_users(spy, tmp_path):
     built, jobs = spy
     methods = ["few-shot", "rag-bm25@calibrated", "task-adapter+rag", "peft-lora", "oppu+rag"]
-    runner.run("verbagg", tmp_path, methods, SMALL, progress=False)
+    runner.run("verbagg", tmp_path, methods, SMALL)
     from tailorlm.data import load_task
     from tailorlm.methods.context import split_users
 

@@ -34,11 +34,11 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "_append", append_then_die)
     with pytest.raises(Killed):
-        runner.run("verbagg", tmp_path, ["user-majority", "zero-shot"], CONFIG, progress=False)
+        runner.run("verbagg", tmp_path, ["user-majority", "zero-shot"], CONFIG)
     first_pass = list(calls)
     calls.clear()
     resumed = True
-    runner.run("verbagg", tmp_path, ["user-majority", "zero-shot"], CONFIG, progress=False)
+    runner.run("verbagg", tmp_path, ["user-majority", "zero-shot"], CONFIG)
     assert not set(calls) & set(first_pass)
     assert len(first_pass) + len(calls) == 2 * CONFIG.test_users
     for key in ("user-majority", "zero-shot"):
@@ -46,10 +46,10 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
 
 
 def test_a_folder_of_another_run_is_refused(tmp_path):
-    runner.run("verbagg", tmp_path, ["user-majority"], CONFIG, progress=False)
+    runner.run("verbagg", tmp_path, ["user-majority"], CONFIG)
     other = BenchConfig(**{**CONFIG.__dict__, "seed": 5})
     with pytest.raises(runner.RunFolderError, match="holds another run"):
-        runner.run("verbagg", tmp_path, ["user-majority"], other, progress=False)
+        runner.run("verbagg", tmp_path, ["user-majority"], other)
 
 
 def test_unknown_method_and_bad_decoding_are_named(tmp_path):
@@ -57,11 +57,11 @@ def test_unknown_method_and_bad_decoding_are_named(tmp_path):
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         resolve(task, ["nope"])
     with pytest.raises(ValueError, match="unknown decoding"):
-        runner.run("verbagg", tmp_path, ["zero-shot@sideways"], CONFIG, progress=False)
+        runner.run("verbagg", tmp_path, ["zero-shot@sideways"], CONFIG)
 
 
 def test_user_majority_baseline_reads_only_training_labels(tmp_path):
-    runner.run("verbagg", tmp_path, ["user-majority"], CONFIG, progress=False)
+    runner.run("verbagg", tmp_path, ["user-majority"], CONFIG)
     task = load_task("verbagg")
     test_users, _ = split_users(task, CONFIG)
     lines = {

@@ -14,7 +14,7 @@ CONFIG = BenchConfig(model="tiny", test_users=4, adapter_users=6, users_per_step
 
 
 def test_tune_uses_validation_of_users_neither_tested_nor_in_the_task_adapter():
-    result = tune("verbagg", "peft-lora", [1e-3, 1e-2], users=3, epochs=1, config=CONFIG, progress=False)
+    result = tune("verbagg", "peft-lora", [1e-3, 1e-2], users=3, epochs=1, config=CONFIG)
     test_users, adapter_users = split_users(load_task("verbagg"), CONFIG)
     assert not set(result["users"]) & {u.id for u in [*test_users, *adapter_users]}
     assert len(result["users"]) == 3
@@ -34,7 +34,6 @@ def test_tune_can_select_by_validation_loss():
         epochs=1,
         config=CONFIG,
         select_by="loss",
-        progress=False,
     )
     losses = {row["learning_rate"]: row["val_loss"] for row in result["candidates"]}
     assert result["best_learning_rate"] == min(losses, key=losses.get)
@@ -42,7 +41,7 @@ def test_tune_can_select_by_validation_loss():
 
 def test_tune_refuses_methods_without_per_user_modules():
     with pytest.raises(ValueError, match="not a per-user module method"):
-        tune("verbagg", "zero-shot", [1e-3], config=CONFIG, progress=False)
+        tune("verbagg", "zero-shot", [1e-3], config=CONFIG)
 
 
 def test_tune_command_names_bad_learning_rates():

@@ -11,9 +11,9 @@ How it keeps the comparison honest:
   projection at every position (what ``Engine.logits`` does; the bare model and PEFT return the same
   ``.logits``), with the KV cache off;
 - the bare base model is a separately loaded, unwrapped copy of the same base;
-- the PEFT contender holds exactly the batch's users' modules, written by ``io.save_module`` and read by
-  ``PeftModel.from_pretrained`` / ``load_adapter``; the engine reloads the same files, so both hold the
-  same numbers and their logits are cross-checked.
+- the PEFT contender holds exactly the batch's users' modules, written by ``module_folder.save_module``
+  and read by ``PeftModel.from_pretrained`` / ``load_adapter``; the engine reloads the same files, so
+  both hold the same numbers and their logits are cross-checked.
 
 Every figure is measured when the benchmark runs; nothing here is a stored result.
 """
@@ -36,12 +36,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tailorlm import models, settings
-from tailorlm.engine import io
-from tailorlm.engine import modules as module_kinds
-from tailorlm.engine.core import Batch, Engine, Row, position_ids
-from tailorlm.engine.modules import BottleneckSpec, IA3Spec, LoraSpec, ModuleSpec, PromptSpec
-from tailorlm.engine.train import MultiUserTrainer, TrainConfig, UserData
+from tailorlm import kinds, models, settings
+from tailorlm.engine.engine import Batch, Engine, Row, position_ids
+from tailorlm.kinds import ModuleSpec
+from tailorlm.kinds.bottleneck import BottleneckSpec
+from tailorlm.kinds.ia3 import IA3Spec
+from tailorlm.kinds.lora import LoraSpec
+from tailorlm.kinds.prompt import PromptSpec
+from tailorlm.store import module_folder
+from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, UserData
 
 TINY = "tiny"
 SECTIONS = ("lora", "decode", "ia3", "prompt", "bottleneck", "train", "load", "bytes")
@@ -261,15 +264,14 @@ def _timed(run: Callable[[], object]) -> float:
 
 def numbers_per_user(model: torch.nn.Module, spec: ModuleSpec) -> int:
     """Trainable numbers one user's module has on ``model`` (without building a bank)."""
-    if isinstance(spec, PromptSpec):
-        return spec.virtual_tokens * model.get_input_embeddings().embedding_dim
-    total = 0
+    kind = kinds.of(spec)
+    targets = set(kind.targets(spec))
+    shapes = list(kind.input_shapes(spec, model).values())
     for path, module in model.named_modules():
         short_name = path.rsplit(".", 1)[-1]
-        if short_name in spec.targets and isinstance(module, torch.nn.Linear):
-            shapes = module_kinds.linear_tensor_shapes(spec, short_name, module)
-            total += sum(math.prod(shape) for shape in shapes.values())
-    return total
+        if short_name in targets and isinstance(module, torch.nn.Linear):
+            shapes += kind.linear_shapes(spec, short_name, module).values()
+    return sum(math.prod(shape) for shape in shapes)
 
 
 def chat_prompts(tokenizer, tokens: int, count: int, seed: int) -> list[str]:
@@ -493,8 +495,8 @@ def _peft_with_users(bench: Bench, engine: Engine, slots: Sequence[int]):
         # transformers' deprecation notice raised inside PEFT's loader; nothing the benchmark can act on.
         warnings.simplefilter("ignore", FutureWarning)
         for slot, name in zip(slots, names, strict=True):
-            folder = io.save_module(engine, slot, Path(root) / name)
-            io.load_module(engine, slot, folder)
+            folder = module_folder.save_module(engine, slot, Path(root) / name)
+            engine.bank.write(slot, module_folder.read_for(engine.spec, folder).tensors)
             if peft_model is None:
                 peft_model = PeftModel.from_pretrained(
                     bench.fresh_base().model, str(folder), adapter_name=name
@@ -522,7 +524,7 @@ def bench_train(bench: Bench) -> Section:
     )
     # The trainer's own plan, so PEFT gets the very batches the engine trains on.
     plans = {
-        user.user_id: [indices for _, indices, _ in MultiUserTrainer(engine, train_config)._plan(user)]
+        user.user_id: [indices for _, indices, _ in MultiUserTrainer(engine, train_config).batch_plan(user)]
         for user in users
     }
     peft_base = bench.fresh_base()
@@ -531,7 +533,7 @@ def bench_train(bench: Bench) -> Section:
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(
             peft_base.model,
-            module_kinds.peft_config(spec, peft_base.model, peft_base.name),
+            kinds.of(spec).peft_config(spec, peft_base.model, peft_base.name),
             adapter_name=placeholder,
         )
     peft_model.train()
@@ -545,7 +547,7 @@ def bench_train(bench: Bench) -> Section:
         step_losses = []
         for user in subset:
             name = f"{user.user_id}-{tag}"
-            peft_model.add_adapter(name, module_kinds.peft_config(spec, peft_base.model, peft_base.name))
+            peft_model.add_adapter(name, kinds.of(spec).peft_config(spec, peft_base.model, peft_base.name))
             peft_model.set_adapter(name)
             params = [p for n, p in peft_model.named_parameters() if f".{name}." in n]
             for param in params:
@@ -631,7 +633,7 @@ def bench_train(bench: Bench) -> Section:
 
 
 def bench_load(bench: Bench) -> Section:
-    """Cold load of one stored module into a slot (``io.load_module``) vs reading its safetensors file
+    """Cold load of one stored module into a slot (``module_folder.read_for``) vs reading its safetensors file
     with nothing else, from stores of different sizes."""
     config = bench.config
     base = bench.fresh_base()
@@ -646,19 +648,26 @@ def bench_load(bench: Bench) -> Section:
             bench.log(f"load: writing a store of {count} modules")
             folder = Path(root) / f"store-{count}"
             for index in range(count):
-                io.save_module(engine, 1 + index % resident, folder / f"user-{index:05d}")
+                module_folder.save_module(engine, 1 + index % resident, folder / f"user-{index:05d}")
             stores[count] = folder
-            section.facts[f"store_{count}_bytes"] = sum(io.module_bytes(f) for f in folder.iterdir())
+            section.facts[f"store_{count}_bytes"] = sum(
+                module_folder.module_bytes(f) for f in folder.iterdir()
+            )
         seconds: dict[str, list[float]] = {}
         for sample in range(config.warmup + config.load_samples):
             for count, folder in stores.items():
                 module = folder / f"user-{rng.randrange(count):05d}"
                 slot = 1 + rng.randrange(resident)
                 pair = [
-                    (f"load_module, {count} stored", lambda m=module, s=slot: io.load_module(engine, s, m)),
+                    (
+                        f"load_module, {count} stored",
+                        lambda m=module, s=slot: engine.bank.write(
+                            s, module_folder.read_for(engine.spec, m).tensors
+                        ),
+                    ),
                     (
                         f"raw safetensors read, {count} stored",
-                        lambda m=module: load_file(str(m / io.WEIGHTS_FILE)),
+                        lambda m=module: load_file(str(m / module_folder.WEIGHTS_FILE)),
                     ),
                 ]
                 # Alternate who goes first: the second reader of a file finds its metadata in CPU caches.
@@ -667,7 +676,7 @@ def bench_load(bench: Bench) -> Section:
                     if sample >= config.warmup:
                         seconds.setdefault(name, []).append(elapsed)
         section.facts["module_file_bytes"] = (
-            (next(iter(stores.values())) / "user-00000" / io.WEIGHTS_FILE).stat().st_size
+            (next(iter(stores.values())) / "user-00000" / module_folder.WEIGHTS_FILE).stat().st_size
         )
     for count in config.stores:
         section.timings.append(
@@ -711,14 +720,14 @@ def bench_bytes(bench: Bench, folder: str | Path | None = None) -> Section:
             engine = Engine(bench.fresh_base(), spec, slots=2)
             engine.bank.reset(1, torch.Generator().manual_seed(bench.config.seed))
             slug = "".join(c if c.isalnum() else "-" for c in label)
-            half = io.save_module(engine, 1, root / slug / "float16")
-            full = io.save_module(engine, 1, root / slug / "float32", dtype="float32")
+            half = module_folder.save_module(engine, 1, root / slug / "float16")
+            full = module_folder.save_module(engine, 1, root / slug / "float32", dtype="float32")
             row = {
                 "module": label,
                 "numbers": engine.bank.parameter_count(),
-                "bytes_fp16": io.module_bytes(half),
-                "bytes_fp32": io.module_bytes(full),
-                "weights_bytes_fp16": (half / io.WEIGHTS_FILE).stat().st_size,
+                "bytes_fp16": module_folder.module_bytes(half),
+                "bytes_fp32": module_folder.module_bytes(full),
+                "weights_bytes_fp16": (half / module_folder.WEIGHTS_FILE).stat().st_size,
             }
             if folder is not None:
                 row.update({"folder_fp16": str(half), "folder_fp32": str(full)})

@@ -9,13 +9,14 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tailorlm import console
-from tailorlm.bench import report, summary
+from tailorlm.bench import report
+from tailorlm.bench.results import write_results
 from tailorlm.data import load_task
 from tailorlm.data.schema import Task, User
 from tailorlm.methods.context import BenchConfig, RunContext
 from tailorlm.methods.decoding import check_decoding, default_decoding
 from tailorlm.methods.registry import Method, resolve
+from tailorlm.progress import Reporter
 
 RUN_FILE = "run.json"
 PREDICTIONS = "predictions"
@@ -129,14 +130,15 @@ def run(
     config: BenchConfig | None = None,
     data_dir: str | Path | None = None,
     split: str | None = None,
-    progress: bool = True,
+    reporter: Reporter | None = None,
 ) -> Path:
     """Run the methods, keep every user's predictions as they finish, then write results and the report."""
     config = config or BenchConfig()
     out_dir = Path(out_dir)
     task = load_task(task_name, data_dir=data_dir, split=split, seed=config.seed)
     chosen = resolve(task, methods)
-    ctx = RunContext(task, config, out_dir)
+    reporter = reporter or Reporter()
+    ctx = RunContext(task, config, out_dir, reporter)
     if not ctx.test_users:
         raise ValueError(f"task {task.name} has no user with both training and test items")
     plan = []
@@ -145,20 +147,20 @@ def run(
         key = method.name if override is None else f"{method.name}@{decoding}"
         plan.append((key, method, decoding))
     _write_run_file(out_dir, task, config, ctx, {key: _method_record(m, d) for key, m, d in plan})
-    console.err.print(
+    reporter.log(
         f"{task.name}: {len(ctx.test_users)} test users, {len(ctx.adapter_users)} other users for the "
         f"task adapter; {len(plan)} methods -> {out_dir}"
     )
     for key, method, decoding in plan:
-        _run_method(ctx, out_dir, key, method, decoding, progress)
+        _run_method(ctx, out_dir, key, method, decoding)
     if task.spec.family == "lamp":
-        _write_lamp_outputs(task, out_dir, [key for key, _, _ in plan])
-    results = summary.write_results(out_dir)
+        _write_lamp_outputs(task, out_dir, [key for key, _, _ in plan], reporter)
+    results = write_results(out_dir)
     report.write_report(out_dir, results)
     return results
 
 
-def _write_lamp_outputs(task: Task, out_dir: Path, keys: list[str]) -> None:
+def _write_lamp_outputs(task: Task, out_dir: Path, keys: list[str], reporter: Reporter) -> None:
     """Each method's predictions in LaMP's outputs format, for LaMP's own evaluation script. LaMP requires
     every question of the split, so only methods that answered every user are written."""
     from tailorlm.data import lamp
@@ -168,7 +170,7 @@ def _write_lamp_outputs(task: Task, out_dir: Path, keys: list[str]) -> None:
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         predictions = {e["id"]: e["prediction"] for line in lines for e in line["examples"]}
         if len(predictions) < task.count("test"):
-            console.err.print(
+            reporter.log(
                 f"{key}: LaMP outputs file skipped (answers {len(predictions)} of "
                 f"{task.count('test')} questions; run with --full)"
             )
@@ -176,19 +178,16 @@ def _write_lamp_outputs(task: Task, out_dir: Path, keys: list[str]) -> None:
         lamp.write_predictions(task, predictions, out_dir / "lamp" / f"{key}.json")
 
 
-def _run_method(
-    ctx: RunContext, out_dir: Path, key: str, method: Method, decoding: str, progress: bool
-) -> None:
+def _run_method(ctx: RunContext, out_dir: Path, key: str, method: Method, decoding: str) -> None:
     finished = done_users(out_dir, key)
     pending = [u for u in ctx.test_users if u.id not in finished]
     if not pending:
-        console.err.print(f"{key}: all {len(ctx.test_users)} users done already")
+        ctx.reporter.log(f"{key}: all {len(ctx.test_users)} users done already")
         return
     started = time.perf_counter()
-    with console.progress_bar(progress) as bar:
-        task_id = bar.add_task(f"{key} ({decoding})", total=len(pending))
-        for user, predictions, seconds in method.run(ctx, pending, decoding):
-            _append(out_dir, key, user, predictions, seconds)
-            bar.advance(task_id)
-    console.err.print(f"{key}: {len(pending)} users in {time.perf_counter() - started:.0f} s")
+    advance = ctx.reporter.progress(f"{key} ({decoding})")
+    for done, (user, predictions, seconds) in enumerate(method.run(ctx, pending, decoding), start=1):
+        _append(out_dir, key, user, predictions, seconds)
+        advance(done, len(pending))
+    ctx.reporter.log(f"{key}: {len(pending)} users in {time.perf_counter() - started:.0f} s")
     ctx.release()

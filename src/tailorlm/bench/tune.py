@@ -10,17 +10,19 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from tailorlm import console, metrics
-from tailorlm.bench.summary import gold_value
+from tailorlm import metrics
+from tailorlm.bench.results import gold_value
 from tailorlm.data import load_task
 from tailorlm.data.schema import User
-from tailorlm.engine.core import Engine
-from tailorlm.engine.train import MultiUserTrainer, TrainConfig, UserData, UserResult
+from tailorlm.engine.engine import Engine
+from tailorlm.engine.slots import SlotManager
 from tailorlm.methods.context import BenchConfig, RunContext
 from tailorlm.methods.decoding import check_decoding, default_decoding
 from tailorlm.methods.recipes import PromptBuilder
 from tailorlm.methods.registry import methods_for
 from tailorlm.methods.setups import PersonalSetup, answer_examples
+from tailorlm.progress import Reporter
+from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, UserData, UserResult
 
 SELECT_BY = ("metric", "loss")
 
@@ -43,7 +45,7 @@ def tune(
     epochs: int = 2,
     config: BenchConfig | None = None,
     select_by: str = "metric",
-    progress: bool = True,
+    reporter: Reporter | None = None,
 ) -> dict:
     """Per learning rate: the users' mean best validation loss and mean validation metric."""
     if select_by not in SELECT_BY:
@@ -55,44 +57,50 @@ def tune(
         personal = [m.name for m in methods_for(task).values() if isinstance(m.setup, PersonalSetup)]
         raise ValueError(f"{method!r} is not a per-user module method; choose one of {', '.join(personal)}")
     decoding = check_decoding(task, config.decoding or default_decoding(task))
-    ctx = RunContext(task, config, out_dir=_scratch())
-    sample = tuning_users(ctx)[:users]
-    if not sample:
-        raise ValueError(f"task {task.name} has no users outside the test sample with validation items")
-    primary = task.metrics[0]
-    lower_is_better = primary in metrics.LOWER_IS_BETTER
-    rows = []
-    for rate in learning_rates:
-        engine = chosen.setup.build_engine(ctx, chosen.recipe)
-        builder = ctx.builder(chosen.recipe, engine.tokenizer)
-        jobs = [
-            UserData(u.id, builder.pairs(u, task.training_examples(u)), builder.pairs(u, u.val))
-            for u in sample
-        ]
-        train_config = TrainConfig(
-            epochs=epochs,
-            batch_size=config.batch_size,
-            learning_rate=rate,
-            seed=config.seed,
-            users_per_step=config.users_per_step,
-        )
-        results = MultiUserTrainer(engine, train_config).run(jobs, progress=progress)
-        scored = _validation_scores(ctx, engine, builder, sample, results, decoding)
-        rows.append(
-            {
-                "learning_rate": rate,
-                "val_loss": statistics.fmean(min(r.val_losses) for r in results),
-                "val_metric": scored["user_mean"][primary],
-                "users": len(results),
-                "best_epoch": statistics.fmean(r.best_epoch for r in results),
-            }
-        )
-        console.err.print(
-            f"{method} lr={rate:g}: validation loss {rows[-1]['val_loss']:.4f}, "
-            f"{primary} {rows[-1]['val_metric']:.4f}"
-        )
-        del engine
-        ctx.release()
+    reporter = reporter or Reporter()
+    # OPPU's task adapter is trained in a scratch folder once per tuning call, never in a run's folder,
+    # and removed afterwards.
+    with tempfile.TemporaryDirectory(prefix="tailorlm-tune-") as scratch:
+        ctx = RunContext(task, config, out_dir=Path(scratch), reporter=reporter)
+        sample = tuning_users(ctx)[:users]
+        if not sample:
+            raise ValueError(f"task {task.name} has no users outside the test sample with validation items")
+        primary = task.metrics[0]
+        lower_is_better = primary in metrics.LOWER_IS_BETTER
+        rows = []
+        for rate in learning_rates:
+            engine = chosen.setup.build_engine(ctx, chosen.recipe)
+            builder = ctx.builder(chosen.recipe, engine.tokenizer)
+            jobs = [
+                UserData(u.id, builder.pairs(u, task.training_examples(u)), builder.pairs(u, u.val))
+                for u in sample
+            ]
+            train_config = TrainConfig(
+                epochs=epochs,
+                batch_size=config.batch_size,
+                learning_rate=rate,
+                seed=config.seed,
+                users_per_step=config.users_per_step,
+            )
+            results = MultiUserTrainer(engine, train_config).run(
+                jobs, on_progress=reporter.progress(f"{method} lr={rate:g}")
+            )
+            scored = _validation_scores(ctx, engine, builder, sample, results, decoding)
+            rows.append(
+                {
+                    "learning_rate": rate,
+                    "val_loss": statistics.fmean(min(r.val_losses) for r in results),
+                    "val_metric": scored["user_mean"][primary],
+                    "users": len(results),
+                    "best_epoch": statistics.fmean(r.best_epoch for r in results),
+                }
+            )
+            reporter.log(
+                f"{method} lr={rate:g}: validation loss {rows[-1]['val_loss']:.4f}, "
+                f"{primary} {rows[-1]['val_metric']:.4f}"
+            )
+            del engine
+            ctx.release()
     best_row = min(rows, key=_selection_key(select_by, lower_is_better))
     return {
         "task": task.name,
@@ -127,21 +135,14 @@ def _validation_scores(
 ) -> dict:
     """Each user's best-epoch module answers their validation items, as the benchmark answers test items."""
     modules = {r.user_id: r.module for r in results}
-    width = engine.bank.slots - 1
+    slots = SlotManager(engine.bank, loader=modules.__getitem__)
     golds, predictions, owners = [], [], []
-    for start in range(0, len(users), width):
-        group = users[start : start + width]
-        queries, slots = [], []
-        for slot, user in enumerate(group, start=1):
-            engine.bank.write(slot, modules[user.id])
-            queries += [(user, example) for example in user.val]
-            slots += [slot] * len(user.val)
-        predictions += answer_examples(ctx, engine, builder, queries, slots, decoding)
+    for start in range(0, len(users), slots.capacity):
+        group = users[start : start + slots.capacity]
+        with slots.pinned([u.id for u in group]) as slot_of:
+            queries = [(user, example) for user in group for example in user.val]
+            row_slots = [slot_of[user.id] for user, _ in queries]
+            predictions += answer_examples(ctx, engine, builder, queries, row_slots, decoding)
         golds += [gold_value({"gold": e.target, "golds": list(e.targets)}, ctx.task.kind) for _, e in queries]
         owners += [u.id for u, _ in queries]
     return metrics.score(ctx.task.metrics, golds, predictions, owners, labels=ctx.task.labels)
-
-
-def _scratch() -> Path:
-    # Task adapters that OPPU needs are trained here once per tuning call, never mixed with a run's folder.
-    return Path(tempfile.mkdtemp(prefix="tailorlm-tune-"))

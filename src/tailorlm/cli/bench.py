@@ -53,8 +53,9 @@ def bench_command(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Benchmark personalization methods on one task; resumes an interrupted run in the same --out."""
-    from tailorlm.bench import report, runner
-    from tailorlm.bench.summary import ReportError
+    from tailorlm.bench import runner
+    from tailorlm.bench.results import ReportError
+    from tailorlm.cli.report_table import console_table
 
     config = BenchConfig(model=model, seed=seed, decoding=decoding, epochs=epochs, k=k)
     config = config.full() if full else config
@@ -65,11 +66,17 @@ def bench_command(
         DataError, runner.RunFolderError, models.ModelNotFoundError, EngineError, ValueError, ReportError
     ):
         results = runner.run(
-            task, out, _split_names(methods), config, data_dir=data, split=split, progress=not as_json
+            task,
+            out,
+            _split_names(methods),
+            config,
+            data_dir=data,
+            split=split,
+            reporter=console.ConsoleReporter(visible=not as_json),
         )
 
     def render(_: dict) -> None:
-        console.out.print(report.console_table(results))
+        console.out.print(console_table(results))
         console.out.print(f"report: {out / 'report.html'}", highlight=False)
 
     console.emit(results, as_json, render)
@@ -147,7 +154,7 @@ def tune_command(
             epochs=epochs,
             config=BenchConfig(model=model, seed=seed, test_users=test_users, decoding=decoding),
             select_by=select_by,
-            progress=not as_json,
+            reporter=console.ConsoleReporter(visible=not as_json),
         )
 
     def render(data: dict) -> None:

@@ -9,7 +9,7 @@ import typer
 from tailorlm import console
 from tailorlm.cli import app
 from tailorlm.cli.common import JSON_OPTION, user_errors
-from tailorlm.data import DataError, UnknownTaskError, available_tasks, load_task
+from tailorlm.data import DataError, UnknownTaskError, available_tasks, load_task, specs
 
 data_app = typer.Typer(
     help="Tasks and their data: list the known tasks, show figures about one.", no_args_is_help=True
@@ -28,8 +28,6 @@ SEED_OPTION = typer.Option(0, "--seed", help="Seed of the per-user splits the of
 @data_app.command("list")
 def list_command(as_json: bool = JSON_OPTION) -> None:
     """Every task name that `data show` and the benchmark accept."""
-    from tailorlm.tasks import specs
-
     rows = [
         {
             "name": spec.name,

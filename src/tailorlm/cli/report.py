@@ -18,8 +18,9 @@ def report_command(
 ) -> None:
     """Recompute results.json, rewrite report.md and report.html, and print the methods table."""
     # Imported here so that `tailorlm --help` does not pay for matplotlib.
-    from tailorlm.bench.report import console_table, write_report
-    from tailorlm.bench.summary import ReportError, write_results
+    from tailorlm.bench.report import write_report
+    from tailorlm.bench.results import ReportError, write_results
+    from tailorlm.cli.report_table import console_table
 
     with user_errors(ReportError):
         results = write_results(run_dir)

@@ -4,13 +4,19 @@ from tailorlm.data import load_task, available_tasks
 task = load_task("verbagg", seed=0)                  # installed with the package's dependencies
 task = load_task("peftu:hatexplain", data_dir=DIR)   # a PEFT-U folder with user_data_leaked.json
 task = load_task("lamp:2", data_dir=DIR, split="dev")
+
+The task specs (``tailorlm.data.specs``, read from ``tailorlm/resources/tasks/*.json``) and the text built
+from their templates (``tailorlm.data.render``: prompts, retrieval documents and queries) live here too.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-# schema and errors first: tailorlm.tasks imports them while this package may still be initialising.
+# Imports within this package run one way, never back: errors, schema -> specs -> render -> splits, build
+# -> the loaders (offline, peftu, lamp) -> this file. That is why every module can import what it needs at
+# the top and any of them can be imported first; tests/test_import_graph.py keeps other packages out.
+from tailorlm.data import lamp, offline, peftu, specs
 from tailorlm.data.errors import DataError, UnknownTaskError
 from tailorlm.data.schema import KINDS, SPLITS, Example, HistoryItem, Kind, Task, User
 
@@ -31,8 +37,6 @@ __all__ = [
 
 def available_tasks() -> list[str]:
     """Every task name ``load_task`` accepts, offline tasks first."""
-    from tailorlm.tasks import specs
-
     return list(specs.all_specs())
 
 
@@ -44,9 +48,6 @@ def load_task(name: str, data_dir: str | Path | None = None, split: str | None =
     train / dev (default) / test files, or PEFT-U's leaked (default) / no_leak file; the offline tasks make
     their own splits from ``seed``.
     """
-    from tailorlm.data import lamp, offline, peftu
-    from tailorlm.tasks import specs
-
     spec = specs.spec(name)
     if not spec.needs_data:
         if data_dir is not None or split is not None:

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tailorlm.data import splits
+from tailorlm.data import render, splits
 from tailorlm.data.errors import DataError
 from tailorlm.data.schema import Example, HistoryItem, Task, User
-from tailorlm.tasks import render
-from tailorlm.tasks.specs import TaskSpec
+from tailorlm.data.specs import TaskSpec
 
 
 @dataclass(frozen=True, slots=True)

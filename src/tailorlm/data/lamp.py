@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from tailorlm import metrics
-from tailorlm.data import build
+from tailorlm.data import build, render
+from tailorlm.data import specs as task_specs
 from tailorlm.data.errors import DataError, UnknownTaskError
 from tailorlm.data.schema import Example, HistoryItem, Task, User
-from tailorlm.tasks import render
-from tailorlm.tasks import specs as task_specs
-from tailorlm.tasks.specs import TaskSpec
+from tailorlm.data.specs import TaskSpec
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 DEFAULT_SPLIT = "dev"

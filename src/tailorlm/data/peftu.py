@@ -14,7 +14,7 @@ from typing import Any
 from tailorlm.data import build
 from tailorlm.data.errors import DataError, UnknownTaskError
 from tailorlm.data.schema import SPLITS, Task, User
-from tailorlm.tasks.specs import TaskSpec
+from tailorlm.data.specs import TaskSpec
 
 VARIANTS: dict[str, str] = {"leaked": "user_data_leaked.json", "no_leak": "user_data_no_leak.json"}
 

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from tailorlm.tasks.specs import TaskSpec
+    # Type-only: specs imports KINDS and Kind from this module at run time, so a run-time import back
+    # would be a cycle; Task.spec is only an annotation here.
+    from tailorlm.data.specs import TaskSpec
 
 Kind = Literal["classification", "multilabel", "rating", "generation"]
 KINDS: tuple[str, ...] = ("classification", "multilabel", "rating", "generation")

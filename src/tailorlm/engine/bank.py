@@ -1,6 +1,7 @@
-"""The slot bank: every resident user's tensors stacked per adapted projection, and the layers that read
-them. Each row of a batch carries a slot index; an adapted layer gathers its rows' tensors and adds their
-terms to one shared base matmul, so the number of resident users costs memory, not time."""
+"""The slot bank: every resident user's tensors stacked per site, and the layers that read them. Each row
+of a batch carries a slot index; an adapted layer hands its kind the whole stack and the rows' slot ids,
+and the kind adds each row's term to one shared base matmul, so the number of resident users costs
+memory, not time. Nothing here knows which kind it holds: that is the kind's file (``tailorlm.kinds``)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from tailorlm.engine import modules
-from tailorlm.engine.modules import ModuleSpec, ModuleSpecError, PromptSpec
+from tailorlm import kinds
+from tailorlm.kinds import ModuleKind, ModuleSpec, ModuleSpecError
 
 
 class EngineError(RuntimeError):
@@ -45,16 +46,17 @@ class SlotLinear(nn.Module):
         short_name: str,
         spec: ModuleSpec,
         router: SlotRouter,
-        tensors: dict[str, nn.Parameter],
+        stack: dict[str, nn.Parameter],
     ) -> None:
         super().__init__()
         self.base = base
         self.short_name = short_name
         self.spec = spec
+        self.kind = kinds.of(spec)
         self.router = router
         # Deliberately not registered as parameters: the bank owns them, and the wrapped model's own
         # parameter walks (dtype, device, state_dict) should keep seeing only the base weights.
-        self.bank_tensors = tensors
+        self.stack = stack  # suffix -> [slots, ...]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slot_ids = self.router.slot_ids
@@ -64,8 +66,9 @@ class SlotLinear(nn.Module):
             return self.base(x)
         if x.shape[0] != slot_ids.shape[0]:
             raise EngineError(f"batch has {x.shape[0]} rows but {slot_ids.shape[0]} slot ids")
-        rows = {suffix: tensor.index_select(0, slot_ids) for suffix, tensor in self.bank_tensors.items()}
-        return modules.apply_to_linear(self.spec, self.short_name, self.base, x, rows, self.training)
+        return self.kind.apply_linear(
+            self.spec, self.short_name, self.base, x, self.stack, slot_ids, self.training
+        )
 
 
 class SlotBank:
@@ -79,35 +82,39 @@ class SlotBank:
                 "this base model already carries slot layers; load a fresh base model for each "
                 "engine (wrapping twice would stack two users' terms)"
             )
-        self.spec = modules.validate(spec)
+        self.spec = kinds.validate(spec)
+        self.kind: ModuleKind = kinds.of(spec)
         self.slots = slots
-        self.tensors: dict[str, nn.Parameter] = {}
+        reference = next(model.parameters())
+        self.dtype, self.device = reference.dtype, reference.device
+        self.tensors: dict[str, nn.Parameter] = {}  # bank name (= key on disk) -> [slots, ...]
         self.layers: list[SlotLinear] = []
         self._suffix: dict[str, str] = {}
-        if isinstance(spec, PromptSpec):
-            shape = (spec.virtual_tokens, model.get_input_embeddings().embedding_dim)
-            self._add("prompt_embeddings", "prompt_embeddings", shape)
-        else:
-            self._wrap_linears(model, router)
+        for name, shape in self.kind.input_shapes(spec, model).items():
+            self._add(name, name, shape)
+        self.input_stack = {name: self.tensors[name] for name in self.kind.input_shapes(spec, model)}
+        self._wrap_linears(model, router)
 
     def _add(self, name: str, suffix: str, shape: tuple[int, ...]) -> nn.Parameter:
+        identity = self.kind.identity_value(suffix)
         tensor = nn.Parameter(
-            torch.full((self.slots, *shape), modules.identity_value(suffix)), requires_grad=False
+            torch.full((self.slots, *shape), identity, dtype=self.dtype, device=self.device),
+            requires_grad=False,
         )
         self.tensors[name] = tensor
         self._suffix[name] = suffix
         return tensor
 
     def _wrap_linears(self, model: nn.Module, router: SlotRouter) -> None:
-        targets = set(self.spec.targets)
+        targets = set(self.kind.targets(self.spec))
         found: set[str] = set()
         for path, module in list(model.named_modules()):
             short_name = path.rsplit(".", 1)[-1]
             if short_name not in targets or not isinstance(module, nn.Linear):
                 continue
-            shapes = modules.linear_tensor_shapes(self.spec, short_name, module)
+            shapes = self.kind.linear_shapes(self.spec, short_name, module)
             own = {
-                suffix: self._add(modules.tensor_name(self.spec, path, suffix), suffix, shape)
+                suffix: self._add(self.kind.tensor_name(self.spec, path, suffix), suffix, shape)
                 for suffix, shape in shapes.items()
             }
             layer = SlotLinear(module, short_name, self.spec, router, own)
@@ -156,17 +163,29 @@ class SlotBank:
                 target.copy_(value)
 
     def reset(self, slot: int, generator: torch.Generator) -> None:
-        """A fresh user: PEFT's default initialisation, drawn from ``generator``."""
+        """A fresh user: the kind's initial values (PEFT's defaults), drawn from ``generator``.
+
+        Drawn in fp32 on the CPU whatever the bank's dtype and device, so the same seed gives the same
+        user everywhere."""
         self.check_slot(slot)
-        for name, tensor in self.tensors.items():
-            modules.init_user_tensor(self._suffix[name], tensor.data[slot], generator)
+        with torch.no_grad():
+            for name, tensor in self.tensors.items():
+                fresh = torch.empty(tensor.shape[1:], dtype=torch.float32)
+                self.kind.init_user(self._suffix[name], fresh, generator)
+                tensor[slot].copy_(fresh)
 
     def clear(self, slot: int) -> None:
         """Make ``slot`` the identity again (its user was evicted or forgotten)."""
         self.check_slot(slot)
         with torch.no_grad():
             for name, tensor in self.tensors.items():
-                tensor[slot].fill_(modules.identity_value(self._suffix[name]))
+                tensor[slot].fill_(self.kind.identity_value(self._suffix[name]))
+
+    def is_identity(self, slot: int) -> bool:
+        return all(
+            bool((tensor[slot] == self.kind.identity_value(self._suffix[name])).all())
+            for name, tensor in self.tensors.items()
+        )
 
     def parameter_count(self) -> int:
         """Trainable numbers one user owns."""
@@ -184,25 +203,3 @@ def _replace_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, child, new)
-
-
-def base_linear(model: nn.Module, path: str) -> nn.Linear:
-    """The frozen base projection at ``path``, seen through a slot wrapper if there is one."""
-    module = model.get_submodule(path)
-    return module.base if isinstance(module, SlotLinear) else module
-
-
-def merge_lora_into_base(model: nn.Module, spec: modules.LoraSpec, module: Mapping[str, torch.Tensor]) -> int:
-    """Fold a LoRA module into the base weights (``W += scale * B A``): OPPU's shared task adapter becomes
-    part of the base every personal module then builds on. Returns how many projections changed."""
-    by_path: dict[str, dict[str, torch.Tensor]] = {}
-    for name, value in module.items():
-        path, _, suffix = name.removeprefix(modules.PEFT_PREFIX).rpartition(".lora_")
-        by_path.setdefault(path, {})["lora_" + suffix] = value
-    with torch.no_grad():
-        for path, pair in by_path.items():
-            if set(pair) != {"lora_A.weight", "lora_B.weight"}:
-                raise EngineError(f"LoRA module is incomplete at {path}: has {sorted(pair)}")
-            linear = base_linear(model, path)
-            linear.weight += spec.scale * (pair["lora_B.weight"].float() @ pair["lora_A.weight"].float())
-    return len(by_path)

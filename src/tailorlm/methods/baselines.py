@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 
+from tailorlm.data import render
 from tailorlm.data.schema import Task, User
 from tailorlm.methods.context import RunContext
 from tailorlm.methods.retrieval import BM25Retriever
-from tailorlm.tasks import render
 
 UserAnswers = tuple[User, list[str], float]
 

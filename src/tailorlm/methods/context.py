@@ -10,11 +10,12 @@ from pathlib import Path
 
 from tailorlm import models
 from tailorlm.data.schema import Task, User
-from tailorlm.engine.core import Engine
-from tailorlm.engine.modules import LoraSpec
+from tailorlm.engine.engine import Engine
+from tailorlm.kinds.lora import LoraSpec
 from tailorlm.methods.profiles import ProfileWriter
 from tailorlm.methods.recipes import PromptBuilder, Recipe
 from tailorlm.methods.retrieval import Retriever, make_retriever
+from tailorlm.progress import Reporter
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,11 @@ class BenchConfig:
 
 
 class RunContext:
-    def __init__(self, task: Task, config: BenchConfig, out_dir: Path) -> None:
+    def __init__(
+        self, task: Task, config: BenchConfig, out_dir: Path, reporter: Reporter | None = None
+    ) -> None:
         self.task = task
+        self.reporter = reporter or Reporter()
         self.config = config
         self.out_dir = out_dir
         self.test_users, self.adapter_users = split_users(task, config)

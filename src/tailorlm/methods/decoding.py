@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from tailorlm.data.schema import Task
-from tailorlm.engine.core import Engine
+from tailorlm.engine.engine import Engine
 from tailorlm.engine.generation import DecodeConfig
 
 DECODINGS = ("choice", "calibrated", "median", "generate")

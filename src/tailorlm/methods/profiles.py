@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tailorlm import models
 from tailorlm.data.schema import HistoryItem, Task, User
-from tailorlm.engine.core import Engine
+from tailorlm.engine.engine import Engine
 from tailorlm.engine.generation import DecodeConfig
 from tailorlm.files import atomic_write_text
 

@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tailorlm import models
+from tailorlm.data import render
 from tailorlm.data.schema import Example, Task, User
 from tailorlm.methods.retrieval import Retriever
-from tailorlm.tasks import render
 
 
 @dataclass(frozen=True)

@@ -8,18 +8,19 @@ import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from tailorlm import console
+from tailorlm import kinds
 from tailorlm.data.schema import Example, User
-from tailorlm.engine import io, train
-from tailorlm.engine.bank import merge_lora_into_base
-from tailorlm.engine.core import Engine
-from tailorlm.engine.modules import BottleneckSpec, IA3Spec, LoraSpec, ModuleSpec, PromptSpec
-from tailorlm.engine.train import TrainConfig, UserData
+from tailorlm.engine.engine import Engine
+from tailorlm.engine.slots import SlotManager
+from tailorlm.kinds import ModuleSpec
+from tailorlm.kinds.lora import LoraSpec
 from tailorlm.methods.context import RunContext
 from tailorlm.methods.decoding import answer
 from tailorlm.methods.recipes import PromptBuilder, Recipe
+from tailorlm.store.store import ModuleStore
+from tailorlm.train.jobs import train_job
+from tailorlm.train.trainer import TrainConfig, UserData
 
 UserAnswers = tuple[User, list[str], float]  # user, one prediction per test example, seconds spent
 
@@ -32,16 +33,13 @@ class ModuleRecipe:
     learning_rate: float
 
 
-# LoRA learning rates (per-user and OPPU's) come from `tailorlm tune --task verbagg --lrs 1e-3,3e-3,1e-2
-# --users 12 --epochs 2 --test-users 48`, on validation items of users outside the test sample and the
-# task adapter's users (README, "Benchmark results"). 1e-2 had the best validation accuracy for both,
-# and the lowest validation loss for OPPU. IA3, prompt tuning and bottleneck rates are untuned starting
-# points at the usual scale for each kind.
+# Every registered kind with its default spec and learning rate. The LoRA rates (per-user and OPPU's) come
+# from `tailorlm tune --task verbagg --lrs 1e-3,3e-3,1e-2 --users 12 --epochs 2 --test-users 48`, on
+# validation items of users outside the test sample and the task adapter's users (README, "Benchmark
+# results"): 1e-2 had the best validation accuracy for both, and the lowest validation loss for OPPU.
+# The other kinds' rates are untuned starting points at the usual scale for each kind.
 PERSONAL_KINDS: dict[str, ModuleRecipe] = {
-    "lora": ModuleRecipe(LoraSpec(rank=8, alpha=16, targets=("q_proj", "v_proj")), 1e-2),
-    "ia3": ModuleRecipe(IA3Spec(), 1e-2),
-    "prompt": ModuleRecipe(PromptSpec(virtual_tokens=16), 3e-2),
-    "bottleneck": ModuleRecipe(BottleneckSpec(placement="houlsby", reduction_factor=16), 1e-3),
+    name: ModuleRecipe(kind.spec_type(), kind.learning_rate) for name, kind in kinds.KINDS.items()
 }
 # OPPU's settings: stage 1 LoRA r8 alpha 8 on q,k,v; stage 2 a fresh r8 alpha 8 LoRA on q,v per user.
 TASK_ADAPTER = ModuleRecipe(LoraSpec(rank=8, alpha=8, targets=("q_proj", "k_proj", "v_proj")), 5e-4)
@@ -109,13 +107,15 @@ class BaseSetup:
 class TaskAdapterSetup:
     """OPPU stage 1: one LoRA trained on the pooled examples of users who are not under test."""
 
-    def folder(self, ctx: RunContext, recipe: Recipe) -> Path:
-        return ctx.out_dir / "modules" / f"task-adapter-{recipe.tag}"
+    USER = "task"  # the one "user" of the task adapter's store
 
-    def ensure_trained(self, ctx: RunContext, recipe: Recipe) -> Path:
-        root = self.folder(ctx, recipe)
-        if train.is_trained(root, "task"):
-            return train.user_folder(root, "task")
+    def store(self, ctx: RunContext, recipe: Recipe) -> ModuleStore:
+        return ModuleStore(ctx.out_dir / "modules" / f"task-adapter-{recipe.tag}")
+
+    def ensure_trained(self, ctx: RunContext, recipe: Recipe) -> ModuleStore:
+        store = self.store(ctx, recipe)
+        if store.has(self.USER):
+            return store
         if recipe.profile:
             ctx.ensure_profiles(ctx.adapter_users)
         engine = ctx.engine(TASK_ADAPTER.spec, slots=2)
@@ -133,7 +133,7 @@ class TaskAdapterSetup:
                 f"task {ctx.task.name}: no users outside the test sample to train a task adapter on"
             )
         job = UserData(
-            "task",
+            self.USER,
             [(builder(u, e), e.target) for u, e in train_pairs],
             [(builder(u, e), e.target) for u, e in val_pairs],
         )
@@ -144,26 +144,30 @@ class TaskAdapterSetup:
             warmup_ratio=0.1,
             seed=ctx.config.seed,
         )
-        console.err.print(
+        ctx.reporter.log(
             f"training the task adapter ({recipe.tag}) on {len(train_pairs)} examples of "
             f"{len(ctx.adapter_users)} other users"
         )
-        train.train_job(engine, [job], config, root, progress=True)
+        train_job(
+            engine, [job], config, store, on_progress=ctx.reporter.progress(f"task adapter ({recipe.tag})")
+        )
         del engine
         ctx.release()
-        return train.user_folder(root, "task")
+        return store
 
     def run(
         self, ctx: RunContext, method: str, recipe: Recipe, users: Sequence[User], decoding: str
     ) -> Iterator[UserAnswers]:
-        folder = self.ensure_trained(ctx, recipe)
+        store = self.ensure_trained(ctx, recipe)
         engine = ctx.engine(TASK_ADAPTER.spec, slots=2)
-        io.load_module(engine, 1, folder)
+        slots = SlotManager(engine.bank, store.loader(engine.spec))
         if recipe.profile:
             ctx.ensure_profiles(list(users))
         builder = ctx.builder(recipe, engine.tokenizer)
         for group in _groups(users, 8):
-            yield from _answer_users(ctx, engine, builder, group, {u.id: 1 for u in group}, decoding)
+            with slots.pinned([self.USER]) as placed:
+                slot_of = {u.id: placed[self.USER] for u in group}
+                yield from _answer_users(ctx, engine, builder, group, slot_of, decoding)
 
 
 class PersonalSetup:
@@ -176,8 +180,8 @@ class PersonalSetup:
     def build_engine(self, ctx: RunContext, prompt_recipe: Recipe) -> Engine:
         base = ctx.load_base()
         if self.on_task_adapter:
-            stored = io.read_module(TaskAdapterSetup().ensure_trained(ctx, prompt_recipe))
-            merge_lora_into_base(base.model, stored.spec, stored.tensors)
+            stored = TaskAdapterSetup().ensure_trained(ctx, prompt_recipe).get(TaskAdapterSetup.USER)
+            kinds.of(stored.spec).merge_into_base(stored.spec, base.model, stored.tensors)
         return ctx.engine(self.recipe.spec, slots=ctx.config.users_per_step + 1, base=base)
 
     def run(
@@ -187,7 +191,7 @@ class PersonalSetup:
         if recipe.profile:
             ctx.ensure_profiles(list(users))
         builder = ctx.builder(recipe, engine.tokenizer)
-        root = ctx.out_dir / "modules" / method
+        store = ModuleStore(ctx.out_dir / "modules" / method)
         jobs = [
             UserData(u.id, builder.pairs(u, ctx.task.training_examples(u)), builder.pairs(u, u.val))
             for u in users
@@ -199,13 +203,11 @@ class PersonalSetup:
             seed=ctx.config.seed,
             users_per_step=ctx.config.users_per_step,
         )
-        console.err.print(
+        ctx.reporter.log(
             f"{method}: training {len(jobs)} users' modules, {ctx.config.users_per_step} per step"
         )
-        folders = train.train_job(engine, jobs, config, root, progress=True)
-        for group in _groups(users, ctx.config.users_per_step):
-            slot_of = {}
-            for slot, user in enumerate(group, start=1):
-                io.load_module(engine, slot, folders[user.id])
-                slot_of[user.id] = slot
-            yield from _answer_users(ctx, engine, builder, group, slot_of, decoding)
+        train_job(engine, jobs, config, store, on_progress=ctx.reporter.progress(f"{method}: training"))
+        slots = SlotManager(engine.bank, store.loader(engine.spec))
+        for group in _groups(users, slots.capacity):
+            with slots.pinned([u.id for u in group]) as slot_of:
+                yield from _answer_users(ctx, engine, builder, group, slot_of, decoding)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from tailorlm.data.schema import Example, HistoryItem, Task
-from tailorlm.tasks.specs import TaskSpec
+from tailorlm.data.specs import TaskSpec
 
 _FORMATTER = string.Formatter()
 

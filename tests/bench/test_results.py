@@ -1,97 +1,24 @@
-"""Run-folder statistics and the report, on synthetic run folders with planted differences."""
+"""results.json: per-method metrics, intervals over users and paired tests, on synthetic run folders with
+planted differences."""
 
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
 
 import numpy as np
 import pytest
-from rich.console import Console
-from typer.testing import CliRunner
+from bench_helpers import (
+    CLASSIFICATION,
+    METHODS,
+    N_USERS,
+    PARTIAL_USERS,
+    RATING,
+    line,
+    no_reference_run,
+    write_run,
+)
 
-from tailorlm.bench import report, summary
-from tailorlm.bench.summary import ReportError
-from tailorlm.cli import app
-
-LABELS = ["no", "perhaps", "yes"]
-CLASSIFICATION = {
-    "name": "verbagg",
-    "kind": "classification",
-    "labels": LABELS,
-    "metrics": ["accuracy", "f1", "lenient_accuracy"],
-    "source": "synthetic",
-}
-RATING = {
-    "name": "lamp:3",
-    "kind": "rating",
-    "labels": ["1", "2", "3", "4", "5"],
-    "metrics": ["mae", "rmse"],
-    "source": "synthetic",
-}
-METHODS = {
-    "zero-shot": {"family": "non-personal", "description": "base model", "decoding": "choice"},
-    "user-majority": {"family": "simple-baseline", "description": "user's majority", "decoding": "rule"},
-    "peft-lora": {"family": "parameter-personal", "description": "LoRA per user", "decoding": "choice"},
-    "few-shot": {"family": "prompt-personal", "description": "3 shots", "decoding": "choice"},
-    "oppu": {"family": "oppu", "description": "task LoRA + user LoRA", "decoding": "choice"},
-}
-N_USERS, PER_USER, PARTIAL_USERS = 30, 10, 20
-
-
-def write_run(root: Path, task: dict, methods: dict, users: dict, lines: dict[str, list[dict | str]]) -> Path:
-    """A run folder as the runner writes it; a line given as a string is written verbatim."""
-    root.mkdir(parents=True, exist_ok=True)
-    run = {"task": task, "config": {"profile": "quick", "seed": 0}, "methods": methods, "users": users}
-    (root / "run.json").write_text(json.dumps({**run, "started": "2026-11-22T03:00:00Z"}))
-    (root / "predictions").mkdir(exist_ok=True)
-    for method, records in lines.items():
-        text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
-        (root / "predictions" / f"{method}.jsonl").write_text(text)
-    return root
-
-
-def line(user: str, golds: list[str], preds: list[str], seconds: float = 1.0) -> dict:
-    examples = [
-        {"id": f"{user}/{i}", "gold": g, "golds": [g], "prediction": p}
-        for i, (g, p) in enumerate(zip(golds, preds, strict=True))
-    ]
-    return {"user": user, "seconds": seconds, "examples": examples}
-
-
-def answers(golds: list[str], correct: int) -> list[str]:
-    """The first ``correct`` answers right, the rest a wrong label."""
-    return [g if i < correct else LABELS[(LABELS.index(g) + 1) % 3] for i, g in enumerate(golds)]
-
-
-def planted_run(root: Path) -> Path:
-    """zero-shot right on 3-6 of 10 per user; peft-lora 3 more; few-shot the same on average (one user up,
-    one down); user-majority 2 right; oppu like peft-lora but interrupted after 20 users."""
-    rng = np.random.default_rng(7)
-    users = {
-        f"u{i:02d}": {"history": int(5 + 4 * i), "train": 8, "val": 1, "test": PER_USER}
-        for i in range(N_USERS)
-    }
-    lines: dict[str, list[dict | str]] = {name: [] for name in METHODS}
-    for index, user in enumerate(users):
-        golds = [str(x) for x in rng.choice(LABELS, PER_USER)]
-        base = int(rng.integers(3, 7))
-        shift = 1 if index == 0 else -1 if index == 1 else 0
-        lines["zero-shot"].append(line(user, golds, answers(golds, base)))
-        lines["peft-lora"].append(line(user, golds, answers(golds, base + 3), seconds=2.0))
-        lines["few-shot"].append(line(user, golds, answers(golds, base + shift)))
-        lines["user-majority"].append(line(user, golds, answers(golds, 2), seconds=0.0))
-        if index < PARTIAL_USERS:
-            lines["oppu"].append(line(user, golds, answers(golds, base + 3)))
-    return write_run(root, CLASSIFICATION, METHODS, users, lines)
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory) -> tuple[Path, dict]:
-    root = planted_run(tmp_path_factory.mktemp("planted") / "run")
-    return root, summary.write_results(root)
-
+from tailorlm.bench.results import ReportError, summarize
 
 # --- numbers -----------------------------------------------------------------------------------------------
 
@@ -106,7 +33,7 @@ def test_tiny_case_matches_hand_computed_values(tmp_path):
     }
     task = {**CLASSIFICATION, "labels": ["no", "yes"], "metrics": ["accuracy", "f1"]}
     root = write_run(tmp_path, task, {"zero-shot": METHODS["zero-shot"]}, users, lines)
-    method = summary.summarize(root)["methods"]["zero-shot"]
+    method = summarize(root)["methods"]["zero-shot"]
     accuracy, f1 = method["metrics"]["accuracy"], method["metrics"]["f1"]
     assert accuracy["pooled"] == pytest.approx(3 / 5)
     assert accuracy["user_mean"] == pytest.approx((2 / 3 + 1 / 2) / 2)
@@ -158,19 +85,19 @@ def test_gain_per_user_is_paired_with_history(planted):
 
 
 def test_partial_method_is_flagged_and_compared_on_shared_users(planted):
+    # The report's sentence about it: test_report_reading.py.
     _, results = planted
     oppu = results["methods"]["oppu"]
     assert not oppu["complete"] and oppu["users_done"] == PARTIAL_USERS
     assert len(oppu["missing_users"]) == N_USERS - PARTIAL_USERS
     assert oppu["comparisons"]["non_personal"]["n_users"] == PARTIAL_USERS
     assert any("oppu: partial" in w for w in results["warnings"])
-    assert "oppu" in report.reading(results) and "Partial methods" in report.reading(results)
 
 
 def test_results_are_deterministic_and_stored(planted):
     root, results = planted
     assert json.loads((root / "results.json").read_text()) == json.loads(json.dumps(results))
-    assert summary.summarize(root) == results
+    assert summarize(root) == results
 
 
 def test_rating_task_lower_is_better(tmp_path):
@@ -188,7 +115,7 @@ def test_rating_task_lower_is_better(tmp_path):
         "peft-lora": METHODS["peft-lora"],
         "user-mean": {"family": "simple-baseline", "decoding": "rule"},
     }
-    results = summary.summarize(write_run(tmp_path, RATING, methods, users, lines))
+    results = summarize(write_run(tmp_path, RATING, methods, users, lines))
     assert results["primary_metric"] == "mae" and results["lower_is_better"]
     assert results["ranking"] == ["peft-lora", "zero-shot", "user-mean"]
     better = results["methods"]["peft-lora"]["comparisons"]["non_personal"]
@@ -208,58 +135,19 @@ def test_duplicate_user_lines_last_wins(tmp_path):
         ]
     }
     root = write_run(tmp_path, CLASSIFICATION, {"zero-shot": METHODS["zero-shot"]}, users, lines)
-    method = summary.summarize(root)["methods"]["zero-shot"]
+    method = summarize(root)["methods"]["zero-shot"]
     assert method["per_user"]["accuracy"] == {"u1": 1.0, "u2": 1.0}
     assert (method["seconds"], method["n_examples"], method["users_done"]) == (3.0, 3, 2)
 
 
 def test_missing_reference_is_stated(tmp_path):
-    users = {"u1": {"history": 3}}
-    lines: dict[str, list[dict | str]] = {"peft-lora": [line("u1", ["yes"], ["yes"])]}
-    root = write_run(
-        tmp_path, CLASSIFICATION, {"peft-lora": METHODS["peft-lora"], "few-shot": {}}, users, lines
-    )
-    results = summary.summarize(root)
+    # What the reading and the written report make of this folder: tests/bench/report/.
+    results = summarize(no_reference_run(tmp_path))
     assert results["references"] == {"non_personal": None, "simple_baseline": None, "prompt_personal": None}
     assert results["methods"]["peft-lora"]["comparisons"]["non_personal"]["status"] == "missing"
     assert results["methods"]["few-shot"]["has_results"] is False
     assert results["ranking"] == ["peft-lora", "few-shot"]
-    assert "nothing was compared" in report.reading(results)
     assert any("few-shot: no predictions file" in w for w in results["warnings"])
-    paths = report.write_report(root)
-    assert paths["html"].read_text().count('<img src="data:image/png;base64,') == 3
-
-
-# --- the report --------------------------------------------------------------------------------------------
-
-
-def test_report_html_is_self_contained(planted):
-    root, results = planted
-    paths = report.write_report(root, results)
-    page = paths["html"].read_text()
-    assert page.count('<img src="data:image/png;base64,') == 3
-    for asset in ('src="http', "src='http", 'href="http', "<script", "<link", "url("):
-        assert asset not in page
-    assert "partial" in page and "peft-lora" in page
-    markdown = paths["markdown"].read_text()
-    assert "## Reading" in markdown and "oppu (partial)" in markdown
-    assert all(paths[f"plot_{key}"].read_bytes().startswith(b"\x89PNG") for key in report.PLOTS)
-
-
-def test_reading_states_only_what_the_numbers_show(planted):
-    _, results = planted
-    text = report.reading(results)
-    assert text.startswith(f"5 of 5 methods have results on verbagg ({N_USERS} test users")
-    assert "ranks first" in text
-    assert "peft-lora (+0.300" in text and "few-shot (+0.000" not in text
-
-
-def test_console_table_lists_every_method(planted):
-    _, results = planted
-    console = Console(record=True, width=250)
-    console.print(report.console_table(results))
-    shown = console.export_text()
-    assert all(name in shown for name in METHODS) and "partial" in shown
 
 
 # --- mistakes ----------------------------------------------------------------------------------------------
@@ -267,16 +155,16 @@ def test_console_table_lists_every_method(planted):
 
 def test_missing_or_malformed_run_json(tmp_path):
     with pytest.raises(ReportError, match=r"run\.json: not found"):
-        summary.summarize(tmp_path)
+        summarize(tmp_path)
     (tmp_path / "run.json").write_text("{not json")
     with pytest.raises(ReportError, match=r"run\.json: not valid JSON"):
-        summary.summarize(tmp_path)
+        summarize(tmp_path)
     (tmp_path / "run.json").write_text(json.dumps({"task": {"name": "x", "kind": "poetry"}, "methods": {}}))
     with pytest.raises(ReportError, match="unknown kind 'poetry'"):
-        summary.summarize(tmp_path)
+        summarize(tmp_path)
     (tmp_path / "run.json").write_text(json.dumps({"task": {"name": "x", "kind": "rating"}}))
     with pytest.raises(ReportError, match="'methods' is missing"):
-        summary.summarize(tmp_path)
+        summarize(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -293,7 +181,7 @@ def test_malformed_prediction_line_names_file_and_line(tmp_path, bad, problem):
     users = {"u1": {"history": 1}, "u2": {"history": 1}}
     root = write_run(tmp_path, CLASSIFICATION, {"zero-shot": METHODS["zero-shot"]}, users, lines)
     with pytest.raises(ReportError) as caught:
-        summary.summarize(root)
+        summarize(root)
     assert "zero-shot.jsonl, line 2" in str(caught.value) and problem in str(caught.value)
 
 
@@ -302,23 +190,4 @@ def test_unscoreable_gold_is_a_report_error(tmp_path):
     lines: dict[str, list[dict | str]] = {"zero-shot": [line("u1", ["three"], ["3"])]}
     root = write_run(tmp_path, RATING, {"zero-shot": METHODS["zero-shot"]}, users, lines)
     with pytest.raises(ReportError, match=r"zero-shot\.jsonl: cannot score"):
-        summary.summarize(root)
-
-
-# --- command line ------------------------------------------------------------------------------------------
-
-
-def test_cli_report_json_parses(planted):
-    root, results = planted
-    result = CliRunner().invoke(app, ["report", str(root), "--json"])
-    assert result.exit_code == 0, result.output
-    payload = json.loads(result.stdout)
-    assert payload["ranking"] == results["ranking"] and payload["primary_metric"] == "accuracy"
-    assert not any(isinstance(v, float) and math.isnan(v) for v in payload["methods"]["oppu"]["metrics"])
-    assert (root / "report.html").is_file() and (root / "report.md").is_file()
-
-
-def test_cli_report_error_is_one_line(tmp_path):
-    result = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
-    assert result.exit_code == 2
-    assert "error:" in result.output and "run.json" in result.output and "Traceback" not in result.output
+        summarize(root)

@@ -29,7 +29,9 @@ PAIRED_RESAMPLES = 10_000
 LEVEL = 0.95
 ALPHA = 0.05
 
-FAMILIES: tuple[str, ...] = (
+# The method families a run.json names, simplest first (the order of the report's colours); distinct from
+# the data source families in tailorlm.data.specs.
+METHOD_FAMILIES: tuple[str, ...] = (
     "simple-baseline",
     "non-personal",
     "prompt-personal",

@@ -5,43 +5,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
+from tailorlm.engine import batch as batching
 from tailorlm.engine.bank import EngineError, SlotBank, SlotRouter
+from tailorlm.engine.batch import IGNORE, Batch, Row, position_ids
 from tailorlm.engine.generation import DecodeConfig, generate_from_inputs
-from tailorlm.engine.modules import ModuleSpec, PromptSpec
+from tailorlm.kinds import ModuleSpec
 from tailorlm.models import BaseModel
 
-IGNORE = -100
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that ignore left padding, so a padded row sees the positions it would see alone."""
-    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-
-
-@dataclass(frozen=True)
-class Row:
-    """One sequence of a batch: a formatted prompt, the text to score or learn after it, and whose module
-    (slot) it runs through. Slot 0 is the bare base model."""
-
-    prompt: str
-    target: str = ""
-    slot: int = 0
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [rows, length], left padded
-    attention_mask: torch.Tensor
-    labels: torch.Tensor  # IGNORE except on target tokens
-    slot_ids: torch.Tensor  # [rows]
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
+__all__ = ["IGNORE", "Batch", "Engine", "EngineError", "Row", "position_ids"]
 
 
 class Engine:
@@ -67,74 +42,33 @@ class Engine:
         self.end_target_with_eos = end_target_with_eos
         self.router = SlotRouter()
         self.bank = SlotBank(self.model, spec, slots, self.router)
+        self.device = self.bank.device  # the base model's; every batch tensor is made there
 
     # ---- batches ---------------------------------------------------------------------------------
 
     def encode(self, rows: Sequence[Row]) -> Batch:
-        """Tokenize rows, prompt and target separately so labels cover exactly the target tokens.
-
-        A row longer than ``max_length`` loses the start of its prompt: the end (the item being asked)
-        and the whole target are kept.
-        """
+        """Rows as tensors on the model's device (``batch.encode``: labels on target tokens only, an
+        over-long prompt loses its start)."""
         if not rows:
             raise EngineError("cannot encode an empty batch")
         for row in rows:
             if row.slot:
                 self.bank.check_slot(row.slot)
-        prompts = self._token_ids([r.prompt for r in rows])
-        targets = self._token_ids([r.target for r in rows])
-        eos = [self.tokenizer.eos_token_id] if self.end_target_with_eos else []
-        sequences, label_rows = [], []
-        for prompt_ids, target_ids, row in zip(prompts, targets, rows, strict=True):
-            target_ids = (target_ids + eos) if row.target else []
-            target_ids = target_ids[: self.max_length - 1]
-            prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(target_ids) - self.max_length) :]
-            sequences.append(prompt_ids + target_ids)
-            label_rows.append([IGNORE] * len(prompt_ids) + target_ids)
-        width = max(len(s) for s in sequences)
-        pad = self.tokenizer.pad_token_id
-
-        def left_pad(values: list[int], fill: int) -> list[int]:
-            return [fill] * (width - len(values)) + values
-
-        return Batch(
-            input_ids=torch.tensor([left_pad(s, pad) for s in sequences]),
-            attention_mask=torch.tensor([left_pad([1] * len(s), 0) for s in sequences]),
-            labels=torch.tensor([left_pad(labels, IGNORE) for labels in label_rows]),
-            slot_ids=torch.tensor([r.slot for r in rows], dtype=torch.long),
-        )
+        encoded = batching.encode(self.tokenizer, rows, self.max_length, self.end_target_with_eos)
+        return encoded.to(self.device)
 
     def _token_ids(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return batching.token_ids(self.tokenizer, texts)
 
     # ---- forward ---------------------------------------------------------------------------------
 
     def _model_inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, slot_ids: torch.Tensor
     ) -> tuple[dict, int]:
-        """Inputs for the base model and how many leading positions were inserted (virtual tokens)."""
-        if not isinstance(self.spec, PromptSpec):
-            return {"input_ids": input_ids, "attention_mask": attention_mask}, 0
-        return self._with_virtual_tokens(input_ids, attention_mask, slot_ids), self.spec.virtual_tokens
-
-    def _with_virtual_tokens(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, slot_ids: torch.Tensor
-    ) -> dict:
-        # Each row's virtual tokens go right before its first real token, inside the left padding, so
-        # position ids (from the mask) are 0.. for them exactly as in PEFT's unpadded layout; rows of
-        # slot 0 keep those positions masked out, i.e. they run the bare base model.
-        virtual = self.spec.virtual_tokens
-        text = self.model.get_input_embeddings()(input_ids)
-        rows, width, dim = text.shape
-        embeds = torch.cat([text.new_zeros(rows, virtual, dim), text], dim=1)
-        mask = torch.cat([attention_mask.new_zeros(rows, virtual), attention_mask], dim=1)
-        starts = width - attention_mask.sum(dim=1)
-        positions = starts[:, None] + torch.arange(virtual)
-        row_index = torch.arange(rows)[:, None].expand(rows, virtual)
-        prompts = self.bank.tensors["prompt_embeddings"].index_select(0, slot_ids)
-        embeds = embeds.index_put((row_index, positions), prompts)
-        mask = mask.index_put((row_index, positions), (slot_ids != 0).long()[:, None].expand(rows, virtual))
-        return {"inputs_embeds": embeds, "attention_mask": mask}
+        """Inputs for the decoder and how many leading positions the kind inserted (virtual tokens)."""
+        return self.bank.kind.model_inputs(
+            self.spec, self.model, input_ids, attention_mask, slot_ids, self.bank.input_stack
+        )
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
         """Last hidden states aligned with ``batch.input_ids`` (virtual positions dropped)."""
@@ -160,7 +94,7 @@ class Engine:
         rows, cols = (next_labels != IGNORE).nonzero(as_tuple=True)
         logits = self.model.get_output_embeddings()(hidden[rows, cols])
         nll = F.cross_entropy(logits.float(), next_labels[rows, cols], reduction="none")
-        sums = torch.zeros(len(batch), dtype=nll.dtype).index_add(0, rows, nll)
+        sums = nll.new_zeros(len(batch)).index_add(0, rows, nll)
         counts = torch.bincount(rows, minlength=len(batch))
         return sums, counts
 
@@ -188,8 +122,12 @@ class Engine:
         choice_ids = [ids + eos for ids in self._token_ids(list(choices))]
         width = max(len(ids) for ids in choice_ids)
         pad = self.tokenizer.pad_token_id
-        continuation = torch.tensor([ids + [pad] * (width - len(ids)) for ids in choice_ids])
-        continuation_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in choice_ids])
+        continuation = torch.tensor(
+            [ids + [pad] * (width - len(ids)) for ids in choice_ids], device=self.device
+        )
+        continuation_mask = torch.tensor(
+            [[1] * len(ids) + [0] * (width - len(ids)) for ids in choice_ids], device=self.device
+        )
         scores: list[list[float]] = []
         for start in range(0, len(prompts), batch_size):
             rows = [
@@ -216,7 +154,7 @@ class Engine:
         cache.batch_repeat_interleave(choices)  # row b * choices + j continues prompt b with choice j
         expanded_slots = batch.slot_ids.repeat_interleave(choices)
         token_mask = continuation_mask.repeat(rows, 1)
-        positions = mask.sum(1).repeat_interleave(choices)[:, None] + torch.arange(width)
+        positions = mask.sum(1).repeat_interleave(choices)[:, None] + torch.arange(width, device=self.device)
         with self.router.route(expanded_slots):
             tail = decoder(
                 input_ids=continuation.repeat(rows, 1),
@@ -232,7 +170,7 @@ class Engine:
         logits = self.model.get_output_embeddings()(predicting[row_index, column]).float()
         targets = continuation.repeat(rows, 1)[row_index, column]
         log_probs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
-        return torch.zeros(rows * choices).index_add(0, row_index, log_probs)
+        return log_probs.new_zeros(rows * choices).index_add(0, row_index, log_probs)
 
     # ---- generation ------------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ from typing import Any
 from tailorlm.data.errors import UnknownTaskError
 from tailorlm.data.schema import KINDS, Kind
 
-FAMILIES: tuple[str, ...] = ("offline", "peftu", "lamp")
+# The sources a task's data comes from, one JSON file each; not the method families of tailorlm.bench.
+SOURCE_FAMILIES: tuple[str, ...] = ("offline", "peftu", "lamp")
 # Offline tasks are named bare ("verbagg"); the others carry their family ("peftu:hatexplain", "lamp:2").
 _BARE_FAMILY = "offline"
 _RESERVED = {"kind", "labels", "metrics", "description", "instruction", "templates"}
@@ -83,7 +84,7 @@ def _build(family: str, key: str, raw: Mapping[str, Any], document: Mapping[str,
 def all_specs() -> dict[str, TaskSpec]:
     """Every known task by full name, in a fixed order (offline, PEFT-U, LaMP)."""
     specs: dict[str, TaskSpec] = {}
-    for family in FAMILIES:
+    for family in SOURCE_FAMILIES:
         document = family_document(family)
         for key, raw in document["tasks"].items():
             spec = _build(family, key, raw, document)

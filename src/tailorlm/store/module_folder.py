@@ -1,14 +1,12 @@
-"""One user's module on disk.
+"""One user's module on disk: a folder.
 
-LoRA, IA3 and prompt tuning are written in PEFT's own format (``adapter_config.json`` +
-``adapter_model.safetensors``), so ``PeftModel.from_pretrained(base, folder)`` reads them. The bottleneck
-adapter, which PEFT lacks, uses the same safetensors file with keys ``{projection path}.adapter_down.weight``
-(``[width, hidden]``), ``.adapter_down.bias``, ``.adapter_up.weight`` (``[hidden, width]``) and
-``.adapter_up.bias``, the adapter applied as ``out + up(act(down(out)))`` to that projection's output.
-Every module folder also has ``tailorlm.json``: the spec, the base model's name, the storage dtype and
-whatever the trainer recorded (user id, epochs, validation loss).
+A kind that PEFT has is written in PEFT's own format (``adapter_config.json`` +
+``adapter_model.safetensors``), so ``PeftModel.from_pretrained(base, folder)`` reads it; a kind PEFT lacks
+uses the same safetensors file with the keys its kind's file documents (``tailorlm.kinds``). The tensors
+are the bank's, named as in the bank. Every module folder also has ``tailorlm.json``: the spec, the base
+model's name, the storage dtype and whatever the trainer recorded (user id, epochs, validation loss).
 
-Tensors are stored in fp16 by default (half the bytes; loading casts back to the bank's fp32).
+Tensors are stored in fp16 by default (half the bytes; loading casts back to the bank's dtype).
 """
 
 from __future__ import annotations
@@ -21,12 +19,12 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from tailorlm.engine import modules
-from tailorlm.engine.modules import ModuleSpec, ModuleSpecError
+from tailorlm import kinds
 from tailorlm.files import atomic_folder
+from tailorlm.kinds import ModuleSpec, ModuleSpecError
 
 if TYPE_CHECKING:
-    from tailorlm.engine.core import Engine
+    from tailorlm.engine.engine import Engine
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -65,12 +63,12 @@ def write_module(
     with atomic_folder(folder) as staging:
         tensors = {name: t.detach().to(_DTYPES[dtype]).contiguous() for name, t in module.tensors.items()}
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        config = modules.peft_config(module.spec, model, base_name)
+        config = kinds.of(module.spec).peft_config(module.spec, model, base_name)
         if config is not None:
             config.save_pretrained(str(staging))
         meta = {
             "format_version": FORMAT_VERSION,
-            "spec": modules.spec_to_dict(module.spec),
+            "spec": kinds.spec_to_dict(module.spec),
             "base_model": base_name,
             "dtype": dtype,
             **module.meta,
@@ -88,9 +86,9 @@ def read_module(folder: str | Path) -> StoredModule:
     meta = read_json(folder / META_FILE) if (folder / META_FILE).is_file() else {}
     try:
         if "spec" in meta:
-            spec = modules.spec_from_dict(meta["spec"])
+            spec = kinds.spec_from_dict(meta["spec"])
         elif (folder / PEFT_CONFIG_FILE).is_file():
-            spec = modules.spec_from_peft_config(read_json(folder / PEFT_CONFIG_FILE))
+            spec = kinds.spec_from_peft_config(read_json(folder / PEFT_CONFIG_FILE))
         else:
             raise ModuleFileError(
                 f"{folder} has neither {META_FILE} nor {PEFT_CONFIG_FILE}: its kind is unknown"
@@ -111,25 +109,16 @@ def read_json(path: Path) -> dict:
         raise ModuleFileError(f"{path}: not valid JSON ({error})") from error
 
 
-def load_module(engine: Engine, slot: int, folder: str | Path) -> dict:
-    """Put the module stored in ``folder`` into ``slot``; other slots are untouched. Returns its metadata."""
-    bank = engine.bank
+def read_for(spec: ModuleSpec, folder: str | Path) -> StoredModule:
+    """Read a module folder for a bank of ``spec``: a module of another layout is an error naming both;
+    tensor names as other tools wrote them are mapped to the bank's."""
     stored = read_module(folder)
-    if not modules.same_layout(stored.spec, bank.spec):
+    if not kinds.same_layout(stored.spec, spec):
         raise ModuleFileError(
-            f"{folder} holds a {modules.spec_to_dict(stored.spec)} module; this bank holds "
-            f"{modules.spec_to_dict(bank.spec)}"
+            f"{folder} holds a {kinds.spec_to_dict(stored.spec)} module; this bank holds "
+            f"{kinds.spec_to_dict(spec)}"
         )
-    tensors = stored.tensors
-    if isinstance(bank.spec, modules.LoraSpec):
-        tensors = _strip_adapter_name(tensors)
-    bank.write(slot, tensors)
-    return stored.meta
-
-
-def _strip_adapter_name(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # PEFT writes "...lora_A.weight"; some versions and tools keep the adapter name ("lora_A.default.weight").
-    return {name.replace(".default.weight", ".weight"): value for name, value in tensors.items()}
+    return StoredModule(spec, kinds.of(spec).normalize_names(stored.tensors), stored.meta)
 
 
 def module_bytes(folder: str | Path) -> int:

@@ -14,20 +14,19 @@ handed back and their slot goes to the next user in the queue.
 from __future__ import annotations
 
 import math
-import re
 import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from tailorlm import console
-from tailorlm.engine import io
 from tailorlm.engine.bank import EngineError
-from tailorlm.engine.core import Engine, Row
+from tailorlm.engine.engine import Engine, Row
+from tailorlm.engine.slots import SlotManager
+from tailorlm.progress import ProgressCallback
+from tailorlm.train.optimizer import SlotAdamW, linear_schedule
 
 
 @dataclass(frozen=True)
@@ -82,67 +81,12 @@ class UserResult:
             "train_losses": self.train_losses,
             "val_losses": self.val_losses,
             "train_seconds": self.seconds,
-            "complete": True,
         }
 
 
-def _seed_for(*parts: object) -> int:
+def seed_for(*parts: object) -> int:
+    """A seed that depends only on its parts (seed, user id, epoch or "init"), never on the group."""
     return zlib.crc32(":".join(str(p) for p in parts).encode())
-
-
-class SlotAdamW:
-    """AdamW with independent state per slot, the same arithmetic as ``torch.optim.AdamW``."""
-
-    def __init__(self, tensors: dict[str, torch.nn.Parameter], config: TrainConfig) -> None:
-        self.tensors = tensors
-        self.config = config
-        self.exp_avg = {n: torch.zeros_like(t) for n, t in tensors.items()}
-        self.exp_avg_sq = {n: torch.zeros_like(t) for n, t in tensors.items()}
-        slots = next(iter(tensors.values())).shape[0]
-        self.steps = torch.zeros(slots, dtype=torch.long)
-
-    def reset(self, slot: int) -> None:
-        for state in (*self.exp_avg.values(), *self.exp_avg_sq.values()):
-            state[slot].zero_()
-        self.steps[slot] = 0
-
-    @torch.no_grad()
-    def step(self, slots: torch.Tensor, learning_rates: torch.Tensor) -> None:
-        """Update only ``slots``; each with its own learning rate, clipping and bias correction."""
-        beta1, beta2 = self.config.betas
-        grads = {
-            n: (t.grad.index_select(0, slots) if t.grad is not None else torch.zeros_like(t[slots]))
-            for n, t in self.tensors.items()
-        }
-        if self.config.max_grad_norm is not None:
-            norms = torch.sqrt(sum(g.pow(2).flatten(1).sum(1) for g in grads.values()))
-            coefficient = (self.config.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-            grads = {n: g * coefficient.view(-1, *[1] * (g.dim() - 1)) for n, g in grads.items()}
-        self.steps[slots] += 1
-        step = self.steps[slots].double()
-        correction1 = (1 - beta1**step).float()
-        correction2_sqrt = (1 - beta2**step).sqrt().float()
-        for name, tensor in self.tensors.items():
-            shape = (-1, *[1] * (tensor.dim() - 1))
-            lr = learning_rates.view(shape)
-            param = tensor.data.index_select(0, slots)
-            param.mul_(1 - lr * self.config.weight_decay)
-            exp_avg = self.exp_avg[name].index_select(0, slots).lerp_(grads[name], 1 - beta1)
-            exp_avg_sq = self.exp_avg_sq[name].index_select(0, slots).mul_(beta2)
-            exp_avg_sq.addcmul_(grads[name], grads[name], value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / correction2_sqrt.view(shape)).add_(self.config.eps)
-            param.sub_(lr / correction1.view(shape) * exp_avg / denom)
-            tensor.data.index_copy_(0, slots, param)
-            self.exp_avg[name].index_copy_(0, slots, exp_avg)
-            self.exp_avg_sq[name].index_copy_(0, slots, exp_avg_sq)
-
-
-def linear_schedule(step: int, total: int, warmup: int) -> float:
-    """Learning-rate factor at optimizer step ``step`` (0-based): linear warm-up, then linear decay to 0,
-    as transformers' ``get_linear_schedule_with_warmup``."""
-    if step < warmup:
-        return step / max(1, warmup)
-    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 @dataclass
@@ -167,44 +111,46 @@ class _Active:
 
 
 class MultiUserTrainer:
-    """Moves a queue of users through the bank's slots until every one is trained."""
+    """Moves a queue of users through the bank's slots until every one is trained. Slots come from the
+    engine's ``SlotManager`` (one is made when none is given); a user in training holds their slot
+    pinned, and leaves it as the identity."""
 
-    def __init__(self, engine: Engine, config: TrainConfig) -> None:
+    def __init__(self, engine: Engine, config: TrainConfig, slots: SlotManager | None = None) -> None:
         self.engine = engine
         self.config = config
         self.bank = engine.bank
-        capacity = self.bank.slots - 1
+        self.slots = slots or SlotManager(self.bank)
+        capacity = self.slots.capacity
         self.width = min(capacity, config.users_per_step or capacity)
         self.optimizer = SlotAdamW(self.bank.tensors, config)
 
     # ---- plans ------------------------------------------------------------------------------------
 
-    def _plan(self, user: UserData) -> Iterator[tuple[int, list[int], bool]]:
+    def batch_plan(self, user: UserData) -> Iterator[tuple[int, list[int], bool]]:
         """(epoch, row indices, last batch of the epoch?) in the order this user always sees them."""
         size = self.config.batch_size
         for epoch in range(self.config.epochs):
-            generator = torch.Generator().manual_seed(_seed_for(self.config.seed, user.user_id, epoch))
+            generator = torch.Generator().manual_seed(seed_for(self.config.seed, user.user_id, epoch))
             order = torch.randperm(len(user.train), generator=generator).tolist()
             chunks = [order[i : i + size] for i in range(0, len(order), size)]
             for index, chunk in enumerate(chunks):
                 yield epoch, chunk, index == len(chunks) - 1
 
-    def _admit(self, user: UserData, slot: int) -> _Active:
+    def _admit(self, user: UserData) -> _Active:
         if not user.train:
             raise EngineError(f"user {user.user_id!r} has no training examples")
         if user.init is not None:
-            self.bank.write(slot, user.init)
+            slot = self.slots.place(user.user_id, user.init)
         else:
-            self.bank.reset(
-                slot, torch.Generator().manual_seed(_seed_for(self.config.seed, user.user_id, "init"))
-            )
+            fresh = torch.Generator().manual_seed(seed_for(self.config.seed, user.user_id, "init"))
+            slot = self.slots.place(user.user_id, generator=fresh)
         self.optimizer.reset(slot)
         per_epoch = math.ceil(len(user.train) / self.config.batch_size)
         total = per_epoch * self.config.epochs
         active = _Active(
             user, slot, per_epoch, total, math.ceil(total * self.config.warmup_ratio), time.perf_counter()
         )
-        active.plan = self._plan(user)
+        active.plan = self.batch_plan(user)
         return active
 
     # ---- the loop ---------------------------------------------------------------------------------
@@ -213,33 +159,33 @@ class MultiUserTrainer:
         self,
         users: Sequence[UserData],
         on_done: Callable[[UserResult], None] | None = None,
-        progress: bool = False,
+        on_progress: ProgressCallback | None = None,
     ) -> list[UserResult]:
         ids = [u.user_id for u in users]
         if len(set(ids)) != len(ids):
             raise EngineError("user ids in one training job must be unique")
         queue = deque(users)
-        free = list(range(self.width, 0, -1))
-        active: dict[int, _Active] = {}
+        active: dict[str, _Active] = {}
         results: list[UserResult] = []
         total_steps = sum(
             math.ceil(len(u.train) / self.config.batch_size) * self.config.epochs for u in users
         )
-        with console.progress_bar(progress) as bar, self.engine.training():
-            task = bar.add_task("training users", total=total_steps)
+        done_steps = 0
+        with self.engine.training():
             while queue or active:
-                while queue and free:
-                    slot = free.pop()
-                    active[slot] = self._admit(queue.popleft(), slot)
-                stepped = self._step(list(active.values()))
-                bar.advance(task, stepped)
-                for slot in [s for s, a in active.items() if a.done]:
-                    result = self._finish(active.pop(slot))
+                while queue and len(active) < self.width:
+                    user = queue.popleft()
+                    active[user.user_id] = self._admit(user)
+                with self.slots.pinned_slots([a.slot for a in active.values()]):
+                    done_steps += self._step(list(active.values()))
+                if on_progress is not None:
+                    on_progress(done_steps, total_steps)
+                for user_id in [u for u, a in active.items() if a.done]:
+                    result = self._finish(active.pop(user_id))
                     results.append(result)
                     if on_done is not None:
                         on_done(result)
-                    self.bank.clear(slot)
-                    free.append(slot)
+                    self.slots.evict(user_id)
         return results
 
     def _step(self, users: list[_Active]) -> int:
@@ -323,45 +269,3 @@ class MultiUserTrainer:
             user.val_losses,
             time.perf_counter() - user.started,
         )
-
-
-# ---- resumable jobs ----------------------------------------------------------------------------------
-
-
-def user_folder(root: str | Path, user_id: str) -> Path:
-    """A filesystem-safe folder per user id; ids that needed changing get a hash so they stay distinct."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:80]
-    if safe != user_id or safe.startswith("."):
-        safe = f"{safe.lstrip('.')}-{zlib.crc32(user_id.encode()):08x}"
-    return Path(root) / safe
-
-
-def is_trained(root: str | Path, user_id: str) -> bool:
-    meta = user_folder(root, user_id) / io.META_FILE
-    if not meta.is_file():
-        return False
-    try:
-        return bool(io.read_json(meta).get("complete"))
-    except io.ModuleFileError:
-        return False
-
-
-def train_job(
-    engine: Engine,
-    users: Sequence[UserData],
-    config: TrainConfig,
-    out_dir: str | Path,
-    progress: bool = False,
-) -> dict[str, Path]:
-    """Train every user whose module is not yet complete in ``out_dir``; each module is saved the moment
-    its user finishes, so a killed job restarts where it stopped. Returns user id -> module folder."""
-    pending = [u for u in users if not is_trained(out_dir, u.user_id)]
-
-    def save(result: UserResult) -> None:
-        stored = io.StoredModule(engine.spec, result.module, result.meta())
-        io.write_module(
-            stored, user_folder(out_dir, result.user_id), model=engine.model, base_name=engine.base.name
-        )
-
-    MultiUserTrainer(engine, config).run(pending, on_done=save, progress=progress)
-    return {u.user_id: user_folder(out_dir, u.user_id) for u in users}

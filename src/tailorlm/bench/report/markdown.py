@@ -1,0 +1,48 @@
+"""``report.md``: the report as markdown, with the plots linked as PNG files next to it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from tailorlm.bench.report.plots import PLOTS
+from tailorlm.bench.report.reading import reading
+from tailorlm.bench.report.tables import (
+    Results,
+    comparison_rows,
+    method_rows,
+    notes,
+    sense,
+    setting_rows,
+)
+from tailorlm.bench.results import ALPHA
+
+
+def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(headers), line(["---"] * len(headers)), *(line(r) for r in rows)])
+
+
+def render_markdown(results: Results, plot_files: Mapping[str, str]) -> str:
+    """The report as markdown; ``plot_files`` maps plot keys to paths relative to the report."""
+    parts = [
+        f"# Benchmark report: {results['task']['name']}",
+        "## Reading",
+        reading(results),
+        "## Methods",
+        f"Sorted by {results['primary_metric']} ({sense(results)}). A method marked partial did not finish "
+        "every test user.",
+        _md_table(*method_rows(results)),
+        "## Against the references",
+        f"One-sided paired bootstrap over the users both methods have; delta = method - reference in "
+        f"{results['primary_metric']}; significant at p < {ALPHA}.",
+        _md_table(*comparison_rows(results)),
+        "## Plots",
+        *(f"![{PLOTS[key][0]}]({path})" for key, path in plot_files.items()),
+        "## Task and configuration",
+        _md_table(["setting", "value"], setting_rows(results)),
+        "## Notes",
+        "\n".join(f"- {note}" for note in notes(results)),
+    ]
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,163 @@
+"""The report's tables and the cell formatting every rendering shares (markdown, HTML and the console).
+
+``results`` is what ``tailorlm.bench.results.summarize`` returns. Each table comes as ``(headers, rows)``,
+rows as lists of already formatted strings, so each renderer only lays them out and none formats a number
+differently from another.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from tailorlm.bench.results import LEVEL
+
+# The results.json dict: {"task", "metrics", "primary_metric", "ranking", "references", "methods", ...}.
+Results = Mapping[str, Any]
+
+# The keys of results["references"] the report compares with, and how a sentence names each.
+REFERENCE_TITLES: dict[str, str] = {
+    "non_personal": "the best non-personal method",
+    "simple_baseline": "the best simple baseline",
+    "prompt_personal": "the best prompt-side personal method",
+}
+
+
+# --- cells -------------------------------------------------------------------------------------------------
+
+
+def num(value: float | None, digits: int = 3) -> str:
+    """A number for a cell; ``None`` (no value) becomes "-"."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def sense(results: Results) -> str:
+    """Which way the primary metric improves, as the tables and plots spell it."""
+    return "lower is better" if results["lower_is_better"] else "higher is better"
+
+
+def scored_methods(results: Results) -> list[str]:
+    """The methods with results, best first (the ranking without the methods that have none)."""
+    return [name for name in results["ranking"] if results["methods"][name]["has_results"]]
+
+
+def method_label(results: Results, name: str) -> str:
+    """A method's name, marked " (partial)" when it did not finish every user."""
+    return name if results["methods"][name]["complete"] else f"{name} (partial)"
+
+
+def users_cell(method: Mapping[str, Any]) -> str:
+    """Users done out of expected, e.g. "20/30 (partial)"."""
+    done = f"{method['users_done']}/{method['users_expected']}"
+    return done if method["complete"] else f"{done} (partial)"
+
+
+def _ci_cell(summary: Mapping[str, float]) -> str:
+    return f"{num(summary['user_mean'])} [{num(summary['ci_low'])}, {num(summary['ci_high'])}]"
+
+
+def p_text(value: float) -> str:
+    """A p-value as "p=0.123", or "p<0.001" below that."""
+    # The bootstrap p-value has a floor of 1/(resamples + 1): below 0.001 its digits say nothing more.
+    return "p<0.001" if value < 0.001 else f"p={value:.3f}"
+
+
+def delta_p(comparison: Mapping[str, Any]) -> str:
+    """A compared method's "+0.300, p<0.001": delta is method minus reference."""
+    return f"{comparison['delta']:+.3f}, {p_text(comparison['p_value'])}"
+
+
+def comparison_cell(comparison: Mapping[str, Any]) -> str:
+    """One comparison with a reference: delta, p and the verdict, or why there is none."""
+    status = comparison["status"]
+    if status == "compared":
+        verdict = "significant" if comparison["significant"] else "not significant"
+        return f"{delta_p(comparison)}, {verdict} (n={comparison['n_users']})"
+    return {
+        "self": "(reference)",
+        "missing": "no reference",
+        "no-results": "no results",
+        "no-common-users": "no shared users",
+    }.get(status, status)
+
+
+def _beats(comparison: Mapping[str, Any]) -> str:
+    if comparison["status"] != "compared":
+        return "-"
+    return "yes" if comparison["significant"] else "no"
+
+
+# --- tables ------------------------------------------------------------------------------------------------
+
+
+def method_rows(results: Results) -> tuple[list[str], list[list[str]]]:
+    """The methods table, best first: family, decoding, each metric's per-user mean [CI] and pooled value,
+    users done and seconds."""
+    headers = ["#", "method", "family", "decoding"]
+    for name in results["metrics"]:
+        headers += [f"{name} (user mean [{LEVEL:.0%} CI])", f"{name} pooled"]
+    headers += ["users", "examples", "seconds"]
+    rows = []
+    for rank, name in enumerate(results["ranking"], start=1):
+        method = results["methods"][name]
+        row = [str(rank) if method["has_results"] else "-", method_label(results, name), method["family"]]
+        row.append(method["decoding"])
+        for metric in results["metrics"]:
+            summary = method["metrics"].get(metric)
+            row += [_ci_cell(summary), num(summary["pooled"])] if summary else ["-", "-"]
+        row += [users_cell(method), str(method["n_examples"]), num(method["seconds"], 1)]
+        rows.append(row)
+    return headers, rows
+
+
+def comparison_rows(results: Results) -> tuple[list[str], list[list[str]]]:
+    """Per method: does it beat each reference significantly, with delta (method - reference) and p.
+    A reference family without results gets no columns (the reading says so)."""
+    refs = results["references"]
+    keys = [key for key in REFERENCE_TITLES if refs.get(key)]
+    headers = ["method"]
+    for key in keys:
+        headers += [f"beats {refs[key]}?", f"vs {refs[key]}: delta, p"]
+    rows = []
+    for name in results["ranking"]:
+        comparisons = results["methods"][name]["comparisons"]
+        row = [method_label(results, name)]
+        for key in keys:
+            row += [_beats(comparisons[key]), comparison_cell(comparisons[key])]
+        rows.append(row)
+    return headers, rows
+
+
+def setting_rows(results: Results) -> list[list[str]]:
+    """The task, the run's configuration and the statistics used, as [setting, value] rows."""
+    task = results["task"]
+    rows = [
+        ["task", str(task["name"])],
+        ["kind", str(task["kind"])],
+        ["labels", ", ".join(task["labels"]) if task.get("labels") else "-"],
+        [
+            "metrics",
+            f"{', '.join(results['metrics'])} (primary: {results['primary_metric']}, {sense(results)})",
+        ],
+        ["source", str(task.get("source", "-"))],
+        ["test users", str(results["users_in_run"])],
+        ["started", str(results.get("started") or "-")],
+    ]
+    for key, value in results["config"].items():
+        rows.append([f"config.{key}", value if isinstance(value, str) else json.dumps(value)])
+    stats = results["statistics"]
+    rows.append(
+        [
+            "statistics",
+            f"{stats['ci_level']:.0%} percentile bootstrap CI over users "
+            f"({stats['ci_resamples']} resamples); {stats['test']} ({stats['paired_resamples']} resamples), "
+            f"significant at p < {stats['alpha']}; seed {stats['seed']}",
+        ]
+    )
+    return rows
+
+
+def notes(results: Results) -> list[str]:
+    """The run's warnings for the Notes section; "none" rather than an empty list."""
+    return list(results["warnings"]) or ["none"]

@@ -1,0 +1,89 @@
+"""Prompt tuning (Lester et al., 2021): ``virtual_tokens`` learned embeddings placed right before each
+row's text. One tensor per user, ``prompt_embeddings`` ``[virtual_tokens, hidden]`` (PEFT's key); a new
+user starts small random. Slot 0's rows keep the virtual positions masked out, so they run the bare
+base model in the same batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from tailorlm.kinds.kind import ModuleKind, ModuleSpecError
+
+EMBEDDINGS = "prompt_embeddings"
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """Virtual token embeddings placed right before each row's text."""
+
+    virtual_tokens: int = 16
+    kind: ClassVar[str] = "prompt"
+    targets: tuple[str, ...] = field(default=(), init=False)
+
+
+class Prompt(ModuleKind):
+    name = "prompt"
+    spec_type = PromptSpec
+    peft_type = "PROMPT_TUNING"
+    learning_rate = 3e-2
+
+    def validate(self, spec: PromptSpec) -> None:
+        if spec.virtual_tokens < 1:
+            raise ModuleSpecError("prompt tuning needs at least one virtual token")
+
+    def input_shapes(self, spec: PromptSpec, model: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {EMBEDDINGS: (spec.virtual_tokens, model.get_input_embeddings().embedding_dim)}
+
+    def init_user(self, suffix: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
+        with torch.no_grad():
+            tensor.normal_(0.0, 0.02, generator=generator)
+
+    def model_inputs(
+        self,
+        spec: PromptSpec,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        slot_ids: torch.Tensor,
+        stack: Mapping[str, torch.Tensor],
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        # Each row's virtual tokens go right before its first real token, inside the left padding, so
+        # position ids (from the mask) are 0.. for them exactly as in PEFT's unpadded layout.
+        virtual = spec.virtual_tokens
+        text = model.get_input_embeddings()(input_ids)  # [rows, width, hidden]
+        rows, width, hidden = text.shape
+        embeds = torch.cat([text.new_zeros(rows, virtual, hidden), text], dim=1)
+        mask = torch.cat([attention_mask.new_zeros(rows, virtual), attention_mask], dim=1)
+        starts = width - attention_mask.sum(dim=1)
+        positions = starts[:, None] + torch.arange(virtual, device=input_ids.device)
+        row_index = torch.arange(rows, device=input_ids.device)[:, None].expand(rows, virtual)
+        prompts = stack[EMBEDDINGS].index_select(0, slot_ids).to(embeds.dtype)  # [rows, virtual, hidden]
+        embeds = embeds.index_put((row_index, positions), prompts)
+        personal = (slot_ids != 0).to(mask.dtype)[:, None].expand(rows, virtual)
+        mask = mask.index_put((row_index, positions), personal)
+        return {"inputs_embeds": embeds, "attention_mask": mask}, virtual
+
+    def peft_config(self, spec: PromptSpec, model: nn.Module, base_name: str | None) -> Any:
+        from peft import PromptTuningConfig, TaskType
+
+        config = model.config
+        return PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=spec.virtual_tokens,
+            token_dim=config.hidden_size,
+            num_transformer_submodules=1,
+            num_attention_heads=config.num_attention_heads,
+            num_layers=config.num_hidden_layers,
+            base_model_name_or_path=base_name,
+        )
+
+    def spec_from_peft(self, config: Mapping[str, Any]) -> PromptSpec:
+        spec = PromptSpec(virtual_tokens=int(config["num_virtual_tokens"]))
+        self.validate(spec)
+        return spec
