@@ -1,10 +1,24 @@
-"""Shared fixtures: the tiny same-tokenizer model for fast tests, the real model for marked ones."""
+"""Shared fixtures: the tiny same-tokenizer model for fast tests, the real model for marked ones, and
+engines over every registered module kind."""
 
 from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from tailorlm import models, settings
+
+# Helpers shared by tests/kinds, engine, store and train live in tests/ itself (kind_helpers.py). pytest's
+# default "prepend" import mode already puts this file's folder on sys.path when it imports this
+# conftest; saying so explicitly keeps `import kind_helpers` working under --import-mode=importlib too,
+# without __init__.py files (which would change every test module's import name) or pyproject settings.
+_TESTS = str(Path(__file__).parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -19,9 +33,37 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny(tokenizer) -> models.BaseModel:
+    """The tiny base, shared by the whole session: never wrap or change it (use ``make_base``)."""
     return models.tiny_model(seed=0, tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="session")
 def real_base() -> models.BaseModel:
     return models.load_base()
+
+
+@pytest.fixture
+def make_base(tiny) -> Callable[[], models.BaseModel]:
+    """A fresh copy of ``tiny`` per call, for anything that changes its base in place (an engine wraps its
+    projections, PEFT injects its layers, a merge rewrites weights). A deep copy is bit-identical to
+    ``models.tiny_model(seed=0)`` and ten times faster to make."""
+
+    def build() -> models.BaseModel:
+        return models.BaseModel(
+            model=copy.deepcopy(tiny.model), tokenizer=tiny.tokenizer, name=tiny.name, path=None
+        )
+
+    return build
+
+
+@pytest.fixture
+def make_engine(make_base):
+    """An engine of a registered kind, at the kind's default spec, on a fresh tiny base."""
+    # Imported here, not at the top: the data and CLI tests share this conftest and need no torch.
+    from tailorlm import kinds
+    from tailorlm.engine.engine import Engine
+
+    def build(kind: str, slots: int = 5, **engine_options) -> Engine:
+        return Engine(make_base(), kinds.default_spec(kind), slots=slots, **engine_options)
+
+    return build

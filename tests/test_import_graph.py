@@ -5,7 +5,9 @@ A unit is a subpackage (``data``, ``methods``, ``bench``, ...) or a top-level mo
 inside a function or under ``TYPE_CHECKING``: an import moved into a function still ties the two packages
 together, it only hides the cycle from import order until some call path runs it.
 
-For now only ``data`` is held to the rules (``CHECKED``); add a package there once its cycles are gone.
+Every unit may import only what ``MAY_IMPORT`` lists for it, which makes the dependencies run one way
+(README, "Layout"): ``kinds -> engine -> store -> train`` and ``data -> methods -> bench``, with ``perf``
+measuring from outside and the CLI on top. The terminal UI libraries are imported by the CLI alone.
 """
 
 from __future__ import annotations
@@ -21,10 +23,55 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT = "tailorlm"
 
-# Units whose imports must not come back to them through other units.
-CHECKED: tuple[str, ...] = ("data",)
-# What ``data`` may import besides itself: single modules below it that import nothing of tailorlm's.
-DATA_MAY_IMPORT: frozenset[str] = frozenset({"metrics"})
+# What each unit may import besides itself. Foundations (single modules) import nothing or each other.
+MAY_IMPORT: dict[str, frozenset[str]] = {
+    unit: frozenset(allowed)
+    for unit, allowed in {
+        "tailorlm": (),
+        "files": (),
+        "progress": (),
+        "settings": (),
+        "device": (),
+        "metrics": (),
+        "kinds": (),
+        "models": ("device", "files", "settings"),
+        "engine": ("kinds", "models"),
+        "store": ("engine", "files", "kinds"),
+        "train": ("engine", "progress", "store"),
+        "data": ("metrics",),
+        "methods": ("data", "engine", "files", "kinds", "models", "progress", "store", "train"),
+        "bench": ("data", "engine", "files", "methods", "metrics", "progress", "train"),
+        "perf": (
+            "data",
+            "engine",
+            "files",
+            "kinds",
+            "methods",
+            "models",
+            "progress",
+            "settings",
+            "store",
+            "train",
+        ),
+        "doctor": ("models", "settings"),
+        "cli": (
+            "bench",
+            "data",
+            "device",
+            "doctor",
+            "engine",
+            "files",
+            "methods",
+            "metrics",
+            "models",
+            "perf",
+            "progress",
+            "settings",
+        ),
+    }.items()
+}
+CHECKED: tuple[str, ...] = tuple(MAY_IMPORT)
+UI_LIBRARIES = ("rich", "typer")
 
 Graph = dict[str, dict[str, list[str]]]  # unit -> imported unit -> ["data/lamp.py:24", ...]
 
@@ -173,13 +220,35 @@ def test_imports_name_modules_that_exist(walked):
     assert not missing, "imports of modules that do not exist:\n" + "\n".join(missing)
 
 
-def test_data_imports_no_other_package(graph):
+def test_every_unit_is_placed(graph):
     assert "data" in graph, f"walked the wrong folder ({SRC}): found {sorted(graph)}"
-    extra = [("data", target) for target in graph["data"] if target not in DATA_MAY_IMPORT]
-    assert not extra, (
-        "tailorlm.data sits below every other package and may import only "
-        f"{sorted(DATA_MAY_IMPORT)}; it imports:\n{describe(graph, extra)}"
+    unplaced = sorted(set(graph) - set(MAY_IMPORT))
+    assert not unplaced, f"units with no place in MAY_IMPORT (give each its allowed imports): {unplaced}"
+
+
+@pytest.mark.parametrize("unit", sorted(MAY_IMPORT))
+def test_imports_follow_the_layers(graph, unit):
+    extra = [(unit, target) for target in graph.get(unit, {}) if target not in MAY_IMPORT[unit]]
+    assert not extra, f"tailorlm.{unit} may import only {sorted(MAY_IMPORT[unit])}; it imports:\n" + describe(
+        graph, extra
     )
+
+
+def test_only_the_cli_imports_terminal_ui_libraries():
+    found = []
+    for path in sorted((SRC / ROOT).rglob("*.py")):
+        if path.relative_to(SRC / ROOT).parts[0] == "cli":
+            continue
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            found += [
+                f"{path.relative_to(SRC).as_posix()}:{node.lineno} imports {name}"
+                for name in names
+                if name.split(".")[0] in UI_LIBRARIES
+            ]
+    assert not found, "progress and printing reach the CLI through callbacks; found:\n" + "\n".join(found)
 
 
 @pytest.mark.parametrize("unit", CHECKED)

@@ -1,13 +1,17 @@
-"""Writing files so that a reader, or a job resumed after a kill, never sees half of one."""
+"""Writing files so that a reader, or a job resumed after a kill, never sees half of one; JSON text that
+strict readers accept."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -31,3 +35,23 @@ def atomic_write_text(path: Path, text: str) -> None:
     staging = path.with_name(f".{path.name}.tmp")
     staging.write_text(text, encoding="utf-8")
     staging.replace(path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _jsonable(value.item())
+    if hasattr(value, "__fspath__"):
+        return str(value)
+    return value
+
+
+def json_text(payload: dict) -> str:
+    """``payload`` as indented JSON: numpy and torch scalars as numbers, paths as strings, NaN and
+    infinity as null (strict JSON readers refuse them)."""
+    return json.dumps(_jsonable(payload), indent=2, sort_keys=False)

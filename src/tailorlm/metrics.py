@@ -1,6 +1,6 @@
 """Metrics exactly as the reference systems score them, pooled and per user, with bootstrap statistics.
 
-Rules reproduced (hand-computed cases in ``tests/data/test_metrics.py``):
+Rules reproduced (hand-computed cases in ``tests/data/test_data_metrics.py``):
 
 - ``accuracy`` / ``f1`` (LaMP-1, LaMP-2): output and gold are stripped; an output that is not exactly a
   label maps to index -1 and is wrong; macro-F1 is over the real labels only (a label nobody predicted

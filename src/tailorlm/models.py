@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tailorlm import settings
+from tailorlm.device import resolve_placement
 from tailorlm.files import atomic_folder
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -35,6 +36,14 @@ class BaseModel:
     tokenizer: object
     name: str
     path: Path | None
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.model.parameters()).dtype
 
 
 def gguf_path() -> Path | None:
@@ -146,18 +155,19 @@ def _prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def load_base(name: str | None = None) -> BaseModel:
-    """Load a base model in fp32 (bf16 is slower than fp32 on these CPUs), frozen and in eval mode."""
-    import torch
+def load_base(name: str | None = None, device: str | None = None, dtype: str | None = None) -> BaseModel:
+    """Load a base model, frozen and in eval mode, on ``device`` in ``dtype`` (``tailorlm.device``: the
+    GPU when there is one, fp32 by default)."""
     from transformers import AutoModelForCausalLM
 
+    placement = resolve_placement(device, dtype)
     settings.apply_threads()
     _quiet_transformers()
     if name == TINY_MODEL:
-        return tiny_model()
+        return tiny_model(device=device, dtype=dtype)
     label, source = resolve(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=placement.dtype)
     except OSError as err:
         raise ModelNotFoundError(
             f"cannot load base model {label!r}: {err}. "
@@ -165,7 +175,7 @@ def load_base(name: str | None = None) -> BaseModel:
         ) from err
     tokenizer = load_tokenizer(name)
     return BaseModel(
-        model=_freeze(model),
+        model=_freeze(model.to(placement.device)),
         tokenizer=tokenizer,
         name=label,
         path=Path(source) if isinstance(source, Path) else None,
@@ -178,7 +188,14 @@ def _freeze(model):
     return model
 
 
-def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 64, tokenizer=None) -> BaseModel:
+def tiny_model(
+    seed: int = 0,
+    layers: int = 2,
+    hidden: int = 64,
+    tokenizer=None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> BaseModel:
     """A randomly initialised llama with the default model's tokenizer and shape family (grouped-query
     attention, tied embeddings) but tiny widths: built in well under a second, for fast tests."""
     import torch
@@ -200,7 +217,9 @@ def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 64, tokenizer=None)
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.float32)
+        model = LlamaForCausalLM(config).to(torch.float32)  # drawn in fp32 so every dtype starts alike
+    placement = resolve_placement(device, dtype)
+    model = model.to(device=placement.device, dtype=placement.dtype)
     return BaseModel(
         model=_freeze(model), tokenizer=tokenizer, name=f"tiny-llama-{layers}x{hidden}", path=None
     )

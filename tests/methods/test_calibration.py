@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tailorlm.bench import runner
+from tailorlm.bench.config import BenchConfig
 from tailorlm.data import load_task, render
-from tailorlm.methods.context import BenchConfig
 from tailorlm.methods.decoding import answer, check_decoding, choose_calibrated, choose_median
 from tailorlm.methods.recipes import PromptBuilder, Recipe
 

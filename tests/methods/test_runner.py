@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from tailorlm.bench import runner
+from tailorlm.bench.config import BenchConfig, split_users
+from tailorlm.bench.run_folder import RunFolder, RunFolderError
 from tailorlm.data import load_task
-from tailorlm.methods import baselines
-from tailorlm.methods.context import BenchConfig, split_users
 from tailorlm.methods.registry import resolve
 
 CONFIG = BenchConfig(
@@ -22,17 +23,17 @@ class Killed(Exception):
 
 
 def test_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
-    real_append = runner._append
+    real_append = RunFolder.append
     calls: list[tuple[str, str]] = []
     resumed = False
 
-    def append_then_die(out_dir, key, user, predictions, seconds):
-        real_append(out_dir, key, user, predictions, seconds)
+    def append_then_die(self, key, user, predictions, seconds):
+        real_append(self, key, user, predictions, seconds)
         calls.append((key, user.id))
         if len(calls) == 4 and not resumed:
             raise Killed
 
-    monkeypatch.setattr(runner, "_append", append_then_die)
+    monkeypatch.setattr(RunFolder, "append", append_then_die)
     with pytest.raises(Killed):
         runner.run("verbagg", tmp_path, ["user-majority", "zero-shot"], CONFIG)
     first_pass = list(calls)
@@ -42,13 +43,13 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert not set(calls) & set(first_pass)
     assert len(first_pass) + len(calls) == 2 * CONFIG.test_users
     for key in ("user-majority", "zero-shot"):
-        assert len(runner.done_users(tmp_path, key)) == CONFIG.test_users
+        assert len(RunFolder(tmp_path).done_users(key)) == CONFIG.test_users
 
 
 def test_a_folder_of_another_run_is_refused(tmp_path):
     runner.run("verbagg", tmp_path, ["user-majority"], CONFIG)
-    other = BenchConfig(**{**CONFIG.__dict__, "seed": 5})
-    with pytest.raises(runner.RunFolderError, match="holds another run"):
+    other = dataclasses.replace(CONFIG, seed=5)
+    with pytest.raises(RunFolderError, match="holds another run"):
         runner.run("verbagg", tmp_path, ["user-majority"], other)
 
 
@@ -75,9 +76,24 @@ def test_user_majority_baseline_reads_only_training_labels(tmp_path):
         assert len(predicted) == 1 and train_labels.count(predicted.pop()) == top
 
 
-def test_item_user_bias_uses_item_means_and_user_offset():
-    task = load_task("bfi")
-    ctx = type("Ctx", (), {"task": task})()
-    user = next(u for u in task.users if u.test)
-    [(_, predictions, _)] = list(baselines.item_user_bias(ctx, [user]))
-    assert len(predictions) == len(user.test) and set(predictions) <= set(task.labels)
+def test_resumed_run_keeps_trained_modules_and_answers_only_the_rest(tmp_path, monkeypatch):
+    real_append = RunFolder.append
+    answered: list[str] = []
+
+    def append_then_die(self, key, user, predictions, seconds):
+        real_append(self, key, user, predictions, seconds)
+        answered.append(user.id)
+        if len(answered) == 2:
+            raise Killed
+
+    monkeypatch.setattr(RunFolder, "append", append_then_die)
+    with pytest.raises(Killed):
+        runner.run("verbagg", tmp_path, ["peft-lora"], CONFIG)
+    monkeypatch.setattr(RunFolder, "append", real_append)
+    uses = []
+    runner.run("verbagg", tmp_path, ["peft-lora"], CONFIG, trace=uses.append)
+    # Every module was trained before the kill: the second run trains nothing, asks only who is left.
+    assert not [u for u in uses if u.purpose != "answer"]
+    asked = {u.prompt.user for u in uses}
+    assert len(asked) == CONFIG.test_users - 2 and not asked & set(answered)
+    assert len(RunFolder(tmp_path).done_users("peft-lora")) == CONFIG.test_users

@@ -5,10 +5,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from tailorlm.bench.config import BenchConfig, split_users
 from tailorlm.bench.tune import tune
 from tailorlm.cli import app
 from tailorlm.data import load_task
-from tailorlm.methods.context import BenchConfig, split_users
 
 CONFIG = BenchConfig(model="tiny", test_users=4, adapter_users=6, users_per_step=2)
 

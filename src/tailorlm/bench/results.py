@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from tailorlm import console, metrics
-from tailorlm.files import atomic_write_text
+from tailorlm import metrics
+from tailorlm.files import atomic_write_text, json_text
 
 RUN_FILE = "run.json"
 PREDICTIONS_DIR = "predictions"
@@ -385,5 +385,5 @@ def write_results(run_dir: str | Path) -> dict[str, Any]:
     """``summarize`` the folder and store it as ``results.json`` there; returns what was written."""
     results = summarize(run_dir)
     path = Path(run_dir) / RESULTS_FILE
-    atomic_write_text(path, console.dumps(results) + "\n")
+    atomic_write_text(path, json_text(results) + "\n")
     return results

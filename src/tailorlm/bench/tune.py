@@ -5,36 +5,38 @@ from neither the benchmark's test sample nor the task adapter's training users."
 
 from __future__ import annotations
 
+import gc
 import statistics
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tailorlm import metrics
+from tailorlm.bench.config import BenchConfig, split_users
 from tailorlm.bench.results import gold_value
 from tailorlm.data import load_task
-from tailorlm.data.schema import User
+from tailorlm.data.schema import Task, User
 from tailorlm.engine.engine import Engine
 from tailorlm.engine.slots import SlotManager
-from tailorlm.methods.context import BenchConfig, RunContext
 from tailorlm.methods.decoding import check_decoding, default_decoding
+from tailorlm.methods.deps import MethodDeps, base_loader
 from tailorlm.methods.recipes import PromptBuilder
 from tailorlm.methods.registry import methods_for
-from tailorlm.methods.setups import PersonalSetup, answer_examples
+from tailorlm.methods.setups import PersonalSetup, answer_examples, training_job
 from tailorlm.progress import Reporter
-from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, UserData, UserResult
+from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, UserResult
 
 SELECT_BY = ("metric", "loss")
 
 
-def tuning_users(ctx: RunContext) -> list[User]:
+def tuning_users(task: Task, test_users: Sequence[User], adapter_users: Sequence[User]) -> list[User]:
     """Users with validation items that neither the test sample nor the task adapter uses (OPPU's task
     adapter has seen its users' training examples, which would flatter the personal modules tuned on
     them); when every other user trains the adapter, the adapter's users are the only ones left."""
-    test_ids = {u.id for u in ctx.test_users}
-    used = test_ids | {u.id for u in ctx.adapter_users}
-    fresh = [u for u in ctx.task.users if u.val and ctx.task.training_examples(u) and u.id not in used]
-    return fresh or [u for u in ctx.adapter_users if u.id not in test_ids and u.val]
+    test_ids = {u.id for u in test_users}
+    used = test_ids | {u.id for u in adapter_users}
+    fresh = [u for u in task.users if u.val and task.training_examples(u) and u.id not in used]
+    return fresh or [u for u in adapter_users if u.id not in test_ids and u.val]
 
 
 def tune(
@@ -58,21 +60,36 @@ def tune(
         raise ValueError(f"{method!r} is not a per-user module method; choose one of {', '.join(personal)}")
     decoding = check_decoding(task, config.decoding or default_decoding(task))
     reporter = reporter or Reporter()
+    test_users, adapter_users = split_users(task, config)
     # OPPU's task adapter is trained in a scratch folder once per tuning call, never in a run's folder,
     # and removed afterwards.
     with tempfile.TemporaryDirectory(prefix="tailorlm-tune-") as scratch:
-        ctx = RunContext(task, config, out_dir=Path(scratch), reporter=reporter)
-        sample = tuning_users(ctx)[:users]
+        deps = MethodDeps(
+            task,
+            base_loader(config.model, config.device, config.dtype),
+            Path(scratch) / "modules",
+            config.method_settings(),
+            adapter_users=adapter_users,
+            reporter=reporter,
+        )
+        sample = tuning_users(task, test_users, adapter_users)[:users]
         if not sample:
             raise ValueError(f"task {task.name} has no users outside the test sample with validation items")
         primary = task.metrics[0]
         lower_is_better = primary in metrics.LOWER_IS_BETTER
         rows = []
         for rate in learning_rates:
-            engine = chosen.setup.build_engine(ctx, chosen.recipe)
-            builder = ctx.builder(chosen.recipe, engine.tokenizer)
+            engine = chosen.setup.build_engine(deps, chosen.recipe)
+            builder = deps.builder(chosen.recipe, engine.tokenizer)
             jobs = [
-                UserData(u.id, builder.pairs(u, task.training_examples(u)), builder.pairs(u, u.val))
+                training_job(
+                    deps,
+                    builder,
+                    method,
+                    u.id,
+                    [(u, e) for e in task.training_examples(u)],
+                    [(u, e) for e in u.val],
+                )
                 for u in sample
             ]
             train_config = TrainConfig(
@@ -85,7 +102,7 @@ def tune(
             results = MultiUserTrainer(engine, train_config).run(
                 jobs, on_progress=reporter.progress(f"{method} lr={rate:g}")
             )
-            scored = _validation_scores(ctx, engine, builder, sample, results, decoding)
+            scored = _validation_scores(deps, method, engine, builder, sample, results, decoding)
             rows.append(
                 {
                     "learning_rate": rate,
@@ -99,8 +116,9 @@ def tune(
                 f"{method} lr={rate:g}: validation loss {rows[-1]['val_loss']:.4f}, "
                 f"{primary} {rows[-1]['val_metric']:.4f}"
             )
+            # Each rate trains on a fresh base copy: free the last one before the next is loaded.
             del engine
-            ctx.release()
+            gc.collect()
     best_row = min(rows, key=_selection_key(select_by, lower_is_better))
     return {
         "task": task.name,
@@ -116,7 +134,7 @@ def tune(
     }
 
 
-def _selection_key(select_by: str, lower_is_better: bool):
+def _selection_key(select_by: str, lower_is_better: bool) -> Callable[[dict], tuple[float, float]]:
     def key(row: dict) -> tuple[float, float]:
         metric = row["val_metric"] if lower_is_better else -row["val_metric"]
         # The loss breaks ties between rates whose few validation answers all come out the same.
@@ -126,7 +144,8 @@ def _selection_key(select_by: str, lower_is_better: bool):
 
 
 def _validation_scores(
-    ctx: RunContext,
+    deps: MethodDeps,
+    method: str,
     engine: Engine,
     builder: PromptBuilder,
     users: list[User],
@@ -142,7 +161,9 @@ def _validation_scores(
         with slots.pinned([u.id for u in group]) as slot_of:
             queries = [(user, example) for user in group for example in user.val]
             row_slots = [slot_of[user.id] for user, _ in queries]
-            predictions += answer_examples(ctx, engine, builder, queries, row_slots, decoding)
-        golds += [gold_value({"gold": e.target, "golds": list(e.targets)}, ctx.task.kind) for _, e in queries]
+            predictions += answer_examples(deps, method, engine, builder, queries, row_slots, decoding)
+        golds += [
+            gold_value({"gold": e.target, "golds": list(e.targets)}, deps.task.kind) for _, e in queries
+        ]
         owners += [u.id for u, _ in queries]
-    return metrics.score(ctx.task.metrics, golds, predictions, owners, labels=ctx.task.labels)
+    return metrics.score(deps.task.metrics, golds, predictions, owners, labels=deps.task.labels)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
 
-from tailorlm import console, models
-from tailorlm.cli import app
-from tailorlm.cli.common import JSON_OPTION, MODEL_OPTION, user_errors
+from tailorlm import models
+from tailorlm.bench.config import QUICK
+from tailorlm.cli import app, console
+from tailorlm.cli.common import DEVICE_OPTION, DTYPE_OPTION, JSON_OPTION, MODEL_OPTION, user_errors
 from tailorlm.data import DataError, load_task
 from tailorlm.engine.bank import EngineError
-from tailorlm.methods.context import BenchConfig
 from tailorlm.methods.registry import default_methods, methods_for
 
 
@@ -40,6 +41,8 @@ def bench_command(
     ),
     split: str | None = typer.Option(None, "--split", help="LaMP split to test on (e.g. dev)."),
     model: str | None = MODEL_OPTION,
+    device: str | None = DEVICE_OPTION,
+    dtype: str | None = DTYPE_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed for the user sample, splits, training and sampling."),
     decoding: str | None = typer.Option(
         None,
@@ -48,22 +51,25 @@ def bench_command(
         "blanked), median (of the label distribution; ordered labels) or generate (default: choice "
         "for label tasks).",
     ),
-    epochs: int = typer.Option(2, "--epochs", min=1, help="Epochs of each per-user module."),
-    k: int = typer.Option(3, "--k", min=1, help="History items retrieved into the prompt."),
+    epochs: int = typer.Option(QUICK.epochs, "--epochs", min=1, help="Epochs of each per-user module."),
+    k: int = typer.Option(QUICK.k, "--k", min=1, help="History items retrieved into the prompt."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Benchmark personalization methods on one task; resumes an interrupted run in the same --out."""
     from tailorlm.bench import runner
     from tailorlm.bench.results import ReportError
+    from tailorlm.bench.run_folder import RunFolderError
     from tailorlm.cli.report_table import console_table
 
-    config = BenchConfig(model=model, seed=seed, decoding=decoding, epochs=epochs, k=k)
+    config = dataclasses.replace(
+        QUICK, model=model, device=device, dtype=dtype, seed=seed, decoding=decoding, epochs=epochs, k=k
+    )
     config = config.full() if full else config
     if test_users is not None:
-        config = BenchConfig(**{**config.__dict__, "test_users": test_users})
+        config = dataclasses.replace(config, test_users=test_users)
     out = out or Path("runs") / f"{task.replace(':', '-')}-{'full' if full else 'quick'}"
     with user_errors(
-        DataError, runner.RunFolderError, models.ModelNotFoundError, EngineError, ValueError, ReportError
+        DataError, RunFolderError, models.ModelNotFoundError, EngineError, ValueError, ReportError
     ):
         results = runner.run(
             task,
@@ -121,7 +127,7 @@ def tune_command(
     ),
     epochs: int = typer.Option(2, "--epochs", min=1, help="Most epochs per user (best epoch kept)."),
     test_users: int = typer.Option(
-        BenchConfig.test_users,
+        QUICK.test_users,
         "--test-users",
         min=1,
         help="Size of the bench run's test sample, whose users are left out.",
@@ -133,6 +139,8 @@ def tune_command(
         None, "--decoding", help="As in bench: choice, calibrated, median, generate."
     ),
     model: str | None = MODEL_OPTION,
+    device: str | None = DEVICE_OPTION,
+    dtype: str | None = DTYPE_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed of the user sample and training."),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -152,7 +160,15 @@ def tune_command(
             rates,
             users=users,
             epochs=epochs,
-            config=BenchConfig(model=model, seed=seed, test_users=test_users, decoding=decoding),
+            config=dataclasses.replace(
+                QUICK,
+                model=model,
+                device=device,
+                dtype=dtype,
+                seed=seed,
+                test_users=test_users,
+                decoding=decoding,
+            ),
             select_by=select_by,
             reporter=console.ConsoleReporter(visible=not as_json),
         )

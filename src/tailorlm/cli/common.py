@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import typer
 
-from tailorlm import console
+from tailorlm.cli import console
 
 JSON_OPTION = typer.Option(False, "--json", help="Print the figures as one JSON object on stdout.")
 MODEL_OPTION = typer.Option(
@@ -15,6 +15,16 @@ MODEL_OPTION = typer.Option(
     "--model",
     "-m",
     help="Base model: 'smollm2-135m-instruct' (default, offline), a local model folder, or a hub id.",
+)
+
+
+DEVICE_OPTION = typer.Option(
+    None,
+    "--device",
+    help="Where to compute: auto (default: the GPU when present, else cpu), cpu, cuda[:N], mps.",
+)
+DTYPE_OPTION = typer.Option(
+    None, "--dtype", help="Compute precision: fp32 (default; fastest on CPUs), bf16 or fp16 (for GPUs)."
 )
 
 

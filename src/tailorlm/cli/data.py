@@ -6,8 +6,7 @@ from pathlib import Path
 
 import typer
 
-from tailorlm import console
-from tailorlm.cli import app
+from tailorlm.cli import app, console
 from tailorlm.cli.common import JSON_OPTION, user_errors
 from tailorlm.data import DataError, UnknownTaskError, available_tasks, load_task, specs
 

@@ -6,9 +6,10 @@ import time
 
 import typer
 
-from tailorlm import console, doctor, models, settings
-from tailorlm.cli import app
-from tailorlm.cli.common import JSON_OPTION, MODEL_OPTION, user_errors
+from tailorlm import doctor, models, settings
+from tailorlm.cli import app, console
+from tailorlm.cli.common import DEVICE_OPTION, DTYPE_OPTION, JSON_OPTION, MODEL_OPTION, user_errors
+from tailorlm.device import DeviceError
 
 
 @app.command("doctor")
@@ -41,14 +42,16 @@ def ask_command(
     question: str = typer.Argument(..., help="What to ask the base model."),
     model: str | None = MODEL_OPTION,
     max_new_tokens: int = typer.Option(48, min=1, max=2048, help="Longest answer, in tokens."),
+    device: str | None = DEVICE_OPTION,
+    dtype: str | None = DTYPE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Ask the base model one question (greedy decoding, the model's chat template)."""
     from tailorlm.engine.generation import DecodeConfig, generate_texts
 
-    with user_errors(models.ModelNotFoundError):
+    with user_errors(models.ModelNotFoundError, DeviceError):
         started = time.perf_counter()
-        base = models.load_base(model)
+        base = models.load_base(model, device=device, dtype=dtype)
         loaded = time.perf_counter() - started
     prompt = models.chat_prompt(base.tokenizer, question)
     started = time.perf_counter()
@@ -57,6 +60,8 @@ def ask_command(
     )[0]
     payload = {
         "model": base.name,
+        "device": str(base.device),
+        "dtype": str(base.dtype).removeprefix("torch."),
         "question": question,
         "answer": answer,
         "load_seconds": loaded,

@@ -23,10 +23,9 @@ from typing import Any
 
 from tailorlm import metrics
 from tailorlm.data import build, render
-from tailorlm.data import specs as task_specs
 from tailorlm.data.errors import DataError, UnknownTaskError
 from tailorlm.data.schema import Example, HistoryItem, Task, User
-from tailorlm.data.specs import TaskSpec
+from tailorlm.data.specs import TaskSpec, all_specs
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 DEFAULT_SPLIT = "dev"
@@ -197,13 +196,9 @@ def _accepted_ids(spec: TaskSpec) -> set[str]:
 def spec_for_outputs(task_id: str, golds: Sequence[str], path: Path) -> TaskSpec:
     """The spec a golds file is for. ``LaMP_2`` names both the movie-tag task and the older news task (LaMP's
     own script has used both label sets), so the golds decide; OPPU's ``LaMP_2M`` / ``LaMP_2N`` say it."""
-    candidates = [
-        s for s in task_specs.all_specs().values() if s.family == "lamp" and task_id in _accepted_ids(s)
-    ]
+    candidates = [s for s in all_specs().values() if s.family == "lamp" and task_id in _accepted_ids(s)]
     if not candidates:
-        known = sorted(
-            {i for s in task_specs.all_specs().values() if s.family == "lamp" for i in _accepted_ids(s)}
-        )
+        known = sorted({i for s in all_specs().values() if s.family == "lamp" for i in _accepted_ids(s)})
         raise DataError(
             f"unknown LaMP task {task_id!r}; expected one of {', '.join(known)}", file=path, field="task"
         )

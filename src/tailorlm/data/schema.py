@@ -8,7 +8,7 @@ trained for a user when asking one of their examples is decided by ``Task.histor
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -130,11 +130,6 @@ class Task:
             )
             self._hidden[user.id] = cached
         return cached
-
-    def iter_examples(self, split: str) -> Iterator[tuple[User, Example]]:
-        for user in self.users:
-            for example in user.split(split):
-                yield user, example
 
     def count(self, split: str | None = None) -> int:
         splits = SPLITS if split is None else (split,)

@@ -152,15 +152,17 @@ class SlotBank:
                 f"module does not fit this bank: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
                 f", unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
             )
+        # Every shape is checked before anything is copied, so a refused module leaves the slot's user
+        # as they were rather than half overwritten.
+        for name, value in module.items():
+            expected = tuple(self.tensors[name].shape[1:])
+            if tuple(value.shape) != expected:
+                raise EngineError(
+                    f"tensor {name} has shape {tuple(value.shape)}, the bank expects {expected}"
+                )
         with torch.no_grad():
             for name, value in module.items():
-                target = self.tensors[name][slot]
-                if tuple(value.shape) != tuple(target.shape):
-                    raise EngineError(
-                        f"tensor {name} has shape {tuple(value.shape)}, the bank expects "
-                        f"{tuple(target.shape)}"
-                    )
-                target.copy_(value)
+                self.tensors[name][slot].copy_(value)
 
     def reset(self, slot: int, generator: torch.Generator) -> None:
         """A fresh user: the kind's initial values (PEFT's defaults), drawn from ``generator``.

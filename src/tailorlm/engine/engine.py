@@ -5,18 +5,34 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F
 
 from tailorlm.engine import batch as batching
+from tailorlm.engine import prefix as prefixes
 from tailorlm.engine.bank import EngineError, SlotBank, SlotRouter
 from tailorlm.engine.batch import IGNORE, Batch, Row, position_ids
 from tailorlm.engine.generation import DecodeConfig, generate_from_inputs
 from tailorlm.kinds import ModuleSpec
 from tailorlm.models import BaseModel
 
+if TYPE_CHECKING:
+    from transformers.cache_utils import Cache
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
 __all__ = ["IGNORE", "Batch", "Engine", "EngineError", "Row", "position_ids"]
+
+
+@dataclass
+class _Run:
+    """A batch run through the decoder, whole or as shared prefixes plus suffixes."""
+
+    hidden: torch.Tensor  # [rows, columns, hidden]: states of the batch's LAST `columns` token columns
+    mask: torch.Tensor  # [rows, cached]: attention mask over every position held in `cache`
+    cache: Cache | None  # keys and values of every position run (None unless asked for)
 
 
 class Engine:
@@ -24,6 +40,12 @@ class Engine:
 
     ``slots`` is how many modules are resident at once (slot 0, the identity, included). The base model
     is modified in place (its adapted projections are wrapped), so give each engine its own base model.
+
+    With ``share_prefix`` (the default), rows of one slot that start with the same tokens (one user's
+    system text and instruction) run that start once per batch and continue from its cached keys and
+    values, in training (``token_nll``) and scoring alike; see ``tailorlm.engine.prefix``. The result
+    equals running every row whole up to float rounding. ``positions_run`` counts the token positions
+    (padding included) the decoder has run, for measuring what sharing saves.
     """
 
     def __init__(
@@ -33,6 +55,7 @@ class Engine:
         slots: int = 9,
         max_length: int = 512,
         end_target_with_eos: bool = True,
+        share_prefix: bool = True,
     ) -> None:
         self.base = base
         self.model = base.model
@@ -40,6 +63,8 @@ class Engine:
         self.spec = spec
         self.max_length = max_length
         self.end_target_with_eos = end_target_with_eos
+        self.share_prefix = share_prefix
+        self.positions_run = 0
         self.router = SlotRouter()
         self.bank = SlotBank(self.model, spec, slots, self.router)
         self.device = self.bank.device  # the base model's; every batch tensor is made there
@@ -70,14 +95,71 @@ class Engine:
             self.spec, self.model, input_ids, attention_mask, slot_ids, self.bank.input_stack
         )
 
+    def _decode(self, slot_ids: torch.Tensor, **inputs: object) -> BaseModelOutputWithPast:
+        """One decoder call with every row routed to its slot; counts the positions it runs."""
+        tokens = inputs.get("input_ids")
+        tokens = inputs["inputs_embeds"] if tokens is None else tokens
+        self.positions_run += tokens.shape[0] * tokens.shape[1]
+        with self.router.route(slot_ids):
+            return self.model.get_decoder()(**inputs)
+
     def hidden_states(self, batch: Batch) -> torch.Tensor:
-        """Last hidden states aligned with ``batch.input_ids`` (virtual positions dropped)."""
+        """Last hidden states aligned with ``batch.input_ids`` (virtual positions dropped). Always one
+        plain pass: every position's state is wanted, so nothing can be left to a shared prefix."""
         inputs, inserted = self._model_inputs(batch.input_ids, batch.attention_mask, batch.slot_ids)
-        with self.router.route(batch.slot_ids):
-            output = self.model.get_decoder()(
-                **inputs, position_ids=position_ids(inputs["attention_mask"]), use_cache=False
-            )
+        output = self._decode(
+            batch.slot_ids, **inputs, position_ids=position_ids(inputs["attention_mask"]), use_cache=False
+        )
         return output.last_hidden_state[:, inserted:]
+
+    def _run(self, batch: Batch, use_cache: bool) -> _Run:
+        """The batch through the decoder: in one plain pass, or, when rows of one slot share enough
+        leading tokens, as a prefix pass (once per slot) and a suffix pass (every row) continuing from it.
+        Either way ``hidden`` holds every state from each row's last prompt token on."""
+        plan = prefixes.plan_batch(batch) if self._may_share() else None
+        if plan is None:
+            inputs, inserted = self._model_inputs(batch.input_ids, batch.attention_mask, batch.slot_ids)
+            mask = inputs["attention_mask"]
+            output = self._decode(
+                batch.slot_ids, **inputs, position_ids=position_ids(mask), use_cache=use_cache
+            )
+            cache = output.past_key_values if use_cache else None
+            return _Run(output.last_hidden_state[:, inserted:], mask, cache)
+        return self._run_shared(batch, plan)
+
+    def _may_share(self) -> bool:
+        # A kind whose training is random per position (LoRA dropout) would share one draw among the
+        # rows that share a prefix: not the computation the rows would get alone, so it runs plainly.
+        training = any(t.requires_grad for t in self.bank.tensors.values())
+        return self.share_prefix and (not training or self.bank.kind.exact_when_shared(self.spec))
+
+    def _run_shared(self, batch: Batch, plan: prefixes.PrefixPlan) -> _Run:
+        prefix_ids, prefix_mask, suffix_ids, suffix_mask = prefixes.prefix_tensors(
+            batch, plan, self.tokenizer.pad_token_id
+        )
+        group_of_row = torch.tensor(plan.group_of_row, device=self.device)  # [rows]
+        group_slots = batch.slot_ids[torch.tensor(plan.representatives, device=self.device)]  # [groups]
+        # The prefix goes through the kind's inputs, so inserted positions (prompt tuning's virtual
+        # tokens) sit in front of it once per group; the suffix tokens continue the sequence as plain
+        # ids, as choices and generated tokens do.
+        inputs, _ = self._model_inputs(prefix_ids, prefix_mask, group_slots)
+        group_mask = inputs["attention_mask"]  # [groups, inserted + width]
+        prefix = self._decode(group_slots, **inputs, position_ids=position_ids(group_mask), use_cache=True)
+        cache = prefix.past_key_values
+        # Each row continues from its group's keys and values ([groups, heads, cached, dim] ->
+        # [rows, ...]); the indexing stays in the autograd graph, so the prefix's gradient is the sum of
+        # its rows', exactly as if each row had run it.
+        cache.batch_select_indices(group_of_row)
+        mask = torch.cat([group_mask[group_of_row], suffix_mask], dim=1)  # [rows, cached + suffix]
+        suffix = self._decode(
+            batch.slot_ids,
+            input_ids=suffix_ids,
+            attention_mask=mask,
+            position_ids=position_ids(mask)[:, -suffix_ids.shape[1] :],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return _Run(suffix.last_hidden_state, mask, cache)
 
     def logits(self, batch: Batch) -> torch.Tensor:
         """Full logits at every position (for checks; training and scoring use ``token_nll``)."""
@@ -89,22 +171,32 @@ class Engine:
         The vocabulary projection runs only at positions that predict a target token: with a 49k
         vocabulary it is a fifth of the forward cost and most of the memory.
         """
-        hidden = self.hidden_states(batch)
+        run = self._run(batch, use_cache=False)
+        offset = batch.input_ids.shape[1] - run.hidden.shape[1]  # batch column of run.hidden[:, 0]
         next_labels = batch.labels[:, 1:]
         rows, cols = (next_labels != IGNORE).nonzero(as_tuple=True)
-        logits = self.model.get_output_embeddings()(hidden[rows, cols])
+        logits = self.model.get_output_embeddings()(run.hidden[rows, cols - offset])
         nll = F.cross_entropy(logits.float(), next_labels[rows, cols], reduction="none")
         sums = nll.new_zeros(len(batch)).index_add(0, rows, nll)
         counts = torch.bincount(rows, minlength=len(batch))
         return sums, counts
 
+    def _by_slot(self, slots: Sequence[int]) -> list[int]:
+        """An order that puts each slot's rows next to each other (stable), so batches hold whole users
+        and their prompts can share a prefix; the identity order when nothing is shared."""
+        order = list(range(len(slots)))
+        return sorted(order, key=slots.__getitem__) if self.share_prefix else order
+
     @torch.inference_mode()
     def score(self, rows: Sequence[Row], batch_size: int = 16) -> list[float]:
         """Summed log-probability of each row's target given its prompt (for choosing among labels)."""
-        scores: list[float] = []
+        order = self._by_slot([row.slot for row in rows])
+        scores = [0.0] * len(rows)
         for start in range(0, len(rows), batch_size):
-            sums, _ = self.token_nll(self.encode(rows[start : start + batch_size]))
-            scores.extend((-sums).tolist())
+            chunk = order[start : start + batch_size]
+            sums, _ = self.token_nll(self.encode([rows[i] for i in chunk]))
+            for i, value in zip(chunk, (-sums).tolist(), strict=True):
+                scores[i] = value
         return scores
 
     @torch.inference_mode()
@@ -113,7 +205,9 @@ class Engine:
     ) -> list[list[float]]:
         """For each prompt, the summed log-probability of every choice (end-of-sequence included, as in
         ``score``). The prompt runs once; every choice continues from its cached keys and values, so
-        choosing among n labels costs about one forward pass instead of n."""
+        choosing among n labels costs about one forward pass instead of n. With ``share_prefix`` the
+        prompts of one slot are batched together and their common start runs once too: a prefix per
+        user, then each prompt's own tokens, then the choices."""
         if len(prompts) != len(slots):
             raise EngineError(f"{len(prompts)} prompts but {len(slots)} slots")
         if not choices:
@@ -128,16 +222,14 @@ class Engine:
         continuation_mask = torch.tensor(
             [[1] * len(ids) + [0] * (width - len(ids)) for ids in choice_ids], device=self.device
         )
-        scores: list[list[float]] = []
+        order = self._by_slot(slots)
+        scores: list[list[float]] = [[] for _ in prompts]
         for start in range(0, len(prompts), batch_size):
-            rows = [
-                Row(p, "", s)
-                for p, s in zip(
-                    prompts[start : start + batch_size], slots[start : start + batch_size], strict=True
-                )
-            ]
+            chunk = order[start : start + batch_size]
+            rows = [Row(prompts[i], "", slots[i]) for i in chunk]
             totals = self._score_continuations(self.encode(rows), continuation, continuation_mask)
-            scores.extend(totals.view(len(rows), len(choices)).tolist())
+            for i, values in zip(chunk, totals.view(len(rows), len(choices)).tolist(), strict=True):
+                scores[i] = values
         return scores
 
     def _score_continuations(
@@ -145,26 +237,23 @@ class Engine:
     ) -> torch.Tensor:
         choices, width = continuation.shape
         rows = len(batch)
-        inputs, _ = self._model_inputs(batch.input_ids, batch.attention_mask, batch.slot_ids)
-        mask = inputs["attention_mask"]
-        decoder = self.model.get_decoder()
-        with self.router.route(batch.slot_ids):
-            prefix = decoder(**inputs, position_ids=position_ids(mask), use_cache=True)
-        cache = prefix.past_key_values
+        run = self._run(batch, use_cache=True)
+        mask = run.mask  # [rows, cached]: everything the prompts' keys and values cover
+        cache = run.cache
         cache.batch_repeat_interleave(choices)  # row b * choices + j continues prompt b with choice j
         expanded_slots = batch.slot_ids.repeat_interleave(choices)
         token_mask = continuation_mask.repeat(rows, 1)
         positions = mask.sum(1).repeat_interleave(choices)[:, None] + torch.arange(width, device=self.device)
-        with self.router.route(expanded_slots):
-            tail = decoder(
-                input_ids=continuation.repeat(rows, 1),
-                attention_mask=torch.cat([mask.repeat_interleave(choices, 0), token_mask], dim=1),
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-            )
+        tail = self._decode(
+            expanded_slots,
+            input_ids=continuation.repeat(rows, 1),
+            attention_mask=torch.cat([mask.repeat_interleave(choices, 0), token_mask], dim=1),
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
         # Token k of a choice is predicted by the prompt's last state (k = 0) or the choice's token k - 1.
-        last = prefix.last_hidden_state[:, -1].repeat_interleave(choices, 0)[:, None]
+        last = run.hidden[:, -1].repeat_interleave(choices, 0)[:, None]
         predicting = torch.cat([last, tail.last_hidden_state[:, :-1]], dim=1)
         row_index, column = token_mask.nonzero(as_tuple=True)
         logits = self.model.get_output_embeddings()(predicting[row_index, column]).float()

@@ -68,4 +68,5 @@ def generate_texts(
         padding_side="left",
         add_special_tokens=False,
     )
-    return generate_from_inputs(model, tokenizer, dict(batch), decode or DecodeConfig())
+    inputs = {name: tensor.to(model.device) for name, tensor in batch.items()}
+    return generate_from_inputs(model, tokenizer, inputs, decode or DecodeConfig())

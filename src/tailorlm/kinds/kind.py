@@ -44,6 +44,11 @@ class ModuleKind:
     peft_type: ClassVar[str | None] = None  # PEFT's name for this kind, None when PEFT has no such kind
     # The learning rate the benchmark starts this kind at (the usual scale for the kind, see setups).
     learning_rate: ClassVar[float] = 1e-3
+    # Whether a new user (``init_user``) gives exactly the base model's outputs, as PEFT's initialisations
+    # do for LoRA (B = 0), IA3 (ones) and the bottleneck adapter (up = 0). Prompt tuning's fresh virtual
+    # tokens are new context, so its new users already differ from the base. The contract tests hold
+    # every kind to what it declares here, both ways.
+    starts_as_identity: ClassVar[bool] = True
 
     # ---- the spec ----------------------------------------------------------------------------------
 
@@ -78,7 +83,8 @@ class ModuleKind:
         return 0.0
 
     def init_user(self, suffix: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
-        """Fresh-user values for one slot's tensor (PEFT's defaults, so a new module is the identity)."""
+        """Fresh-user values for one slot's tensor (PEFT's defaults, so that a new module is the identity
+        wherever the kind can start as one: see ``starts_as_identity``)."""
         with torch.no_grad():
             tensor.fill_(self.identity_value(suffix))
 
@@ -111,6 +117,11 @@ class ModuleKind:
         """Inputs for the decoder and how many positions were put in front of each row's text
         (dropped again from the outputs). By default the token ids as they are."""
         return {"input_ids": input_ids, "attention_mask": attention_mask}, 0
+
+    def exact_when_shared(self, spec: Any) -> bool:
+        """Whether training rows that share a prompt prefix may compute it once: true unless the kind
+        draws randomness per position in training (then each row must draw its own)."""
+        return True
 
     # ---- PEFT and merging ---------------------------------------------------------------------------
 

@@ -59,6 +59,9 @@ class Lora(ModuleKind):
         # Dropout only acts in training: two LoRA specs that differ in it hold interchangeable modules.
         return (a.rank, a.alpha, sorted(a.targets)) == (b.rank, b.alpha, sorted(b.targets))
 
+    def exact_when_shared(self, spec: LoraSpec) -> bool:
+        return spec.dropout == 0.0
+
     def linear_shapes(self, spec: LoraSpec, short_name: str, linear: nn.Linear) -> dict[str, tuple[int, ...]]:
         return {
             "lora_A.weight": (spec.rank, linear.in_features),

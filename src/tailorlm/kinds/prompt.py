@@ -32,6 +32,7 @@ class Prompt(ModuleKind):
     spec_type = PromptSpec
     peft_type = "PROMPT_TUNING"
     learning_rate = 3e-2
+    starts_as_identity = False  # a new user's small random virtual tokens already change outputs
 
     def validate(self, spec: PromptSpec) -> None:
         if spec.virtual_tokens < 1:

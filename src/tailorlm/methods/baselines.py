@@ -9,10 +9,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 from tailorlm.data import render
 from tailorlm.data.schema import Task, User
-from tailorlm.methods.context import RunContext
+from tailorlm.methods.decoding import UserAnswers
 from tailorlm.methods.retrieval import BM25Retriever
-
-UserAnswers = tuple[User, list[str], float]
 
 
 def _position(task: Task, label: str) -> float:
@@ -35,16 +33,18 @@ def _global_order(task: Task) -> list[str]:
     return sorted(task.labels, key=lambda label: (-counts.get(label, 0), task.labels.index(label)))
 
 
-def user_majority(ctx: RunContext, users: Sequence[User]) -> Iterator[UserAnswers]:
-    order = _global_order(ctx.task)
+def user_majority(task: Task, users: Sequence[User]) -> Iterator[UserAnswers]:
+    """The user's most frequent training label; ties (and users without labels) go to the label most
+    frequent over every user's training answers."""
+    order = _global_order(task)
     for user in users:
-        targets = [e.targets[0] for e in ctx.task.training_examples(user) if e.targets]
+        targets = [e.targets[0] for e in task.training_examples(user) if e.targets]
         label = _most_frequent(targets, order) if targets else order[0]
         yield user, [label] * len(user.test), 0.0
 
 
-def user_mean(ctx: RunContext, users: Sequence[User]) -> Iterator[UserAnswers]:
-    task = ctx.task
+def user_mean(task: Task, users: Sequence[User]) -> Iterator[UserAnswers]:
+    """The user's mean training rating (labels counted by position), rounded to the nearest label."""
     for user in users:
         positions = [_position(task, e.targets[0]) for e in task.training_examples(user) if e.targets]
         mean = sum(positions) / len(positions)
@@ -62,9 +62,9 @@ def _item_stats(task: Task) -> tuple[dict[str, list[str]], float]:
     return by_item, sum(everything) / max(1, len(everything))
 
 
-def item_user_bias(ctx: RunContext, users: Sequence[User]) -> Iterator[UserAnswers]:
-    """Item mean plus the user's mean deviation from the item means on their own training items."""
-    task = ctx.task
+def item_user_bias(task: Task, users: Sequence[User]) -> Iterator[UserAnswers]:
+    """Item mean plus the user's mean deviation from the item means on their own training items; an item
+    nobody answered in training counts with the mean of every training answer."""
     by_item, global_mean = _item_stats(task)
     item_mean = {
         item: sum(_position(task, t) for t in answers) / len(answers) for item, answers in by_item.items()
@@ -80,10 +80,11 @@ def item_user_bias(ctx: RunContext, users: Sequence[User]) -> Iterator[UserAnswe
         yield user, predictions, 0.0
 
 
-def item_majority(ctx: RunContext, users: Sequence[User]) -> Iterator[UserAnswers]:
-    """The label most users gave the item (non-personal)."""
-    by_item, _ = _item_stats(ctx.task)
-    order = _global_order(ctx.task)
+def item_majority(task: Task, users: Sequence[User]) -> Iterator[UserAnswers]:
+    """The label most users gave the item in training (non-personal); ties, and items nobody answered,
+    go to the label most frequent over every training answer."""
+    by_item, _ = _item_stats(task)
+    order = _global_order(task)
     for user in users:
         predictions = [
             _most_frequent(by_item[e.item_key], order) if by_item.get(e.item_key) else order[0]
@@ -92,18 +93,22 @@ def item_majority(ctx: RunContext, users: Sequence[User]) -> Iterator[UserAnswer
         yield user, predictions, 0.0
 
 
-def nearest_output(ctx: RunContext, users: Sequence[User]) -> Iterator[UserAnswers]:
-    """For generation: the target of the user's visible history item most similar to the query (BM25)."""
+def nearest_output(task: Task, users: Sequence[User]) -> Iterator[UserAnswers]:
+    """For generation: the output of the user's most similar (BM25) visible history item that is one of
+    their training examples. The output is that example's target: history items carry it under no common
+    field name (LaMP's profile items have none called ``target``)."""
     retriever = BM25Retriever()
     for user in users:
+        outputs = {e.source_id or e.id: e.target for e in task.training_examples(user)}
         predictions = []
         for example in user.test:
-            best = retriever.top_k(render.query(ctx.task, example), ctx.task.history_for(user, example), 1)
-            predictions.append(str(best[0].fields.get("target", "")) if best else "")
+            visible = [item for item in task.history_for(user, example) if item.id in outputs]
+            best = retriever.top_k(render.query(task, example), visible, 1)
+            predictions.append(outputs[best[0].id] if best else "")
         yield user, predictions, 0.0
 
 
-Baseline = Callable[[RunContext, Sequence[User]], Iterator[UserAnswers]]
+Baseline = Callable[[Task, Sequence[User]], Iterator[UserAnswers]]
 
 
 def applicable(task: Task) -> dict[str, Baseline]:

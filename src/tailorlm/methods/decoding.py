@@ -8,12 +8,14 @@ from collections.abc import Sequence
 
 import torch
 
-from tailorlm.data.schema import Task
+from tailorlm.data.schema import Task, User
 from tailorlm.engine.engine import Engine
 from tailorlm.engine.generation import DecodeConfig
 
 DECODINGS = ("choice", "calibrated", "median", "generate")
 CHOICE_DECODINGS = ("choice", "calibrated", "median")
+
+UserAnswers = tuple[User, list[str], float]  # a user, one answer per test example, seconds spent per user
 
 
 def default_decoding(task: Task) -> str:

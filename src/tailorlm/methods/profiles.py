@@ -1,13 +1,16 @@
 """PAG: a short textual profile of each user, written by the base model from a seeded sample of the
-history every one of their test queries may see, cached on disk per (model, task, user, sample)."""
+history every one of their test queries may see, cached per (model, task, user, sample) in memory and,
+when a file is given, on disk."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from tailorlm import models
 from tailorlm.data.schema import HistoryItem, Task, User
@@ -35,14 +38,31 @@ def visible_to_all(task: Task, user: User, split: str = "test") -> list[HistoryI
     return [item for item in user.history if item.id in (allowed or set())]
 
 
+@dataclass(frozen=True)
+class UserProfile:
+    """A user's profile text and the ids of the history items it was written from."""
+
+    user: str
+    text: str
+    items: tuple[str, ...]
+
+
+class ProfileSource(Protocol):
+    def ensure(self, users: Sequence[User]) -> None:
+        """Have the profiles of ``users`` ready (written together, in batches)."""
+
+    def profile(self, user: User) -> UserProfile: ...
+
+
 class ProfileWriter:
-    """Generates and caches profiles; ``cache_file`` holds them as JSON keyed by a content hash."""
+    """Generates and caches profiles; ``cache_file`` (optional) holds them as JSON keyed by a content
+    hash, so a later run with the same model, task and sample reuses them."""
 
     def __init__(
         self,
         engine: Engine,
         task: Task,
-        cache_file: Path,
+        cache_file: Path | None = None,
         items: int = 10,
         seed: int = 0,
         max_new_tokens: int = 60,
@@ -53,7 +73,9 @@ class ProfileWriter:
         self.items = items
         self.seed = seed
         self.max_new_tokens = max_new_tokens
-        self._cache: dict[str, str] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+        self._cache: dict[str, str] = {}
+        if cache_file is not None and cache_file.is_file():
+            self._cache = json.loads(cache_file.read_text())
 
     def _sample(self, user: User, pool: Sequence[HistoryItem]) -> list[HistoryItem]:
         chosen = list(pool)
@@ -64,7 +86,9 @@ class ProfileWriter:
         identity = [PROFILE_VERSION, self.engine.base.name, self.task.name, user.id, [i.id for i in sample]]
         return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
 
-    def profiles(self, users: Sequence[User], split: str = "test", batch_size: int = 8) -> dict[str, str]:
+    def profiles(
+        self, users: Sequence[User], split: str = "test", batch_size: int = 8
+    ) -> dict[str, UserProfile]:
         """Profiles of ``users``, generating only those not cached."""
         wanted: dict[str, tuple[str, list[HistoryItem]]] = {}
         for user in users:
@@ -83,11 +107,58 @@ class ProfileWriter:
             for (_, key, _), text in zip(chunk, texts, strict=True):
                 self._cache[key] = " ".join(text.split())
             self._save()
-        return {uid: self._cache[key] for uid, (key, _) in wanted.items()}
+        return {
+            uid: UserProfile(uid, self._cache[key], tuple(item.id for item in sample))
+            for uid, (key, sample) in wanted.items()
+        }
 
     def _prompt(self, sample: Sequence[HistoryItem]) -> str:
         listing = "\n".join(f"- {item.text}" for item in sample) or "- (nothing yet)"
         return models.chat_prompt(self.engine.tokenizer, PROFILE_INSTRUCTION.format(items=listing))
 
     def _save(self) -> None:
-        atomic_write_text(self.cache_file, json.dumps(self._cache, indent=1, sort_keys=True))
+        if self.cache_file is not None:
+            atomic_write_text(self.cache_file, json.dumps(self._cache, indent=1, sort_keys=True))
+
+
+class Profiles:
+    """A ``ProfileSource``: profiles written on first need by ``engine()`` (called only then, so a run
+    whose profiles are all cached never builds it) and kept for the rest of the run."""
+
+    def __init__(
+        self,
+        task: Task,
+        engine: Callable[[], Engine],
+        cache_file: Path | None = None,
+        items: int = 10,
+        seed: int = 0,
+        max_new_tokens: int = 60,
+    ) -> None:
+        self.task = task
+        self.cache_file = cache_file
+        self.items = items
+        self.seed = seed
+        self.max_new_tokens = max_new_tokens
+        self._engine = engine
+        self._writer: ProfileWriter | None = None
+        self._profiles: dict[str, UserProfile] = {}
+
+    def ensure(self, users: Sequence[User]) -> None:
+        missing = [u for u in users if u.id not in self._profiles]
+        if not missing:
+            return
+        if self._writer is None:
+            self._writer = ProfileWriter(
+                self._engine(),
+                self.task,
+                self.cache_file,
+                items=self.items,
+                seed=self.seed,
+                max_new_tokens=self.max_new_tokens,
+            )
+        self._profiles.update(self._writer.profiles(missing))
+
+    def profile(self, user: User) -> UserProfile:
+        if user.id not in self._profiles:
+            self.ensure([user])
+        return self._profiles[user.id]

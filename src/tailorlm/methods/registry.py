@@ -12,27 +12,44 @@ from dataclasses import dataclass, field
 
 from tailorlm.data.schema import Task, User
 from tailorlm.methods import baselines
-from tailorlm.methods.context import RunContext
+from tailorlm.methods.decoding import UserAnswers
+from tailorlm.methods.deps import MethodDeps
 from tailorlm.methods.recipes import Recipe
-from tailorlm.methods.setups import OPPU_PERSONAL, PERSONAL_KINDS, BaseSetup, PersonalSetup, TaskAdapterSetup
-
-UserAnswers = tuple[User, list[str], float]
+from tailorlm.methods.setups import (
+    OPPU_PERSONAL,
+    PERSONAL_KINDS,
+    Answerer,
+    BaseSetup,
+    PersonalSetup,
+    Setup,
+    TaskAdapterSetup,
+    answer_users,
+)
 
 
 @dataclass(frozen=True)
 class Method:
+    """A named method: a model setup with a prompt recipe, or (``setup`` None) a rule-based baseline."""
+
     name: str
     family: str
     description: str
-    setup: object | None = None  # BaseSetup | TaskAdapterSetup | PersonalSetup
+    setup: Setup | None = None
     recipe: Recipe = field(default_factory=Recipe)
     personal: bool = True
 
-    def run(self, ctx: RunContext, users: Sequence[User], decoding: str) -> Iterator[UserAnswers]:
+    def prepare(self, deps: MethodDeps, users: Sequence[User]) -> Answerer:
+        """The method ready to answer any example of ``users`` (their modules trained if it has any)."""
         if self.setup is None:
-            yield from baselines.applicable(ctx.task)[self.name](ctx, users)
+            raise ValueError(f"{self.name} is a rule-based baseline: it has no model to prepare")
+        return self.setup.prepare(deps, self.name, self.recipe, users)
+
+    def run(self, deps: MethodDeps, users: Sequence[User], decoding: str) -> Iterator[UserAnswers]:
+        """Every test example of ``users``, a user at a time as their answers exist."""
+        if self.setup is None:
+            yield from baselines.applicable(deps.task)[self.name](deps.task, users)
         else:
-            yield from self.setup.run(ctx, self.name, self.recipe, users, decoding)
+            yield from answer_users(self.prepare(deps, users), users, decoding)
 
 
 _BM25, _DENSE = Recipe(retrieval="bm25"), Recipe(retrieval="dense")

@@ -82,3 +82,16 @@ def make_retriever(name: str) -> Retriever:
     if name == "dense":
         return DenseRetriever()
     raise ValueError(f"unknown retriever {name!r}; use 'bm25' or 'dense'")
+
+
+class RetrieverCache:
+    """Retrievers by name, each made once: the dense one keeps its encoder and item embeddings, so every
+    method of a run that retrieves densely shares them."""
+
+    def __init__(self) -> None:
+        self._made: dict[str, Retriever] = {}
+
+    def __call__(self, name: str) -> Retriever:
+        if name not in self._made:
+            self._made[name] = make_retriever(name)
+        return self._made[name]

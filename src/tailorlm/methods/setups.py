@@ -1,13 +1,21 @@
 """Which model answers a method's prompts: the bare base, one shared task adapter (OPPU stage 1), a module
 per user trained from the bare base (PEFT-U), or a module per user on top of the merged task adapter
-(OPPU stage 2). Every setup answers users in mixed batches through the engine."""
+(OPPU stage 2).
+
+A setup is prepared for the users it will be asked about (``prepare`` trains what its module store lacks)
+and returns an ``Answerer`` that answers any of their examples in mixed-user batches through the engine.
+It reads only what ``MethodDeps`` hands it, so one user's question can be asked outside any benchmark run.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from tailorlm import kinds
 from tailorlm.data.schema import Example, User
@@ -15,14 +23,14 @@ from tailorlm.engine.engine import Engine
 from tailorlm.engine.slots import SlotManager
 from tailorlm.kinds import ModuleSpec
 from tailorlm.kinds.lora import LoraSpec
-from tailorlm.methods.context import RunContext
-from tailorlm.methods.decoding import answer
-from tailorlm.methods.recipes import PromptBuilder, Recipe
+from tailorlm.methods.decoding import UserAnswers, answer
+from tailorlm.methods.deps import MethodDeps
+from tailorlm.methods.recipes import PromptBuilder, PromptUse, Purpose, Recipe
 from tailorlm.store.store import ModuleStore
 from tailorlm.train.jobs import train_job
 from tailorlm.train.trainer import TrainConfig, UserData
 
-UserAnswers = tuple[User, list[str], float]  # user, one prediction per test example, seconds spent
+Query = tuple[User, Example]
 
 
 @dataclass(frozen=True)
@@ -46,43 +54,68 @@ TASK_ADAPTER = ModuleRecipe(LoraSpec(rank=8, alpha=8, targets=("q_proj", "k_proj
 OPPU_PERSONAL = ModuleRecipe(LoraSpec(rank=8, alpha=8, targets=("q_proj", "v_proj")), 1e-2)
 
 
+def _prompts(
+    deps: MethodDeps,
+    builder: PromptBuilder,
+    method: str,
+    purpose: Purpose,
+    queries: Sequence[Query],
+    module: str | None = None,
+    content_free: bool = False,
+) -> list[str]:
+    """The prompts of ``queries``, each recorded in ``deps.trace`` with what it is for: every prompt a
+    setup runs or trains on comes through here, so the trace holds all of them."""
+    texts = []
+    for user, example in queries:
+        prompt = builder.build(user, example, content_free=content_free)
+        deps.record(PromptUse(method, purpose, module, prompt.provenance))
+        texts.append(prompt.text)
+    return texts
+
+
+def training_job(
+    deps: MethodDeps,
+    builder: PromptBuilder,
+    method: str,
+    module: str,
+    train: Sequence[Query],
+    val: Sequence[Query] = (),
+) -> UserData:
+    """The training job of ``module`` (a user id, or the task adapter's): (prompt, target) pairs of its
+    train and validation queries, every prompt recorded as trace use ``train`` or ``validate``."""
+    train_texts = _prompts(deps, builder, method, "train", train, module)
+    val_texts = _prompts(deps, builder, method, "validate", val, module)
+    return UserData(
+        module,
+        [(text, e.target) for text, (_, e) in zip(train_texts, train, strict=True)],
+        [(text, e.target) for text, (_, e) in zip(val_texts, val, strict=True)],
+    )
+
+
 def answer_examples(
-    ctx: RunContext,
+    deps: MethodDeps,
+    method: str,
     engine: Engine,
     builder: PromptBuilder,
-    queries: Sequence[tuple[User, Example]],
+    queries: Sequence[Query],
     slots: Sequence[int],
     decoding: str,
 ) -> list[str]:
     """One answer per (user, example), each row in its slot; calibrated decoding also gets each prompt's
     content-free twin."""
-    prompts = [builder(user, example) for user, example in queries]
+    prompts = _prompts(deps, builder, method, "answer", queries)
     content_free = None
     if decoding == "calibrated":
-        content_free = [builder(user, example, content_free=True) for user, example in queries]
+        content_free = _prompts(deps, builder, method, "answer", queries, content_free=True)
     return answer(
-        engine, ctx.task, prompts, slots, decoding, ctx.config.max_new_tokens, content_free=content_free
+        engine,
+        deps.task,
+        prompts,
+        slots,
+        decoding,
+        deps.settings.max_new_tokens,
+        content_free=content_free,
     )
-
-
-def _answer_users(
-    ctx: RunContext,
-    engine: Engine,
-    builder: PromptBuilder,
-    users: Sequence[User],
-    slot_of: dict[str, int],
-    decoding: str,
-) -> Iterator[UserAnswers]:
-    """Answer every test example of ``users`` in shared batches (each row in its user's slot)."""
-    started = time.perf_counter()
-    queries = [(user, example) for user in users for example in user.test]
-    slots = [slot_of.get(user.id, 0) for user, _ in queries]
-    outputs = answer_examples(ctx, engine, builder, queries, slots, decoding)
-    seconds = (time.perf_counter() - started) / max(1, len(users))
-    position = 0
-    for user in users:
-        yield user, outputs[position : position + len(user.test)], seconds
-        position += len(user.test)
 
 
 def _groups(users: Sequence[User], size: int) -> Iterator[list[User]]:
@@ -90,84 +123,157 @@ def _groups(users: Sequence[User], size: int) -> Iterator[list[User]]:
         yield list(users[start : start + size])
 
 
+@dataclass
+class Answerer:
+    """A prepared setup: its engine and prompt builder, and where each user's rows go. ``slots`` is
+    ``None`` when the bare base answers (every row in slot 0); ``shared`` names the one module every user
+    is answered with (the task adapter), otherwise each user gets their own. ``group_size`` users are
+    placed and answered at a time."""
+
+    deps: MethodDeps
+    method: str
+    engine: Engine
+    builder: PromptBuilder
+    group_size: int
+    slots: SlotManager | None = None
+    shared: str | None = None
+
+    @contextlib.contextmanager
+    def placed(self, users: Sequence[User]) -> Iterator[dict[str, int]]:
+        """Each user's slot, kept resident until the block ends."""
+        if self.slots is None:
+            yield {}
+        elif self.shared is not None:
+            with self.slots.pinned([self.shared]) as placed:
+                yield {u.id: placed[self.shared] for u in users}
+        else:
+            with self.slots.pinned([u.id for u in users]) as placed:
+                yield placed
+
+    def answer(self, queries: Sequence[Query], decoding: str) -> list[str]:
+        """One answer per (user, example), in order; users are placed ``group_size`` at a time."""
+        answers: list[str] = [""] * len(queries)
+        users = list({user.id: user for user, _ in queries}.values())
+        for group in _groups(users, self.group_size):
+            ids = {u.id for u in group}
+            rows = [i for i, (user, _) in enumerate(queries) if user.id in ids]
+            with self.placed(group) as slot_of:
+                outputs = answer_examples(
+                    self.deps,
+                    self.method,
+                    self.engine,
+                    self.builder,
+                    [queries[i] for i in rows],
+                    [slot_of.get(queries[i][0].id, 0) for i in rows],
+                    decoding,
+                )
+            for i, output in zip(rows, outputs, strict=True):
+                answers[i] = output
+        return answers
+
+
+def answer_users(answerer: Answerer, users: Sequence[User], decoding: str) -> Iterator[UserAnswers]:
+    """Every test example of ``users``, ``answerer.group_size`` users per call, each user yielded as soon
+    as their group is answered (with the group's seconds split evenly)."""
+    for group in _groups(users, answerer.group_size):
+        started = time.perf_counter()
+        outputs = answerer.answer([(user, example) for user in group for example in user.test], decoding)
+        seconds = (time.perf_counter() - started) / max(1, len(group))
+        position = 0
+        for user in group:
+            yield user, outputs[position : position + len(user.test)], seconds
+            position += len(user.test)
+
+
+class Setup(Protocol):
+    def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> Answerer:
+        """Train whatever ``users`` need that the store lacks; return an answerer for them."""
+
+
+def _refuse_adapter_users(deps: MethodDeps, users: Sequence[User]) -> None:
+    """The task adapter is non-personal: a user it trained on must not be answered through it."""
+    trained_on = {u.id for u in deps.adapter_users}
+    overlap = sorted(u.id for u in users if u.id in trained_on)
+    if overlap:
+        raise ValueError(
+            f"task {deps.task.name}: the task adapter trains on {len(overlap)} of the users it is asked "
+            f"about ({', '.join(overlap[:3])}); adapter users must be other users"
+        )
+
+
 class BaseSetup:
     """The base model with nothing personal in its weights."""
 
-    def run(
-        self, ctx: RunContext, method: str, recipe: Recipe, users: Sequence[User], decoding: str
-    ) -> Iterator[UserAnswers]:
-        engine = ctx.bare_engine()
+    def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> Answerer:
+        engine = deps.bare_engine()
         if recipe.profile:
-            ctx.ensure_profiles(list(users))
-        builder = ctx.builder(recipe, engine.tokenizer)
-        for group in _groups(users, 8):
-            yield from _answer_users(ctx, engine, builder, group, {}, decoding)
+            deps.profiles.ensure(users)
+        builder = deps.builder(recipe, engine.tokenizer)
+        return Answerer(deps, method, engine, builder, group_size=deps.settings.answer_group)
 
 
 class TaskAdapterSetup:
-    """OPPU stage 1: one LoRA trained on the pooled examples of users who are not under test."""
+    """OPPU stage 1: one LoRA trained on the pooled examples of ``deps.adapter_users``."""
 
     USER = "task"  # the one "user" of the task adapter's store
 
-    def store(self, ctx: RunContext, recipe: Recipe) -> ModuleStore:
-        return ModuleStore(ctx.out_dir / "modules" / f"task-adapter-{recipe.tag}")
+    @staticmethod
+    def store_name(recipe: Recipe) -> str:
+        return f"task-adapter-{recipe.tag}"
 
-    def ensure_trained(self, ctx: RunContext, recipe: Recipe) -> ModuleStore:
-        store = self.store(ctx, recipe)
+    def ensure_trained(self, deps: MethodDeps, recipe: Recipe) -> ModuleStore:
+        store = deps.store(self.store_name(recipe))
         if store.has(self.USER):
             return store
+        settings = deps.settings
         if recipe.profile:
-            ctx.ensure_profiles(ctx.adapter_users)
-        engine = ctx.engine(TASK_ADAPTER.spec, slots=2)
-        builder = ctx.builder(recipe, engine.tokenizer)
-        train_pairs = [(u, e) for u in ctx.adapter_users for e in ctx.task.training_examples(u)]
-        val_pairs = [(u, e) for u in ctx.adapter_users for e in u.val]
-        rng = random.Random(ctx.config.seed)
+            deps.profiles.ensure(deps.adapter_users)
+        engine = deps.engine(TASK_ADAPTER.spec, slots=2)
+        builder = deps.builder(recipe, engine.tokenizer)
+        train_pairs = [(u, e) for u in deps.adapter_users for e in deps.task.training_examples(u)]
+        val_pairs = [(u, e) for u in deps.adapter_users for e in u.val]
+        rng = random.Random(settings.seed)
         rng.shuffle(train_pairs)
         rng.shuffle(val_pairs)
-        if ctx.config.adapter_examples is not None:
-            train_pairs = train_pairs[: ctx.config.adapter_examples]
-        val_pairs = val_pairs[:64]
+        if settings.adapter_examples is not None:
+            train_pairs = train_pairs[: settings.adapter_examples]
+        val_pairs = val_pairs[: settings.adapter_val_examples]
         if not train_pairs:
             raise ValueError(
-                f"task {ctx.task.name}: no users outside the test sample to train a task adapter on"
+                f"task {deps.task.name}: no users to train a task adapter on "
+                "(it needs users other than the ones it is asked about)"
             )
-        job = UserData(
-            self.USER,
-            [(builder(u, e), e.target) for u, e in train_pairs],
-            [(builder(u, e), e.target) for u, e in val_pairs],
-        )
+        job = training_job(deps, builder, self.store_name(recipe), self.USER, train_pairs, val_pairs)
         config = TrainConfig(
-            epochs=ctx.config.adapter_epochs,
-            batch_size=8,
+            epochs=settings.adapter_epochs,
+            batch_size=settings.adapter_batch_size,
             learning_rate=TASK_ADAPTER.learning_rate,
-            warmup_ratio=0.1,
-            seed=ctx.config.seed,
+            warmup_ratio=settings.adapter_warmup_ratio,
+            seed=settings.seed,
         )
-        ctx.reporter.log(
+        deps.reporter.log(
             f"training the task adapter ({recipe.tag}) on {len(train_pairs)} examples of "
-            f"{len(ctx.adapter_users)} other users"
+            f"{len(deps.adapter_users)} other users"
         )
         train_job(
-            engine, [job], config, store, on_progress=ctx.reporter.progress(f"task adapter ({recipe.tag})")
+            engine, [job], config, store, on_progress=deps.reporter.progress(f"task adapter ({recipe.tag})")
         )
+        # The training engine's base copy is not needed again: free it before the next one is loaded.
         del engine
-        ctx.release()
+        gc.collect()
         return store
 
-    def run(
-        self, ctx: RunContext, method: str, recipe: Recipe, users: Sequence[User], decoding: str
-    ) -> Iterator[UserAnswers]:
-        store = self.ensure_trained(ctx, recipe)
-        engine = ctx.engine(TASK_ADAPTER.spec, slots=2)
+    def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> Answerer:
+        _refuse_adapter_users(deps, users)
+        store = self.ensure_trained(deps, recipe)
+        engine = deps.engine(TASK_ADAPTER.spec, slots=2)
         slots = SlotManager(engine.bank, store.loader(engine.spec))
         if recipe.profile:
-            ctx.ensure_profiles(list(users))
-        builder = ctx.builder(recipe, engine.tokenizer)
-        for group in _groups(users, 8):
-            with slots.pinned([self.USER]) as placed:
-                slot_of = {u.id: placed[self.USER] for u in group}
-                yield from _answer_users(ctx, engine, builder, group, slot_of, decoding)
+            deps.profiles.ensure(users)
+        builder = deps.builder(recipe, engine.tokenizer)
+        return Answerer(
+            deps, method, engine, builder, deps.settings.answer_group, slots=slots, shared=self.USER
+        )
 
 
 class PersonalSetup:
@@ -177,37 +283,47 @@ class PersonalSetup:
         self.recipe = recipe
         self.on_task_adapter = on_task_adapter
 
-    def build_engine(self, ctx: RunContext, prompt_recipe: Recipe) -> Engine:
-        base = ctx.load_base()
+    def build_engine(self, deps: MethodDeps, prompt_recipe: Recipe) -> Engine:
+        """A fresh base (with the task adapter merged into it for OPPU) and a slot per user of a step."""
+        base = deps.load_base()
         if self.on_task_adapter:
-            stored = TaskAdapterSetup().ensure_trained(ctx, prompt_recipe).get(TaskAdapterSetup.USER)
+            stored = TaskAdapterSetup().ensure_trained(deps, prompt_recipe).get(TaskAdapterSetup.USER)
             kinds.of(stored.spec).merge_into_base(stored.spec, base.model, stored.tensors)
-        return ctx.engine(self.recipe.spec, slots=ctx.config.users_per_step + 1, base=base)
+        return deps.engine(self.recipe.spec, slots=deps.settings.users_per_step + 1, base=base)
 
-    def run(
-        self, ctx: RunContext, method: str, recipe: Recipe, users: Sequence[User], decoding: str
-    ) -> Iterator[UserAnswers]:
-        engine = self.build_engine(ctx, recipe)
+    def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> Answerer:
+        if self.on_task_adapter:
+            _refuse_adapter_users(deps, users)
+        settings = deps.settings
+        engine = self.build_engine(deps, recipe)
         if recipe.profile:
-            ctx.ensure_profiles(list(users))
-        builder = ctx.builder(recipe, engine.tokenizer)
-        store = ModuleStore(ctx.out_dir / "modules" / method)
+            deps.profiles.ensure(users)
+        builder = deps.builder(recipe, engine.tokenizer)
+        store = deps.store(method)
+        # Only users the store lacks are built and trained: a resumed run keeps the modules it has.
         jobs = [
-            UserData(u.id, builder.pairs(u, ctx.task.training_examples(u)), builder.pairs(u, u.val))
+            training_job(
+                deps,
+                builder,
+                method,
+                u.id,
+                [(u, e) for e in deps.task.training_examples(u)],
+                [(u, e) for e in u.val],
+            )
             for u in users
+            if not store.has(u.id)
         ]
-        config = TrainConfig(
-            epochs=ctx.config.epochs,
-            batch_size=ctx.config.batch_size,
-            learning_rate=self.recipe.learning_rate,
-            seed=ctx.config.seed,
-            users_per_step=ctx.config.users_per_step,
-        )
-        ctx.reporter.log(
-            f"{method}: training {len(jobs)} users' modules, {ctx.config.users_per_step} per step"
-        )
-        train_job(engine, jobs, config, store, on_progress=ctx.reporter.progress(f"{method}: training"))
+        if jobs:
+            config = TrainConfig(
+                epochs=settings.epochs,
+                batch_size=settings.batch_size,
+                learning_rate=self.recipe.learning_rate,
+                seed=settings.seed,
+                users_per_step=settings.users_per_step,
+            )
+            deps.reporter.log(
+                f"{method}: training {len(jobs)} users' modules, {settings.users_per_step} per step"
+            )
+            train_job(engine, jobs, config, store, on_progress=deps.reporter.progress(f"{method}: training"))
         slots = SlotManager(engine.bank, store.loader(engine.spec))
-        for group in _groups(users, slots.capacity):
-            with slots.pinned([u.id for u in group]) as slot_of:
-                yield from _answer_users(ctx, engine, builder, group, slot_of, decoding)
+        return Answerer(deps, method, engine, builder, slots.capacity, slots=slots)

@@ -17,13 +17,18 @@ from tailorlm.store import module_folder
 from tailorlm.store.module_folder import ModuleFileError, StoredModule
 
 COMPLETE = "complete"  # the key in a module's tailorlm.json that marks a finished module
+_HASHED = re.compile(r".*-[0-9a-f]{8}")  # how a name that got a hash ends
 
 
 def folder_name(user_id: str) -> str:
     """A filesystem-safe folder name per user id; ids that needed changing get a hash so they stay
-    distinct (``a/b`` and ``a_b`` do not share a folder), and no id can name a path outside the root."""
+    distinct (``a/b`` and ``a_b`` do not share a folder), and no id can name a path outside the root.
+
+    An id keeps its own name only when that is unambiguous: unchanged by the cleaning, not empty (that
+    would be the root itself), not hidden (staging folders are) and not spelled like a hashed name (which
+    could be another id's: ``a_b-07f4401c`` is where ``a/b`` lives)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:80]
-    if safe != user_id or safe.startswith("."):
+    if safe != user_id or not safe or safe.startswith(".") or _HASHED.fullmatch(safe):
         safe = f"{safe.lstrip('.')}-{zlib.crc32(user_id.encode()):08x}"
     return safe
 
@@ -58,7 +63,8 @@ class ModuleStore:
         meta: Mapping | None = None,
     ) -> Path:
         """Store ``user_id``'s module, replacing the old one atomically, marked complete."""
-        stored = StoredModule(spec, dict(tensors), {"user": user_id, **(meta or {}), COMPLETE: True})
+        # The id it is put under is the one recorded, whatever ``meta`` says: ``users`` reads it back.
+        stored = StoredModule(spec, dict(tensors), {**(meta or {}), "user": user_id, COMPLETE: True})
         return module_folder.write_module(stored, self.folder(user_id), model=model, base_name=base_name)
 
     def get(self, user_id: str) -> StoredModule:
@@ -80,7 +86,9 @@ class ModuleStore:
         return load
 
     def users(self) -> list[str]:
-        """Users with a complete module, by the id recorded in it."""
+        """Users with a complete module, by the id recorded in it. Only a user's own folder counts: a
+        staging folder a killed write left behind (``.ann.x1y2``, see ``files.atomic_folder``) holds a
+        complete-looking copy too."""
         if not self.root.is_dir():
             return []
         found = []
@@ -89,8 +97,9 @@ class ModuleStore:
                 record = module_folder.read_json(meta)
             except ModuleFileError:
                 continue
-            if record.get(COMPLETE) and isinstance(record.get("user"), str):
-                found.append(record["user"])
+            user = record.get("user")
+            if record.get(COMPLETE) and isinstance(user, str) and meta.parent.name == folder_name(user):
+                found.append(user)
         return found
 
     def delete(self, user_id: str) -> None:

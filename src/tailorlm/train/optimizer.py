@@ -18,8 +18,9 @@ class SlotAdamW:
         self.config = config
         self.exp_avg = {n: torch.zeros_like(t) for n, t in tensors.items()}
         self.exp_avg_sq = {n: torch.zeros_like(t) for n, t in tensors.items()}
-        slots = next(iter(tensors.values())).shape[0]
-        self.steps = torch.zeros(slots, dtype=torch.long)
+        # Moments live with the bank (its device and dtype); step counts are per slot, on the same device.
+        first = next(iter(tensors.values()))
+        self.steps = torch.zeros(first.shape[0], dtype=torch.long, device=first.device)
 
     def reset(self, slot: int) -> None:
         for state in (*self.exp_avg.values(), *self.exp_avg_sq.values()):
@@ -29,6 +30,8 @@ class SlotAdamW:
     @torch.no_grad()
     def step(self, slots: torch.Tensor, learning_rates: torch.Tensor) -> None:
         """Update only ``slots``; each with its own learning rate, clipping and bias correction."""
+        slots = slots.to(self.steps.device)
+        learning_rates = learning_rates.to(self.steps.device)
         beta1, beta2 = self.config.betas
         grads = {
             n: (t.grad.index_select(0, slots) if t.grad is not None else torch.zeros_like(t[slots]))

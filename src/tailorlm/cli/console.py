@@ -5,7 +5,6 @@ Progress and chatter go to stderr so that ``--json`` output stays machine-readab
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -23,34 +22,17 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from tailorlm.files import json_text
 from tailorlm.progress import ProgressCallback, Reporter
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        return _jsonable(value.item())
-    if hasattr(value, "__fspath__"):
-        return str(value)
-    return value
-
-
-def dumps(payload: dict) -> str:
-    return json.dumps(_jsonable(payload), indent=2, sort_keys=False)
-
-
 def emit(payload: dict, as_json: bool, render: Callable[[dict], None]) -> None:
     """Print ``payload`` as JSON, or hand it to ``render`` for the human view."""
     if as_json:
-        sys.stdout.write(dumps(payload) + "\n")
+        sys.stdout.write(json_text(payload) + "\n")
         sys.stdout.flush()
     else:
         render(payload)

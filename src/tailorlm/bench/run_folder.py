@@ -1,0 +1,144 @@
+"""One benchmark run on disk, the one owner of its layout:
+
+- ``run.json``: the task, the config, the methods, the test users, and the identity a resumed run must
+  match (``RunFolderError`` otherwise);
+- ``predictions/<method>.jsonl``: one line per user, appended the moment the user is answered, so a killed
+  run resumes with the users that have no line yet;
+- ``modules/``: the module stores of the methods that train (``MethodDeps.modules``);
+- ``profiles.json``: the PAG profiles written so far;
+- ``lamp/<method>.json``: predictions in LaMP's outputs format (written by the runner for LaMP tasks).
+
+``results.json`` and the report, read from these, belong to ``bench.results`` and ``bench.report``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tailorlm.bench.config import BenchConfig
+from tailorlm.bench.results import PREDICTIONS_DIR, RUN_FILE
+from tailorlm.data.schema import Task, User
+
+
+class RunFolderError(ValueError):
+    """The output folder holds a different run (other task, seed or users) than the one asked for."""
+
+
+class RunFolder:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def modules(self) -> Path:
+        return self.root / "modules"
+
+    @property
+    def profiles(self) -> Path:
+        return self.root / "profiles.json"
+
+    @property
+    def lamp(self) -> Path:
+        return self.root / "lamp"
+
+    def predictions(self, method_key: str) -> Path:
+        return self.root / PREDICTIONS_DIR / f"{method_key}.jsonl"
+
+    # ---- run.json ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def identity(task: Task, config: BenchConfig, test_users: list[User]) -> dict:
+        """What must match for a folder's stored results to be continued."""
+        return {
+            "task": task.name,
+            "source": task.source,
+            "seed": config.seed,
+            "model": config.model,
+            "test_users": [u.id for u in test_users],
+        }
+
+    def write_run_file(
+        self,
+        task: Task,
+        config: BenchConfig,
+        test_users: list[User],
+        adapter_users: list[User],
+        methods: dict[str, dict],
+    ) -> None:
+        """Record the run; refuses a folder that holds another run, adds to one that holds this run."""
+        path = self.root / RUN_FILE
+        identity = self.identity(task, config, test_users)
+        previous = json.loads(path.read_text()) if path.is_file() else None
+        if previous is not None and previous.get("identity") != identity:
+            raise RunFolderError(
+                f"{self.root} holds another run ({previous.get('identity', {}).get('task')}, "
+                f"seed {previous.get('identity', {}).get('seed')}, or other users); "
+                "choose another --out folder or delete this one"
+            )
+        record = {
+            "task": {
+                "name": task.name,
+                "kind": task.kind,
+                "labels": list(task.labels) if task.labels else None,
+                "metrics": list(task.metrics),
+                "source": task.source,
+            },
+            "config": asdict(config),
+            "methods": {**(previous or {}).get("methods", {}), **methods},
+            "users": {
+                u.id: {
+                    "history": len(u.history),
+                    "train": len(task.training_examples(u)),
+                    "val": len(u.val),
+                    "test": len(u.test),
+                }
+                for u in test_users
+            },
+            "adapter_users": len(adapter_users),
+            "identity": identity,
+            "started": (previous or {}).get("started") or datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        self.root.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2))
+
+    # ---- predictions -------------------------------------------------------------------------------
+
+    def done_users(self, method_key: str) -> set[str]:
+        """Users whose answers from ``method_key`` are stored."""
+        path = self.predictions(method_key)
+        if not path.is_file():
+            return set()
+        users = set()
+        for line in path.read_text().splitlines():
+            try:
+                users.add(json.loads(line)["user"])
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut short by a kill: that user simply runs again
+        return users
+
+    def append(self, method_key: str, user: User, predictions: list[str], seconds: float) -> None:
+        """Store one user's answers (one per test example) from ``method_key``."""
+        if len(predictions) != len(user.test):
+            raise RuntimeError(
+                f"{method_key} gave {len(predictions)} answers for {len(user.test)} test items of {user.id}"
+            )
+        record = {
+            "user": user.id,
+            "seconds": seconds,
+            "examples": [
+                {"id": e.id, "gold": e.target, "golds": list(e.targets), "prediction": p}
+                for e, p in zip(user.test, predictions, strict=True)
+            ],
+        }
+        path = self.predictions(method_key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def answers(self, method_key: str) -> dict[str, str]:
+        """Every stored answer of ``method_key`` by example id."""
+        path = self.predictions(method_key)
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return {e["id"]: e["prediction"] for line in lines for e in line["examples"]}

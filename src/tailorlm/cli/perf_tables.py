@@ -1,0 +1,117 @@
+"""The printed form of a ``tailorlm perf engine`` payload: per section a table of timings and checks
+(ratio, target, verdict), its fact tables, notes, and one line of what the machine did. ``--json``
+prints the payload itself; this module only formats it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tailorlm.cli import console
+
+_TIMING_COLUMNS = ("measured", "resident", "median", "min .. max", "runs")
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _value(check: dict) -> str:
+    return f"{check['value']:,.0f} B" if check["unit"] == "B" else f"{check['value']:.2f}x"
+
+
+def _target(check: dict) -> str:
+    target = f"{check['target']:,.0f} B" if check["unit"] == "B" else f"{check['target']:g}x"
+    return f"{check['direction']} {target}"
+
+
+def cell(value: Any) -> str:
+    """A fact-table cell: thousands separators for whole numbers, 3 significant figures for fractions."""
+    if isinstance(value, bool) or value is None:
+        return console.fmt(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
+
+
+def section_table(section: dict) -> Table:
+    """Timings first, then each check with its ratio, target and verdict in the last three columns."""
+    grid = Table(title=section["title"], title_justify="left")
+    for column in (*_TIMING_COLUMNS, "ratio", "target", "result"):
+        grid.add_column(column)
+    blank = ("", "", "")
+    for timing in section["timings"]:
+        median = duration(timing["median_s"])
+        if timing["per_second"] is not None:
+            median += f" ({timing['per_second']:.2f} ex/s)"
+        spread = f"{duration(timing['min_s'])} .. {duration(timing['max_s'])}"
+        grid.add_row(
+            timing["name"], console.fmt(timing["resident"]), median, spread, str(timing["runs"]), *blank
+        )
+    if section["timings"] and section["checks"]:
+        grid.add_section()
+    for check in section["checks"]:
+        verdict = "[green]PASS[/]" if check["passed"] else "[red]MISS[/]"
+        grid.add_row(
+            check["label"], *[""] * (len(_TIMING_COLUMNS) - 1), _value(check), _target(check), verdict
+        )
+    return grid
+
+
+def fact_table(table: dict) -> Table:
+    grid = Table(title=table["title"], title_justify="left")
+    for column in table["columns"]:
+        grid.add_column(column)
+    for row in table["rows"]:
+        grid.add_row(*[cell(value) for value in row])
+    return grid
+
+
+def machine_line(facts: dict) -> str | None:
+    parts = []
+    load = facts.get("load_average_1min")
+    if load:
+        parts.append(f"load average (1 min) before/after {load[0]:.1f} / {load[1]:.1f}")
+    if facts.get("cpu_busy") is not None:
+        parts.append(f"threads busy {facts['cpu_busy']:.0%}")
+    if "rss_mb_peak" in facts:
+        parts.append(
+            f"peak RSS {facts['rss_mb_peak']:,.0f} MB (+{facts['rss_mb_peak_increase']:,.0f} MB over the "
+            f"section's start)"
+        )
+    if "section_seconds" in facts:
+        parts.append(f"{facts['section_seconds']:.0f} s")
+    return "  machine: " + "; ".join(parts) if parts else None
+
+
+def render(payload: dict, out: Console | None = None) -> None:
+    # Redirected to a file, rich would wrap the tables at 80 columns.
+    if out is None:
+        out = console.out if console.out.is_terminal else Console(width=160, soft_wrap=True)
+    out.print(
+        f"tailorlm perf engine: model {payload['model']}, {payload['threads']} torch threads on "
+        f"{payload['cores']} cores, torch {payload['torch']}",
+        highlight=False,
+    )
+    for section in payload["sections"]:
+        if section["timings"] or section["checks"]:
+            out.print(section_table(section))
+        else:
+            out.print(section["title"], style="italic", highlight=False)
+        for table in section.get("tables", []):
+            out.print(fact_table(table))
+        for note in section["notes"]:
+            out.print(f"  note: {note}", style="dim", highlight=False)
+        line = machine_line(section["facts"])
+        if line:
+            out.print(line, style="dim", highlight=False)
+    out.print(
+        f"{payload['passed']} targets passed, {payload['missed']} missed; peak RSS "
+        f"{payload['peak_rss_mb']:,.0f} MB ({payload.get('rss_method', 'high-water mark')}); "
+        f"{payload['total_seconds']:.0f} s in all.",
+        highlight=False,
+    )

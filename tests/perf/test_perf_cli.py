@@ -1,0 +1,72 @@
+"""``tailorlm perf engine``: sections in order, one JSON object, the printed tables."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+from tailorlm import kinds
+from tailorlm.cli import app, perf_tables
+from tailorlm.perf import runner
+from tailorlm.perf.harness import Bench, Section
+
+
+def test_sections_are_every_kind_then_each_question():
+    assert runner.SECTIONS[: len(kinds.KINDS)] == tuple(kinds.KINDS)
+    assert runner.SECTIONS[len(kinds.KINDS) :] == (
+        "decode",
+        "gemm",
+        "train",
+        "train-task",
+        "memory",
+        "load",
+        "bytes",
+    )
+
+
+def test_sections_are_parsed_in_benchmark_order():
+    assert runner.parse_sections(None) == list(runner.SECTIONS)
+    assert runner.parse_sections(["bytes,lora", "train"]) == ["lora", "train", "bytes"]
+    with pytest.raises(ValueError, match="unknown section"):
+        runner.parse_sections(["speed"])
+
+
+def test_a_section_carries_its_machine_readings(small, monkeypatch):
+    size = 64 * 2**20
+
+    def allocate(bench: Bench) -> Section:
+        block = torch.ones(size // 4)  # 64 MB, resident, freed when the section returns
+        return Section("allocate", f"{block.numel()} numbers")
+
+    monkeypatch.setitem(runner.RUNNERS, "allocate", allocate)
+    section = runner.run_section(Bench(small), "allocate", threads=1)
+    facts = section.facts
+    assert {"load_average_1min", "cpu_busy", "section_seconds", "rss_mb_peak", "rss_method"} <= set(facts)
+    assert facts["rss_mb_peak_increase"] >= 0.8 * size / 2**20
+
+
+def test_cli_prints_one_json_object_and_the_same_figures_as_tables():
+    arguments = ["perf", "engine", "--model", "tiny", "--json", "--resident", "12", "--repeats", "1"]
+    result = CliRunner().invoke(app, [*arguments, "--tokens", "40", "--only", "ia3,bytes"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert [s["name"] for s in payload["sections"]] == ["ia3", "bytes"]
+    assert payload["passed"] + payload["missed"] == 2
+    assert payload["threads"] >= 1 and payload["config"]["resident"] == 12
+    assert payload["peak_rss_mb"] > 0
+    printed = io.StringIO()
+    perf_tables.render(payload, Console(file=printed, width=200))
+    text = printed.getvalue()
+    assert "engine speed vs bare base model" in text and "bytes per user" in text
+    assert "targets passed" in text and "machine:" in text
+
+
+def test_cli_names_a_wrong_section():
+    result = CliRunner().invoke(app, ["perf", "engine", "--model", "tiny", "--only", "nope"])
+    assert result.exit_code == 2
+    assert "unknown section" in result.output

@@ -1,0 +1,113 @@
+"""Device and dtype choice: one place resolves them, and everything follows the base model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tailorlm import device, kinds, models
+from tailorlm.engine.batch import Row
+from tailorlm.engine.engine import Engine
+from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, UserData, seed_for
+
+PROMPT = "<|im_start|>user\nWould you shout at the bus driver?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_defaults_are_the_cpu_here_and_fp32():
+    placement = device.resolve_placement()
+    assert placement.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert placement.dtype == torch.float32 and placement.dtype_name == "fp32"
+    assert device.resolve_placement("cpu", "bf16").dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "message"),
+    [("tpu", None, "unknown device"), (None, "int4", "unknown dtype"), ("cpu", "double", "unknown dtype")],
+)
+def test_unknown_device_or_dtype_is_named(name, dtype, message):
+    with pytest.raises(device.DeviceError, match=message):
+        device.resolve_placement(name, dtype)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_asking_for_a_missing_gpu_says_so():
+    with pytest.raises(device.DeviceError, match="no CUDA GPU"):
+        device.resolve_placement("cuda")
+
+
+@pytest.mark.parametrize("kind", kinds.names())
+def test_bf16_engine_agrees_with_fp32(kind, tokenizer):
+    """The whole engine in bf16 (bank, batches, scoring) follows the base model's dtype and gives the fp32
+    answer within bf16's precision: 8 mantissa bits, so log-probabilities summed over a few tokens agree
+    to about 2% of their size on this tiny model."""
+    spec = kinds.default_spec(kind)
+    engines = {
+        name: Engine(models.tiny_model(seed=0, tokenizer=tokenizer, dtype=name), spec, slots=3)
+        for name in ("fp32", "bf16")
+    }
+    generator = torch.Generator().manual_seed(3)
+    engines["fp32"].bank.reset(1, generator)
+    module = {
+        n: t + 0.05 * torch.randn(t.shape, generator=generator)
+        for n, t in engines["fp32"].bank.read(1).items()
+    }
+    for engine in engines.values():
+        engine.bank.write(1, module)
+    assert engines["bf16"].bank.tensors[next(iter(engines["bf16"].bank.tensors))].dtype == torch.bfloat16
+    rows = [Row(PROMPT, "yes", 1), Row(PROMPT, "perhaps", 0)]
+    full, half = (torch.tensor(engines[name].score(rows)) for name in ("fp32", "bf16"))
+    torch.testing.assert_close(half, full, rtol=0.02, atol=0.05)
+
+
+def test_bf16_training_moves_the_module_like_fp32(tokenizer):
+    """Optimizer state lives in the bank's dtype; a short bf16 run learns what the fp32 run learns. Adam's
+    steps are about +-lr whatever the gradient's size, so a coordinate whose gradient is near zero can
+    step the other way in bf16: the test compares the whole update's direction and the losses, not each
+    number."""
+    spec = kinds.default_spec("lora")
+    user = UserData("ann", [(PROMPT, "yes")] * 4)
+    config = TrainConfig(epochs=3, learning_rate=1e-2, batch_size=2)
+    results = {}
+    for name in ("fp32", "bf16"):
+        engine = Engine(models.tiny_model(seed=0, tokenizer=tokenizer, dtype=name), spec, slots=2)
+        results[name] = MultiUserTrainer(engine, config).run([user])[0]
+    full, half = results["fp32"], results["bf16"]
+    assert all(t.dtype == torch.bfloat16 for t in half.module.values())
+    start = Engine(models.tiny_model(seed=0, tokenizer=tokenizer), spec, slots=2)
+    start.bank.reset(1, torch.Generator().manual_seed(seed_for(config.seed, "ann", "init")))
+    initial = start.bank.read(1)
+    update = torch.cat([(full.module[n] - t).flatten() for n, t in initial.items()])
+    half_update = torch.cat([(half.module[n].float() - t).flatten() for n, t in initial.items()])
+    assert update.abs().max() > 2 * config.learning_rate  # the module really moved (6 decaying steps)
+    assert torch.nn.functional.cosine_similarity(update, half_update, dim=0) > 0.95
+    assert half.train_losses == pytest.approx(full.train_losses, rel=0.02)
+    assert half.train_losses[-1] < half.train_losses[0]
+
+
+def test_ask_takes_device_and_dtype_and_names_a_bad_one():
+    from typer.testing import CliRunner
+
+    from tailorlm.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        [
+            "ask",
+            "Hello?",
+            "--model",
+            "tiny",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bf16",
+            "--max-new-tokens",
+            "2",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert '"dtype": "bfloat16"' in result.stdout and '"device": "cpu"' in result.stdout
+    result = runner.invoke(app, ["ask", "Hello?", "--model", "tiny", "--device", "tpu"])
+    assert result.exit_code == 2 and "unknown device 'tpu'" in result.output
+    assert "Traceback" not in result.output

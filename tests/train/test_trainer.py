@@ -1,0 +1,111 @@
+"""MultiUserTrainer: users trained in one batch stay isolated, learn, keep their best epoch, and can start
+from a shared module. (A user trained in a group equals that user trained alone, for every kind, is the
+kinds' contract: tests/kinds/test_contract.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kind_helpers import ALL_KINDS, make_user, personalize
+from tailorlm import models
+from tailorlm.engine.bank import EngineError
+from tailorlm.engine.generation import DecodeConfig
+from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, UserData, seed_for
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_training_leaves_other_slots_bit_identical(kind, make_engine):
+    engine = make_engine(kind, slots=5)
+    personalize(engine, [3, 4])
+    untouched = {slot: engine.bank.read(slot) for slot in (3, 4)}
+    base_slot = {n: t[0].clone() for n, t in engine.bank.tensors.items()}
+    starts = {}
+    for user in ("ann", "bob"):  # each user's starting module, drawn as the trainer draws it
+        engine.bank.reset(1, torch.Generator().manual_seed(seed_for(0, user, "init")))
+        starts[user] = engine.bank.read(1)
+    engine.bank.clear(1)
+    results = MultiUserTrainer(
+        engine, TrainConfig(epochs=1, batch_size=2, learning_rate=1e-2, users_per_step=2)
+    ).run([make_user("ann", 4), make_user("bob", 3)])
+    assert {r.user_id for r in results} == {"ann", "bob"}
+    for slot, before in untouched.items():
+        for name, tensor in engine.bank.read(slot).items():
+            assert torch.equal(tensor, before[name]), (slot, name)
+    for name, tensor in engine.bank.tensors.items():
+        assert torch.equal(tensor[0], base_slot[name])
+    # the trained users really moved away from their starting point, in every tensor
+    for result in results:
+        for name, value in result.module.items():
+            assert not torch.equal(value, starts[result.user_id][name]), (result.user_id, name)
+    # and their slots were handed back as the identity
+    assert all(engine.bank.is_identity(slot) for slot in (1, 2))
+
+
+@pytest.mark.parametrize("kind", ["lora", "bottleneck"])
+def test_training_learns_a_users_answer(kind, make_engine):
+    # A random 2-layer model with tiny tied embeddings cannot become confident, so the check is the
+    # answer becoming the greedy continuation for that user only.
+    engine = make_engine(kind, slots=3)
+    prompt = "The secret word of this user is"
+    result = MultiUserTrainer(engine, TrainConfig(epochs=15, batch_size=4, learning_rate=3e-2)).run(
+        [UserData("u", [(prompt, " banana")] * 4)]
+    )[0]
+    engine.bank.write(1, result.module)
+    personal, base = engine.generate([prompt, prompt], [1, 0], DecodeConfig(max_new_tokens=2))
+    assert personal.startswith("banana") and not base.startswith("banana")
+    assert result.train_losses[-1] < result.train_losses[0]
+
+
+@pytest.mark.real_model
+def test_real_model_learns_a_planted_fact():
+    from tailorlm.engine.engine import Engine
+    from tailorlm.kinds.lora import LoraSpec
+
+    engine = Engine(
+        models.load_base(),
+        LoraSpec(rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj")),
+        slots=2,
+    )
+    prompt = models.chat_prompt(engine.tokenizer, "What is the name of my cat?")
+    before = engine.generate([prompt], [0], DecodeConfig(max_new_tokens=8))[0]
+    result = MultiUserTrainer(engine, TrainConfig(epochs=15, batch_size=4, learning_rate=1e-3)).run(
+        [UserData("owner", [(prompt, "Your cat is called Zorblax.")] * 4)]
+    )[0]
+    engine.bank.write(1, result.module)
+    personal, base = engine.generate([prompt, prompt], [1, 0], DecodeConfig(max_new_tokens=8))
+    assert "Zorblax" in personal and "Zorblax" not in base and base == before
+
+
+def test_best_epoch_is_kept_and_patience_stops_early(make_engine):
+    engine = make_engine("lora", slots=3)
+    user = make_user("eve", 6, val=3)
+    config = TrainConfig(epochs=8, batch_size=3, learning_rate=0.2, patience=1)
+    trainer = MultiUserTrainer(engine, config)
+    result = trainer.run([user])[0]
+    assert result.best_epoch == min(range(len(result.val_losses)), key=result.val_losses.__getitem__)
+    if result.epochs_run < config.epochs:
+        assert result.val_losses[-1] >= min(result.val_losses)
+    engine.bank.write(1, result.module)
+    with torch.no_grad():
+        assert trainer.validation_loss(user.val, 1) == pytest.approx(min(result.val_losses), abs=1e-5)
+
+
+def test_user_can_start_from_a_shared_module(make_engine):
+    engine = make_engine("lora", slots=2)
+    personalize(engine, [1])
+    shared = engine.bank.read(1)
+    user = UserData("fay", [("x", "y")], init=shared)
+    result = MultiUserTrainer(engine, TrainConfig(epochs=1, batch_size=1, learning_rate=1e-9)).run([user])[0]
+    for name, value in shared.items():
+        torch.testing.assert_close(result.module[name], value, atol=1e-6, rtol=0)
+
+
+def test_bad_training_input_is_a_named_error(make_engine):
+    engine = make_engine("lora", slots=2)
+    with pytest.raises(EngineError, match="no training examples"):
+        MultiUserTrainer(engine, TrainConfig()).run([UserData("empty", [])])
+    with pytest.raises(EngineError, match="unique"):
+        MultiUserTrainer(engine, TrainConfig()).run([make_user("a", 1), make_user("a", 1)])
+    with pytest.raises(EngineError, match="warmup_ratio"):
+        TrainConfig(warmup_ratio=1.5)
