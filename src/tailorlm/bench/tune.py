@@ -22,7 +22,7 @@ from tailorlm.methods.decoding import check_decoding, default_decoding
 from tailorlm.methods.deps import MethodDeps, base_loader
 from tailorlm.methods.recipes import PromptBuilder
 from tailorlm.methods.registry import methods_for
-from tailorlm.methods.setups import PersonalSetup, answer_examples, training_job
+from tailorlm.methods.setups import PersonalSetup, answer_examples, personal_job
 from tailorlm.progress import Reporter
 from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, UserResult
 
@@ -81,17 +81,7 @@ def tune(
         for rate in learning_rates:
             engine = chosen.setup.build_engine(deps, chosen.recipe)
             builder = deps.builder(chosen.recipe, engine.tokenizer)
-            jobs = [
-                training_job(
-                    deps,
-                    builder,
-                    method,
-                    u.id,
-                    [(u, e) for e in task.training_examples(u)],
-                    [(u, e) for e in u.val],
-                )
-                for u in sample
-            ]
+            jobs = [personal_job(deps, builder, method, u) for u in sample]
             train_config = TrainConfig(
                 epochs=epochs,
                 batch_size=config.batch_size,

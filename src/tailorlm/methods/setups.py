@@ -92,6 +92,19 @@ def training_job(
     )
 
 
+def personal_job(deps: MethodDeps, builder: PromptBuilder, method: str, user: User) -> UserData:
+    """A user's own module's job: their training examples (as the task lets them be trained on) and
+    their validation items, and nothing of any other user."""
+    return training_job(
+        deps,
+        builder,
+        method,
+        user.id,
+        [(user, e) for e in deps.task.training_examples(user)],
+        [(user, e) for e in user.val],
+    )
+
+
 def answer_examples(
     deps: MethodDeps,
     method: str,
@@ -301,18 +314,7 @@ class PersonalSetup:
         builder = deps.builder(recipe, engine.tokenizer)
         store = deps.store(method)
         # Only users the store lacks are built and trained: a resumed run keeps the modules it has.
-        jobs = [
-            training_job(
-                deps,
-                builder,
-                method,
-                u.id,
-                [(u, e) for e in deps.task.training_examples(u)],
-                [(u, e) for e in u.val],
-            )
-            for u in users
-            if not store.has(u.id)
-        ]
+        jobs = [personal_job(deps, builder, method, u) for u in users if not store.has(u.id)]
         if jobs:
             config = TrainConfig(
                 epochs=settings.epochs,
