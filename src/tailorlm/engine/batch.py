@@ -45,7 +45,7 @@ def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
-def encode(tokenizer, rows: Sequence[Row], max_length: int, end_target_with_eos: bool = True) -> Batch:
+def encode_rows(tokenizer, rows: Sequence[Row], max_length: int, end_target_with_eos: bool = True) -> Batch:
     """Tokenize rows, prompt and target separately so labels cover exactly the target tokens.
 
     A row longer than ``max_length`` loses the start of its prompt: the end (the item being asked) and

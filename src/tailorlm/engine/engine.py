@@ -11,11 +11,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch.nn import functional as F
 
-from tailorlm.engine import batch as batching
-from tailorlm.engine import prefix as prefixes
 from tailorlm.engine.bank import EngineError, SlotBank, SlotRouter
-from tailorlm.engine.batch import IGNORE, Batch, Row, position_ids
+from tailorlm.engine.batch import IGNORE, Batch, Row, encode_rows, position_ids, token_ids
 from tailorlm.engine.generation import DecodeConfig, generate_from_inputs
+from tailorlm.engine.prefix import PrefixPlan, plan_batch, prefix_tensors
 from tailorlm.kinds import ModuleSpec
 from tailorlm.models import BaseModel
 
@@ -72,18 +71,18 @@ class Engine:
     # ---- batches ---------------------------------------------------------------------------------
 
     def encode(self, rows: Sequence[Row]) -> Batch:
-        """Rows as tensors on the model's device (``batch.encode``: labels on target tokens only, an
+        """Rows as tensors on the model's device (``batch.encode_rows``: labels on target tokens only, an
         over-long prompt loses its start)."""
         if not rows:
             raise EngineError("cannot encode an empty batch")
         for row in rows:
             if row.slot:
                 self.bank.check_slot(row.slot)
-        encoded = batching.encode(self.tokenizer, rows, self.max_length, self.end_target_with_eos)
+        encoded = encode_rows(self.tokenizer, rows, self.max_length, self.end_target_with_eos)
         return encoded.to(self.device)
 
     def _token_ids(self, texts: list[str]) -> list[list[int]]:
-        return batching.token_ids(self.tokenizer, texts)
+        return token_ids(self.tokenizer, texts)
 
     # ---- forward ---------------------------------------------------------------------------------
 
@@ -116,7 +115,7 @@ class Engine:
         """The batch through the decoder: in one plain pass, or, when rows of one slot share enough
         leading tokens, as a prefix pass (once per slot) and a suffix pass (every row) continuing from it.
         Either way ``hidden`` holds every state from each row's last prompt token on."""
-        plan = prefixes.plan_batch(batch) if self._may_share() else None
+        plan = plan_batch(batch) if self._may_share() else None
         if plan is None:
             inputs, inserted = self._model_inputs(batch.input_ids, batch.attention_mask, batch.slot_ids)
             mask = inputs["attention_mask"]
@@ -133,8 +132,8 @@ class Engine:
         training = any(t.requires_grad for t in self.bank.tensors.values())
         return self.share_prefix and (not training or self.bank.kind.exact_when_shared(self.spec))
 
-    def _run_shared(self, batch: Batch, plan: prefixes.PrefixPlan) -> _Run:
-        prefix_ids, prefix_mask, suffix_ids, suffix_mask = prefixes.prefix_tensors(
+    def _run_shared(self, batch: Batch, plan: PrefixPlan) -> _Run:
+        prefix_ids, prefix_mask, suffix_ids, suffix_mask = prefix_tensors(
             batch, plan, self.tokenizer.pad_token_id
         )
         group_of_row = torch.tensor(plan.group_of_row, device=self.device)  # [rows]
