@@ -1,0 +1,129 @@
+"""The store's SQLite index: versions, rollback, pruning, history, key hashes, and forgetting a user."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+from tailorlm.store.index import HistoryRecord, StoreIndex, VersionRecord
+
+CANARY = "zq-canary-7f3e91"
+
+
+def version(user: str, sha: str = "0" * 64, fingerprint: str = "data-1") -> VersionRecord:
+    return VersionRecord(
+        user_id=user,
+        version=0,
+        kind="lora",
+        spec={"kind": "lora", "rank": 8},
+        base_model="tiny",
+        base_fingerprint="base-1",
+        created=1.0,
+        size=123,
+        sha256=sha,
+        data_fingerprint=fingerprint,
+        metrics={"val_loss": 0.5},
+        folder=f"{user}/v{sha[:4]}",
+    )
+
+
+@pytest.fixture
+def index(tmp_path):
+    opened = StoreIndex(tmp_path / "index.sqlite3")
+    yield opened
+    opened.close()
+
+
+def test_versions_are_numbered_and_the_newest_is_current(index):
+    first = index.add_version(version("ann", "a" * 64))
+    second = index.add_version(version("ann", "b" * 64, fingerprint="data-2"))
+    assert (first.version, second.version) == (1, 2)
+    assert index.current("ann") == second
+    assert [v.version for v in index.versions("ann")] == [1, 2]
+    assert index.versions("ann")[0].spec == {"kind": "lora", "rank": 8}
+    assert index.current("bob") is None and index.user_ids() == ["ann"]
+
+
+def test_rollback_and_roll_forward(index):
+    index.add_version(version("ann", "a" * 64))
+    index.add_version(version("ann", "b" * 64))
+    assert index.set_current("ann", 1).sha256 == "a" * 64
+    assert index.current("ann").version == 1
+    index.set_current("ann", 2)
+    assert index.current("ann").version == 2
+    with pytest.raises(KeyError, match=r"no version 7; stored versions: \[1, 2\]"):
+        index.set_current("ann", 7)
+
+
+def test_prune_keeps_the_newest_and_never_the_current(index):
+    for n in range(5):
+        index.add_version(version("ann", f"{n}" * 64))
+    index.set_current("ann", 1)  # rolled back to the oldest
+    dropped = index.prune("ann", keep=2)
+    assert sorted(v.version for v in dropped) == [2, 3]
+    assert [v.version for v in index.versions("ann")] == [1, 4, 5]
+    with pytest.raises(ValueError, match="at least 1"):
+        index.prune("ann", keep=0)
+
+
+def test_history_appends_in_order(index):
+    assert index.add_history("ann", [HistoryRecord("i1", "the bus was late", "yes")]) == 1
+    assert index.add_history("ann", [HistoryRecord("i2", "rain", "no", "val", 5.0, {"item": 3})]) == 2
+    items = index.history("ann")
+    assert [i.item_id for i in items] == ["i1", "i2"]
+    assert items[1] == HistoryRecord("i2", "rain", "no", "val", 5.0, {"item": 3})
+    assert index.has_user("ann") and index.history("bob") == []
+
+
+def test_keys_are_looked_up_by_hash_and_revoked(index):
+    index.add_user("ann")
+    index.add_key("hash-ann", "ann", "user")
+    index.add_key("hash-admin", None, "admin")
+    assert index.key("hash-ann") == ("ann", "user")
+    assert index.key("hash-admin") == (None, "admin")
+    assert index.key("nope") is None
+    assert index.revoke_keys("ann") == 1 and index.key("hash-ann") is None
+    with pytest.raises(sqlite3.IntegrityError):
+        index.add_key("hash-ghost", "nobody", "user")  # a key of a user the store does not have
+
+
+def test_a_failed_transaction_leaves_nothing(index):
+    index.add_version(version("ann", "a" * 64))
+    with pytest.raises(RuntimeError), index.transaction() as db:
+        db.execute("DELETE FROM versions WHERE user_id = 'ann'")
+        raise RuntimeError("crash in the middle")
+    assert [v.version for v in index.versions("ann")] == [1]
+
+
+def test_forgetting_a_user_leaves_no_trace_in_the_files(index, tmp_path):
+    index.add_history("ann", [HistoryRecord("i1", f"my secret is {CANARY}", CANARY)])
+    index.add_version(version("ann", "a" * 64))
+    index.add_user("bob")
+    index.add_history("bob", [HistoryRecord("i1", "bob's own", "no")])
+    index.add_key(f"hash-{CANARY}", "ann", "user")
+    gone = index.delete_user("ann")
+    assert [v.version for v in gone] == [1]
+    assert not index.has_user("ann") and index.key(f"hash-{CANARY}") is None
+    assert [i.input for i in index.history("bob")] == ["bob's own"]
+    files = sorted(tmp_path.glob("index.sqlite3*"))  # the database, its WAL and shared-memory files
+    assert files
+    for path in files:
+        assert CANARY.encode() not in path.read_bytes(), f"{path.name} still holds the forgotten user's text"
+
+
+def test_two_connections_see_each_others_commits(tmp_path):
+    first, second = StoreIndex(tmp_path / "i.sqlite3"), StoreIndex(tmp_path / "i.sqlite3")
+    try:
+        first.add_version(version("ann"))
+        assert second.current("ann").version == 1
+        threads = [threading.Thread(target=lambda: second.add_version(version("ann"))) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [v.version for v in first.versions("ann")] == [1, 2, 3, 4, 5]
+    finally:
+        first.close()
+        second.close()
