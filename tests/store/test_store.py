@@ -1,9 +1,9 @@
-"""ModuleStore: a user's module by id. Folder names that are safe and distinct, completeness, atomic
-replacement, and a loader for SlotManager that refuses a module of another layout."""
+"""ModuleStore: a user's module by id. Folder names that are safe and distinct, versions with rollback and
+pruning, checksums, what a killed put leaves, forgetting, and a loader for SlotManager that refuses a
+module of another layout."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import zlib
 
@@ -13,7 +13,8 @@ import torch
 from kind_helpers import personalize
 from tailorlm.engine.slots import SlotManager
 from tailorlm.store import module_folder
-from tailorlm.store.store import COMPLETE, ModuleStore, folder_name
+from tailorlm.store.index import INDEX_FILE
+from tailorlm.store.store import ModuleStore, folder_name
 
 
 @pytest.fixture
@@ -23,8 +24,8 @@ def engine(make_engine):
     return engine
 
 
-def _put(store: ModuleStore, user_id: str, engine, slot: int, **meta) -> None:
-    store.put(
+def _put(store: ModuleStore, user_id: str, engine, slot: int, **meta):
+    return store.put(
         user_id,
         engine.spec,
         engine.bank.read(slot),
@@ -43,17 +44,17 @@ def test_put_has_get_users_delete(engine, tmp_path):
     assert sorted(store.users()) == ["ann", "bob"]
     stored = store.get("ann")
     assert stored.spec == engine.spec
-    assert stored.meta["user"] == "ann" and stored.meta["epochs_run"] == 2 and stored.meta[COMPLETE]
+    assert stored.meta["user"] == "ann" and stored.meta["epochs_run"] == 2
     for name, value in engine.bank.read(1).items():
         assert torch.equal(stored.tensors[name], value.half())  # fp16 at rest
-    _put(store, "ann", engine, 3)  # replaced whole
+    _put(store, "ann", engine, 3)  # a new version, served from now on
     assert torch.equal(
         next(iter(store.get("ann").tensors.values())), next(iter(engine.bank.read(3).values())).half()
     )
     store.delete("ann")
     store.delete("nobody")  # nothing to delete is not an error
     assert not store.has("ann") and store.users() == ["bob"]
-    with pytest.raises(module_folder.ModuleFileError, match="no complete module is stored for user 'ann'"):
+    with pytest.raises(module_folder.ModuleFileError, match="no module is stored for user 'ann'"):
         store.get("ann")
 
 
@@ -78,10 +79,11 @@ def test_folder_names_are_safe_and_distinct(user_ids, engine, tmp_path):
     assert len(set(names)) == len(names), names
     store = ModuleStore(tmp_path / "root")
     for user_id in user_ids:
-        folder = store.folder(user_id)
+        folder = store.user_folder(user_id)
         assert folder.parent == store.root and not folder.name.startswith(".") and folder.name
         assert len(folder.name) <= 90
         _put(store, user_id, engine, 1)
+        assert store.folder(user_id).parent == folder
     assert sorted(store.users()) == sorted(user_ids)
     assert not (tmp_path / "etc").exists()
     for user_id in user_ids:
@@ -96,33 +98,67 @@ def test_plain_ids_keep_their_own_name_and_a_hashed_lookalike_does_not_collide()
     assert folder_name(hashed) != hashed  # an id spelled like a hashed name gets a hash of its own
 
 
-def test_an_incomplete_folder_is_not_a_module(engine, tmp_path):
+def test_versions_roll_back_and_old_ones_are_pruned(engine, tmp_path):
+    store = ModuleStore(tmp_path, keep=2)
+    first = _put(store, "ann", engine, 1)
+    _put(store, "ann", engine, 2)
+    third = _put(store, "ann", engine, 3)
+    assert [v.version for v in store.versions("ann")] == [2, 3]  # the oldest was pruned
+    assert not (tmp_path / first.folder).exists()
+    assert len(list(store.user_folder("ann").iterdir())) == 2
+    rolled = store.rollback("ann")
+    assert rolled.version == 2 and store.current("ann").version == 2
+    expected = next(iter(engine.bank.read(2).values())).half()
+    assert torch.equal(next(iter(store.get("ann").tensors.values())), expected)
+    assert store.get("ann", version=3).tensors.keys() == store.get("ann").tensors.keys()
+    store.rollback("ann", third.version)
+    assert store.current("ann").version == 3
+    with pytest.raises(module_folder.ModuleFileError, match="no version 9 is stored"):
+        store.get("ann", version=9)
+
+
+def test_a_damaged_weights_file_is_named_with_user_and_version(engine, tmp_path):
     store = ModuleStore(tmp_path)
     _put(store, "ann", engine, 1)
-    meta_file = store.folder("ann") / module_folder.META_FILE
-    meta = json.loads(meta_file.read_text())
-    del meta[COMPLETE]
-    meta_file.write_text(json.dumps(meta))
-    assert not store.has("ann") and store.users() == []
-    with pytest.raises(module_folder.ModuleFileError, match="no complete module"):
+    weights = store.folder("ann") / module_folder.WEIGHTS_FILE
+    damaged = bytearray(weights.read_bytes())
+    damaged[-1] ^= 0xFF
+    weights.write_bytes(bytes(damaged))
+    with pytest.raises(module_folder.ModuleFileError, match=r"user 'ann' version 1: .* checksum"):
         store.get("ann")
-    meta_file.write_text("{half a reco")
-    assert not store.has("ann") and store.users() == []
-    meta_file.unlink()
-    assert not store.has("ann")
-    # A module written straight to the folder (not through put) is not marked complete either.
-    module_folder.save_module(engine, 1, store.folder("bob"))
-    assert not store.has("bob")
 
 
-def test_a_staging_folder_left_by_a_kill_is_not_a_user(engine, tmp_path):
+def test_a_put_killed_before_its_index_row_leaves_the_old_version(engine, tmp_path):
     store = ModuleStore(tmp_path)
     _put(store, "ann", engine, 1)
-    # A job killed between writing a complete module into its staging folder and renaming it leaves
-    # ".ann.<random>/" behind, complete flag and all.
-    shutil.copytree(store.folder("ann"), tmp_path / ".ann.k1ll3d")
-    shutil.copytree(store.folder("ann"), tmp_path / ".bob.k1ll3d")
+    old = store.folder("ann")
+    # A put killed after its folder was renamed in but before the index recorded it: a version folder
+    # no row names, and a staging folder killed even earlier.
+    shutil.copytree(old, store.user_folder("ann") / "v-killed")
+    shutil.copytree(old, store.user_folder("ann") / ".v-killed.staging")
+    shutil.copytree(old, tmp_path / "bob")  # a folder of a user the index never recorded
+    assert store.current("ann").version == 1 and store.folder("ann") == old
     assert store.users() == ["ann"] and not store.has("bob")
+    _put(store, "ann", engine, 2)  # the next put of that user removes what no row names
+    assert sorted(p.name for p in store.user_folder("ann").iterdir()) == sorted(
+        [old.name, store.folder("ann").name]
+    )
+
+
+def test_forgetting_removes_every_version_and_the_index_rows(engine, tmp_path):
+    store = ModuleStore(tmp_path)
+    _put(store, "ann", engine, 1)
+    _put(store, "ann", engine, 2)
+    _put(store, "bob", engine, 3)
+    store.delete("ann")
+    assert not store.user_folder("ann").exists() and store.versions("ann") == []
+    assert store.users() == ["bob"] and (tmp_path / INDEX_FILE).is_file()
+
+
+def test_an_empty_root_stays_empty_when_only_asked(tmp_path):
+    store = ModuleStore(tmp_path / "nothing")
+    assert store.users() == [] and not store.has("ann") and store.versions("ann") == []
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_the_loader_feeds_a_slot_manager(engine, make_engine, tmp_path):
@@ -135,7 +171,7 @@ def test_the_loader_feeds_a_slot_manager(engine, make_engine, tmp_path):
     for user, slot in (("ann", 1), ("bob", 2)):
         for name, value in other.bank.read(placed[user]).items():
             assert torch.equal(value, engine.bank.read(slot)[name].half().float())
-    with pytest.raises(module_folder.ModuleFileError, match="no complete module is stored for user 'cy'"):
+    with pytest.raises(module_folder.ModuleFileError, match="no module is stored for user 'cy'"):
         manager.acquire(["cy"])
 
 

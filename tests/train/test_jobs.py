@@ -18,18 +18,19 @@ class JobKilled(Exception):
 def test_killed_job_resumes_without_retraining_finished_users(make_engine, tmp_path, monkeypatch):
     users = [make_user(name, 3) for name in ("u1", "u2", "u3", "u4")]
     config = TrainConfig(epochs=1, batch_size=2, learning_rate=1e-2, users_per_step=2)
-    real_write = module_folder.write_module
+    real_put = ModuleStore.put
     written: list[str] = []
     kills_left = [1]
 
-    def write_then_die(module, folder, **kwargs):
-        real_write(module, folder, **kwargs)
-        written.append(module.meta["user"])
+    def put_then_die(self, user_id, *args, **kwargs):
+        record = real_put(self, user_id, *args, **kwargs)
+        written.append(user_id)
         if kills_left[0]:
             kills_left[0] -= 1
-            raise JobKilled  # the job dies right after its first user was saved
+            raise JobKilled  # the job dies right after its first user was stored
+        return record
 
-    monkeypatch.setattr(module_folder, "write_module", write_then_die)
+    monkeypatch.setattr(ModuleStore, "put", put_then_die)
     store = ModuleStore(tmp_path)
     with pytest.raises(JobKilled):
         train_job(make_engine("lora", slots=3), users, config, store)

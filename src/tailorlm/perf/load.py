@@ -108,8 +108,9 @@ def bench_load(bench: Bench) -> Section:
             higher_is_better=False,
         )
     section.notes.append(
-        "a load is SlotManager.acquire of a user who is not resident: the store checks the module is "
-        "complete, reads its folder, and the manager writes it into a free (or least recently used) slot. "
+        "a load is SlotManager.acquire of a user who is not resident: the store looks up the user's current "
+        "version in its index, checks the weights' sha256, reads the folder, and the manager writes it into "
+        "a free (or least recently used) slot. "
         "Files were just written, so both contenders read them from the OS page cache."
     )
     return section
