@@ -4,6 +4,8 @@ misses come in through the loader."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -170,3 +172,51 @@ def test_place_needs_exactly_one_source(bank):
     with pytest.raises(EngineError, match="either their tensors or a generator"):
         manager.place("a", module, generator=torch.Generator())
     assert manager.resident() == []
+
+
+def test_a_new_version_of_a_pinned_user_goes_to_another_slot(make_engine):
+    """A batch that started on a user's old module finishes on it; the new module serves what comes
+    after, and the old slot is reset and freed when that batch lets go."""
+    engine = make_engine("lora", slots=4)
+    manager = SlotManager(engine.bank)
+    generator = torch.Generator().manual_seed(0)
+    old = manager.place("ann", generator=generator)
+    old_tensors = engine.bank.read(old)
+    with manager.pinned(["ann"]) as placed:
+        assert placed["ann"] == old
+        new = manager.place("ann", generator=generator)
+        assert new != old and manager.slot_of("ann") == new
+        for name, value in engine.bank.read(old).items():
+            assert torch.equal(value, old_tensors[name])  # the running batch still sees the old module
+    assert engine.bank.is_identity(old) and manager.resident() == ["ann"]
+    assert manager.place("bob", generator=generator) == old  # the freed slot is handed out again
+
+
+def test_threads_sharing_a_manager_never_share_a_slot(make_engine):
+    engine = make_engine("lora", slots=5)  # 4 user slots: two threads pinning two users each fill them
+    engine.bank.reset(1, torch.Generator().manual_seed(1))
+    module = engine.bank.read(1)
+    engine.bank.clear(1)
+    manager = SlotManager(engine.bank, loader=lambda user_id: module)
+    errors = []
+
+    def worker(index: int) -> None:
+        for round_index in range(30):
+            users = [f"u{(index * 7 + round_index + k) % 9}" for k in range(2)]
+            try:
+                with manager.pinned(users) as placed:
+                    assert len(set(placed.values())) == len(placed)
+                    resident = {u: manager.slot_of(u) for u in users}
+                    assert resident == placed  # nobody evicted a pinned user meanwhile
+            except Exception as error:
+                errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    slots = [manager.slot_of(u) for u in manager.resident()]
+    assert len(slots) == len(set(slots)) <= manager.capacity
+    assert manager.hits + manager.misses == 2 * 30 * 2
