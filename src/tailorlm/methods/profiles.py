@@ -134,12 +134,10 @@ class Profiles:
         seed: int = 0,
         max_new_tokens: int = 60,
     ) -> None:
-        self.task = task
-        self.cache_file = cache_file
-        self.items = items
-        self.seed = seed
-        self.max_new_tokens = max_new_tokens
-        self._engine = engine
+        # The writer (and its engine) is built on first need; until then this is all it takes to build it.
+        self._make_writer = lambda: ProfileWriter(
+            engine(), task, cache_file, items=items, seed=seed, max_new_tokens=max_new_tokens
+        )
         self._writer: ProfileWriter | None = None
         self._profiles: dict[str, UserProfile] = {}
 
@@ -148,14 +146,7 @@ class Profiles:
         if not missing:
             return
         if self._writer is None:
-            self._writer = ProfileWriter(
-                self._engine(),
-                self.task,
-                self.cache_file,
-                items=self.items,
-                seed=self.seed,
-                max_new_tokens=self.max_new_tokens,
-            )
+            self._writer = self._make_writer()
         self._profiles.update(self._writer.profiles(missing))
 
     def profile(self, user: User) -> UserProfile:
