@@ -53,6 +53,20 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
             "store",
             "train",
         ),
+        "users": ("data", "engine", "files", "kinds", "methods", "models", "progress", "store", "train"),
+        "serve": (
+            "data",
+            "engine",
+            "files",
+            "kinds",
+            "methods",
+            "models",
+            "progress",
+            "settings",
+            "store",
+            "train",
+            "users",
+        ),
         "doctor": ("models", "settings"),
         "cli": (
             "bench",
@@ -66,7 +80,10 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
             "models",
             "perf",
             "progress",
+            "serve",
             "settings",
+            "store",
+            "users",
         ),
     }.items()
 }

@@ -6,7 +6,7 @@ memory, not time. Nothing here knows which kind it holds: that is the kind's fil
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -74,10 +74,20 @@ class SlotLinear(nn.Module):
 class SlotBank:
     """All slots' tensors for one module spec on one model. Slot 0 is the identity (no module)."""
 
-    def __init__(self, model: nn.Module, spec: ModuleSpec, slots: int, router: SlotRouter) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: ModuleSpec,
+        slots: int,
+        router: SlotRouter,
+        siblings: Sequence[SlotRouter] = (),
+    ) -> None:
+        """``siblings``: the routers of banks already on ``model`` under the same engine (one bank per
+        kind of a multi-kind engine). Their layers are wrapped again, so a projection adapted by two
+        banks adds both terms; for any row at most one of them is not the identity."""
         if slots < 2:
             raise EngineError("a slot bank needs at least 2 slots: slot 0 is reserved for 'no module'")
-        if any(isinstance(m, SlotLinear) for m in model.modules()):
+        if any(isinstance(m, SlotLinear) and m.router not in siblings for m in model.modules()):
             raise EngineError(
                 "this base model already carries slot layers; load a fresh base model for each "
                 "engine (wrapping twice would stack two users' terms)"
@@ -110,9 +120,9 @@ class SlotBank:
         found: set[str] = set()
         for path, module in list(model.named_modules()):
             short_name = path.rsplit(".", 1)[-1]
-            if short_name not in targets or not isinstance(module, nn.Linear):
+            if short_name not in targets or not isinstance(module, (nn.Linear, SlotLinear)):
                 continue
-            shapes = self.kind.linear_shapes(self.spec, short_name, module)
+            shapes = self.kind.linear_shapes(self.spec, short_name, innermost_linear(module))
             own = {
                 suffix: self._add(self.kind.tensor_name(self.spec, path, suffix), suffix, shape)
                 for suffix, shape in shapes.items()
@@ -199,6 +209,61 @@ class SlotBank:
             tensor.requires_grad_(enabled)
         for layer in self.layers:
             layer.train(enabled)
+
+
+def innermost_linear(module: nn.Module) -> nn.Linear:
+    """The base projection under any number of slot wrappers."""
+    while isinstance(module, SlotLinear):
+        module = module.base
+    return module
+
+
+class SlotSpace:
+    """Several banks on one model under one slot numbering, so a batch can mix users of every kind.
+
+    Global slot 0 is the identity; bank ``i`` owns the global ids ``offsets[i] + 1 .. offsets[i] +
+    slots_i - 1`` (its local slots 1..). With one bank, global and local ids are the same. Routing a batch
+    gives each bank's router the rows' local ids, 0 for rows of other banks, so a layer adds only the
+    terms of its own users."""
+
+    def __init__(self, banks: Sequence[SlotBank], routers: Sequence[SlotRouter]) -> None:
+        self.banks = list(banks)
+        self.routers = list(routers)
+        self.offsets: list[int] = []
+        owner, local = [-1], [0]  # global id -> bank index, local slot
+        for index, bank in enumerate(self.banks):
+            self.offsets.append(len(owner) - 1)
+            owner += [index] * (bank.slots - 1)
+            local += list(range(1, bank.slots))
+        device = self.banks[0].device
+        self.size = len(owner)
+        self._owner = torch.tensor(owner, device=device)  # [size]
+        self._local = torch.tensor(local, device=device)  # [size]
+
+    def global_slot(self, bank_index: int, local_slot: int) -> int:
+        self.banks[bank_index].check_slot(local_slot)
+        return self.offsets[bank_index] + local_slot
+
+    def locate(self, slot: int) -> tuple[int, int]:
+        """(bank index, local slot) of a global user slot."""
+        if not 1 <= slot < self.size:
+            raise EngineError(
+                f"slot {slot} is out of range: user slots are 1..{self.size - 1} (0 is 'no module')"
+            )
+        return int(self._owner[slot]), int(self._local[slot])
+
+    def local_ids(self, bank_index: int, slot_ids: torch.Tensor) -> torch.Tensor:
+        """[rows] global ids -> [rows] ids in bank ``bank_index`` (0 for other banks' rows)."""
+        if len(self.banks) == 1:
+            return slot_ids
+        return torch.where(self._owner[slot_ids] == bank_index, self._local[slot_ids], 0)
+
+    @contextlib.contextmanager
+    def route(self, slot_ids: torch.Tensor) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for index, router in enumerate(self.routers):
+                stack.enter_context(router.route(self.local_ids(index, slot_ids)))
+            yield
 
 
 def _replace_submodule(model: nn.Module, path: str, new: nn.Module) -> None:

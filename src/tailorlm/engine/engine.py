@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.nn import functional as F
 
-from tailorlm.engine.bank import EngineError, SlotBank, SlotRouter
+from tailorlm.engine.bank import EngineError, SlotBank, SlotRouter, SlotSpace
 from tailorlm.engine.batch import IGNORE, Batch, Row, encode_rows, position_ids, token_ids
 from tailorlm.engine.generation import DecodeConfig, generate_from_inputs
 from tailorlm.engine.prefix import PrefixPlan, plan_batch, prefix_tensors
@@ -50,23 +50,45 @@ class Engine:
     def __init__(
         self,
         base: BaseModel,
-        spec: ModuleSpec,
-        slots: int = 9,
+        spec: ModuleSpec | Sequence[ModuleSpec],
+        slots: int | Sequence[int] = 9,
         max_length: int = 512,
         end_target_with_eos: bool = True,
         share_prefix: bool = True,
     ) -> None:
+        specs = [spec] if not isinstance(spec, Sequence) else list(spec)
+        counts = [slots] * len(specs) if isinstance(slots, int) else list(slots)
+        if not specs or len(counts) != len(specs):
+            raise EngineError(f"{len(specs)} module specs but {len(counts)} slot counts")
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
-        self.spec = spec
+        self.specs = specs
+        self.spec = specs[0]
         self.max_length = max_length
         self.end_target_with_eos = end_target_with_eos
         self.share_prefix = share_prefix
         self.positions_run = 0
-        self.router = SlotRouter()
-        self.bank = SlotBank(self.model, spec, slots, self.router)
+        routers: list[SlotRouter] = []
+        banks: list[SlotBank] = []
+        for one_spec, count in zip(specs, counts, strict=True):
+            routers.append(SlotRouter())
+            banks.append(SlotBank(self.model, one_spec, count, routers[-1], siblings=routers[:-1]))
+        inserting = [bank for bank in banks if bank.input_stack]
+        if len(inserting) > 1:
+            raise EngineError(
+                "one engine holds at most one kind that changes the model's inputs (prompt tuning)"
+            )
+        self._input_bank = banks.index(inserting[0]) if inserting else 0
+        self.banks = banks
+        self.bank = banks[0]  # the bank of a single-kind engine (training, the benchmark)
+        self.space = SlotSpace(banks, routers)
         self.device = self.bank.device  # the base model's; every batch tensor is made there
+
+    def check_slot(self, slot: int) -> None:
+        """``slot`` is 0 (no module) or a user slot of one of the banks (global numbering)."""
+        if slot:
+            self.space.locate(slot)
 
     # ---- batches ---------------------------------------------------------------------------------
 
@@ -76,8 +98,7 @@ class Engine:
         if not rows:
             raise EngineError("cannot encode an empty batch")
         for row in rows:
-            if row.slot:
-                self.bank.check_slot(row.slot)
+            self.check_slot(row.slot)
         encoded = encode_rows(self.tokenizer, rows, self.max_length, self.end_target_with_eos)
         return encoded.to(self.device)
 
@@ -90,8 +111,10 @@ class Engine:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, slot_ids: torch.Tensor
     ) -> tuple[dict, int]:
         """Inputs for the decoder and how many leading positions the kind inserted (virtual tokens)."""
-        return self.bank.kind.model_inputs(
-            self.spec, self.model, input_ids, attention_mask, slot_ids, self.bank.input_stack
+        bank = self.banks[self._input_bank]
+        local = self.space.local_ids(self._input_bank, slot_ids)
+        return bank.kind.model_inputs(
+            bank.spec, self.model, input_ids, attention_mask, local, bank.input_stack
         )
 
     def _decode(self, slot_ids: torch.Tensor, **inputs: object) -> BaseModelOutputWithPast:
@@ -99,7 +122,7 @@ class Engine:
         tokens = inputs.get("input_ids")
         tokens = inputs["inputs_embeds"] if tokens is None else tokens
         self.positions_run += tokens.shape[0] * tokens.shape[1]
-        with self.router.route(slot_ids):
+        with self.space.route(slot_ids):
             return self.model.get_decoder()(**inputs)
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
@@ -129,8 +152,11 @@ class Engine:
     def _may_share(self) -> bool:
         # A kind whose training is random per position (LoRA dropout) would share one draw among the
         # rows that share a prefix: not the computation the rows would get alone, so it runs plainly.
-        training = any(t.requires_grad for t in self.bank.tensors.values())
-        return self.share_prefix and (not training or self.bank.kind.exact_when_shared(self.spec))
+        return self.share_prefix and all(
+            bank.kind.exact_when_shared(bank.spec)
+            for bank in self.banks
+            if any(t.requires_grad for t in bank.tensors.values())
+        )
 
     def _run_shared(self, batch: Batch, plan: PrefixPlan) -> _Run:
         prefix_ids, prefix_mask, suffix_ids, suffix_mask = prefix_tensors(
@@ -283,7 +309,7 @@ class Engine:
             ]
             batch = self.encode(chunk)
             inputs, _ = self._model_inputs(batch.input_ids, batch.attention_mask, batch.slot_ids)
-            with self.router.route(batch.slot_ids):
+            with self.space.route(batch.slot_ids):
                 texts.extend(generate_from_inputs(self.model, self.tokenizer, inputs, decode))
         return texts
 
@@ -292,8 +318,10 @@ class Engine:
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
         """Bank tensors take gradients and module dropout is on; the base model stays frozen in eval."""
-        self.bank.trainable(True)
+        for bank in self.banks:
+            bank.trainable(True)
         try:
             yield
         finally:
-            self.bank.trainable(False)
+            for bank in self.banks:
+                bank.trainable(False)

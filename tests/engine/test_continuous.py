@@ -1,0 +1,161 @@
+"""Continuous batching and multi-kind engines: rows of users of every kind, joining and leaving a running
+batch at different steps, each produce what that user's module produces alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kind_helpers import ALL_KINDS, PROMPTS, SPECS
+from tailorlm.engine.bank import EngineError
+from tailorlm.engine.batch import Row
+from tailorlm.engine.continuous import DecodeRow, RunningBatch, Sampling
+from tailorlm.engine.engine import Engine
+from tailorlm.engine.generation import DecodeConfig
+
+
+def distinct_module(bank, slot: int, seed: int) -> dict[str, torch.Tensor]:
+    """Put a non-identity module (initial values plus noise) into ``slot`` of ``bank``; returns it."""
+    generator = torch.Generator().manual_seed(seed)
+    bank.reset(slot, generator)
+    module = {n: t + 0.05 * torch.randn(t.shape, generator=generator) for n, t in bank.read(slot).items()}
+    bank.write(slot, module)
+    return module
+
+
+@pytest.fixture
+def mixed(make_base):
+    """One engine with a bank per kind, two users per kind, and each user's module."""
+    engine = Engine(make_base(), [SPECS[k] for k in ALL_KINDS], slots=3)
+    modules: dict[int, tuple[str, dict]] = {}
+    for index, (kind, bank) in enumerate(zip(ALL_KINDS, engine.banks, strict=True)):
+        for local in (1, 2):
+            module = distinct_module(bank, local, seed=10 * index + local)
+            modules[engine.space.global_slot(index, local)] = (kind, module)
+    return engine, modules
+
+
+def alone(make_base, kind: str, module: dict) -> Engine:
+    engine = Engine(make_base(), SPECS[kind], slots=2)
+    engine.bank.write(1, module)
+    return engine
+
+
+def ids(engine: Engine, text: str) -> list[int]:
+    return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_global_slots_cover_every_bank_once(mixed):
+    engine, modules = mixed
+    assert sorted(modules) == list(range(1, engine.space.size))
+    assert [engine.space.locate(s) for s in sorted(modules)] == [
+        (b, local) for b in range(4) for local in (1, 2)
+    ]
+    with pytest.raises(EngineError, match="out of range"):
+        engine.check_slot(engine.space.size)
+
+
+def test_mixed_kind_batch_logits_equal_each_user_alone(mixed, make_base):
+    engine, modules = mixed
+    slots = [*sorted(modules), 0]
+    rows = [
+        Row(PROMPTS[i % len(PROMPTS)][0], PROMPTS[i % len(PROMPTS)][1], slot) for i, slot in enumerate(slots)
+    ]
+    batch = engine.encode(rows)
+    with torch.inference_mode():
+        together = engine.logits(batch)
+    for index, row in enumerate(rows):
+        reference = alone(make_base, modules[row.slot][0], modules[row.slot][1]) if row.slot else None
+        if reference is None:
+            reference = Engine(make_base(), SPECS["lora"], slots=2)
+        single = reference.encode([Row(row.prompt, row.target, 1 if row.slot else 0)])
+        with torch.inference_mode():
+            expected = reference.logits(single)[0]
+        width = single.attention_mask.sum()
+        got = together[index][batch.attention_mask[index].bool()]
+        assert got.shape[0] == width
+        torch.testing.assert_close(got, expected[single.attention_mask[0].bool()], atol=2e-5, rtol=1e-4)
+
+
+def test_rows_of_every_kind_joining_midway_decode_as_alone(mixed, make_base):
+    """Rows join a running batch at different steps, with different lengths, and leave when done; each
+    row's greedy tokens equal stock generation (transformers' ``generate``) for that user alone."""
+    engine, modules = mixed
+    slots = sorted(modules)
+    prompts = [PROMPTS[i % len(PROMPTS)][0] + f" ({i})" for i in range(len(slots))]
+    lengths = [3 + i % 4 for i in range(len(slots))]
+    rows = [
+        DecodeRow(ids(engine, p), s, Sampling(max_new_tokens=n))
+        for p, s, n in zip(prompts, slots, lengths, strict=True)
+    ]
+    running = RunningBatch(engine)
+    running.add(rows[:3])
+    waiting = rows[3:]
+    widths = []
+    while running.rows or waiting:
+        if waiting:
+            running.add(waiting[:2])  # two newcomers prefilled together while others are mid-decode
+            waiting = waiting[2:]
+        running.step()
+        widths.append(running.columns)
+    for row, prompt, slot, length in zip(rows, prompts, slots, lengths, strict=True):
+        assert row.finish_reason in ("stop", "length")
+        kind, module = modules[slot]
+        reference = alone(make_base, kind, module)
+        expected = reference.generate([prompt], [1], DecodeConfig(max_new_tokens=length))[0]
+        got = engine.tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
+        assert got == expected, (kind, slot)
+    assert running.columns == 0
+
+
+def test_finished_rows_free_their_columns(make_base):
+    engine = Engine(make_base(), SPECS["lora"], slots=3)
+    long_row = DecodeRow(ids(engine, "a long prompt " * 8), 1, Sampling(max_new_tokens=1))
+    short_row = DecodeRow(ids(engine, "short"), 2, Sampling(max_new_tokens=4))
+    running = RunningBatch(engine)
+    running.add([long_row, short_row])
+    assert long_row.finish_reason == "length" and running.rows == [short_row]
+    assert running.columns == len(short_row.prompt_ids)  # the long prompt's columns are gone
+
+
+def test_seeded_sampling_repeats_whatever_rides_along(make_base):
+    engine = Engine(make_base(), SPECS["lora"], slots=3)
+    prompt = ids(engine, "Tell me something")
+    settings = Sampling(max_new_tokens=6, temperature=1.0, seed=7)
+
+    def sample(companions: int) -> list[int]:
+        row = DecodeRow(prompt, 1, settings)
+        running = RunningBatch(engine)
+        others = [
+            DecodeRow(ids(engine, f"other {i}"), 2, Sampling(max_new_tokens=6, temperature=1.0))
+            for i in range(companions)
+        ]
+        running.add([row, *others])
+        while running.rows:
+            running.step()
+        return row.tokens
+
+    first = sample(0)
+    assert sample(2) == first
+    assert sample(0) == first
+    greedy_row = DecodeRow(prompt, 1, Sampling(max_new_tokens=6, temperature=1.0, top_p=1e-6, seed=3))
+    plain_row = DecodeRow(prompt, 1, Sampling(max_new_tokens=6))
+    running = RunningBatch(engine)
+    running.add([greedy_row, plain_row])
+    while running.rows:
+        running.step()
+    assert greedy_row.tokens == plain_row.tokens  # a nucleus of one token is greedy
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"max_new_tokens": 0}, {"temperature": -1.0}, {"temperature": 3.0}, {"top_p": 0.0}, {"top_p": 1.5}],
+)
+def test_impossible_settings_are_refused(settings):
+    with pytest.raises(ValueError):
+        Sampling(**settings)
+
+
+def test_engine_refuses_two_input_kinds(make_base):
+    with pytest.raises(EngineError, match="at most one kind"):
+        Engine(make_base(), [SPECS["prompt"], SPECS["prompt"]], slots=2)
