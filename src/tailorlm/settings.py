@@ -1,7 +1,8 @@
 """Where tailorlm keeps its files and how many CPU threads torch may use.
 
-Both are read from the environment so that one variable moves every cache (``TAILORLM_HOME``) and one
-variable caps the threads (``TAILORLM_THREADS``).
+All are read from the environment so that one variable moves every cache (``TAILORLM_HOME``), one
+variable caps the threads (``TAILORLM_THREADS``) and one names the default user store
+(``TAILORLM_STORE``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 HOME_ENV = "TAILORLM_HOME"
 THREADS_ENV = "TAILORLM_THREADS"
+STORE_ENV = "TAILORLM_STORE"
 
 
 def home() -> Path:
@@ -23,6 +25,14 @@ def home() -> Path:
 
 def models_dir() -> Path:
     return home() / "models"
+
+
+def default_store() -> Path:
+    """The user store the ``users`` commands and the server use unless told: ``TAILORLM_STORE``, else
+    ``stores/default`` in the working folder (beside ``runs/``; users' data is not a cache, so it does not
+    go under ``home()``)."""
+    configured = os.environ.get(STORE_ENV)
+    return Path(configured).expanduser() if configured else Path("stores") / "default"
 
 
 def available_cores() -> int:

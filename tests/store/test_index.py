@@ -127,3 +127,72 @@ def test_two_connections_see_each_others_commits(tmp_path):
     finally:
         first.close()
         second.close()
+
+
+def test_an_index_of_schema_1_gains_the_user_spec_column(tmp_path):
+    path = tmp_path / "index.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('schema_version', '1');"
+        "CREATE TABLE users (id TEXT PRIMARY KEY, created REAL NOT NULL, current_version INTEGER, "
+        "data_fingerprint TEXT);"
+        "INSERT INTO users VALUES ('ann', 1.0, NULL, NULL);"
+    )
+    old.close()
+    index = StoreIndex(path)
+    try:
+        assert index.meta("schema_version") == "2" and index.user_ids() == ["ann"]
+        assert index.user_spec("ann") is None
+        index.set_user_spec("ann", {"kind": "ia3"})
+        assert index.user_spec("ann") == {"kind": "ia3"}
+    finally:
+        index.close()
+    reopened = StoreIndex(path)  # opening it again finds the column there and changes nothing
+    assert reopened.user_spec("ann") == {"kind": "ia3"} and reopened.meta("schema_version") == "2"
+    reopened.close()
+
+
+def test_user_specs_and_meta(index):
+    index.add_user("ann")
+    index.set_user_spec("ann", {"kind": "lora", "rank": 4})
+    assert index.user_spec("ann") == {"kind": "lora", "rank": 4}
+    index.set_user_spec("ann", None)
+    assert index.user_spec("ann") is None and index.user_spec("bob") is None
+    with pytest.raises(KeyError, match="no user 'bob'"):
+        index.set_user_spec("bob", {"kind": "ia3"})
+    assert index.meta("task") is None
+    index.set_meta("task", "verbagg")
+    index.set_meta("task", "bfi")
+    assert index.meta("task") == "bfi"
+
+
+def test_unseen_history_skips_items_it_already_has(index):
+    first = [HistoryRecord("i1", "a", "yes"), HistoryRecord("i2", "b", "no")]
+    assert index.add_unseen_history("ann", first) == 2
+    again = [
+        HistoryRecord("i2", "changed", "no"),
+        HistoryRecord("i3", "c", "no"),
+        HistoryRecord("i3", "d", ""),
+    ]
+    assert index.add_unseen_history("ann", again) == 1
+    assert index.add_unseen_history("ann", again) == 0
+    assert [(i.item_id, i.input) for i in index.history("ann")] == [("i1", "a"), ("i2", "b"), ("i3", "c")]
+    assert index.add_history("ann", first) == 5  # add_history appends items as given
+    assert [i.item_id for i in index.history("ann")][-2:] == ["i1", "i2"]
+
+
+def test_keys_are_listed_found_and_revoked_one_at_a_time(index):
+    index.add_user("ann")
+    index.add_key("hash-1", "ann", "user", "laptop")
+    index.add_key("hash-2", "ann", "user")
+    index.add_key("hash-admin", None, "admin")
+    assert [k.key_hash for k in index.keys_of("ann")] == ["hash-1", "hash-2"]
+    assert [k.role for k in index.keys_of(None)] == ["admin"]
+    found = index.find_key("hash-1")
+    assert (found.user_id, found.role, found.label) == ("ann", "user", "laptop")
+    assert index.find_key("nope") is None
+    assert index.revoke_key("hash-1") is True and index.revoke_key("hash-1") is False
+    assert [k.key_hash for k in index.keys_of("ann")] == ["hash-2"]
+    assert index.revoke_admin_keys() == 1 and index.keys_of(None) == []
+    assert index.find_key("hash-2") is not None

@@ -98,6 +98,16 @@ def test_plain_ids_keep_their_own_name_and_a_hashed_lookalike_does_not_collide()
     assert folder_name(hashed) != hashed  # an id spelled like a hashed name gets a hash of its own
 
 
+@pytest.mark.parametrize("user_id", [INDEX_FILE, f"{INDEX_FILE}-wal", f"{INDEX_FILE}-shm", "INDEX.sqlite3"])
+def test_ids_spelled_like_the_index_files_get_a_folder_of_their_own(user_id, engine, tmp_path):
+    assert not folder_name(user_id).endswith(user_id)
+    store = ModuleStore(tmp_path)
+    _put(store, user_id, engine, 1)
+    assert store.has(user_id) and (tmp_path / INDEX_FILE).is_file()
+    store.delete(user_id)
+    assert (tmp_path / INDEX_FILE).is_file() and store.users() == []
+
+
 def test_versions_roll_back_and_old_ones_are_pruned(engine, tmp_path):
     store = ModuleStore(tmp_path, keep=2)
     first = _put(store, "ann", engine, 1)

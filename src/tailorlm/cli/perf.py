@@ -67,3 +67,45 @@ def engine_command(
             config, sections, log=lambda message: console.err.print(message, highlight=False)
         )
     console.emit(payload, as_json, perf_tables.render)
+
+
+@perf_app.command("serve")
+def serve_command(
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Base model: the default SmolLM2-135M-Instruct, or 'tiny' for a smoke run.",
+    ),
+    users: list[int] | None = typer.Option(
+        None, "--users", help="User counts of the scaling runs (repeatable; default 10, 200 and 1000)."
+    ),
+    main_users: int = typer.Option(200, "--main-users", min=1, help="Users in the contender comparison."),
+    slots: int = typer.Option(16, "--slots", min=2, help="Resident modules (tailorlm) / adapters (PEFT)."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Rows decoded together, both servers."),
+    clients: int = typer.Option(64, "--clients", min=1, help="Concurrent clients of the closed-loop runs."),
+    requests: int = typer.Option(128, "--requests", min=1, help="Requests per run."),
+    seconds: float = typer.Option(240.0, "--seconds", min=1.0, help="Time limit per run."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """The server under load (S-LoRA's workload) vs a stock-PEFT server and the bare base model, on
+    loopback: requests/s, tokens/s, time to first token, latency, batch sizes, slot loads, peak RSS."""
+    from tailorlm.cli import perf_tables
+    from tailorlm.perf.serve import ServeLoadConfig, run_serve_benchmark
+
+    with user_errors(models.ModelNotFoundError, ValueError):
+        counts = tuple(sorted(set(users or (10, 200, 1000))))
+        if min(counts) < 1:
+            raise UserError("--users takes positive counts")
+        config = ServeLoadConfig(
+            model=model,
+            users=tuple(sorted({*counts, main_users})),
+            main_users=main_users,
+            slots=slots,
+            max_batch=max_batch,
+            clients=clients,
+            requests=requests,
+            seconds=seconds,
+        )
+        payload = run_serve_benchmark(config, log=lambda message: console.err.print(message, highlight=False))
+    console.emit(payload, as_json, perf_tables.render_serve)

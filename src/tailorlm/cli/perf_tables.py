@@ -115,3 +115,56 @@ def render(payload: dict, out: Console | None = None) -> None:
         f"{payload['total_seconds']:.0f} s in all.",
         highlight=False,
     )
+
+
+SERVE_COLUMNS = (
+    "run",
+    "contender",
+    "users",
+    "popularity",
+    "arrival",
+    "ok",
+    "errors",
+    "req/s",
+    "tok/s",
+    "TTFT p50",
+    "TTFT p90",
+    "latency p50",
+    "latency p95",
+    "mean batch",
+    "slot loads",
+    "peak RSS MB",
+)
+
+
+def render_serve(payload: dict, out: Console | None = None) -> None:
+    """``perf serve``: one row per run, then the ratios against their targets."""
+    out = out or Console(width=220, soft_wrap=True)  # sixteen columns: wider than any terminal's default
+    rows = [
+        (
+            r["name"],
+            r["contender"],
+            r["users"],
+            r["popularity"],
+            r["arrival"],
+            r["ok"],
+            r["errors"],
+            r["requests_per_s"],
+            r["tokens_per_s"],
+            r["ttft_p50"],
+            r["ttft_p90"],
+            r["latency_p50"],
+            r["latency_p95"],
+            r["mean_batch"],
+            r["slot_loads"],
+            r["peak_rss_mb"],
+        )
+        for r in payload["runs"]
+    ]
+    out.print(console.table("Serving under load (seconds for times)", SERVE_COLUMNS, rows))
+    targets = [
+        (t["what"], t["measured"], t["target"], "met" if t["passed"] else "MISSED")
+        for t in payload["targets"]
+    ]
+    out.print(console.table("Targets", ("figure", "measured", "target", ""), targets))
+    out.print(f"{payload['passed']} met, {payload['missed']} missed, in {duration(payload['total_seconds'])}")

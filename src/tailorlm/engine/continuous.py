@@ -32,6 +32,7 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # run to max_new_tokens (load tests: every contender does the same work)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -154,7 +155,7 @@ class RunningBatch:
         produced = []
         for row, token in zip(rows, choose_tokens(logits, rows), strict=True):
             row.tokens.append(token)
-            if token == self._eos:
+            if token == self._eos and not row.sampling.ignore_eos:
                 row.finish_reason = "stop"
             elif len(row.tokens) >= row.sampling.max_new_tokens:
                 row.finish_reason = "length"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 INDEX_FILE = "index.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: users.spec (a user's own module spec)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS users (
     id TEXT PRIMARY KEY,
     created REAL NOT NULL,
     current_version INTEGER,
-    data_fingerprint TEXT
+    data_fingerprint TEXT,
+    spec TEXT
 );
 CREATE TABLE IF NOT EXISTS versions (
     user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
@@ -92,6 +93,24 @@ class VersionRecord:
 
 
 @dataclass(frozen=True)
+class KeyRecord:
+    """One API key as the index records it: its hash, never the key."""
+
+    key_hash: str
+    user_id: str | None  # None: an admin key
+    role: str
+    created: float
+    label: str | None
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring an index written by an older version up to this schema; every step is additive."""
+    columns = {row["name"] for row in db.execute("PRAGMA table_info(users)")}
+    if "spec" not in columns:  # schema 1 had no per-user spec
+        db.execute("ALTER TABLE users ADD COLUMN spec TEXT")
+
+
+@dataclass(frozen=True)
 class HistoryRecord:
     """One item of a user's history: what retrieval, profiles and retraining read."""
 
@@ -101,6 +120,16 @@ class HistoryRecord:
     split: str = "train"
     time: float | None = None
     fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _unseen(items: Sequence[HistoryRecord], known: set[str]) -> list[HistoryRecord]:
+    """``items`` without those whose id is in ``known`` or came earlier in ``items``."""
+    fresh = []
+    for item in items:
+        if item.item_id not in known:
+            known.add(item.item_id)
+            fresh.append(item)
+    return fresh
 
 
 class StoreIndex:
@@ -124,8 +153,9 @@ class StoreIndex:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            _migrate(db)
             db.execute(
-                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
 
     def close(self) -> None:
@@ -165,6 +195,27 @@ class StoreIndex:
 
     def user_ids(self) -> list[str]:
         return [row["id"] for row in self._rows("SELECT id FROM users ORDER BY id")]
+
+    def set_user_spec(self, user_id: str, spec: Mapping[str, Any] | None) -> None:
+        """Record the module spec ``user_id`` trains with (None: the store's default)."""
+        text = None if spec is None else json.dumps(dict(spec), sort_keys=True)
+        with self.transaction() as db:
+            if not db.execute("UPDATE users SET spec = ? WHERE id = ?", (text, user_id)).rowcount:
+                raise KeyError(f"no user {user_id!r} in this store")
+
+    def user_spec(self, user_id: str) -> dict[str, Any] | None:
+        rows = self._rows("SELECT spec FROM users WHERE id = ?", user_id)
+        return json.loads(rows[0]["spec"]) if rows and rows[0]["spec"] is not None else None
+
+    # ---- store-wide settings -----------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        rows = self._rows("SELECT value FROM meta WHERE key = ?", key)
+        return rows[0]["value"] if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
     def delete_user(self, user_id: str) -> list[VersionRecord]:
         """Forget ``user_id``: every row of theirs (versions, history, keys, jobs) in one transaction, then
@@ -276,9 +327,24 @@ class StoreIndex:
 
     def add_history(self, user_id: str, items: Sequence[HistoryRecord]) -> int:
         """Append items to ``user_id``'s history (creating the user); returns how many they now have."""
+        return self._append_history(user_id, items, skip_known=False)[1]
+
+    def add_unseen_history(self, user_id: str, items: Sequence[HistoryRecord]) -> int:
+        """Append the items whose id ``user_id``'s history does not hold yet (a repeat within ``items``
+        counts once), creating the user; returns how many were added. Checked and written in one
+        transaction, so importing the same data twice, or a retried request, adds nothing."""
+        return self._append_history(user_id, items, skip_known=True)[0]
+
+    def _append_history(
+        self, user_id: str, items: Sequence[HistoryRecord], skip_known: bool
+    ) -> tuple[int, int]:
+        """(items added, items the user now has)."""
         with self.transaction() as db:
             db.execute("INSERT OR IGNORE INTO users(id, created) VALUES (?, ?)", (user_id, time.time()))
             (count,) = db.execute("SELECT COUNT(*) FROM history WHERE user_id = ?", (user_id,)).fetchone()
+            if skip_known:
+                known = db.execute("SELECT item_id FROM history WHERE user_id = ?", (user_id,))
+                items = _unseen(items, {row[0] for row in known})
             db.executemany(
                 "INSERT INTO history(user_id, seq, item_id, input, target, split, time, fields) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -296,7 +362,7 @@ class StoreIndex:
                     for i, it in enumerate(items)
                 ],
             )
-            return count + len(items)
+            return len(items), count + len(items)
 
     def history(self, user_id: str) -> list[HistoryRecord]:
         rows = self._rows("SELECT * FROM history WHERE user_id = ? ORDER BY seq", user_id)
@@ -325,3 +391,25 @@ class StoreIndex:
     def revoke_keys(self, user_id: str) -> int:
         with self.transaction() as db:
             return db.execute("DELETE FROM keys WHERE user_id = ?", (user_id,)).rowcount
+
+    def find_key(self, key_hash: str) -> KeyRecord | None:
+        """The whole record of a key hash, or None for an unknown or revoked key."""
+        rows = self._rows("SELECT * FROM keys WHERE key_hash = ?", key_hash)
+        return KeyRecord(**dict(rows[0])) if rows else None
+
+    def keys_of(self, user_id: str | None) -> list[KeyRecord]:
+        """The keys of ``user_id``, or the admin keys for None, oldest first."""
+        if user_id is None:
+            rows = self._rows("SELECT * FROM keys WHERE user_id IS NULL ORDER BY created, key_hash")
+        else:
+            rows = self._rows("SELECT * FROM keys WHERE user_id = ? ORDER BY created, key_hash", user_id)
+        return [KeyRecord(**dict(row)) for row in rows]
+
+    def revoke_key(self, key_hash: str) -> bool:
+        """Revoke one key; False when no key has this hash."""
+        with self.transaction() as db:
+            return db.execute("DELETE FROM keys WHERE key_hash = ?", (key_hash,)).rowcount == 1
+
+    def revoke_admin_keys(self) -> int:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM keys WHERE user_id IS NULL").rowcount

@@ -37,9 +37,11 @@ def folder_name(user_id: str) -> str:
 
     An id keeps its own name only when that is unambiguous: unchanged by the cleaning, not empty (that
     would be the root itself), not hidden (staging folders are) and not spelled like a hashed name (which
-    could be another id's: ``a_b-07f4401c`` is where ``a/b`` lives)."""
+    could be another id's: ``a_b-07f4401c`` is where ``a/b`` lives), and not the index's own files
+    (``index.sqlite3`` and its ``-wal``/``-shm`` siblings share the root with the user folders)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:80]
-    if safe != user_id or not safe or safe.startswith(".") or _HASHED.fullmatch(safe):
+    reserved = safe.lower().startswith(INDEX_FILE)
+    if safe != user_id or not safe or safe.startswith(".") or _HASHED.fullmatch(safe) or reserved:
         safe = f"{safe.lstrip('.')}-{zlib.crc32(user_id.encode()):08x}"
     return safe
 

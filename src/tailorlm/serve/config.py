@@ -1,0 +1,38 @@
+"""What a server is: where its users live, which recipe it applies, and its limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tailorlm.serve.scheduler import SchedulerConfig
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    store: Path
+    host: str = LOOPBACK
+    port: int = 8000
+    base_model: str | None = None  # None: the store's recorded base model, else the default
+    device: str | None = None
+    dtype: str | None = None
+    kinds: tuple[str, ...] = ()  # kinds served besides those already in the store (default specs)
+    slots: int = 16  # resident modules per kind (memory is bounded by this, not by the user count)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    max_context: int = 2048  # prompt tokens plus new tokens
+    max_body_bytes: int = 1 << 20
+    rate_limit: float | None = None  # requests per second per key (bursts of twice that); None: no limit
+    retrieve: int = 0  # the recipe's RAG: this many of the user's history items put before the prompt
+    retrain: bool = True  # POST .../history retrains the user in a worker process
+
+    def __post_init__(self) -> None:
+        if self.slots < 2:
+            raise ValueError(f"a server needs at least 2 slots per kind, not {self.slots}")
+        if self.max_context < 8:
+            raise ValueError(f"max_context {self.max_context} is too small")
+        if self.rate_limit is not None and self.rate_limit <= 0:
+            raise ValueError("rate_limit must be positive (or None for no limit)")
+        if self.retrieve < 0:
+            raise ValueError("retrieve must be 0 (off) or a number of history items")

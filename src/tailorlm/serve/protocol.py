@@ -1,0 +1,228 @@
+"""The OpenAI wire format the server speaks: request bodies (validated), response bodies, error bodies.
+
+Requests accept fields they do not use (the client sends some by default) but a known field of the
+wrong type or out of range is a 400 naming it. ``labels`` is tailorlm's own field: restrict the answer to
+one of the given strings (the benchmark's choice decoding) and get every label's log-probability;
+``ignore_eos`` (as in vLLM) generates ``max_tokens`` tokens whatever the model says, for load tests.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_LABELS = 64
+
+
+class ApiError(Exception):
+    """An answer other than 200, with OpenAI's error body. ``retry_after`` (seconds) goes in a header."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        headers = {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, round(self.retry_after)))
+        elif self.status >= 500 or self.status in (408, 409):
+            headers["x-should-retry"] = "false"  # permanent: the client would otherwise retry twice
+        return headers
+
+
+def model_not_found(model: str) -> ApiError:
+    # The same answer for another user's model and an unknown one: existence is not revealed.
+    return ApiError(
+        404,
+        f"The model `{model}` does not exist or you do not have access to it.",
+        code="model_not_found",
+        param="model",
+    )
+
+
+def invalid_key() -> ApiError:
+    return ApiError(
+        401,
+        "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
+        "invalid_request_error",
+        code="invalid_api_key",
+    )
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=False)
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=1)  # one choice per request; ask again for more
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+    labels: list[str] | None = Field(default=None, min_length=1, max_length=MAX_LABELS)
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (any(not label.strip() for label in value) or len(set(value)) != len(value)):
+            raise ValueError("labels must be distinct non-empty strings")
+        return value
+
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=0)  # token log-probabilities are not returned
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("send one prompt per request")
+        return value
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def new_tokens(self) -> int:
+        return self.max_tokens or self.max_completion_tokens or 16
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    def new_tokens(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or 256
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_body(
+    request_id: str, model: str, text: str, finish: str, counts: dict[str, int], extra: dict | None = None
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish, **(extra or {})}],
+        "usage": counts,
+    }
+
+
+def chat_body(
+    request_id: str, model: str, text: str, finish: str, counts: dict[str, int], extra: dict | None = None
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish,
+                **(extra or {}),
+            }
+        ],
+        "usage": counts,
+    }
+
+
+def chunk(request_id: str, model: str, chat: bool, text: str | None, finish: str | None, first: bool) -> dict:
+    """One streamed event: a chat delta or a completion piece."""
+    if chat:
+        delta: dict[str, str] = {"role": "assistant"} if first else {}
+        if text:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        kind = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        kind = "text_completion"
+    return {
+        "id": request_id,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def usage_chunk(request_id: str, model: str, chat: bool, counts: dict[str, int]) -> dict:
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    return {
+        "id": request_id,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": counts,
+    }

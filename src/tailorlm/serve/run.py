@@ -1,0 +1,75 @@
+"""Running a server: in the foreground (``tailorlm serve``) or in a background thread of this process
+(tests and ``tailorlm perf serve``), always on the configured address, loopback by default."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+from tailorlm import models
+from tailorlm.serve.app import create_app
+from tailorlm.serve.config import ServeConfig
+from tailorlm.serve.server import Server
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _uvicorn(server: Server) -> uvicorn.Server:
+    config = uvicorn.Config(
+        create_app(server),
+        host=server.config.host,
+        port=server.config.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    return uvicorn.Server(config)
+
+
+def serve_forever(config: ServeConfig, base: models.BaseModel | None = None, **server_options: Any) -> None:
+    """Build the server and serve until interrupted (Ctrl-C or SIGTERM). ``server_options`` go to
+    ``Server`` (load tests' contenders)."""
+    server = Server(config, base, **server_options)
+    server.start()
+    try:
+        _uvicorn(server).run()
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def background(
+    config: ServeConfig, base: models.BaseModel | None = None, timeout: float = 60.0, **server_options: Any
+) -> Iterator[Server]:
+    """A server answering on ``config``'s address from a thread of this process until the block ends.
+    Yields the ``Server`` (its ``url`` attribute is set); ``server_options`` go to ``Server``."""
+    server = Server(config, base, **server_options)
+    server.start()
+    front = _uvicorn(server)
+    thread = threading.Thread(target=front.run, name="tailorlm-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not front.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"the server did not start on {config.host}:{config.port}")
+        time.sleep(0.02)
+    server.url = f"http://{config.host}:{config.port}"
+    try:
+        yield server
+    finally:
+        front.should_exit = True
+        thread.join(timeout=30)
+        server.stop()
+        logging.getLogger(__name__).debug("server on %s stopped", server.url)

@@ -1,0 +1,395 @@
+"""The one thread that runs the engine: admits waiting requests into the running batch between decode
+steps (continuous batching), answers label-restricted requests by scoring the labels, streams each row's
+text to its request, and releases a row's slot the moment it finishes.
+
+Slots: every request pins its user's module version for its whole life, so it finishes on the version it
+started with even if a retrain lands meanwhile; a module is keyed by user and version, so the next request
+loads the new one and the old one is evicted when nobody uses it. A request whose user cannot get a slot
+(all pinned) waits while requests of resident users go ahead.
+
+Requests come from the server's event loop (``submit``); everything that touches the engine or the slots
+runs on the scheduler thread, including forgetting a user (``forget``), so no lock is held across a
+forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tailorlm.engine.continuous import DecodeRow, RunningBatch, Sampling
+from tailorlm.engine.engine import Engine
+from tailorlm.engine.slots import SlotManager, SlotsFullError
+from tailorlm.serve.metrics import ServeMetrics
+from tailorlm.serve.protocol import ApiError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch: int = 16  # rows decoded together
+    wait_ms: float = 10.0  # how long an idle scheduler waits for more arrivals before a prefill
+    max_queue: int = 256  # waiting requests beyond this are refused with 429
+
+
+@dataclass
+class Event:
+    """What a request hears back: text pieces, then one final event (done or error)."""
+
+    text: str = ""
+    finish: str | None = None  # "stop" | "length" on the final event
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    scores: dict[str, float] | None = None  # label -> log-probability (label-restricted requests)
+    error: ApiError | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.finish is not None or self.error is not None
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's work: whose module (user, version, bank), the prompt, and where events go."""
+
+    user_id: str
+    version: int
+    bank: int  # the engine's bank of the user's kind; -1 for the bare base model
+    prompt_ids: list[int]
+    emit: Callable[[Event], None]
+    sampling: Sampling = field(default_factory=Sampling)
+    stops: tuple[str, ...] = ()
+    labels: tuple[str, ...] | None = None
+    prompt_text: str = ""
+    created: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    slot: int = 0  # the engine's global slot, once pinned
+    row: DecodeRow | None = None
+    pins: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    sent: int = 0  # characters of the decoded text already emitted
+    first_token: float | None = None
+
+    @property
+    def slot_key(self) -> str:
+        return module_key(self.user_id, self.version)
+
+
+def module_key(user_id: str, version: int) -> str:
+    """The slot manager's name for one version of one user's module (the version first: ids may hold ':')."""
+    return f"{version}:{user_id}"
+
+
+def key_user(key: str) -> tuple[str, int]:
+    version, _, user_id = key.partition(":")
+    return user_id, int(version)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        engine: Engine,
+        managers: Sequence[SlotManager],
+        config: SchedulerConfig,
+        metrics: ServeMetrics,
+    ) -> None:
+        self.engine = engine
+        self.managers = list(managers)  # one per bank, in the engine's bank order
+        self.config = config
+        self.metrics = metrics
+        self.running = RunningBatch(engine)
+        self._jobs: dict[int, Job] = {}  # id(row) -> job, for rows in the running batch
+        self._waiting: deque[Job] = deque()
+        self._tasks: list[Callable[[], None]] = []  # work that must run on this thread (forgetting)
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="tailorlm-scheduler", daemon=True)
+
+    # ---- from other threads ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if len(self._waiting) >= self.config.max_queue:
+                raise ApiError(
+                    429,
+                    f"the server's queue is full ({self.config.max_queue} requests waiting); retry shortly",
+                    "rate_limit_error",
+                    code="queue_full",
+                    retry_after=1.0,
+                )
+            self._waiting.append(job)
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: the job's row leaves at the next step boundary."""
+        job.cancelled = True
+        with self._cond:
+            self._cond.notify_all()
+
+    def run_here(self, task: Callable[[], object], timeout: float = 60.0) -> object:
+        """Run ``task`` on the scheduler thread between steps and return its result (or raise its error)."""
+        done = threading.Event()
+        outcome: dict[str, object] = {}
+
+        def wrapped() -> None:
+            try:
+                outcome["value"] = task()
+            except BaseException as error:
+                outcome["error"] = error
+            finally:
+                done.set()
+
+        with self._cond:
+            self._tasks.append(wrapped)
+            self._cond.notify_all()
+        if not done.wait(timeout):
+            raise TimeoutError("the scheduler did not run the task in time")
+        if "error" in outcome:
+            raise outcome["error"]  # type: ignore[misc]
+        return outcome.get("value")
+
+    def forget(self, user_id: str) -> int:
+        """Cancel the user's requests and reset every slot that holds any version of their module to the
+        identity. Returns how many slots were cleared."""
+        return int(self.run_here(lambda: self._forget(user_id)))  # type: ignore[arg-type]
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._waiting) + len(self.running)
+
+    # ---- the scheduler thread --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._tasks or self._waiting or self.running.rows):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                tasks, self._tasks = self._tasks, []
+                if not self.running.rows and self._waiting and not tasks and self._should_wait():
+                    continue
+            for task in tasks:
+                task()
+            try:
+                self._admit()
+                if self.running.rows:
+                    self._drop_cancelled()
+                    self.metrics.batch_size.observe(len(self.running))
+                    self._deliver(self.running.step())
+            except Exception as error:  # a failing forward must not take the server down
+                log.exception("the scheduler's step failed")
+                self._fail_running(error)
+        self._fail_all(ApiError(503, "the server is shutting down", "server_error", code="shutting_down"))
+
+    def _should_wait(self) -> bool:
+        """Idle and too few arrivals yet: give others ``wait_ms`` to arrive so they prefill together."""
+        if len(self._waiting) >= self.config.max_batch:
+            return False
+        left = self._waiting[0].created + self.config.wait_ms / 1000 - time.perf_counter()
+        if left <= 0:
+            return False
+        self._cond.wait(left)
+        return True
+
+    def _admit(self) -> None:
+        admitted: list[Job] = []
+        scoring: list[Job] = []
+        blocked: list[Job] = []
+        with self._cond:
+            room = self.config.max_batch - len(self.running)
+            while self._waiting and room > len(admitted):
+                job = self._waiting.popleft()
+                if job.cancelled:
+                    continue
+                try:
+                    self._pin(job)
+                except SlotsFullError:
+                    blocked.append(job)  # its user waits for a slot; others go ahead
+                    continue
+                except ApiError as error:
+                    job.emit(Event(error=error))
+                    continue
+                except Exception as error:
+                    log.exception("loading %s failed", job.slot_key)
+                    job.emit(Event(error=_module_error(job, error)))
+                    continue
+                (scoring if job.labels else admitted).append(job)
+            self._waiting.extendleft(reversed(blocked))
+            self.metrics.queue_depth.set(len(self._waiting))
+        if scoring:
+            self._score(scoring)
+        if admitted:
+            rows = []
+            for job in admitted:
+                job.row = DecodeRow(job.prompt_ids, job.slot, job.sampling)
+                self._jobs[id(job.row)] = job
+                rows.append(job.row)
+            self.metrics.prefill_rows.observe(len(rows))
+            self._deliver(self.running.add(rows))
+
+    def _pin(self, job: Job) -> None:
+        if job.bank < 0:  # no module: the bare base model (slot 0), e.g. the upper bound of a load test
+            job.slot = 0
+            return
+        manager = self.managers[job.bank]
+        hits, misses = manager.hits, manager.misses
+        placed = job.pins.enter_context(manager.pinned([job.slot_key]))
+        job.slot = self.engine.space.global_slot(job.bank, placed[job.slot_key])
+        self.metrics.slot_hits.inc(manager.hits - hits)
+        self.metrics.slot_misses.inc(manager.misses - misses)
+
+    def _score(self, jobs: list[Job]) -> None:
+        """Label-restricted requests: every label's log-probability, one engine call per label set."""
+        groups: dict[tuple[str, ...], list[Job]] = {}
+        for job in jobs:
+            groups.setdefault(job.labels, []).append(job)  # type: ignore[arg-type]
+        for labels, group in groups.items():
+            try:
+                scores = self.engine.score_choices(
+                    [job.prompt_text for job in group], [job.slot for job in group], labels
+                )
+                for job, values in zip(group, scores, strict=True):
+                    best = max(range(len(labels)), key=values.__getitem__)
+                    self._finish(
+                        job,
+                        Event(
+                            text=labels[best],
+                            finish="stop",
+                            prompt_tokens=len(job.prompt_ids),
+                            completion_tokens=len(
+                                self.engine.tokenizer(labels[best], add_special_tokens=False)["input_ids"]
+                            ),
+                            scores=dict(zip(labels, values, strict=True)),
+                        ),
+                    )
+            except Exception as error:
+                log.exception("scoring labels failed")
+                for job in group:
+                    self._finish(job, Event(error=ApiError(500, f"scoring failed: {error}", "server_error")))
+
+    def _deliver(self, produced: Sequence[tuple[DecodeRow, int]]) -> None:
+        now = time.perf_counter()
+        stopped = []
+        for row, _token in produced:
+            job = self._jobs.get(id(row))
+            if job is None:
+                continue
+            if job.first_token is None:
+                job.first_token = now
+                self.metrics.time_to_first_token.observe(now - job.created)
+            text, stop_hit = self._new_text(job, final=row.finish_reason is not None)
+            if stop_hit and row.finish_reason is None:
+                stopped.append(row)
+            if stop_hit or row.finish_reason:
+                self._finish(
+                    job,
+                    Event(
+                        text=text,
+                        finish="stop" if stop_hit else row.finish_reason,
+                        prompt_tokens=len(job.prompt_ids),
+                        completion_tokens=len(row.tokens),
+                    ),
+                )
+            elif text:
+                job.emit(Event(text=text))
+        self.running.drop(stopped)
+
+    def _new_text(self, job: Job, final: bool) -> tuple[str, bool]:
+        """The text to send now, and whether a stop string ended the row. Text that could be the start of
+        a stop string, or half of a multi-byte character, is held back until it is decided."""
+        row = job.row
+        text = self.engine.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        hits = [i for i in (text.find(stop) for stop in job.stops) if i >= 0]
+        if hits:
+            end, stopped = min(hits), True
+        elif final:
+            end, stopped = len(text), False
+        else:
+            hold = max((len(stop) - 1 for stop in job.stops), default=0)
+            end, stopped = len(text) - hold, False
+            if text.endswith("\ufffd"):
+                end = min(end, len(text) - 1)
+        piece = text[job.sent : max(end, job.sent)]
+        job.sent = max(end, job.sent)
+        return piece, stopped
+
+    def _finish(self, job: Job, event: Event) -> None:
+        if job.row is not None:
+            self._jobs.pop(id(job.row), None)
+        job.pins.close()  # unpin: the slot may be evicted (or, if its version was replaced, freed)
+        self.metrics.latency.observe(time.perf_counter() - job.created)
+        job.emit(event)
+
+    def _drop_cancelled(self) -> None:
+        gone = [row for row in self.running.rows if self._jobs[id(row)].cancelled]
+        for row in gone:
+            self._finish(self._jobs[id(row)], Event(error=ApiError(499, "the client closed the request")))
+        self.running.drop(gone)
+
+    def _forget(self, user_id: str) -> int:
+        doomed = [row for row in self.running.rows if self._jobs[id(row)].user_id == user_id]
+        for row in doomed:
+            self._finish(self._jobs[id(row)], Event(error=_deleted(user_id)))
+        self.running.drop(doomed)
+        with self._cond:
+            kept = deque()
+            for job in self._waiting:
+                if job.user_id == user_id:
+                    job.emit(Event(error=_deleted(user_id)))
+                else:
+                    kept.append(job)
+            self._waiting = kept
+        cleared = 0
+        for manager in self.managers:
+            for key in manager.resident():
+                if key_user(key)[0] == user_id:
+                    manager.evict(key)  # the slot's tensors become the identity
+                    cleared += 1
+        return cleared
+
+    def _fail_running(self, error: Exception) -> None:
+        failure = ApiError(500, f"generation failed: {error}", "server_error")
+        for row in list(self.running.rows):
+            job = self._jobs.get(id(row))
+            if job is not None:
+                self._finish(job, Event(error=failure))
+        self.running = RunningBatch(self.engine)
+
+    def _fail_all(self, error: ApiError) -> None:
+        for row in list(self.running.rows):
+            job = self._jobs.get(id(row))
+            if job is not None:
+                self._finish(job, Event(error=error))
+        with self._cond:
+            for job in self._waiting:
+                job.emit(Event(error=error))
+            self._waiting.clear()
+
+
+def _deleted(user_id: str) -> ApiError:
+    return ApiError(404, f"user {user_id!r} was deleted", code="model_not_found", param="model")
+
+
+def _module_error(job: Job, error: Exception) -> ApiError:
+    return ApiError(
+        500,
+        f"the module of {job.user_id!r} version {job.version} could not be loaded: {error}",
+        "server_error",
+        code="module_unavailable",
+    )

@@ -1,0 +1,170 @@
+"""The serving process's parts, built from a ``ServeConfig``: one base model, an engine with a bank per
+module spec in the store (a batch mixes users of every kind), a slot manager per bank loading modules
+from the store on demand, the scheduler thread, and the retraining jobs."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+
+from tailorlm import kinds, models
+from tailorlm.data.schema import HistoryItem
+from tailorlm.engine.engine import Engine
+from tailorlm.engine.slots import SlotManager
+from tailorlm.kinds import ModuleSpec
+from tailorlm.methods.retrieval import BM25Retriever
+from tailorlm.serve.config import ServeConfig
+from tailorlm.serve.metrics import ServeMetrics
+from tailorlm.serve.protocol import ApiError, invalid_key, model_not_found
+from tailorlm.serve.scheduler import Scheduler, key_user
+from tailorlm.serve.training import TrainingJobs
+from tailorlm.store.module_folder import ModuleFileError
+from tailorlm.store.store import ModuleStore
+from tailorlm.users.keys import KeyOwner
+from tailorlm.users.service import UserService
+
+
+def served_specs(store: ModuleStore, extra_kinds: tuple[str, ...]) -> list[ModuleSpec]:
+    """One spec per distinct module layout among the users' current versions, plus the default spec of
+    every kind asked for; LoRA's default when the store is empty."""
+    specs: list[ModuleSpec] = []
+    found = [kinds.spec_from_dict(record.spec) for record in map(store.current, store.users()) if record]
+    for spec in [*found, *(kinds.default_spec(name) for name in extra_kinds)]:
+        if not any(kinds.same_layout(spec, known) for known in specs):
+            specs.append(spec)
+    return specs or [kinds.default_spec("lora")]
+
+
+class RateLimiter:
+    """A token bucket per key: ``rate`` requests per second, bursts of twice that."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self._buckets: dict[str, tuple[float, float]] = {}  # key hash -> (tokens, last refill)
+        self._lock = threading.Lock()
+
+    def take(self, who: str) -> None:
+        if self.rate is None:
+            return
+        burst = max(1.0, 2 * self.rate)
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(who, (burst, now))
+            tokens = min(burst, tokens + (now - last) * self.rate)
+            if tokens < 1.0:
+                self._buckets[who] = (tokens, now)
+                raise ApiError(
+                    429,
+                    f"rate limit reached: {self.rate:g} requests per second per key",
+                    "rate_limit_error",
+                    code="rate_limit_exceeded",
+                    retry_after=(1.0 - tokens) / self.rate,
+                )
+            self._buckets[who] = (tokens - 1.0, now)
+
+
+class Server:
+    def __init__(
+        self,
+        config: ServeConfig,
+        base: models.BaseModel | None = None,
+        scheduler_factory: Callable[[Server], Scheduler] | None = None,
+        bare: bool = False,
+    ) -> None:
+        """``scheduler_factory`` and ``bare`` are for load tests: another scheduler behind the same HTTP
+        front (a stock-PEFT baseline), or every request on the bare base model (the upper bound)."""
+        self.config = config
+        self.store = ModuleStore(config.store)
+        self.service = UserService(self.store, device=config.device, dtype=config.dtype)
+        base_name = config.base_model or self.service.settings().base_model
+        self.base = base or models.load_base(base_name, config.device, config.dtype)
+        self.specs = served_specs(self.store, config.kinds)
+        self.engine = Engine(self.base, self.specs, slots=config.slots + 1, max_length=config.max_context)
+        self.managers = [SlotManager(bank, self._loader(bank.spec)) for bank in self.engine.banks]
+        self.metrics = ServeMetrics()
+        self.bare = bare
+        self.scheduler = (
+            scheduler_factory(self)
+            if scheduler_factory
+            else Scheduler(self.engine, self.managers, config.scheduler, self.metrics)
+        )
+        self.limiter = RateLimiter(config.rate_limit)
+        self.retriever = BM25Retriever()
+        self.jobs = TrainingJobs(
+            self.store.root,
+            current_version=self._current_version,
+            on_state=lambda state: self.metrics.training_jobs.labels(state).inc(),
+        )
+        self.started = time.time()
+        self.url: str | None = None  # set once it answers (run.background)
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.jobs.stop()
+        self.scheduler.stop()
+        self.store.close()
+
+    def _current_version(self, user_id: str) -> int | None:
+        record = self.store.current(user_id)
+        return None if record is None else record.version
+
+    # ---- users and their modules -------------------------------------------------------------------
+
+    def _loader(self, spec: ModuleSpec):
+        def load(key: str) -> Mapping[str, torch.Tensor]:
+            user_id, version = key_user(key)
+            stored = self.store.get(user_id, version)  # checks the sha256 the index holds
+            if not kinds.same_layout(stored.spec, spec):
+                raise ModuleFileError(
+                    f"user {user_id!r} version {version} does not fit the bank it was routed to"
+                )
+            return kinds.of(spec).normalize_names(stored.tensors)
+
+        return load
+
+    def owner(self, authorization: str | None) -> KeyOwner:
+        """Whose key the request carries; 401 for none or a bad one."""
+        scheme, _, token = (authorization or "").partition(" ")
+        found = self.service.resolve_key(token.strip()) if scheme.lower() == "bearer" else None
+        if found is None:
+            raise invalid_key()
+        return found
+
+    def module_of(self, owner: KeyOwner, model: str) -> tuple[int, int]:
+        """(version, bank index) of the module ``model`` names, if ``owner`` may use it; the same 404
+        for a model that is not theirs and one that does not exist."""
+        if owner.role != "admin" and owner.user_id != model:
+            raise model_not_found(model)
+        record = self.store.current(model)
+        if record is None:
+            raise model_not_found(model)
+        if self.bare:
+            return record.version, -1
+        spec = kinds.spec_from_dict(record.spec)
+        for index, bank in enumerate(self.engine.banks):
+            if kinds.same_layout(bank.spec, spec):
+                return record.version, index
+        raise ApiError(
+            400,
+            f"the module of `{model}` ({record.kind}) has a layout this server was not started with; "
+            "restart the server to serve it",
+            code="model_not_servable",
+            param="model",
+        )
+
+    def with_history(self, user_id: str, query: str) -> str | None:
+        """The recipe's retrieval: the user's most relevant history items, as lines to put before the
+        prompt (None when retrieval is off or the user has no history)."""
+        if not self.config.retrieve:
+            return None
+        records = self.store.index.history(user_id)
+        items = [HistoryItem(r.item_id, f"{r.input} -> {r.target}") for r in records]
+        chosen = self.retriever.top_k(query, items, self.config.retrieve)
+        if not chosen:
+            return None
+        return "Earlier items of this user:\n" + "\n".join(f"- {item.text}" for item in chosen)

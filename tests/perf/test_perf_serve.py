@@ -1,0 +1,78 @@
+"""``perf serve``'s parts on the tiny model: the workload, the load driver against a live server, and the
+stock-PEFT contender answering exactly what tailorlm answers for the same user."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import httpx
+import numpy as np
+
+from tailorlm import models
+from tailorlm.perf.serve import SKEWED, UNIFORM, ServeLoadConfig, build_store, drive, plan, user_name
+from tailorlm.perf.serve_peft import PeftScheduler
+from tailorlm.serve.config import ServeConfig
+from tailorlm.serve.run import background, free_port
+from tailorlm.serve.scheduler import SchedulerConfig
+
+
+def fresh(tiny: models.BaseModel) -> models.BaseModel:
+    return models.BaseModel(copy.deepcopy(tiny.model), tiny.tokenizer, tiny.name, None)
+
+
+def test_plans_follow_the_workload(tiny):
+    config = ServeLoadConfig(requests=400)
+    uniform = plan(config, 200, UNIFORM, None, seed=1)
+    skewed = plan(config, 200, SKEWED, 5.0, seed=1)
+    assert len(uniform) == 400 and all(p.at is None for p in uniform)
+    for item in uniform:
+        assert 16 <= item.max_tokens <= 64
+        assert 32 <= len(item.prompt.split()) <= 128
+        tokens = len(tiny.tokenizer(item.prompt, add_special_tokens=False)["input_ids"])
+        assert 0.8 * len(item.prompt.split()) <= tokens <= 1.3 * len(item.prompt.split())
+    counts = lambda plans: np.bincount([int(p.user.split("-")[1]) for p in plans], minlength=200)  # noqa: E731
+    assert counts(uniform).max() < 10  # about 2 each
+    assert np.sort(counts(skewed))[-10:].sum() > 0.15 * 400  # a few users take a large share
+    arrivals = np.diff([0.0, *(p.at for p in skewed)])
+    assert 0.15 < arrivals.mean() < 0.25  # Poisson at 5/s: mean gap 0.2 s
+    assert plan(config, 200, UNIFORM, None, seed=1) == uniform  # seeded
+
+
+def test_driver_and_peft_contender_against_live_servers(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr(models, "load_base", lambda name=None, device=None, dtype=None: fresh(tiny))
+    key = build_store(tmp_path, 6, models.TINY_MODEL, seed=0)
+    config = ServeLoadConfig(requests=8, clients=3, seconds=60, new_tokens=(4, 8), prompt_tokens=(8, 16))
+    scheduler = SchedulerConfig(max_batch=4, wait_ms=2.0, max_queue=32)
+
+    def serve_config() -> ServeConfig:
+        return ServeConfig(store=tmp_path, port=free_port(), slots=2, scheduler=scheduler, retrain=False)
+
+    def peft(server):
+        return PeftScheduler(fresh(tiny), server.store, 2, scheduler, server.metrics)
+
+    answers = {}
+    for name, options in (("tailorlm", {}), ("peft", {"scheduler_factory": peft})):
+        with background(serve_config(), base=fresh(tiny), **options) as server:
+            outcomes, seconds = asyncio.run(drive(server.url, key, plan(config, 6, UNIFORM, None, 0), 3, 60))
+            assert [o.status for o in outcomes] == [200] * 8 and seconds > 0
+            assert all(o.ttft is not None and o.ttft <= o.latency for o in outcomes)
+            assert sorted(o.tokens for o in outcomes) == sorted(
+                p.max_tokens for p in plan(config, 6, UNIFORM, None, 0)
+            )
+            answers[name] = [
+                httpx.post(
+                    f"{server.url}/v1/completions",
+                    json={
+                        "model": user_name(u),
+                        "prompt": "A short question",
+                        "max_tokens": 6,
+                        "temperature": 0,
+                    },
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=60,
+                ).json()["choices"][0]["text"]
+                for u in range(6)
+            ]
+    assert answers["tailorlm"] == answers["peft"]
+    assert len(set(answers["tailorlm"])) > 1  # users' modules differ, so their answers do

@@ -1,0 +1,68 @@
+"""Helpers of the server tests: a store with users of every kind (distinct random modules on the tiny
+model, some history, a key each) and a server configuration on loopback.
+
+Imported as ``serve_helpers``: pytest puts tests/serve on sys.path when it loads this folder's conftest."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kind_helpers import ALL_KINDS, SPECS
+from tailorlm import models
+from tailorlm.engine.engine import Engine
+from tailorlm.serve.config import ServeConfig
+from tailorlm.serve.run import free_port
+from tailorlm.serve.scheduler import SchedulerConfig
+from tailorlm.store.index import HistoryRecord
+from tailorlm.users.service import UserService
+
+
+@dataclass
+class Users:
+    root: Path
+    keys: dict[str, str] = field(default_factory=dict)  # user id -> their key
+    kinds: dict[str, str] = field(default_factory=dict)  # user id -> kind
+    admin: str = ""
+
+
+def random_module(tiny: models.BaseModel, kind: str, seed: int) -> dict[str, torch.Tensor]:
+    engine = Engine(fresh(tiny), SPECS[kind], slots=2)
+    generator = torch.Generator().manual_seed(seed)
+    engine.bank.reset(1, generator)
+    return {n: t + 0.05 * torch.randn(t.shape, generator=generator) for n, t in engine.bank.read(1).items()}
+
+
+def fresh(tiny: models.BaseModel) -> models.BaseModel:
+    return models.BaseModel(copy.deepcopy(tiny.model), tiny.tokenizer, tiny.name, None)
+
+
+def build_store(root: Path, tiny: models.BaseModel, per_kind: int = 2) -> Users:
+    service = UserService(root, load_base=lambda: fresh(tiny))
+    service.configure(task="verbagg", base_model=models.TINY_MODEL)
+    users = Users(root)
+    for k, kind in enumerate(ALL_KINDS):
+        for i in range(per_kind):
+            user_id = f"{kind}-user-{i}"
+            history = [
+                HistoryRecord(f"{user_id}-{j}", f"{user_id} saw item {j}", "yes" if (i + j) % 2 else "no")
+                for j in range(4)
+            ]
+            service.add(user_id, kind, history)
+            module = random_module(tiny, kind, seed=100 * k + i)
+            service.store.put(user_id, SPECS[kind], module, model=tiny.model, base_name=models.TINY_MODEL)
+            users.keys[user_id] = service.issue_key(user_id)
+            users.kinds[user_id] = kind
+    users.admin = service.issue_key(None, admin=True)
+    service.close()
+    return users
+
+
+def serve_config(root: Path, **options) -> ServeConfig:
+    options.setdefault("scheduler", SchedulerConfig(max_batch=8, wait_ms=5.0, max_queue=64))
+    options.setdefault("slots", 3)
+    options.setdefault("max_context", 256)
+    return ServeConfig(store=root, port=free_port(), **options)

@@ -1,0 +1,180 @@
+"""Bad requests get a 4xx with OpenAI's error body, and the server keeps serving everyone afterwards."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import httpx
+import pytest
+from serve_helpers import fresh, serve_config
+
+from tailorlm.serve.run import background
+from tailorlm.serve.scheduler import SchedulerConfig
+
+USER = "lora-user-0"
+
+
+@pytest.fixture(scope="module")
+def http(live, store_users):
+    with httpx.Client(
+        base_url=live.url, headers={"Authorization": f"Bearer {store_users.keys[USER]}"}, timeout=60
+    ) as client:
+        yield client
+
+
+def ok_completion(http) -> None:
+    answer = http.post("/v1/completions", json={"model": USER, "prompt": "still there?", "max_tokens": 3})
+    assert answer.status_code == 200, answer.text
+
+
+def completion(**fields) -> dict:
+    return {"model": USER, "prompt": "hello", "max_tokens": 3, **fields}
+
+
+BAD_BODIES = [
+    ("not json", b"{bad json", None),
+    ("a list", b"[1, 2]", None),
+    ("no model", json.dumps({"prompt": "x"}).encode(), "model"),
+    ("no prompt", json.dumps({"model": USER}).encode(), "prompt"),
+    ("prompt a number", json.dumps(completion(prompt=5)).encode(), "prompt"),
+    ("two prompts", json.dumps(completion(prompt=["a", "b"])).encode(), "prompt"),
+    ("max_tokens a word", json.dumps(completion(max_tokens="ten")).encode(), "max_tokens"),
+    ("max_tokens 0", json.dumps(completion(max_tokens=0)).encode(), "max_tokens"),
+    ("temperature 3", json.dumps(completion(temperature=3)).encode(), "temperature"),
+    ("temperature a dict", json.dumps(completion(temperature={"a": 1})).encode(), "temperature"),
+    ("top_p 0", json.dumps(completion(top_p=0)).encode(), "top_p"),
+    ("n 2", json.dumps(completion(n=2)).encode(), "n"),
+    ("logprobs 5", json.dumps(completion(logprobs=5)).encode(), "logprobs"),
+    ("five stops", json.dumps(completion(stop=["a", "b", "c", "d", "e"])).encode(), "stop"),
+    ("empty labels", json.dumps(completion(labels=[])).encode(), "labels"),
+    ("duplicate labels", json.dumps(completion(labels=["a", "a"])).encode(), "labels"),
+    ("stream a string", json.dumps(completion(stream="yes please")).encode(), "stream"),
+]
+
+
+@pytest.mark.parametrize("name, body, param", BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
+def test_bad_completion_bodies_are_400(http, name, body, param):
+    answer = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] is not None and error["param"].startswith(param), error
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": USER},
+        {"model": USER, "messages": []},
+        {"model": USER, "messages": "hello"},
+        {"model": USER, "messages": [{"role": "wizard", "content": "hi"}]},
+        {"model": USER, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        {"model": USER, "messages": [{"role": "user", "content": "hi"}], "labels": ["a"], "stream": True},
+    ],
+)
+def test_bad_chat_bodies_are_400(http, body):
+    answer = http.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 400, answer.text
+    assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_over_the_context_limit_is_400(http, live):
+    long_prompt = "word " * (live.config.max_context + 10)
+    answer = http.post("/v1/completions", json=completion(prompt=long_prompt))
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == "context_length_exceeded"
+    just_over = http.post("/v1/completions", json=completion(prompt="hi", max_tokens=live.config.max_context))
+    assert just_over.status_code == 400
+    ok_completion(http)
+
+
+def test_unknown_fields_are_ignored(http):
+    answer = http.post(
+        "/v1/completions", json=completion(frequency_penalty=0.0, logit_bias={"1": 2}, extra={"x": [1]})
+    )
+    assert answer.status_code == 200
+
+
+def test_empty_prompt_is_400(http):
+    answer = http.post("/v1/completions", json=completion(prompt=""))
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "prompt"
+
+
+def test_oversized_body_is_413_declared_or_not(http, live):
+    big = json.dumps(completion(prompt="x" * (live.config.max_body_bytes + 10))).encode()
+    declared = http.post("/v1/completions", content=big, headers={"Content-Type": "application/json"})
+    assert declared.status_code == 413
+    assert declared.json()["error"]["code"] == "request_too_large"
+
+    def chunks():
+        for start in range(0, len(big), 65536):
+            yield big[start : start + 65536]
+
+    streamed = http.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413
+    ok_completion(http)
+
+
+def test_unknown_routes_and_methods(http):
+    assert http.get("/v1/nothing-here").status_code == 404
+    assert http.get("/v1/nothing-here").json()["error"]["code"] == "unknown_route"
+    assert http.get("/v1/completions").status_code == 405
+
+
+@pytest.mark.parametrize("user_id", ["", "x" * 129, "tab\there", "new\nline"])
+def test_bad_user_ids_are_400(live, store_users, user_id):
+    answer = httpx.post(
+        f"{live.url}/v1/users",
+        json={"user_id": user_id},
+        headers={"Authorization": f"Bearer {store_users.admin}"},
+        timeout=30,
+    )
+    assert answer.status_code == 400, answer.text
+
+
+def test_a_user_id_cannot_name_a_path(live, store_users):
+    admin = {"Authorization": f"Bearer {store_users.admin}"}
+    answer = httpx.post(f"{live.url}/v1/users", json={"user_id": "../../escape"}, headers=admin, timeout=30)
+    assert answer.status_code == 201
+    root = store_users.root.resolve()
+    assert not (root.parent / "escape").exists() and not (root.parent.parent / "escape").exists()
+    again = httpx.post(f"{live.url}/v1/users", json={"user_id": "../../escape"}, headers=admin, timeout=30)
+    assert again.status_code == 409
+
+
+def test_a_key_over_its_rate_limit_gets_429(store_users, tiny):
+    with background(
+        serve_config(store_users.root, rate_limit=1.0, retrain=False), base=fresh(tiny)
+    ) as server:
+        headers = {"Authorization": f"Bearer {store_users.keys[USER]}"}
+        answers = [httpx.get(f"{server.url}/v1/models", headers=headers, timeout=30) for _ in range(4)]
+        codes = [a.status_code for a in answers]
+        assert codes[:2] == [200, 200] and 429 in codes[2:]
+        limited = next(a for a in answers if a.status_code == 429)
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert limited.json()["error"]["type"] == "rate_limit_error"
+        other = {"Authorization": f"Bearer {store_users.keys['ia3-user-0']}"}
+        assert httpx.get(f"{server.url}/v1/models", headers=other, timeout=30).status_code == 200
+
+
+def test_a_full_queue_gets_429_and_the_rest_are_served(store_users, tiny):
+    config = serve_config(
+        store_users.root, retrain=False, scheduler=SchedulerConfig(max_batch=1, wait_ms=0.0, max_queue=1)
+    )
+    with background(config, base=fresh(tiny)) as server:
+        headers = {"Authorization": f"Bearer {store_users.keys[USER]}"}
+        body = completion(prompt="a long answer please", max_tokens=120, temperature=0)
+
+        def call(_):
+            return httpx.post(f"{server.url}/v1/completions", json=body, headers=headers, timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(call, range(8)))
+        codes = sorted(a.status_code for a in answers)
+        assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+        refused = next(a for a in answers if a.status_code == 429)
+        assert refused.headers["Retry-After"] and refused.json()["error"]["code"] == "queue_full"
+        assert call(0).status_code == 200

@@ -1,0 +1,267 @@
+"""UserService on the tiny model: importing users and their history, fingerprints, training many users per
+step with resume after a kill, retraining from the current module, one engine per spec, a worker process
+given only the root, rollback, and forgetting a user without a trace in any file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tailorlm.data import load_task
+from tailorlm.store.index import HistoryRecord
+from tailorlm.store.store import ModuleStore
+from tailorlm.train.trainer import MultiUserTrainer, TrainConfig
+from tailorlm.users.errors import UserError
+from tailorlm.users.service import UserService, check_user_id
+
+CANARY = "zq-canary-5d1b77"
+# One epoch, small batches: 20 training items of a verbagg user are 5 steps.
+CONFIG = TrainConfig(epochs=1, batch_size=4, learning_rate=1e-2, users_per_step=2)
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture
+def service(tmp_path, make_base):
+    opened = UserService(tmp_path / "store", load_base=make_base)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def imported(service):
+    service.import_task("verbagg", users=["1", "2", "3"])
+    return service
+
+
+@pytest.mark.parametrize(
+    "bad", ["", " ann", "ann\n", "a\x00b", "a\x1bb", "x" * 129, "\udc80", "a\u2028b", 5, None]
+)
+def test_bad_user_ids_are_refused_before_anything_is_written(service, bad):
+    with pytest.raises(UserError):
+        check_user_id(bad)
+    with pytest.raises(UserError):
+        service.add(bad)
+    assert not service.exists() or service.index.user_ids() == []
+
+
+@pytest.mark.parametrize("good", ["ann", "a/b", "../etc", "über-user", "x" * 128, "index.sqlite3"])
+def test_odd_but_printable_ids_are_users_with_a_safe_folder(service, good):
+    info = service.add(good, kind="ia3")
+    assert (info.user_id, info.kind, info.history, info.current_version) == (good, "ia3", 0, None)
+    assert service.store.user_folder(good).parent == service.root
+    assert service.store.user_folder(good) != service.root / "index.sqlite3"
+    with pytest.raises(UserError, match="already exists"):
+        service.add(good)
+
+
+def test_reading_a_store_that_is_not_there_is_an_error_that_creates_nothing(service):
+    for read in (service.list_users, lambda: service.show("ann"), service.train):
+        with pytest.raises(UserError, match="no user store"):
+            read()
+    assert not service.root.exists()
+
+
+def test_import_writes_train_and_val_items_once_and_records_the_task(imported, make_base):
+    task = load_task("verbagg")
+    user = task.user("2")
+    records = imported.history("2")
+    assert [(r.item_id, r.split) for r in records] == [(e.id, "train") for e in user.train] + [
+        (e.id, "val") for e in user.val
+    ]
+    assert records[0].input == user.train[0].text and records[0].target == user.train[0].target
+    assert records[0].fields == dict(user.train[0].fields)
+    assert not {e.id for e in user.test} & {r.item_id for r in records}  # held-out answers stay out
+    before = {u: imported.data_fingerprint(u) for u in ("1", "2", "3")}
+
+    again = imported.import_task("verbagg", users=["1", "2", "3", "4"])
+    assert (again.new_users, again.items_added) == (1, 22)  # only user 4 is new
+    assert {u: imported.data_fingerprint(u) for u in ("1", "2", "3")} == before
+    assert len(imported.history("2")) == 22
+
+    reopened = UserService(imported.root, load_base=make_base)  # settings live in the store
+    settings = reopened.settings()
+    assert (settings.task, settings.labels, settings.seed) == ("verbagg", ("no", "perhaps", "yes"), 0)
+    assert reopened.task().name == "verbagg" and reopened.data_user("2").history[0].id == user.train[0].id
+    with pytest.raises(UserError, match="holds users of task verbagg"):
+        reopened.import_task("bfi", users=1)
+    with pytest.raises(UserError, match="unknown task"):
+        reopened.import_task("nosuchtask")
+    with pytest.raises(UserError, match="no user"):
+        reopened.import_task("verbagg", users=["1", "no-such-user"])
+    with pytest.raises(UserError, match="unknown module kind"):
+        reopened.import_task("verbagg", users=1, kind="sparse")
+    assert reopened.index.user_ids() == ["1", "2", "3", "4"]
+
+
+def test_a_task_from_your_own_files_keeps_its_folder_and_labels(service):
+    folder = Path(__file__).parents[1] / "data" / "fixtures" / "peftu" / "hatexplain"
+    task = load_task("peftu:hatexplain", data_dir=folder)
+    result = service.import_task("peftu:hatexplain", data_dir=folder, users=2)
+    assert result.users == [u.id for u in task.users[:2]] and result.new_users == 2
+    settings = service.settings()
+    assert (settings.task, settings.data_dir, settings.labels) == (task.name, str(folder), task.labels)
+    user = task.users[0]
+    assert len(service.history(user.id)) == len(task.training_examples(user)) + len(user.val)
+    with pytest.raises(UserError, match="--data"):
+        service.import_task("peftu:hatexplain")
+
+
+def test_the_fingerprint_follows_the_history(imported):
+    first = imported.data_fingerprint("1")
+    assert first == imported.data_fingerprint("1") and first != imported.data_fingerprint("2")
+    new = HistoryRecord("1/new", f"I saw {CANARY}", "yes")
+    assert imported.add_history("1", [new, new]) == 1
+    changed = imported.data_fingerprint("1")
+    assert changed != first
+    assert imported.add_history("1", [new]) == 0  # a retried request adds nothing
+    assert imported.data_fingerprint("1") == changed
+    with pytest.raises(UserError, match="split"):
+        imported.add_history("1", [HistoryRecord("1/x", "a", "b", split="test")])
+    with pytest.raises(UserError, match="no user"):
+        imported.add_history("nobody", [new])
+
+
+def test_a_killed_train_resumes_with_only_the_unfinished_users(imported):
+    one_at_a_time = TrainConfig(epochs=1, batch_size=4, learning_rate=1e-2, users_per_step=1)
+
+    def die_once_someone_is_stored(done, total):
+        if imported.store.users():
+            raise Killed
+
+    with pytest.raises(Killed):
+        imported.train(config=one_at_a_time, on_progress=die_once_someone_is_stored)
+    (first,) = imported.store.users()
+    stored = imported.store.current(first)
+    assert stored.data_fingerprint == imported.data_fingerprint(first)
+    assert imported.show(first).needs_training is None
+
+    finished = []
+    outcome = imported.train(config=one_at_a_time, on_user=lambda record: finished.append(record.user_id))
+    assert sorted(outcome.trained) == sorted({"1", "2", "3"} - {first}) == sorted(finished)
+    assert outcome.skipped == {first: "up to date"}
+    assert imported.store.versions(first) == [stored]  # not trained again
+    assert imported.train(config=one_at_a_time).trained == []
+
+
+def test_users_train_together_and_only_changed_ones_again(imported, monkeypatch):
+    progress = []
+    outcome = imported.train(config=CONFIG, on_progress=lambda done, total: progress.append((done, total)))
+    assert sorted(outcome.trained) == ["1", "2", "3"]
+    assert progress[0] == (2, 15) and progress[-1] == (15, 15)  # two users per step, 5 steps each
+    assert [info.needs_training for info in imported.list_users()] == [None, None, None]
+
+    imported.add_history("2", [HistoryRecord("2/later", "The train was cancelled. I would shout.", "yes")])
+    info = imported.show("2")
+    assert info.data_changed and info.needs_training.startswith("history changed")
+    seen = {}
+    real_run = MultiUserTrainer.run
+
+    def spy(self, users, *args, **kwargs):
+        seen.update({u.user_id: u.init for u in users})
+        return real_run(self, users, *args, **kwargs)
+
+    monkeypatch.setattr(MultiUserTrainer, "run", spy)
+    current = imported.store.loader(imported.spec_of("2"))("2")
+    assert imported.train(config=CONFIG, start_from_current=True).trained == ["2"]
+    assert list(seen) == ["2"]
+    assert seen["2"].keys() == current.keys()
+    assert all(torch.equal(seen["2"][name], current[name]) for name in current)
+    after = imported.show("2")
+    assert (after.current_version, after.data_changed, after.needs_training) == (2, False, None)
+    assert len(after.versions) == 2 and after.versions[-1].data_fingerprint == imported.data_fingerprint("2")
+    assert imported.show("1").current_version == 1
+
+    assert sorted(imported.train(["1", "2"], changed_only=False, config=CONFIG).trained) == ["1", "2"]
+    with pytest.raises(UserError, match="no user"):
+        imported.train(["1", "ghost"], config=CONFIG)
+
+
+def test_one_engine_per_module_spec(service, make_base):
+    loads = []
+
+    def counting_loader():
+        loads.append(1)
+        return make_base()
+
+    counted = UserService(service.root, load_base=counting_loader)
+    counted.import_task("verbagg", users=["1", "2"])
+    counted.import_task("verbagg", users=["3"], kind="ia3")
+    counted.add("empty")  # nothing to train on: skipped, never an engine of its own
+    outcome = counted.train(config=CONFIG)
+    assert sorted(outcome.trained) == ["1", "2", "3"] and outcome.skipped == {"empty": "no training items"}
+    assert len(loads) == 2
+    assert [counted.store.current(u).kind for u in ("1", "2", "3")] == ["lora", "lora", "ia3"]
+    with pytest.raises(UserError, match="no training items"):
+        counted.train(["empty"], config=CONFIG)
+
+
+def test_a_worker_process_trains_from_the_store_root_alone(imported):
+    imported.configure(base_model="tiny")
+    imported.close()
+    script = (
+        "import json, sys\n"
+        "from tailorlm.users.service import train_users\n"
+        "print(json.dumps(train_users(sys.argv[1], ['2'])))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(imported.root)], capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == ["2"]
+    stored = ModuleStore(imported.root)
+    assert stored.users() == ["2"] and stored.current("2").base_model == "tiny-llama-2x64"
+    assert stored.current("2").data_fingerprint == imported.data_fingerprint("2")
+    stored.close()
+
+
+def test_rollback_serves_an_earlier_version(imported):
+    imported.train(["1"], config=CONFIG)
+    imported.add_history("1", [HistoryRecord("1/later", "The lift is stuck. I would scold.", "no")])
+    imported.train(["1"], config=CONFIG)
+    assert imported.rollback("1").version == 1
+    info = imported.show("1")
+    assert info.current_version == 1 and info.needs_training.startswith("history changed")
+    assert imported.rollback("1", 2).version == 2
+    with pytest.raises(UserError, match="no version 7"):
+        imported.rollback("1", 7)
+    imported.rollback("1", 1)
+    with pytest.raises(UserError, match="no version before 1"):
+        imported.rollback("1")
+    with pytest.raises(UserError, match="no module"):
+        imported.rollback("2")
+    with pytest.raises(UserError, match="no user"):
+        imported.rollback("ghost")
+
+
+def test_deleting_a_user_leaves_nothing_of_them_in_any_file(imported):
+    forgotten_id = f"user-{CANARY}"
+    history = [HistoryRecord(f"c{i}", f"My secret is {CANARY} number {i}.", "yes") for i in range(6)]
+    imported.add(forgotten_id, history=[*history, HistoryRecord("cv", f"{CANARY} again", "no", "val")])
+    imported.train([forgotten_id, "1"], config=CONFIG)
+    key = imported.issue_key(forgotten_id)
+    other_key = imported.issue_key("1")
+    cache = imported.cache_folder(forgotten_id)
+    cache.mkdir(parents=True)
+    (cache / "profile.json").write_text(json.dumps({"profile": CANARY}))
+    assert any(CANARY.encode() in p.read_bytes() for p in imported.root.rglob("*") if p.is_file())
+
+    gone = imported.delete(forgotten_id)
+    assert (gone.versions, gone.history, gone.keys, gone.cache) == ([1], 7, 1, True)
+    files = [p for p in imported.root.rglob("*") if p.is_file()]
+    assert any(p.name.startswith("index.sqlite3") for p in files)
+    for path in files:
+        assert CANARY.encode() not in path.read_bytes(), f"{path} still holds the forgotten user"
+    assert not imported.store.user_folder(forgotten_id).exists() and not cache.exists()
+    assert imported.resolve_key(key) is None
+    assert imported.resolve_key(other_key).user_id == "1"
+    assert imported.index.user_ids() == ["1", "2", "3"] and imported.store.users() == ["1"]
+    with pytest.raises(UserError, match="no user"):
+        imported.delete(forgotten_id)
