@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 from pathlib import Path
 
 import typer
@@ -9,6 +11,7 @@ import typer
 from tailorlm import kinds, settings
 from tailorlm.cli import app, console
 from tailorlm.cli.common import DEVICE_OPTION, DTYPE_OPTION, user_errors
+from tailorlm.cli.users import STORE_OPTION
 from tailorlm.models import ModelNotFoundError
 from tailorlm.serve.config import LOOPBACK, ServeConfig
 from tailorlm.serve.scheduler import SchedulerConfig
@@ -16,8 +19,16 @@ from tailorlm.serve.scheduler import SchedulerConfig
 
 @app.command("serve")
 def serve_command(
-    store: Path | None = typer.Option(
-        None, "--store", help="The user store (default: $TAILORLM_STORE or stores/default)."
+    store: Path | None = STORE_OPTION,
+    demo: int = typer.Option(
+        0,
+        "--demo",
+        min=0,
+        help="First make sure the store holds this many users of the demo task, trained (import and train "
+        "what is missing), then print one user's fresh key with a curl and an openai example.",
+    ),
+    demo_task: str = typer.Option(
+        "verbagg", "--demo-task", help="The bundled task --demo imports users from."
     ),
     host: str = typer.Option(LOOPBACK, "--host", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
@@ -63,7 +74,66 @@ def serve_command(
             retrieve=retrieve,
             retrain=retrain,
         )
+        if demo:
+            _prepare_demo(config, demo, demo_task)
         if host != LOOPBACK:
             console.err.print(f"warning: listening on {host}, not only on this machine's loopback")
         console.err.print(f"serving {config.store} on http://{host}:{port} (Ctrl-C stops)")
         serve_forever(config)
+
+
+def _prepare_demo(config: ServeConfig, users: int, task: str) -> None:
+    """A small ready store: ``users`` users of ``task`` imported and trained (only what is missing), a
+    fresh key for the first one (keys are stored hashed, so a printed key is always a new one), and
+    examples that work as printed."""
+    from tailorlm.users.errors import UserError
+    from tailorlm.users.service import UserService
+
+    service = UserService(config.store, device=config.device, dtype=config.dtype)
+    try:
+        if config.base_model is not None:
+            service.configure(base_model=config.base_model)
+        if len(service.store.index.user_ids() if service.exists() else []) < users:
+            service.import_task(task, users=users)
+        reporter = console.ConsoleReporter()
+        outcome = service.train(on_progress=reporter.progress(f"training the demo users of {task}"))
+        if outcome.trained:
+            reporter.log(f"trained {len(outcome.trained)} users into {config.store}")
+        user = sorted(service.store.users())[0]
+        service.revoke_keys(user)  # the demo's earlier keys for this user stop working
+        key = service.issue_key(user, label="make serve")
+        example = next((r.input for r in service.history(user) if r.split == "train"), "Hello")
+        labels = list(service.settings().labels or ())
+    except UserError as error:
+        raise UserError(f"preparing the demo store failed: {error}") from None
+    finally:
+        service.close()
+    _print_examples(f"http://{config.host}:{config.port}", user, key, example, labels)
+
+
+def _print_examples(url: str, user: str, key: str, example: str, labels: list[str]) -> None:
+    chat = {"model": user, "messages": [{"role": "user", "content": example[:300]}], "max_tokens": 24}
+    lines = [
+        f"user {user!r}, key (shown once): {key}",
+        "",
+        "# chat with this user's own model:",
+        f"curl -s {url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+        f"-H 'Content-Type: application/json' -d {shlex.quote(json.dumps(chat))}",
+    ]
+    if labels:
+        labelled = {"model": user, "prompt": example[:300], "labels": labels}
+        lines += [
+            "",
+            "# this user's label for an item, with every label's score:",
+            f"curl -s {url}/v1/completions -H 'Authorization: Bearer {key}' "
+            f"-H 'Content-Type: application/json' -d {shlex.quote(json.dumps(labelled))}",
+        ]
+    message = {"role": "user", "content": example[:300]}
+    program = (
+        "from openai import OpenAI; "
+        f"client = OpenAI(base_url={url + '/v1'!r}, api_key={key!r}); "
+        f"answer = client.chat.completions.create(model={user!r}, messages=[{message!r}], max_tokens=24); "
+        "print(answer.choices[0].message.content)"
+    )
+    lines += ["", "# the same with the openai client:", f".venv/bin/python -c {shlex.quote(program)}", ""]
+    console.out.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)

@@ -128,7 +128,13 @@ def _errors(app: FastAPI, server: Server) -> None:
 def _count_requests(app: FastAPI, server: Server) -> None:
     @app.middleware("http")
     async def count(request: Request, call_next: Any) -> Response:
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as error:  # whatever escaped a route: a 500 with the error body, never a reset
+            log.exception("unexpected error")
+            response = _error_response(
+                ApiError(500, f"internal error: {type(error).__name__}", "server_error")
+            )
         route = request.scope.get("route")
         path = getattr(route, "path", "unknown")
         server.metrics.requests.labels(path, str(response.status_code)).inc()
@@ -218,14 +224,19 @@ def _model_card(user_id: str, created: float) -> dict:
     return {"id": user_id, "object": "model", "created": int(created), "owned_by": user_id}
 
 
-def _prompt_text(server: Server, user_id: str, content: str | list[dict], chat: bool) -> str:
-    """The text the model continues: the request's prompt with the recipe applied (retrieved history
-    first), in the chat template for chat requests."""
+def _prompt_text(server: Server, user_id: str, content: str | list[dict], chat: bool, item: bool) -> str:
+    """The text the model continues. An ``item`` (a label request) is written into the task's prompt under
+    the server's recipe, as the benchmark asks it; other prompts get the retrieved history first (when
+    configured), in the chat template for chat requests."""
     query = (
         content
         if isinstance(content, str)
         else "\n".join(m["content"] for m in content if m["role"] == "user")
     )
+    if item:
+        text = server.task_prompt(user_id, query)
+        if text is not None:
+            return text
     context = server.with_history(user_id, query)
     if not chat:
         return content if context is None else f"{context}\n\n{content}"
@@ -242,7 +253,8 @@ async def _answer(
     server: Server, owner: KeyOwner, body: CompletionRequest | ChatRequest, content: Any, chat: bool
 ) -> Response:
     version, bank = server.module_of(owner, body.model)
-    text = await asyncio.to_thread(_prompt_text, server, body.model, content, chat)
+    item = bool(body.labels) and not body.raw_prompt
+    text = await asyncio.to_thread(_prompt_text, server, body.model, content, chat, item)
     prompt_ids = server.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
     new_tokens = body.new_tokens()
     param = "messages" if chat else "prompt"

@@ -5,7 +5,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tailorlm.methods.recipes import Recipe
 from tailorlm.serve.scheduler import SchedulerConfig
+
+RECIPE_PARTS = ("plain", "bm25", "dense", "shots")
+
+
+def recipe_from_name(name: str) -> Recipe | None:
+    """``"bm25+shots"`` -> the benchmark's ``Recipe``; ``"none"`` -> None (prompts as sent)."""
+    if name == "none":
+        return None
+    parts = name.split("+")
+    unknown = [part for part in parts if part not in RECIPE_PARTS]
+    if unknown or not parts:
+        raise ValueError(
+            f"unknown recipe part(s) {unknown} in {name!r}; use none or {', '.join(RECIPE_PARTS)} joined by +"
+        )
+    retrieval = [part for part in parts if part in ("bm25", "dense")]
+    if len(retrieval) > 1:
+        raise ValueError(f"recipe {name!r} names two retrievers")
+    return Recipe(shots="shots" in parts, retrieval=retrieval[0] if retrieval else None)
+
 
 LOOPBACK = "127.0.0.1"
 
@@ -24,7 +44,10 @@ class ServeConfig:
     max_context: int = 2048  # prompt tokens plus new tokens
     max_body_bytes: int = 1 << 20
     rate_limit: float | None = None  # requests per second per key (bursts of twice that); None: no limit
-    retrieve: int = 0  # the recipe's RAG: this many of the user's history items put before the prompt
+    retrieve: int = 0  # free-form prompts: this many of the user's history items put before the prompt
+    # Label requests: the prompt is the task's item, written into the benchmark's prompt for the store's
+    # task under this recipe ("plain", "bm25", "dense", "shots", or joined with "+"); "none": as sent.
+    recipe: str = "plain"
     retrain: bool = True  # POST .../history retrains the user in a worker process
 
     def __post_init__(self) -> None:
@@ -34,5 +57,6 @@ class ServeConfig:
             raise ValueError(f"max_context {self.max_context} is too small")
         if self.rate_limit is not None and self.rate_limit <= 0:
             raise ValueError("rate_limit must be positive (or None for no limit)")
+        recipe_from_name(self.recipe)  # a bad name fails here, not at the first request
         if self.retrieve < 0:
             raise ValueError("retrieve must be 0 (off) or a number of history items")

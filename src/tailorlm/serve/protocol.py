@@ -2,7 +2,9 @@
 
 Requests accept fields they do not use (the client sends some by default) but a known field of the
 wrong type or out of range is a 400 naming it. ``labels`` is tailorlm's own field: restrict the answer to
-one of the given strings (the benchmark's choice decoding) and get every label's log-probability;
+one of the given strings (the benchmark's choice decoding) and get every label's log-probability; the
+prompt is then the task's item, written into the benchmark's prompt under the server's recipe, unless
+``raw_prompt`` is set;
 ``ignore_eos`` (as in vLLM) generates ``max_tokens`` tokens whatever the model says, for load tests.
 """
 
@@ -84,6 +86,7 @@ class _Request(BaseModel):
     user: str | None = None
     labels: list[str] | None = Field(default=None, min_length=1, max_length=MAX_LABELS)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
+    raw_prompt: bool = False  # with labels: score the prompt as sent, not written into the task's prompt
 
     @field_validator("stop")
     @classmethod

@@ -11,12 +11,13 @@ from collections.abc import Callable, Mapping
 import torch
 
 from tailorlm import kinds, models
-from tailorlm.data.schema import HistoryItem
+from tailorlm.data.schema import Example, HistoryItem
 from tailorlm.engine.engine import Engine
 from tailorlm.engine.slots import SlotManager
 from tailorlm.kinds import ModuleSpec
-from tailorlm.methods.retrieval import BM25Retriever
-from tailorlm.serve.config import ServeConfig
+from tailorlm.methods.recipes import PromptBuilder
+from tailorlm.methods.retrieval import RetrieverCache
+from tailorlm.serve.config import ServeConfig, recipe_from_name
 from tailorlm.serve.metrics import ServeMetrics
 from tailorlm.serve.protocol import ApiError, invalid_key, model_not_found
 from tailorlm.serve.scheduler import Scheduler, key_user
@@ -92,7 +93,7 @@ class Server:
             else Scheduler(self.engine, self.managers, config.scheduler, self.metrics)
         )
         self.limiter = RateLimiter(config.rate_limit)
-        self.retriever = BM25Retriever()
+        self.retrievers = RetrieverCache()
         self.jobs = TrainingJobs(
             self.store.root,
             current_version=self._current_version,
@@ -157,6 +158,19 @@ class Server:
             param="model",
         )
 
+    def task_prompt(self, user_id: str, item: str) -> str | None:
+        """``item`` as the benchmark asks it of ``user_id``: the store's task template under the server's
+        recipe (retrieved history, shots), in the chat template; None when the server sends prompts as
+        they are (recipe "none", or a store without a task)."""
+        recipe = recipe_from_name(self.config.recipe)
+        if recipe is None or self.service.settings().task is None:
+            return None
+        task = self.service.task()
+        retriever = self.retrievers(recipe.retrieval) if recipe.retrieval else None
+        builder = PromptBuilder(task, self.engine.tokenizer, recipe, retriever=retriever)
+        asked = Example(id="request", text=item, target="", targets=())
+        return builder.build(self.service.data_user(user_id), asked).text
+
     def with_history(self, user_id: str, query: str) -> str | None:
         """The recipe's retrieval: the user's most relevant history items, as lines to put before the
         prompt (None when retrieval is off or the user has no history)."""
@@ -164,7 +178,7 @@ class Server:
             return None
         records = self.store.index.history(user_id)
         items = [HistoryItem(r.item_id, f"{r.input} -> {r.target}") for r in records]
-        chosen = self.retriever.top_k(query, items, self.config.retrieve)
+        chosen = self.retrievers("bm25").top_k(query, items, self.config.retrieve)
         if not chosen:
             return None
         return "Earlier items of this user:\n" + "\n".join(f"- {item.text}" for item in chosen)
