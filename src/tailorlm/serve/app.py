@@ -243,7 +243,7 @@ def _prompt_text(server: Server, user_id: str, content: str | list[dict], chat: 
     messages = list(content)
     if context is not None:
         messages.insert(0, {"role": "system", "content": context})
-    tokenizer = server.engine.tokenizer
+    tokenizer = server.prompt_tokenizer
     if not getattr(tokenizer, "chat_template", None):
         return "\n\n".join(m["content"] for m in messages)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -255,7 +255,7 @@ async def _answer(
     version, bank = server.module_of(owner, body.model)
     item = bool(body.labels) and not body.raw_prompt
     text = await asyncio.to_thread(_prompt_text, server, body.model, content, chat, item)
-    prompt_ids = server.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt_ids = server.prompt_tokenizer(text, add_special_tokens=False)["input_ids"]
     new_tokens = body.new_tokens()
     param = "messages" if chat else "prompt"
     if not prompt_ids:

@@ -4,6 +4,7 @@ from the store on demand, the scheduler thread, and the retraining jobs."""
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -81,7 +82,13 @@ class Server:
         self.store = ModuleStore(config.store)
         self.service = UserService(self.store, device=config.device, dtype=config.dtype)
         base_name = config.base_model or self.service.settings().base_model
-        self.base = base or models.load_base(base_name, config.device, config.dtype)
+        # The store's users trained on the base with its task adapter merged (OPPU): so are they served.
+        self.base = self.service.with_task_adapter(
+            base or models.load_base(base_name, config.device, config.dtype)
+        )
+        # The request threads' own tokenizer: a fast tokenizer's settings are not safe to share with the
+        # scheduler thread, whose scoring truncates (a shared one can fail with "Already borrowed").
+        self.prompt_tokenizer = copy.deepcopy(self.base.tokenizer)
         self.specs = served_specs(self.store, config.kinds)
         self.engine = Engine(self.base, self.specs, slots=config.slots + 1, max_length=config.max_context)
         self.managers = [SlotManager(bank, self._loader(bank.spec)) for bank in self.engine.banks]
@@ -167,7 +174,7 @@ class Server:
             return None
         task = self.service.task()
         retriever = self.retrievers(recipe.retrieval) if recipe.retrieval else None
-        builder = PromptBuilder(task, self.engine.tokenizer, recipe, retriever=retriever)
+        builder = PromptBuilder(task, self.prompt_tokenizer, recipe, retriever=retriever)
         asked = Example(id="request", text=item, target="", targets=())
         return builder.build(self.service.data_user(user_id), asked).text
 

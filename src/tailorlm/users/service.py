@@ -32,11 +32,14 @@ from tailorlm.data import build as data_build
 from tailorlm.data import specs as task_specs
 from tailorlm.data.schema import Example, Task, User
 from tailorlm.engine.engine import Engine
+from tailorlm.files import atomic_folder
 from tailorlm.kinds import ModuleSpec, ModuleSpecError
 from tailorlm.methods.deps import BaseLoader, MethodDeps, MethodSettings, base_loader
 from tailorlm.methods.recipes import Recipe
 from tailorlm.methods.setups import PERSONAL_KINDS, personal_job
+from tailorlm.models import BaseModel
 from tailorlm.progress import ProgressCallback
+from tailorlm.store import module_folder
 from tailorlm.store.index import INDEX_FILE, HistoryRecord, StoreIndex, VersionRecord
 from tailorlm.store.module_folder import ModuleFileError
 from tailorlm.store.store import ModuleStore, folder_name
@@ -51,6 +54,7 @@ DEFAULT_KIND = "lora"
 # Per-user data the service derives and keeps (profiles, retrieval indexes): hidden, so no user's module
 # folder (``store.folder_name`` never makes a hidden name) can be mistaken for it.
 CACHE_FOLDER = ".cache"
+TASK_ADAPTER_FOLDER = ".task-adapter"  # hidden for the same reason
 
 UserSelection = Sequence[str] | int | None  # some users by id, the first N, or all of them
 
@@ -66,6 +70,9 @@ class ServiceSettings:
     seed: int = 0
     labels: tuple[str, ...] | None = None  # PEFT-U and LaMP files may decide a task's labels
     base_model: str | None = None  # a name models.load_base accepts; None: the project's default model
+    # OPPU: a non-personal task adapter merged into the base before users train and are served, kept in
+    # the store (TASK_ADAPTER_FOLDER) so a worker process or a server finds it; None: the plain base.
+    task_adapter: str | None = None
     spec: dict[str, Any] = field(default_factory=lambda: default_spec_dict(DEFAULT_KIND))
 
     def to_json(self) -> str:
@@ -227,7 +234,12 @@ class UserService:
         return settings
 
     def configure(
-        self, *, task: str | None = None, base_model: str | None = None, kind: str | ModuleSpec | None = None
+        self,
+        *,
+        task: str | None = None,
+        base_model: str | None = None,
+        kind: str | ModuleSpec | None = None,
+        task_adapter: str | Path | None = None,
     ) -> ServiceSettings:
         """Set store-wide settings; None leaves one as it is. The task and the base model are fixed once
         users depend on them: a store holds one task's users and modules for one base model."""
@@ -246,7 +258,38 @@ class UserService:
             settings = replace(settings, base_model=base_model)
         if kind is not None:
             settings = replace(settings, spec=kinds.spec_to_dict(resolve_spec(kind)))
+        if task_adapter is not None:
+            settings = replace(settings, task_adapter=self._keep_task_adapter(Path(task_adapter)))
         return self._save_settings(settings)
+
+    def _keep_task_adapter(self, folder: Path) -> str:
+        """Copy a task adapter's module folder into the store (users' modules depend on it, so it must not
+        change or vanish under them); returns its folder relative to the root."""
+        if self.store.users():
+            raise UserError(
+                f"the modules in {self.root} were trained without this task adapter; use a new store for it"
+            )
+        try:
+            stored = module_folder.read_module(folder)
+        except ModuleFileError as error:
+            raise UserError(f"task adapter: {error}") from None
+        if not kinds.of(stored.spec).mergeable:
+            raise UserError(
+                f"a {stored.spec.kind} task adapter cannot be merged into the base; use LoRA or IA3"
+            )
+        with atomic_folder(self.root / TASK_ADAPTER_FOLDER) as staging:
+            for item in folder.iterdir():
+                if item.is_file():
+                    shutil.copy2(item, staging / item.name)
+        return TASK_ADAPTER_FOLDER
+
+    def with_task_adapter(self, base: BaseModel) -> BaseModel:
+        """``base`` with the store's task adapter merged into its weights (OPPU), or as it is."""
+        relative = self.settings().task_adapter
+        if relative is not None:
+            stored = module_folder.read_module(self.root / relative)
+            kinds.of(stored.spec).merge_into_base(stored.spec, base.model, stored.tensors)
+        return base
 
     def _check_task(self, settings: ServiceSettings, task: str, seed: int) -> None:
         if settings.task is not None and (settings.task, settings.seed) != (task, seed):
@@ -263,10 +306,10 @@ class UserService:
             raise UserError(str(error)) from error
 
     def load_base(self) -> BaseLoader:
-        """How this service gets a fresh base model: the injected loader, or the store's base model."""
-        if self._load_base is not None:
-            return self._load_base
-        return base_loader(self.settings().base_model, *self._placement)
+        """How this service gets a fresh base model: the injected loader, or the store's base model; with
+        the store's task adapter merged in either way."""
+        load = self._load_base or base_loader(self.settings().base_model, *self._placement)
+        return lambda: self.with_task_adapter(load())
 
     def task(self) -> Task:
         """The store's task, with no users: what renders a user's examples into prompts."""
