@@ -162,6 +162,9 @@ def render_serve(payload: dict, out: Console | None = None) -> None:
         for r in payload["runs"]
     ]
     out.print(console.table("Serving under load (seconds for times)", SERVE_COLUMNS, rows))
+    for run in payload["runs"]:
+        for note in run.get("notes", []):
+            out.print(f"  {run['name']}: {note}", highlight=False)
     targets = [
         (t["what"], t["measured"], t["target"], "met" if t["passed"] else "MISSED")
         for t in payload["targets"]

@@ -404,6 +404,7 @@ def run_one(
         mean_batch=delta("tailorlm_batch_size_sum") / steps if steps else None,
         slot_loads=int(delta("tailorlm_slot_misses_total")),
         peak_rss_mb=peak,
+        notes=notes,
     )
 
 

@@ -5,16 +5,14 @@ adapter's waiting requests (up to the same maximum batch) and generates them tog
 ``PeftModel.generate``. Nothing joins a running batch, and the text arrives at the end, so its time to
 first token is its latency: that is how the baseline works, measured as it is.
 
-It has the scheduler's interface (``submit``, ``cancel``, ``forget``, ``pending``, ``start``, ``stop``)
-so ``tailorlm.serve`` runs it unchanged."""
+It is a ``JobQueue`` like the server's own scheduler, so ``tailorlm.serve`` runs it unchanged."""
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import warnings
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 import torch
 
@@ -22,13 +20,15 @@ from tailorlm import models
 from tailorlm.perf.contenders import generate_options
 from tailorlm.serve.metrics import ServeMetrics
 from tailorlm.serve.protocol import ApiError
-from tailorlm.serve.scheduler import Event, Job, SchedulerConfig
+from tailorlm.serve.scheduler import Event, Job, JobQueue, SchedulerConfig
 from tailorlm.store.store import ModuleStore
 
 log = logging.getLogger(__name__)
 
 
-class PeftScheduler:
+class PeftScheduler(JobQueue):
+    thread_name = "peft-scheduler"
+
     def __init__(
         self,
         base: models.BaseModel,
@@ -40,41 +40,13 @@ class PeftScheduler:
         self.base = base
         self.store = store
         self.slots = slots
-        self.config = config
-        self.metrics = metrics
         self.peft_model = None
         self.loaded: OrderedDict[str, None] = OrderedDict()  # adapter names, least recently used first
         self.loads = 0
-        self._waiting: deque[Job] = deque()
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="peft-scheduler", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        self._thread.join(timeout=30)
-
-    def submit(self, job: Job) -> None:
-        with self._cond:
-            if len(self._waiting) >= self.config.max_queue:
-                raise ApiError(429, "queue full", "rate_limit_error", code="queue_full", retry_after=1.0)
-            self._waiting.append(job)
-            self._cond.notify_all()
-
-    def cancel(self, job: Job) -> None:
-        job.cancelled = True
+        super().__init__(config, metrics)
 
     def forget(self, user_id: str) -> int:
         raise ApiError(400, "the PEFT baseline does not forget users", code="unsupported")
-
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._waiting)
 
     def _loop(self) -> None:
         while True:

@@ -90,27 +90,20 @@ def key_user(key: str) -> tuple[str, int]:
     return user_id, int(version)
 
 
-class Scheduler:
-    def __init__(
-        self,
-        engine: Engine,
-        managers: Sequence[SlotManager],
-        config: SchedulerConfig,
-        metrics: ServeMetrics,
-    ) -> None:
-        self.engine = engine
-        self.managers = list(managers)  # one per bank, in the engine's bank order
+class JobQueue:
+    """The waiting requests and the one thread that serves them: what every scheduler behind the HTTP
+    front shares (``submit`` from request threads, ``start`` / ``stop``, the queue limit). Subclasses
+    implement ``_loop``."""
+
+    thread_name = "tailorlm-scheduler"
+
+    def __init__(self, config: SchedulerConfig, metrics: ServeMetrics) -> None:
         self.config = config
         self.metrics = metrics
-        self.running = RunningBatch(engine)
-        self._jobs: dict[int, Job] = {}  # id(row) -> job, for rows in the running batch
         self._waiting: deque[Job] = deque()
-        self._tasks: list[Callable[[], None]] = []  # work that must run on this thread (forgetting)
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="tailorlm-scheduler", daemon=True)
-
-    # ---- from other threads ----------------------------------------------------------------------
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -136,10 +129,35 @@ class Scheduler:
             self._cond.notify_all()
 
     def cancel(self, job: Job) -> None:
-        """The client went away: the job's row leaves at the next step boundary."""
+        """The client went away: the job is dropped at the next step boundary."""
         job.cancelled = True
         with self._cond:
             self._cond.notify_all()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class Scheduler(JobQueue):
+    def __init__(
+        self,
+        engine: Engine,
+        managers: Sequence[SlotManager],
+        config: SchedulerConfig,
+        metrics: ServeMetrics,
+    ) -> None:
+        self.engine = engine
+        self.managers = list(managers)  # one per bank, in the engine's bank order
+        self.running = RunningBatch(engine)
+        self._jobs: dict[int, Job] = {}  # id(row) -> job, for rows in the running batch
+        self._tasks: list[Callable[[], None]] = []  # work that must run on this thread (forgetting)
+        super().__init__(config, metrics)
+
+    # ---- from other threads ----------------------------------------------------------------------
 
     def run_here(self, task: Callable[[], object], timeout: float = 60.0) -> object:
         """Run ``task`` on the scheduler thread between steps and return its result (or raise its error)."""
@@ -208,29 +226,18 @@ class Scheduler:
         return True
 
     def _admit(self) -> None:
-        admitted: list[Job] = []
-        scoring: list[Job] = []
-        blocked: list[Job] = []
         with self._cond:
             room = self.config.max_batch - len(self.running)
-            while self._waiting and room > len(admitted):
+            candidates = []
+            while self._waiting and len(candidates) < room:
                 job = self._waiting.popleft()
-                if job.cancelled:
-                    continue
-                try:
-                    self._pin(job)
-                except SlotsFullError:
-                    blocked.append(job)  # its user waits for a slot; others go ahead
-                    continue
-                except ApiError as error:
-                    job.emit(Event(error=error))
-                    continue
-                except Exception as error:
-                    log.exception("loading %s failed", job.slot_key)
-                    job.emit(Event(error=_module_error(job, error)))
-                    continue
-                (scoring if job.labels else admitted).append(job)
-            self._waiting.extendleft(reversed(blocked))
+                if not job.cancelled:
+                    candidates.append(job)
+        # Loading modules (a read and a checksum each) happens outside the lock, so the request threads
+        # can keep submitting meanwhile.
+        admitted, scoring, blocked = self._pin_all(candidates)
+        with self._cond:
+            self._waiting.extendleft(reversed(blocked))  # they keep their place in the queue
             self.metrics.queue_depth.set(len(self._waiting))
         if scoring:
             self._score(scoring)
@@ -242,6 +249,28 @@ class Scheduler:
                 rows.append(job.row)
             self.metrics.prefill_rows.observe(len(rows))
             self._deliver(self.running.add(rows))
+
+    def _pin_all(self, jobs: list[Job]) -> tuple[list[Job], list[Job], list[Job]]:
+        """Pin each job's module: (jobs to decode, jobs to score labels for, jobs whose user gets no
+        slot until a running row finishes). A job whose module cannot be loaded is answered here."""
+        admitted: list[Job] = []
+        scoring: list[Job] = []
+        blocked: list[Job] = []
+        for job in jobs:
+            try:
+                self._pin(job)
+            except SlotsFullError:
+                blocked.append(job)  # its user waits for a slot; others go ahead
+                continue
+            except ApiError as error:
+                job.emit(Event(error=error))
+                continue
+            except Exception as error:
+                log.exception("loading %s failed", job.slot_key)
+                job.emit(Event(error=_module_error(job, error)))
+                continue
+            (scoring if job.labels else admitted).append(job)
+        return admitted, scoring, blocked
 
     def _pin(self, job: Job) -> None:
         if job.bank < 0:  # no module: the bare base model (slot 0), e.g. the upper bound of a load test

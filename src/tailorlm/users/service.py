@@ -43,6 +43,7 @@ from tailorlm.store import module_folder
 from tailorlm.store.index import INDEX_FILE, HistoryRecord, StoreIndex, VersionRecord
 from tailorlm.store.module_folder import ModuleFileError
 from tailorlm.store.store import ModuleStore, folder_name
+from tailorlm.train.jobs import store_result
 from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, UserResult
 from tailorlm.users import keys
 from tailorlm.users.errors import UserError
@@ -569,15 +570,7 @@ class UserService:
         trained: list[str] = []
 
         def keep(result: UserResult) -> None:
-            record = self.store.put(
-                result.user_id,
-                engine.spec,
-                result.module,
-                model=engine.model,
-                base_name=engine.base.name,
-                meta=result.meta(),
-                data_fingerprint=fingerprints[result.user_id],
-            )
+            record = store_result(self.store, engine, result, fingerprints[result.user_id])
             trained.append(result.user_id)
             if on_user is not None:
                 on_user(record)
