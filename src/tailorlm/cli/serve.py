@@ -47,6 +47,12 @@ def serve_command(
     retrieve: int = typer.Option(
         0, "--retrieve", min=0, help="Put the user's k most relevant history items before the prompt."
     ),
+    recipe: str = typer.Option(
+        "plain",
+        "--recipe",
+        help="How a label request's item is asked: the store task's prompt under plain, bm25, dense or shots "
+        "(joined with +), as the benchmark asks it; none: the prompt as sent.",
+    ),
     retrain: bool = typer.Option(
         True, "--retrain/--no-retrain", help="Retrain a user when their history grows."
     ),
@@ -54,7 +60,7 @@ def serve_command(
     dtype: str | None = DTYPE_OPTION,
 ) -> None:
     """Serve the store's users: /v1/completions, /v1/chat/completions, /v1/models, user admin routes."""
-    from tailorlm.serve.run import serve_forever  # FastAPI and uvicorn load only for this command
+    from tailorlm.serve.run import check_port, serve_forever  # FastAPI and uvicorn load only here
 
     with user_errors(ValueError, ModelNotFoundError, kinds.ModuleSpecError, OSError):
         for name in kind or []:
@@ -72,8 +78,10 @@ def serve_command(
             max_context=max_context,
             rate_limit=rate_limit,
             retrieve=retrieve,
+            recipe=recipe,
             retrain=retrain,
         )
+        check_port(host, port)
         if demo:
             _prepare_demo(config, demo, demo_task)
         if host != LOOPBACK:

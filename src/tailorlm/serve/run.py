@@ -25,6 +25,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail early, with a clear message, when the address is taken (before anything else is prepared)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise OSError(
+                f"cannot listen on {host}:{port} ({error.strerror}); is another server there? use --port"
+            ) from None
+
+
 def _uvicorn(server: Server) -> uvicorn.Server:
     config = uvicorn.Config(
         create_app(server),
