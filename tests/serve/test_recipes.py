@@ -4,9 +4,11 @@ equal the engine's choice scores for that prompt and that user's module alone.""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
-from serve_helpers import fresh, serve_config
+from serve_helpers import build_store, fresh, serve_config
 
 from tailorlm.data.schema import Example
 from tailorlm.engine.engine import Engine
@@ -15,7 +17,7 @@ from tailorlm.methods.retrieval import BM25Retriever
 from tailorlm.serve.config import recipe_from_name
 from tailorlm.serve.run import background
 from tailorlm.store.store import ModuleStore
-from tailorlm.users.service import UserService
+from tailorlm.users.service import PROFILE_FILE, UserService
 
 USER = "bottleneck-user-1"
 LABELS = ["yes", "no", "perhaps"]
@@ -87,3 +89,43 @@ def test_an_unexpected_failure_is_a_500_and_the_server_goes_on(live, store_users
         timeout=60,
     )
     assert fine.status_code == 200
+
+
+def test_the_profile_recipe_serves_the_profile_training_wrote(tmp_path, tiny):
+    users = build_store(tmp_path / "store", tiny, per_kind=1)
+    user = "lora-user-0"
+    key = users.keys[user]
+    with background(serve_config(users.root, retrain=False, recipe="profile"), base=fresh(tiny)) as server:
+        missing = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"model": user, "prompt": "I would shout.", "labels": LABELS},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+        assert missing.status_code == 409 and missing.json()["error"]["code"] == "profile_missing"
+        service = UserService(users.root, load_base=lambda: fresh(tiny))
+        service.write_profiles([user])
+        # The tiny model's profile may be empty (then no profile block is shown): give it a known text.
+        written = service.cache_folder(user) / PROFILE_FILE
+        written.write_text(
+            json.dumps({**json.loads(written.read_text()), "text": "Tends to shout at drivers."})
+        )
+        profile = service.profile(user)
+        service.close()
+        served = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"model": user, "prompt": "I would shout.", "labels": LABELS},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+        assert served.status_code == 200, served.text
+        prompt = server.task_prompt(user, "I would shout.")
+        service = UserService(users.root)
+        plain = PromptBuilder(service.task(), tiny.tokenizer, Recipe()).build(
+            service.data_user(user), Example("request", "I would shout.", "", ())
+        )
+        service.close()
+    assert profile.text in prompt and prompt != plain.text  # the profile block is in, whatever its text
+    assert served.json()["usage"]["prompt_tokens"] == len(
+        tiny.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    )

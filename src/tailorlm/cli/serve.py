@@ -50,8 +50,8 @@ def serve_command(
     recipe: str = typer.Option(
         "plain",
         "--recipe",
-        help="How a label request's item is asked: the store task's prompt under plain, bm25, dense or shots "
-        "(joined with +), as the benchmark asks it; none: the prompt as sent.",
+        help="How a label request's item is asked: the store task's prompt under plain, bm25, dense, shots "
+        "or profile (joined with +), as the benchmark asks it; none: the prompt as sent.",
     ),
     retrain: bool = typer.Option(
         True, "--retrain/--no-retrain", help="Retrain a user when their history grows."

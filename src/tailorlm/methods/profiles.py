@@ -25,9 +25,12 @@ PROFILE_INSTRUCTION = (
 PROFILE_VERSION = 1  # bump when the instruction changes, so cached profiles are rewritten
 
 
-def visible_to_all(task: Task, user: User, split: str = "test") -> list[HistoryItem]:
+def visible_to_all(task: Task, user: User, split: str | None = "test") -> list[HistoryItem]:
     """History items visible when asking every example of ``split``: a profile built from them leaks
-    nothing to any of those queries."""
+    nothing to any of those queries. ``split`` None: the whole history (a served user, whose queries are
+    all still to come)."""
+    if split is None:
+        return list(user.history)
     examples = user.split(split)
     if not examples:
         return []
@@ -87,7 +90,7 @@ class ProfileWriter:
         return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
 
     def profiles(
-        self, users: Sequence[User], split: str = "test", batch_size: int = 8
+        self, users: Sequence[User], split: str | None = "test", batch_size: int = 8
     ) -> dict[str, UserProfile]:
         """Profiles of ``users``, generating only those not cached."""
         wanted: dict[str, tuple[str, list[HistoryItem]]] = {}

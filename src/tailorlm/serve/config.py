@@ -8,7 +8,7 @@ from pathlib import Path
 from tailorlm.methods.recipes import Recipe
 from tailorlm.serve.scheduler import SchedulerConfig
 
-RECIPE_PARTS = ("plain", "bm25", "dense", "shots")
+RECIPE_PARTS = ("plain", "bm25", "dense", "shots", "profile")
 
 
 def recipe_from_name(name: str) -> Recipe | None:
@@ -24,7 +24,9 @@ def recipe_from_name(name: str) -> Recipe | None:
     retrieval = [part for part in parts if part in ("bm25", "dense")]
     if len(retrieval) > 1:
         raise ValueError(f"recipe {name!r} names two retrievers")
-    return Recipe(shots="shots" in parts, retrieval=retrieval[0] if retrieval else None)
+    return Recipe(
+        shots="shots" in parts, retrieval=retrieval[0] if retrieval else None, profile="profile" in parts
+    )
 
 
 LOOPBACK = "127.0.0.1"
@@ -46,7 +48,8 @@ class ServeConfig:
     rate_limit: float | None = None  # requests per second per key (bursts of twice that); None: no limit
     retrieve: int = 0  # free-form prompts: this many of the user's history items put before the prompt
     # Label requests: the prompt is the task's item, written into the benchmark's prompt for the store's
-    # task under this recipe ("plain", "bm25", "dense", "shots", or joined with "+"); "none": as sent.
+    # task under this recipe ("plain", "bm25", "dense", "shots", "profile" (PAG: the profile the user's
+    # training wrote), or joined with "+"); "none": as sent.
     recipe: str = "plain"
     retrain: bool = True  # POST .../history retrains the user in a worker process
 

@@ -7,15 +7,16 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from tailorlm import kinds, models
-from tailorlm.data.schema import Example, HistoryItem
+from tailorlm.data.schema import Example, HistoryItem, User
 from tailorlm.engine.engine import Engine
 from tailorlm.engine.slots import SlotManager
 from tailorlm.kinds import ModuleSpec
+from tailorlm.methods.profiles import UserProfile
 from tailorlm.methods.recipes import PromptBuilder
 from tailorlm.methods.retrieval import RetrieverCache
 from tailorlm.serve.config import ServeConfig, recipe_from_name
@@ -38,6 +39,29 @@ def served_specs(store: ModuleStore, extra_kinds: tuple[str, ...]) -> list[Modul
         if not any(kinds.same_layout(spec, known) for known in specs):
             specs.append(spec)
     return specs or [kinds.default_spec("lora")]
+
+
+class StoredProfiles:
+    """The PAG profiles the users' training wrote into the store (a server never writes one: that is a
+    generation with the base model, the training worker's job)."""
+
+    def __init__(self, service: UserService) -> None:
+        self.service = service
+
+    def ensure(self, users: Sequence[User]) -> None:
+        for user in users:
+            self.profile(user)
+
+    def profile(self, user: User) -> UserProfile:
+        found = self.service.profile(user.id)
+        if found is None:
+            raise ApiError(
+                409,
+                f"user `{user.id}` has no profile yet: it is written when their module is trained "
+                "(tailorlm users train)",
+                code="profile_missing",
+            )
+        return found
 
 
 class RateLimiter:
@@ -174,7 +198,9 @@ class Server:
             return None
         task = self.service.task()
         retriever = self.retrievers(recipe.retrieval) if recipe.retrieval else None
-        builder = PromptBuilder(task, self.prompt_tokenizer, recipe, retriever=retriever)
+        builder = PromptBuilder(
+            task, self.prompt_tokenizer, recipe, retriever=retriever, profiles=StoredProfiles(self.service)
+        )
         asked = Example(id="request", text=item, target="", targets=())
         return builder.build(self.service.data_user(user_id), asked).text
 

@@ -32,9 +32,11 @@ from tailorlm.data import build as data_build
 from tailorlm.data import specs as task_specs
 from tailorlm.data.schema import Example, Task, User
 from tailorlm.engine.engine import Engine
-from tailorlm.files import atomic_folder
+from tailorlm.files import atomic_folder, atomic_write_text
 from tailorlm.kinds import ModuleSpec, ModuleSpecError
+from tailorlm.kinds.lora import LoraSpec
 from tailorlm.methods.deps import BaseLoader, MethodDeps, MethodSettings, base_loader
+from tailorlm.methods.profiles import ProfileWriter, UserProfile
 from tailorlm.methods.recipes import Recipe
 from tailorlm.methods.setups import PERSONAL_KINDS, personal_job
 from tailorlm.models import BaseModel
@@ -56,6 +58,7 @@ DEFAULT_KIND = "lora"
 # folder (``store.folder_name`` never makes a hidden name) can be mistaken for it.
 CACHE_FOLDER = ".cache"
 TASK_ADAPTER_FOLDER = ".task-adapter"  # hidden for the same reason
+PROFILE_FILE = "profile.json"  # a user's PAG profile, in their cache folder
 
 UserSelection = Sequence[str] | int | None  # some users by id, the first N, or all of them
 
@@ -519,8 +522,36 @@ class UserService:
                 task, spec, members, group_config, progress, on_user, start_from_current
             )
             gc.collect()  # the group's engine held a whole base model: free it before the next loads one
+        self.write_profiles(trained)  # a new module means new behaviour: the profile follows it
         progress.finish()
         return TrainOutcome(trained, skipped)
+
+    def write_profiles(self, user_ids: Sequence[str]) -> list[str]:
+        """PAG: each user's profile, written by the plain base model (as the benchmark's are) from a
+        seeded sample of their whole history, kept in their cache folder so forgetting removes it."""
+        if not user_ids:
+            return []
+        settings = self.method_settings
+        load = self._load_base or base_loader(self.settings().base_model, *self._placement)
+        writer = ProfileWriter(
+            Engine(load(), LoraSpec(), slots=2),  # every row in slot 0: the base model alone
+            self.task(),
+            items=settings.profile_items,
+            seed=settings.seed,
+            max_new_tokens=settings.profile_tokens,
+        )
+        written = writer.profiles([self.data_user(user_id) for user_id in user_ids], split=None)
+        for user_id, profile in written.items():
+            atomic_write_text(self.cache_folder(user_id) / PROFILE_FILE, json.dumps(asdict(profile)))
+        return list(written)
+
+    def profile(self, user_id: str) -> UserProfile | None:
+        """The profile the user's last training wrote, or None."""
+        path = self.cache_folder(user_id) / PROFILE_FILE
+        if not path.is_file():
+            return None
+        values = json.loads(path.read_text())
+        return UserProfile(values["user"], values["text"], tuple(values["items"]))
 
     def _chosen(self, user_ids: Sequence[str] | None) -> list[str]:
         known = self._existing_index().user_ids()
