@@ -95,3 +95,35 @@ def test_a_request_keeps_the_version_it_started_on(own_store, tiny):
             assert new_slot is not None and new_slot != placed[f"{old.version}:{USER}"]
             assert not manager.bank.is_identity(placed[f"{old.version}:{USER}"])  # still the old module
         assert scheduler.pending() == 0
+
+
+def test_users_waiting_for_the_worker_train_together(own_store, tiny):
+    """One worker at a time: the first user's retrain runs alone, the two who post meanwhile wait and
+    then train together in one worker process; all three get a new version."""
+    users = ["lora-user-0", "ia3-user-0", "bottleneck-user-0"]
+    with (
+        background(serve_config(own_store.root, training_workers=1), base=fresh(tiny)) as server,
+        httpx.Client(base_url=server.url, timeout=120) as http,
+    ):
+        before = {u: server.store.current(u).version for u in users}
+        jobs = []
+        for user in users:
+            items = [{"input": f"{user} changed {i}: agree?", "target": "yes"} for i in range(5)]
+            answer = http.post(
+                f"/v1/users/{user}/history",
+                json={"items": items},
+                headers={"Authorization": f"Bearer {own_store.keys[user]}"},
+            )
+            assert answer.status_code == 202
+            jobs.append(answer.json()["job"])
+        assert [j["state"] for j in jobs] == ["running", "queued", "queued"]
+        deadline = time.monotonic() + 300
+        while True:
+            done = [server.jobs.get(j["job_id"]) for j in jobs]
+            if all(j.state in ("succeeded", "failed") for j in done):
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        assert [j.state for j in done] == ["succeeded"] * 3, [j.error for j in done]
+        assert done[1].pid == done[2].pid != done[0].pid
+        assert all(server.store.current(u).version > before[u] for u in users)

@@ -56,6 +56,12 @@ def serve_command(
     retrain: bool = typer.Option(
         True, "--retrain/--no-retrain", help="Retrain a user when their history grows."
     ),
+    training_workers: int = typer.Option(
+        1,
+        "--training-workers",
+        min=1,
+        help="Retraining worker processes at once; queued users train together.",
+    ),
     device: str | None = DEVICE_OPTION,
     dtype: str | None = DTYPE_OPTION,
 ) -> None:
@@ -80,6 +86,7 @@ def serve_command(
             retrieve=retrieve,
             recipe=recipe,
             retrain=retrain,
+            training_workers=training_workers,
         )
         check_port(host, port)
         if demo:

@@ -52,6 +52,7 @@ class ServeConfig:
     # training wrote), or joined with "+"); "none": as sent.
     recipe: str = "plain"
     retrain: bool = True  # POST .../history retrains the user in a worker process
+    training_workers: int = 1  # worker processes at once (each loads a base model); others queue
 
     def __post_init__(self) -> None:
         if self.slots < 2:
@@ -61,5 +62,7 @@ class ServeConfig:
         if self.rate_limit is not None and self.rate_limit <= 0:
             raise ValueError("rate_limit must be positive (or None for no limit)")
         recipe_from_name(self.recipe)  # a bad name fails here, not at the first request
+        if self.training_workers < 1:
+            raise ValueError("training_workers must be at least 1")
         if self.retrieve < 0:
             raise ValueError("retrieve must be 0 (off) or a number of history items")

@@ -127,8 +127,9 @@ class Server:
         self.retrievers = RetrieverCache()
         self.jobs = TrainingJobs(
             self.store.root,
-            current_version=self._current_version,
+            current=self._current_version,
             on_state=lambda state: self.metrics.training_jobs.labels(state).inc(),
+            max_workers=config.training_workers,
         )
         self.started = time.time()
         self.url: str | None = None  # set once it answers (run.background)
@@ -141,9 +142,9 @@ class Server:
         self.scheduler.stop()
         self.store.close()
 
-    def _current_version(self, user_id: str) -> int | None:
+    def _current_version(self, user_id: str) -> tuple[int, float] | None:
         record = self.store.current(user_id)
-        return None if record is None else record.version
+        return None if record is None else (record.version, record.created)
 
     # ---- users and their modules -------------------------------------------------------------------
 
