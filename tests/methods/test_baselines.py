@@ -95,8 +95,61 @@ def test_item_majority_takes_the_items_most_given_label(toy):
     }
 
 
+def test_user_item_prior_multiplies_the_two_priors_over_the_global_one(toy):
+    # Global prior, add-one over the 11 item answers ("1" 2, "2" 1, "3" 1, "4" 2, "5" 5): 3, 2, 2, 3, 6 / 16.
+    # dee's prior (4 once, 5 twice; plus one pseudo-answer spread by the global prior), x 64:
+    #   (0 + 3/16) / 4, ... -> 3, 2, 2, 19, 38
+    # item B's prior (4, 1, 3 once each), x 64: 19, 2, 18, 19, 6
+    # product / global, up to a constant: 3*19/3, 2*2/2, 2*18/2, 19*19/3, 38*6/6 = 19, 2, 18, 120.3, 38
+    # cumulative 19, 21, 39, 159.3 of 197.3: the median (MAE is the first metric) is "4" -- where
+    # user-majority says "5" and item-majority "1".
+    answers = _answers(baselines.user_item_prior, toy)
+    assert answers["dee"] == ["4"]
+    assert set(answers) == {"ann", "bob", "cid", "dee"} and all(
+        len(a) == len(u.test) for u, a in zip(toy.users, answers.values(), strict=True)
+    )
+
+
+def test_a_distribution_answers_what_suits_the_metric():
+    def task(metric: str, ordinal: bool = True) -> Task:
+        spec = TaskSpec("t", "offline", "t", "rating" if ordinal else "classification", LABELS, (metric,), "")
+        return Task("t", "rating" if ordinal else "classification", LABELS, (metric,), [], spec)
+
+    skewed = [0.4, 0.0, 0.0, 0.0, 0.6]  # the median is "5", the mean (position 2.4) is nearest "3"
+    assert baselines._suited(task("mae"), skewed) == "5"
+    assert baselines._suited(task("rmse"), skewed) == "3"
+    assert baselines._suited(task("accuracy"), skewed) == "5"
+    assert baselines._suited(task("mae"), [0.5, 0.1, 0.0, 0.0, 0.4]) == "1"  # half the mass reached at "1"
+    assert baselines._suited(task("accuracy"), [0.3, 0.3, 0.0, 0.0, 0.4]) == "5"
+
+
+def test_damped_biases_and_matrix_factorisation_follow_user_and_item_effects():
+    # Two users who rate every item alike except that "hi" rates one step higher than "lo"; items differ.
+    spec = TaskSpec("bias", "offline", "bias", "rating", LABELS, ("mae",), "")
+    items = {"a": 1, "b": 2, "c": 3}
+    hi = _user("hi", {i: str(r + 1) for i, r in items.items()}, ["a", "c"])
+    lo = _user("lo", {i: str(r) for i, r in items.items()}, ["a", "c"])
+    extra = [_user(f"u{k}", {i: str(r + k % 2) for i, r in items.items()}, []) for k in range(6)]
+    task = Task("bias", "rating", LABELS, ("mae",), [hi, lo, *extra], spec)
+    for baseline in (baselines.damped_biases, baselines.matrix_factorisation):
+        answers = _answers(baseline, task)
+        assert [int(x) for x in answers["hi"]] >= [int(x) for x in answers["lo"]]
+        assert int(answers["hi"][1]) > int(answers["lo"][0])  # item c for hi above item a for lo
+        assert answers == _answers(baseline, task)  # seeded: the same answers every time
+    asked = [user.id for user, _, _ in baselines.damped_biases(task, [hi, lo])]
+    assert asked == ["hi", "lo"]  # fitted on everyone's training answers, answering only those asked
+
+
 def test_baselines_that_apply_to_each_kind_of_task(toy):
-    assert set(baselines.applicable(toy)) == {"user-majority", "user-mean", "item-user-bias", "item-majority"}
+    assert set(baselines.applicable(toy)) == {
+        "user-majority",
+        "user-mean",
+        "item-user-bias",
+        "item-majority",
+        "user-item-prior",
+        "damped-biases",
+        "matrix-factorisation",
+    }
     tags = load_task("lamp:2", data_dir=FIXTURES / "lamp" / "lamp2", split="dev")
     assert set(baselines.applicable(tags)) == {"user-majority"}  # no order, no shared items
     tweets = load_task("lamp:7", data_dir=FIXTURES / "lamp" / "lamp7", split="train")

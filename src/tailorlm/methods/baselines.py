@@ -1,6 +1,9 @@
 """Simple baselines a recommender engineer would bring: the user's most frequent label, the user's mean
-rating, item mean plus user bias, the item's majority label, and for generation the user's most similar
-earlier output. They read only training splits, never any test item."""
+rating, item mean plus user bias, the item's majority label, the user's and the item's label priors
+combined, damped user and item biases and matrix factorisation (Surprise's ``BaselineOnly`` and ``SVD``),
+and for generation the user's most similar earlier output. They read only training splits, never any
+test item. A baseline that holds a distribution over the labels answers what suits the task's first
+metric: the median for MAE, the label nearest the mean for RMSE, the most likely label otherwise."""
 
 from __future__ import annotations
 
@@ -93,6 +96,99 @@ def item_majority(task: Task, users: Sequence[User]) -> Iterator[UserAnswers]:
         yield user, predictions, 0.0
 
 
+# Pseudo-answers drawn from the global label distribution added to each user's and each item's counts, so a
+# label a user (or item) never gave keeps a small probability instead of vetoing the product.
+PRIOR_STRENGTH = 1.0
+
+
+def _suited(task: Task, probabilities: Sequence[float]) -> str:
+    """The label a distribution over ``task.labels`` answers under the task's first metric."""
+    primary = task.metrics[0] if task.metrics else "accuracy"
+    if task.ordinal and primary == "mae":
+        total, seen = sum(probabilities), 0.0
+        for label, p in zip(task.labels, probabilities, strict=True):
+            seen += p
+            if seen >= total / 2:
+                return label
+    if task.ordinal and primary == "rmse":
+        mean = sum(i * p for i, p in enumerate(probabilities)) / sum(probabilities)
+        return _nearest_label(task, mean)
+    return task.labels[max(range(len(task.labels)), key=lambda i: (probabilities[i], -i))]
+
+
+def _smoothed(counts: Counter, labels: Sequence[str], prior: Sequence[float]) -> list[float]:
+    total = sum(counts[label] for label in labels)
+    return [
+        (counts[label] + PRIOR_STRENGTH * p) / (total + PRIOR_STRENGTH)
+        for label, p in zip(labels, prior, strict=True)
+    ]
+
+
+def user_item_prior(task: Task, users: Sequence[User]) -> Iterator[UserAnswers]:
+    """The user's label prior times the item's label prior over the global prior (both smoothed toward
+    the global prior): who the user is and what the item is, as independent evidence."""
+    by_item, _ = _item_stats(task)
+    overall = Counter(t for answers in by_item.values() for t in answers)
+    overall.update(
+        e.targets[0]
+        for u in task.users
+        for e in task.training_examples(u)
+        if e.item_key is None and e.targets
+    )
+    total = sum(overall[label] for label in task.labels)
+    prior = [(overall[label] + 1) / (total + len(task.labels)) for label in task.labels]  # add-one: no zero
+    for user in users:
+        own = _smoothed(
+            Counter(e.targets[0] for e in task.training_examples(user) if e.targets), task.labels, prior
+        )
+        predictions = []
+        for example in user.test:
+            item = _smoothed(Counter(by_item.get(example.item_key, ())), task.labels, prior)
+            predictions.append(_suited(task, [u * i / g for u, i, g in zip(own, item, prior, strict=True)]))
+        yield user, predictions, 0.0
+
+
+def _surprise_fit(task: Task, algorithm):
+    """``algorithm`` fitted on every user's training answers to shared items, as label positions."""
+    import pandas as pd
+    from surprise import Dataset, Reader
+
+    rows = [
+        (user.id, example.item_key, _position(task, example.targets[0]))
+        for user in task.users
+        for example in task.training_examples(user)
+        if example.item_key is not None and example.targets
+    ]
+    frame = pd.DataFrame(rows, columns=["user", "item", "position"])
+    data = Dataset.load_from_df(frame, Reader(rating_scale=(0, len(task.labels) - 1)))
+    algorithm.fit(data.build_full_trainset())
+    return algorithm
+
+
+def _surprise_answers(task: Task, users: Sequence[User], algorithm) -> Iterator[UserAnswers]:
+    fitted = _surprise_fit(task, algorithm)
+    for user in users:
+        predictions = [_nearest_label(task, fitted.predict(user.id, e.item_key).est) for e in user.test]
+        yield user, predictions, 0.0
+
+
+def damped_biases(task: Task, users: Sequence[User]) -> Iterator[UserAnswers]:
+    """Global mean plus regularised user and item biases (Koren's baseline estimates, fitted by
+    Surprise's ``BaselineOnly`` with its defaults: ALS, reg_u 15, reg_i 10), rounded to the nearest
+    label; an unseen user or item has bias 0."""
+    from surprise import BaselineOnly
+
+    return _surprise_answers(task, users, BaselineOnly(verbose=False))
+
+
+def matrix_factorisation(task: Task, users: Sequence[User]) -> Iterator[UserAnswers]:
+    """Biased matrix factorisation (Surprise's ``SVD``, its defaults: 100 factors, 20 epochs, seeded),
+    rounded to the nearest label."""
+    from surprise import SVD
+
+    return _surprise_answers(task, users, SVD(random_state=0))
+
+
 def nearest_output(task: Task, users: Sequence[User]) -> Iterator[UserAnswers]:
     """For generation: the output of the user's most similar (BM25) visible history item that is one of
     their training examples. The output is that example's target: history items carry it under no common
@@ -119,8 +215,11 @@ def applicable(task: Task) -> dict[str, Baseline]:
     has_items = any(e.item_key is not None for u in task.users[:50] for e in u.test)
     if has_items:
         found["item-majority"] = item_majority
+        found["user-item-prior"] = user_item_prior
     if task.ordinal:
         found["user-mean"] = user_mean
         if has_items:
             found["item-user-bias"] = item_user_bias
+            found["damped-biases"] = damped_biases
+            found["matrix-factorisation"] = matrix_factorisation
     return found

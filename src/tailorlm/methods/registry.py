@@ -140,6 +140,9 @@ BASELINE_DESCRIPTIONS = {
     "user-mean": "the user's mean training rating, rounded to the nearest label",
     "item-user-bias": "the item's mean over all users' training answers plus the user's mean deviation",
     "item-majority": "the label most users gave the item in training (non-personal)",
+    "user-item-prior": "the user's label prior times the item's label prior over the global prior",
+    "damped-biases": "global mean plus regularised user and item biases (Surprise BaselineOnly)",
+    "matrix-factorisation": "biased matrix factorisation of users x items (Surprise SVD)",
     "nearest-output": "the output of the user's most similar earlier item (BM25)",
 }
 
