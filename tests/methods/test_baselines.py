@@ -166,3 +166,18 @@ def test_nearest_output_answers_with_the_closest_items_own_output():
         "701": ["another monday, another missed bus"],
         "702": ["books > people"],  # the user's only item
     }
+
+
+def test_nearest_output_on_lamp5_reads_the_title_of_any_visible_item():
+    # ada's two questions see different profiles, so only 5011 (seen by both) is a training example; the
+    # others still have an output: their title, as LaMP-5's profile template reads it.
+    task = load_task("lamp:5", data_dir=FIXTURES / "lamp" / "lamp5", split="dev")
+    answers = _answers(baselines.nearest_output, task)
+    assert answers == {
+        "ada": [
+            "Deep nets for tabular data",  # 501 sees 5010 and 5011; "neural networks tabular data" -> 5010
+            "Attention that skips",  # 502 sees 5011 and 5012; "sparse attention long sequences" -> 5012
+        ],
+        "bo": ["Folding at home"],
+    }
+    assert all(answer for answers in answers.values() for answer in answers)

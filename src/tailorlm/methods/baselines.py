@@ -190,12 +190,17 @@ def matrix_factorisation(task: Task, users: Sequence[User]) -> Iterator[UserAnsw
 
 
 def nearest_output(task: Task, users: Sequence[User]) -> Iterator[UserAnswers]:
-    """For generation: the output of the user's most similar (BM25) visible history item that is one of
-    their training examples. The output is that example's target: history items carry it under no common
-    field name (LaMP's profile items have none called ``target``)."""
+    """For generation: the output of the user's most similar (BM25) visible history item. An item that is
+    one of the user's training examples has that example's target; any other (a LaMP profile item that
+    not every question of the user may see) has the output the task's profile template reads from its
+    fields (LaMP-5: its title). History items carry the output under no common field name."""
     retriever = BM25Retriever()
+    template = task.spec.options.get("profile_example", {}).get("target")
     for user in users:
         outputs = {e.source_id or e.id: e.target for e in task.training_examples(user)}
+        if template is not None:
+            for item in user.history:
+                outputs.setdefault(item.id, render.fill(template, item.fields))
         predictions = []
         for example in user.test:
             visible = [item for item in task.history_for(user, example) if item.id in outputs]
