@@ -16,7 +16,7 @@ from pathlib import Path
 # Imports within this package run one way, never back: errors, schema -> specs -> render -> splits, build
 # -> the loaders (offline, peftu, lamp) -> this file. That is why every module can import what it needs at
 # the top and any of them can be imported first; tests/test_import_graph.py keeps other packages out.
-from tailorlm.data import lamp, offline, peftu, specs
+from tailorlm.data import lamp, offline, peftu, specs, table
 from tailorlm.data.errors import DataError, UnknownTaskError
 from tailorlm.data.schema import KINDS, SPLITS, Example, HistoryItem, Kind, Task, User
 
@@ -48,6 +48,17 @@ def load_task(name: str, data_dir: str | Path | None = None, split: str | None =
     train / dev (default) / test files, or PEFT-U's leaked (default) / no_leak file; the offline tasks make
     their own splits from ``seed``.
     """
+    if name.lower().endswith(".json"):  # a task file describing your own table (data/table.py)
+        if data_dir is None or not table.is_table(data_dir):
+            raise UnknownTaskError(
+                f"a task file ({name}) describes a table: give the file as --data FILE "
+                "(.csv, .jsonl or .parquet)"
+            )
+        if split is not None:
+            raise UnknownTaskError(
+                "a table's splits come from its split column or are made per user: no --split"
+            )
+        return table.load(table.read_task_file(Path(name).expanduser()), Path(data_dir).expanduser(), seed)
     spec = specs.spec(name)
     if not spec.needs_data:
         if data_dir is not None or split is not None:

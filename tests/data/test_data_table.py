@@ -1,0 +1,164 @@
+"""Your own per-user table (CSV, JSONL, Parquet) described by a task file: the users, splits and labels it
+gives, and an error naming the file, row and column for every malformed input."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tailorlm.data import DataError, UnknownTaskError, load_task
+
+COLUMNS = {"user": "annotator", "input": "text", "target": "label", "item": "mid"}
+
+
+def rows(users: int = 12, items: int = 15, seed: int = 0, **extra) -> list[dict]:
+    rng = random.Random(seed)
+    return [
+        {
+            "annotator": f"a{u}",
+            "text": f"message {i} about topic {i % 4}",
+            "label": rng.choice(["no", "yes"]),
+            "mid": f"m{i}",
+            **{k: v(u, i) for k, v in extra.items()},
+        }
+        for u in range(users)
+        for i in range(items)
+    ]
+
+
+def write(folder: Path, table: list[dict], suffix: str = ".csv", **task) -> tuple[str, Path]:
+    path = folder / f"data{suffix}"
+    frame = pd.DataFrame(table)
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    else:
+        frame.to_parquet(path)
+    task_file = folder / "task.json"
+    spec = {
+        "name": "tone",
+        "kind": "classification",
+        "instruction": "Is it rude?",
+        "columns": COLUMNS,
+        **task,
+    }
+    task_file.write_text(json.dumps(spec))
+    return str(task_file), path
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_a_table_becomes_users_split_per_user_by_label(tmp_path, suffix):
+    task_file, data = write(tmp_path, rows(), suffix)
+    task = load_task(task_file, data_dir=data, seed=3)
+    assert task.name == "table:tone" and task.labels == ("no", "yes") and task.metrics[0] == "accuracy"
+    assert [u.id for u in task.users] == [f"a{u}" for u in range(12)]  # natural order: a2 before a10
+    assert all((len(u.train), len(u.val), len(u.test)) == (11, 2, 2) for u in task.users)  # 80/10/10 of 15
+    assert "stratified by label, seed 3" in task.source and not task.chronological
+    first = task.users[0]
+    assert {e.item_key for e in first.train + first.val + first.test} == {f"m{i}" for i in range(15)}
+    again = load_task(task_file, data_dir=data, seed=3)
+    assert [e.id for e in again.users[0].test] == [e.id for e in first.test]  # seeded
+
+
+def test_a_time_column_splits_chronologically(tmp_path):
+    table = rows(time=lambda u, i: f"2024-02-{i + 1:02d}")
+    task_file, data = write(tmp_path, table, columns={**COLUMNS, "time": "time"})
+    task = load_task(task_file, data_dir=data)
+    user = task.users[0]
+    assert task.chronological and "chronological by column 'time'" in task.source
+    assert max(e.time for e in user.train) < min(e.time for e in user.val) <= min(e.time for e in user.test)
+    assert [e.item_key for e in user.test] == ["m13", "m14"]  # the latest items
+
+
+def test_a_split_column_is_obeyed(tmp_path):
+    table = rows(fold=lambda u, i: "test" if i == 0 else ("validation" if i == 1 else "train"))
+    task_file, data = write(tmp_path, table, columns={**COLUMNS, "split": "fold"})
+    task = load_task(task_file, data_dir=data)
+    assert all(
+        [e.item_key for e in u.test] == ["m0"] and [e.item_key for e in u.val] == ["m1"] for u in task.users
+    )
+    assert "splits from column 'fold'" in task.source
+
+
+def test_ratings_keep_the_given_label_order(tmp_path):
+    table = rows()
+    for i, row in enumerate(table):
+        row["label"] = str(1 + i % 5)
+    task_file, data = write(tmp_path, table, kind="rating", labels=["1", "2", "3", "4", "5"])
+    task = load_task(task_file, data_dir=data)
+    assert task.labels == ("1", "2", "3", "4", "5") and task.ordinal and task.metrics[0] == "mae"
+
+
+def test_multilabel_targets_are_split(tmp_path):
+    table = rows()
+    for i, row in enumerate(table):
+        row["label"] = "joy; anger" if i % 3 == 0 else "joy"
+    task_file, data = write(tmp_path, table, kind="multilabel")
+    task = load_task(task_file, data_dir=data)
+    assert task.labels == ("anger", "joy")
+    assert {e.targets for u in task.users for e in u.train} == {("joy", "anger"), ("joy",)}
+
+
+def broken(table: list[dict], row: int, column: str, value) -> list[dict]:
+    table[row - 1][column] = value
+    return table
+
+
+@pytest.mark.parametrize(
+    "table, task, message",
+    [
+        (broken(rows(), 7, "label", ""), {}, "row 7, field 'label': is empty"),
+        (broken(rows(), 3, "annotator", ""), {}, "row 3, field 'annotator': is empty"),
+        (
+            broken(rows(), 5, "label", "maybe"),
+            {"labels": ["no", "yes"]},
+            "row 5, field 'label': 'maybe' is not",
+        ),
+        (broken(rows(), 2, "mid", "m0"), {}, "row 2, field 'mid': user 'a0' has item 'm0' twice"),
+        (rows(), {"columns": {**COLUMNS, "input": "body"}}, "field 'body': no such column"),
+        (rows(), {"columns": {**COLUMNS, "time": "when"}}, "field 'when': no such column"),
+        (rows(), {"kind": "opinion"}, "field 'kind': must be one of"),
+        (rows(), {"kind": "rating"}, "field 'labels': a rating task needs its labels"),
+        (rows(), {"instruction": ""}, "field 'instruction'"),
+        (rows(), {"columns": {"person": "annotator"}}, "unknown roles ['person']"),
+        (rows(users=2, items=5), {}, "no user has the 10 rows"),
+    ],
+)
+def test_every_malformed_input_names_file_row_and_column(tmp_path, table, task, message):
+    task_file, data = write(tmp_path, table, **task)
+    with pytest.raises(DataError) as error:
+        load_task(task_file, data_dir=data)
+    assert message in str(error.value)
+    assert "data.csv" in str(error.value) or "task.json" in str(error.value)
+
+
+def test_bad_times_and_splits_name_their_row(tmp_path):
+    table = broken(rows(time=lambda u, i: "2024-01-01"), 4, "time", "yesterday-ish")
+    task_file, data = write(tmp_path, table, columns={**COLUMNS, "time": "time"})
+    with pytest.raises(
+        DataError, match="row 4, field 'time': 'yesterday-ish' is neither a number nor a date"
+    ):
+        load_task(task_file, data_dir=data)
+    table = broken(rows(fold=lambda u, i: "train"), 9, "fold", "holdout")
+    task_file, data = write(tmp_path, table, columns={**COLUMNS, "split": "fold"})
+    with pytest.raises(DataError, match="row 9, field 'fold': 'holdout' is not one of"):
+        load_task(task_file, data_dir=data)
+
+
+def test_files_that_are_not_tables(tmp_path):
+    task_file, data = write(tmp_path, rows())
+    (tmp_path / "bad.jsonl").write_text('{"annotator": "a"}\nnot json\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl: cannot be read as JSONL"):
+        load_task(task_file, data_dir=tmp_path / "bad.jsonl")
+    with pytest.raises(DataError, match="does not exist"):
+        load_task(task_file, data_dir=tmp_path / "missing.csv")
+    with pytest.raises(UnknownTaskError, match="--data FILE"):
+        load_task(task_file, data_dir=tmp_path)
+    (tmp_path / "task2.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="must be a JSON object"):
+        load_task(str(tmp_path / "task2.json"), data_dir=data)
