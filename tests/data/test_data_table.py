@@ -157,8 +157,23 @@ def test_files_that_are_not_tables(tmp_path):
         load_task(task_file, data_dir=tmp_path / "bad.jsonl")
     with pytest.raises(DataError, match="does not exist"):
         load_task(task_file, data_dir=tmp_path / "missing.csv")
-    with pytest.raises(UnknownTaskError, match="--data FILE"):
-        load_task(task_file, data_dir=tmp_path)
+    with pytest.raises(UnknownTaskError, match="give it as --data"):
+        load_task(task_file)
+    with pytest.raises(DataError, match=r"no user_data_leaked\.json or user_data_no_leak\.json here"):
+        load_task(task_file, data_dir=tmp_path)  # a folder is read as PEFT-U's format, and has none
     (tmp_path / "task2.json").write_text("[1, 2]")
     with pytest.raises(DataError, match="must be a JSON object"):
         load_task(str(tmp_path / "task2.json"), data_dir=data)
+
+
+def test_a_peftu_format_file_loads_under_a_task_file(tmp_path):
+    folder = Path(__file__).parent / "fixtures" / "peftu" / "hatexplain"
+    task_file = tmp_path / "mine.json"
+    task_file.write_text(json.dumps({"name": "my-hate", "kind": "classification", "instruction": "Hateful?"}))
+    task = load_task(str(task_file), data_dir=folder)
+    reference = load_task("peftu:hatexplain", data_dir=folder)
+    assert task.name == "table:my-hate" and task.spec.instruction == "Hateful?"
+    assert [u.id for u in task.users] == [u.id for u in reference.users]
+    assert [e.target for u in task.users for e in u.test] == [
+        e.target for u in reference.users for e in u.test
+    ]

@@ -43,22 +43,26 @@ def available_tasks() -> list[str]:
 def load_task(name: str, data_dir: str | Path | None = None, split: str | None = None, seed: int = 0) -> Task:
     """Load a task by name.
 
+    ``name`` may also be a task file (JSON, ``data.table``) with ``data_dir`` a CSV / JSONL / Parquet table
+    or a PEFT-U-format folder or file of any other task.
+
     ``data_dir`` is needed for PEFT-U (a task folder, a folder of task folders, or the JSON file) and LaMP
     (the folder with ``{split}_questions.json`` and ``{split}_outputs.json``). ``split`` picks LaMP's
     train / dev (default) / test files, or PEFT-U's leaked (default) / no_leak file; the offline tasks make
     their own splits from ``seed``.
     """
-    if name.lower().endswith(".json"):  # a task file describing your own table (data/table.py)
-        if data_dir is None or not table.is_table(data_dir):
-            raise UnknownTaskError(
-                f"a task file ({name}) describes a table: give the file as --data FILE "
-                "(.csv, .jsonl or .parquet)"
-            )
+    if name.lower().endswith(".json"):  # a task file: your own table, or a PEFT-U-format file (data/table.py)
+        if data_dir is None:
+            raise UnknownTaskError(f"a task file ({name}) describes your data: give it as --data")
+        spec = table.read_task_file(Path(name).expanduser())
+        data = Path(data_dir).expanduser()
+        if not table.is_table(data):
+            return peftu.load(spec, data, split)  # PEFT-U's format under this task file's name
         if split is not None:
             raise UnknownTaskError(
                 "a table's splits come from its split column or are made per user: no --split"
             )
-        return table.load(table.read_task_file(Path(name).expanduser()), Path(data_dir).expanduser(), seed)
+        return table.load(spec, data, seed)
     spec = specs.spec(name)
     if not spec.needs_data:
         if data_dir is not None or split is not None:
