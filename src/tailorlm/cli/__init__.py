@@ -12,7 +12,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from tailorlm.cli import bench, data, perf, report, serve, system, users  # noqa: E402, F401  (modules register their commands on `app`)
+from tailorlm.cli import bench, data, export, perf, report, serve, system, users  # noqa: E402, F401  (modules register their commands on `app`)
 
 __all__ = ["app", "main"]
 
