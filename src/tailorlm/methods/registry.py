@@ -154,6 +154,9 @@ DEFAULT_METHODS = (
     "pag",
     "task-adapter",
     "peft-lora",
+    "peft-ia3",
+    "peft-prompt",
+    "peft-bottleneck",
     "oppu",
 )
 
