@@ -15,7 +15,7 @@ import httpx
 import pytest
 from serve_helpers import build_store
 
-from tailorlm.serve.run import free_port
+from tailorlm.serve.run import free_port, wait_healthy
 from tailorlm.store.store import ModuleStore
 
 USER = "lora-user-0"
@@ -35,17 +35,12 @@ def start_server(root, port: int) -> subprocess.Popen:
         "2",
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited: {process.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    raise AssertionError("the server did not answer /health in time")
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", lambda: process.poll() is None, timeout=120)
+    except RuntimeError as error:
+        process.kill()
+        raise AssertionError(f"{error}: {process.stderr.read().decode()[-2000:]}") from None
+    return process
 
 
 def assert_consistent(root) -> None:

@@ -14,7 +14,7 @@ from tailorlm.cli.users import STORE_OPTION
 from tailorlm.store.module_folder import ModuleFileError
 from tailorlm.store.store import ModuleStore
 from tailorlm.users.errors import UserError
-from tailorlm.users.export import FORMATS, commands, export_users, served_name
+from tailorlm.users.export import FORMATS, commands, export_users
 
 
 @app.command("export")
@@ -37,7 +37,7 @@ def export_command(
         if not modules.users():
             raise UserError(f"no trained users in {modules.root}")
         exported = export_users(modules, users, out, served)
-        name = served or served_name(modules.current(exported[0].user_id).base_model)
+        name = exported[0].served
         command = commands(exported, name)[format]
     payload = {
         "format": format,

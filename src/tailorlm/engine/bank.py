@@ -13,6 +13,7 @@ from torch import nn
 
 from tailorlm import kinds
 from tailorlm.kinds import ModuleKind, ModuleSpec, ModuleSpecError
+from tailorlm.kinds.kind import base_linear
 
 
 class EngineError(RuntimeError):
@@ -122,7 +123,7 @@ class SlotBank:
             short_name = path.rsplit(".", 1)[-1]
             if short_name not in targets or not isinstance(module, (nn.Linear, SlotLinear)):
                 continue
-            shapes = self.kind.linear_shapes(self.spec, short_name, innermost_linear(module))
+            shapes = self.kind.linear_shapes(self.spec, short_name, base_linear(model, path))
             own = {
                 suffix: self._add(self.kind.tensor_name(self.spec, path, suffix), suffix, shape)
                 for suffix, shape in shapes.items()
@@ -209,13 +210,6 @@ class SlotBank:
             tensor.requires_grad_(enabled)
         for layer in self.layers:
             layer.train(enabled)
-
-
-def innermost_linear(module: nn.Module) -> nn.Linear:
-    """The base projection under any number of slot wrappers."""
-    while isinstance(module, SlotLinear):
-        module = module.base
-    return module
 
 
 class SlotSpace:

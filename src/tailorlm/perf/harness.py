@@ -246,9 +246,11 @@ def timed(run: Callable[[], object]) -> float:
 # ---- memory ---------------------------------------------------------------------------------------------
 
 
-def _status_kib(key: str) -> int | None:
+def status_kib(key: str, pid: int | None = None) -> int | None:
+    """A ``/proc/<pid>/status`` figure in KiB (this process by default); None where there is none."""
+    status = _STATUS if pid is None else Path(f"/proc/{pid}/status")
     try:
-        for line in _STATUS.read_text().splitlines():
+        for line in status.read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     except OSError:
@@ -258,7 +260,7 @@ def _status_kib(key: str) -> int | None:
 
 def rss_bytes() -> int:
     """Resident set size now."""
-    kib = _status_kib("VmRSS")
+    kib = status_kib("VmRSS")
     if kib is not None:
         return kib * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: the best there is
@@ -266,7 +268,7 @@ def rss_bytes() -> int:
 
 def high_water_bytes() -> int:
     """The kernel's peak RSS since the process started or the mark was last reset."""
-    kib = _status_kib("VmHWM")
+    kib = status_kib("VmHWM")
     return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 

@@ -31,13 +31,13 @@ import torch
 
 from tailorlm import kinds, models, settings
 from tailorlm.engine.engine import Engine
+from tailorlm.perf.harness import status_kib
 from tailorlm.serve.config import ServeConfig
-from tailorlm.serve.run import free_port
+from tailorlm.serve.run import free_port, wait_healthy
 from tailorlm.serve.scheduler import SchedulerConfig
 from tailorlm.users.service import UserService
 
 TAILORLM, PEFT, BARE = "tailorlm", "peft", "bare"
-CONTENDERS = (TAILORLM, PEFT, BARE)
 UNIFORM = 1.0  # numpy's power(1) is uniform
 SKEWED = 0.3
 WORDS = [
@@ -309,26 +309,16 @@ class ServerProcess:
 
     def __enter__(self) -> ServerProcess:
         self.process.start()
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if not self.process.is_alive():
-                raise RuntimeError(f"the server process exited with {self.process.exitcode}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.process.kill()
-        raise RuntimeError("the server did not answer /health within 300 s")
+        try:
+            wait_healthy(self.url, self.process.is_alive, timeout=300)
+        except RuntimeError:
+            self.process.kill()
+            raise
+        return self
 
     def peak_rss_mb(self) -> float | None:
-        try:
-            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            return None
-        return None
+        kib = status_kib("VmHWM", self.process.pid)
+        return None if kib is None else kib / 1024
 
     def metrics(self, key: str) -> dict[str, float]:
         text = httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=30).text

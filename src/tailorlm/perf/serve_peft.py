@@ -42,7 +42,6 @@ class PeftScheduler(JobQueue):
         self.slots = slots
         self.peft_model = None
         self.loaded: OrderedDict[str, None] = OrderedDict()  # adapter names, least recently used first
-        self.loads = 0
         super().__init__(config, metrics)
 
     def forget(self, user_id: str) -> int:
@@ -81,9 +80,7 @@ class PeftScheduler(JobQueue):
             self.loaded.move_to_end(name)
             self.metrics.slot_hits.inc()
         else:
-            folder = str(
-                self.store.root / next(v.folder for v in self.store.versions(user_id) if v.version == version)
-            )
+            folder = str(self.store.folder(user_id, version))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 if self.peft_model is None:
@@ -97,7 +94,6 @@ class PeftScheduler(JobQueue):
                         self.peft_model.delete_adapter(oldest)
                     self.peft_model.load_adapter(folder, adapter_name=name)
             self.loaded[name] = None
-            self.loads += 1
             self.metrics.slot_misses.inc()
         self.peft_model.set_adapter(name)
 

@@ -33,7 +33,8 @@ class BodyLimit:
     """Refuses a request body over ``limit`` bytes with a 413, whether or not it declares its length.
 
     The body is read here, before the app sees the request (bodies are small: a prompt and settings), so
-    an oversized one is refused the same way however it arrives."""
+    an oversized one is refused the same way however it arrives. Not FastAPI's ``max_body_size``: its
+    413 for a declared length is plain text, not OpenAI's error body."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app = app

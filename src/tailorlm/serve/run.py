@@ -8,9 +8,10 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import uvicorn
 
 from tailorlm import models
@@ -35,6 +36,21 @@ def check_port(host: str, port: int) -> None:
             raise OSError(
                 f"cannot listen on {host}:{port} ({error.strerror}); is another server there? use --port"
             ) from None
+
+
+def wait_healthy(url: str, alive: Callable[[], bool], timeout: float) -> None:
+    """Wait until the server at ``url`` answers ``/health`` (a server in another process); RuntimeError
+    when ``alive()`` says its process ended, or after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"the server for {url} exited before it answered")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise RuntimeError(f"the server for {url} did not answer /health within {timeout:g} s")
 
 
 def _uvicorn(server: Server) -> uvicorn.Server:

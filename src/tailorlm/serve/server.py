@@ -113,8 +113,12 @@ class Server:
         # The request threads' own tokenizer: a fast tokenizer's settings are not safe to share with the
         # scheduler thread, whose scoring truncates (a shared one can fail with "Already borrowed").
         self.prompt_tokenizer = copy.deepcopy(self.base.tokenizer)
-        self.specs = served_specs(self.store, config.kinds)
-        self.engine = Engine(self.base, self.specs, slots=config.slots + 1, max_length=config.max_context)
+        self.engine = Engine(
+            self.base,
+            served_specs(self.store, config.kinds),
+            slots=config.slots + 1,
+            max_length=config.max_context,
+        )
         self.managers = [SlotManager(bank, self._loader(bank.spec)) for bank in self.engine.banks]
         self.metrics = ServeMetrics()
         self.bare = bare
@@ -125,13 +129,13 @@ class Server:
         )
         self.limiter = RateLimiter(config.rate_limit)
         self.retrievers = RetrieverCache()
+        self.recipe = recipe_from_name(config.recipe)  # label requests' recipe; None: prompts as sent
         self.jobs = TrainingJobs(
             self.store.root,
             current=self._current_version,
             on_state=lambda state: self.metrics.training_jobs.labels(state).inc(),
             max_workers=config.training_workers,
         )
-        self.started = time.time()
         self.url: str | None = None  # set once it answers (run.background)
 
     def start(self) -> None:
@@ -194,7 +198,7 @@ class Server:
         """``item`` as the benchmark asks it of ``user_id``: the store's task template under the server's
         recipe (retrieved history, shots), in the chat template; None when the server sends prompts as
         they are (recipe "none", or a store without a task)."""
-        recipe = recipe_from_name(self.config.recipe)
+        recipe = self.recipe
         if recipe is None or self.service.settings().task is None:
             return None
         task = self.service.task()

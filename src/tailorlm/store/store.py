@@ -80,9 +80,9 @@ class ModuleStore:
     def current(self, user_id: str) -> VersionRecord | None:
         return self.index.current(user_id) if self._exists() else None
 
-    def folder(self, user_id: str) -> Path:
-        """The folder of ``user_id``'s current version."""
-        return self.root / self._record(user_id).folder
+    def folder(self, user_id: str, version: int | None = None) -> Path:
+        """The folder of ``user_id``'s current (or a given) version."""
+        return self.root / self._record(user_id, version).folder
 
     def has(self, user_id: str) -> bool:
         """Whether a module is stored for ``user_id`` (a put killed before its index row left none)."""

@@ -37,6 +37,7 @@ class Exported:
     folder: Path
     rank: int
     targets: tuple[str, ...]
+    served: str  # the base model's name on the server, as written in the folder
 
 
 def served_name(base_model: str | None) -> str:
@@ -62,7 +63,7 @@ def export_users(
                 json.dumps(config, indent=2, sort_keys=True)
             )
         check_folder(target, name)
-        exported.append(Exported(user_id, target, int(config["r"]), tuple(config["target_modules"])))
+        exported.append(Exported(user_id, target, int(config["r"]), tuple(config["target_modules"]), name))
     return exported
 
 
