@@ -373,7 +373,8 @@ def run_one(
     notes = [o.error for o in outcomes if o.error][:3]
     if len(outcomes) < len(plans):
         notes.append(
-            f"{len(plans) - len(outcomes)} planned requests not sent before the {config.seconds:g} s limit"
+            f"{len(plans) - len(outcomes)} planned requests not finished within the {config.seconds:g} s "
+            "limit and 30 s more for those in flight"
         )
     return RunResult(
         name=name,
