@@ -116,11 +116,13 @@ def test_a_distribution_answers_what_suits_the_metric():
         return Task("t", "rating" if ordinal else "classification", LABELS, (metric,), [], spec)
 
     skewed = [0.4, 0.0, 0.0, 0.0, 0.6]  # the median is "5", the mean (position 2.4) is nearest "3"
-    assert baselines._suited(task("mae"), skewed) == "5"
-    assert baselines._suited(task("rmse"), skewed) == "3"
-    assert baselines._suited(task("accuracy"), skewed) == "5"
-    assert baselines._suited(task("mae"), [0.5, 0.1, 0.0, 0.0, 0.4]) == "1"  # half the mass reached at "1"
-    assert baselines._suited(task("accuracy"), [0.3, 0.3, 0.0, 0.0, 0.4]) == "5"
+    assert baselines.suited_label(task("mae"), skewed) == "5"
+    assert baselines.suited_label(task("rmse"), skewed) == "3"
+    assert baselines.suited_label(task("accuracy"), skewed) == "5"
+    assert (
+        baselines.suited_label(task("mae"), [0.5, 0.1, 0.0, 0.0, 0.4]) == "1"
+    )  # half the mass reached at "1"
+    assert baselines.suited_label(task("accuracy"), [0.3, 0.3, 0.0, 0.0, 0.4]) == "5"
 
 
 def test_damped_biases_and_matrix_factorisation_follow_user_and_item_effects():

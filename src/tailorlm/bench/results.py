@@ -36,6 +36,7 @@ METHOD_FAMILIES: tuple[str, ...] = (
     "non-personal",
     "prompt-personal",
     "parameter-personal",
+    "shared-personal",
     "oppu",
 )
 NON_PERSONAL_FAMILY = "non-personal"

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 
 from tailorlm.data import render
-from tailorlm.data.schema import Task, User
+from tailorlm.data.schema import Example, Task, User
 from tailorlm.methods.decoding import UserAnswers
 from tailorlm.methods.retrieval import BM25Retriever
 
@@ -101,7 +101,7 @@ def item_majority(task: Task, users: Sequence[User]) -> Iterator[UserAnswers]:
 PRIOR_STRENGTH = 1.0
 
 
-def _suited(task: Task, probabilities: Sequence[float]) -> str:
+def suited_label(task: Task, probabilities: Sequence[float]) -> str:
     """The label a distribution over ``task.labels`` answers under the task's first metric."""
     primary = task.metrics[0] if task.metrics else "accuracy"
     if task.ordinal and primary == "mae":
@@ -124,28 +124,45 @@ def _smoothed(counts: Counter, labels: Sequence[str], prior: Sequence[float]) ->
     ]
 
 
-def user_item_prior(task: Task, users: Sequence[User]) -> Iterator[UserAnswers]:
-    """The user's label prior times the item's label prior over the global prior (both smoothed toward
-    the global prior): who the user is and what the item is, as independent evidence."""
-    by_item, _ = _item_stats(task)
-    overall = Counter(t for answers in by_item.values() for t in answers)
-    overall.update(
-        e.targets[0]
-        for u in task.users
-        for e in task.training_examples(u)
-        if e.item_key is None and e.targets
-    )
-    total = sum(overall[label] for label in task.labels)
-    prior = [(overall[label] + 1) / (total + len(task.labels)) for label in task.labels]  # add-one: no zero
-    for user in users:
-        own = _smoothed(
-            Counter(e.targets[0] for e in task.training_examples(user) if e.targets), task.labels, prior
+class LabelPrior:
+    """The user's label prior times the item's label prior over the global prior, each smoothed toward the
+    global prior, from every user's training answers (never a validation or test answer): who the user is
+    and what the item is, as independent evidence. An example without an item id gets the user's prior."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.by_item, _ = _item_stats(task)
+        overall = Counter(t for answers in self.by_item.values() for t in answers)
+        overall.update(
+            e.targets[0]
+            for u in task.users
+            for e in task.training_examples(u)
+            if e.item_key is None and e.targets
         )
-        predictions = []
-        for example in user.test:
-            item = _smoothed(Counter(by_item.get(example.item_key, ())), task.labels, prior)
-            predictions.append(_suited(task, [u * i / g for u, i, g in zip(own, item, prior, strict=True)]))
-        yield user, predictions, 0.0
+        total = sum(overall[label] for label in task.labels)
+        # add-one: no label has probability zero
+        self.prior = [(overall[label] + 1) / (total + len(task.labels)) for label in task.labels]
+        self._own: dict[str, list[float]] = {}
+
+    def user(self, user: User) -> list[float]:
+        if user.id not in self._own:
+            counts = Counter(e.targets[0] for e in self.task.training_examples(user) if e.targets)
+            self._own[user.id] = _smoothed(counts, self.task.labels, self.prior)
+        return self._own[user.id]
+
+    def distribution(self, user: User, example: Example) -> list[float]:
+        """Probabilities over ``task.labels`` (they sum to one)."""
+        item = _smoothed(Counter(self.by_item.get(example.item_key, ())), self.task.labels, self.prior)
+        product = [u * i / g for u, i, g in zip(self.user(user), item, self.prior, strict=True)]
+        total = sum(product)
+        return [p / total for p in product]
+
+
+def user_item_prior(task: Task, users: Sequence[User]) -> Iterator[UserAnswers]:
+    """``LabelPrior``'s distribution, answered as suits the task's metric."""
+    prior = LabelPrior(task)
+    for user in users:
+        yield user, [suited_label(task, prior.distribution(user, e)) for e in user.test], 0.0
 
 
 def _surprise_fit(task: Task, algorithm):

@@ -2,7 +2,8 @@
 
 Families: ``simple-baseline``; ``non-personal`` (nothing about the user reaches the model);
 ``prompt-personal`` (the user's data in the prompt); ``parameter-personal`` (a module per user trained
-from the bare base, PEFT-U); ``oppu`` (a module per user on top of the merged task adapter).
+from the bare base, PEFT-U); ``shared-personal`` (the task adapter plus a tiny part per user: a label
+bias, or the user's prior fused in); ``oppu`` (a module per user on top of the merged task adapter).
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from tailorlm.data.schema import Task, User
-from tailorlm.methods import baselines
+from tailorlm.methods import baselines, label_models
 from tailorlm.methods.decoding import UserAnswers
 from tailorlm.methods.deps import MethodDeps
 from tailorlm.methods.recipes import Recipe
 from tailorlm.methods.setups import (
     OPPU_PERSONAL,
+    OPPU_SHRUNK,
     PERSONAL_KINDS,
     Answerer,
     BaseSetup,
@@ -120,6 +122,12 @@ MODEL_METHODS: list[Method] = [
         PersonalSetup(OPPU_PERSONAL, on_task_adapter=True),
     ),
     Method(
+        "oppu-shrink",
+        "oppu",
+        "OPPU with the personal LoRA pulled toward the task adapter by weight decay",
+        PersonalSetup(OPPU_SHRUNK, on_task_adapter=True),
+    ),
+    Method(
         "oppu+rag",
         "oppu",
         "OPPU with BM25 retrieval, trained and asked that way",
@@ -132,6 +140,28 @@ MODEL_METHODS: list[Method] = [
         "OPPU with the user's profile, trained and asked that way",
         PersonalSetup(OPPU_PERSONAL, on_task_adapter=True),
         _PROFILE,
+    ),
+]
+
+# Shared model plus a tiny personal part, for tasks with one label per item (``label_models.applies_to``).
+LABEL_MODEL_METHODS: list[Method] = [
+    Method(
+        "task-adapter+bias",
+        "shared-personal",
+        "the task adapter plus a bias over the labels per user, fitted against it and shrunk toward zero",
+        label_models.BiasSetup(),
+    ),
+    Method(
+        "fusion",
+        "shared-personal",
+        "the task adapter's label distribution times the user's and item's prior, weight tuned on validation",
+        label_models.FusionSetup(),
+    ),
+    Method(
+        "oppu-choice",
+        "oppu",
+        "per user the best of their shrunk OPPU module, their bias and their prior on their validation items",
+        label_models.ChoiceSetup(),
     ),
 ]
 
@@ -164,6 +194,8 @@ DEFAULT_METHODS = (
 def methods_for(task: Task) -> dict[str, Method]:
     """Every method that applies to ``task``, by name."""
     found = {m.name: m for m in MODEL_METHODS}
+    if label_models.applies_to(task):
+        found.update({m.name: m for m in LABEL_MODEL_METHODS})
     for name in baselines.applicable(task):
         found[name] = Method(
             name, "simple-baseline", BASELINE_DESCRIPTIONS[name], personal=name != "item-majority"

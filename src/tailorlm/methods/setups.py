@@ -39,6 +39,9 @@ class ModuleRecipe:
 
     spec: ModuleSpec
     learning_rate: float
+    # AdamW's decoupled decay: every step shrinks the module toward zero, i.e. toward the model it sits on
+    # (the bare base, or the merged task adapter for OPPU).
+    weight_decay: float = 0.0
 
 
 # Every registered kind with its default spec and learning rate. The LoRA rates (per-user and OPPU's) come
@@ -52,9 +55,12 @@ PERSONAL_KINDS: dict[str, ModuleRecipe] = {
 # OPPU's settings: stage 1 LoRA r8 alpha 8 on q,k,v; stage 2 a fresh r8 alpha 8 LoRA on q,v per user.
 TASK_ADAPTER = ModuleRecipe(LoraSpec(rank=8, alpha=8, targets=("q_proj", "k_proj", "v_proj")), 5e-4)
 OPPU_PERSONAL = ModuleRecipe(LoraSpec(rank=8, alpha=8, targets=("q_proj", "v_proj")), 1e-2)
+# OPPU with shrinkage: the same module pulled toward the task adapter by weight decay, 1% per step at this
+# rate (lr x decay), so about a fifth over a quick run's 20 steps. An untuned starting point.
+OPPU_SHRUNK = ModuleRecipe(OPPU_PERSONAL.spec, OPPU_PERSONAL.learning_rate, weight_decay=1.0)
 
 
-def _prompts(
+def prompts_for(
     deps: MethodDeps,
     builder: PromptBuilder,
     method: str,
@@ -83,8 +89,8 @@ def training_job(
 ) -> UserData:
     """The training job of ``module`` (a user id, or the task adapter's): (prompt, target) pairs of its
     train and validation queries, every prompt recorded as trace use ``train`` or ``validate``."""
-    train_texts = _prompts(deps, builder, method, "train", train, module)
-    val_texts = _prompts(deps, builder, method, "validate", val, module)
+    train_texts = prompts_for(deps, builder, method, "train", train, module)
+    val_texts = prompts_for(deps, builder, method, "validate", val, module)
     return UserData(
         module,
         [(text, e.target) for text, (_, e) in zip(train_texts, train, strict=True)],
@@ -116,10 +122,10 @@ def answer_examples(
 ) -> list[str]:
     """One answer per (user, example), each row in its slot; calibrated decoding also gets each prompt's
     content-free twin."""
-    prompts = _prompts(deps, builder, method, "answer", queries)
+    prompts = prompts_for(deps, builder, method, "answer", queries)
     content_free = None
     if decoding == "calibrated":
-        content_free = _prompts(deps, builder, method, "answer", queries, content_free=True)
+        content_free = prompts_for(deps, builder, method, "answer", queries, content_free=True)
     return answer(
         engine,
         deps.task,
@@ -320,6 +326,7 @@ class PersonalSetup:
                 epochs=settings.epochs,
                 batch_size=settings.batch_size,
                 learning_rate=self.recipe.learning_rate,
+                weight_decay=self.recipe.weight_decay,
                 seed=settings.seed,
                 users_per_step=settings.users_per_step,
             )

@@ -23,6 +23,7 @@ FAMILY_COLOURS: dict[str, str] = {
     "non-personal": "#1f77b4",
     "prompt-personal": "#2ca02c",
     "parameter-personal": "#d62728",
+    "shared-personal": "#ff7f0e",
     "oppu": "#9467bd",
 }
 OTHER_COLOUR = "#bcbd22"

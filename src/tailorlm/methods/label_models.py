@@ -1,0 +1,341 @@
+"""Personal methods that decide among a task's labels by combining a shared model with a tiny personal
+part: a per-user bias over the labels fitted against the frozen shared model, the fusion of the shared
+model's label distribution with the user's (and item's) label prior, and a choice per user among their
+own module, their bias and their prior.
+
+Why these exist: with about twenty labelled items per user, a module per user cannot beat what a
+statistician does with the same labels (the user's prior times the item's, ``baselines.LabelPrior``). The
+annotator-modelling literature's answer is a shared text model plus a few numbers per user
+(``QUALITY.md``): the shared model knows the items, the user's part knows the user.
+
+Every distribution here is a ``[rows, labels]`` tensor of log-probabilities over ``task.labels``. Whatever
+is tuned (the bias's shrinkage, the fusion weight, a user's choice) is chosen on validation items, never on
+a test item; the prompts that fit or tune anything are traced like every other method's, so the leakage
+test holds these methods to the same rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tailorlm import metrics
+from tailorlm.data.schema import Example, Task, User
+from tailorlm.methods.baselines import LabelPrior, suited_label
+from tailorlm.methods.deps import MethodDeps
+from tailorlm.methods.recipes import Purpose, Recipe
+from tailorlm.methods.setups import OPPU_SHRUNK, Answerer, PersonalSetup, Query, TaskAdapterSetup, prompts_for
+
+# L2 strengths of a user's bias, in units of one training example's loss; the benchmark picks one on the
+# validation items of the users it answers. Large values pull every user back to the shared model.
+SHRINKAGE_GRID = (100.0, 30.0, 10.0, 3.0, 1.0, 0.3)  # safest (closest to the shared model) first
+# Weights of the shared model in the fusion; 0 is the prior alone, so the tuned fusion is never worse
+# than the prior on the items it was tuned on.
+FUSION_WEIGHTS = tuple(i / 10 for i in range(11))
+
+Distribution = torch.Tensor  # [rows, labels] log-probabilities over task.labels
+
+
+def applies_to(task: Task) -> bool:
+    """Label-distribution methods need one label per item from a fixed set."""
+    return task.labels is not None and task.kind in ("classification", "rating")
+
+
+def label_targets(task: Task, examples: Sequence[Example]) -> tuple[list[int], list[Example]]:
+    """Each example's label index, for the examples whose target is one of ``task.labels``."""
+    kept = [(metrics.label_index(e.targets[0], task.labels), e) for e in examples if e.targets]
+    kept = [(index, e) for index, e in kept if index >= 0]
+    return [i for i, _ in kept], [e for _, e in kept]
+
+
+def decide(task: Task, distribution: Distribution) -> list[str]:
+    """The label each row answers under the task's first metric (median for MAE, mean for RMSE, the most
+    likely label otherwise), as the simple baselines answer."""
+    return [suited_label(task, row) for row in distribution.exp().tolist()]
+
+
+def validation_value(task: Task, golds: Sequence[str], predictions: Sequence[str]) -> float:
+    """The task's first metric on pooled items, signed so that higher is better."""
+    primary = task.metrics[0] if task.metrics else "accuracy"
+    value = metrics.score([primary], golds, predictions, ["u"] * len(golds), task.labels)["pooled"][primary]
+    return -value if primary in metrics.LOWER_IS_BETTER else value
+
+
+# ---- the shared model's distributions ---------------------------------------------------------------
+
+
+def shared_distribution(answerer: Answerer, queries: Sequence[Query], purpose: Purpose) -> Distribution:
+    """The shared model's label distribution for each (user, example), ``[len(queries), labels]``.
+
+    Prompts for fitting (``train``) or tuning (``validate``) are traced as the user's own module's, so the
+    leakage rules see them as that user's data; ``answer`` prompts as answers."""
+    labels = answerer.deps.task.labels
+    out = torch.empty(len(queries), len(labels))
+    users = list({user.id: user for user, _ in queries}.values())
+    for start in range(0, len(users), answerer.group_size):
+        group = users[start : start + answerer.group_size]
+        with answerer.placed(group) as slot_of:
+            for user in group:
+                rows = [i for i, (u, _) in enumerate(queries) if u.id == user.id]
+                if not rows:
+                    continue
+                module = None if purpose == "answer" else user.id
+                prompts = prompts_for(
+                    answerer.deps,
+                    answerer.builder,
+                    answerer.method,
+                    purpose,
+                    [queries[i] for i in rows],
+                    module,
+                )
+                scores = answerer.engine.score_choices(prompts, [slot_of.get(user.id, 0)] * len(rows), labels)
+                out[rows] = torch.log_softmax(torch.tensor(scores, dtype=torch.float32), dim=-1)
+    return out
+
+
+# ---- a user's bias over the labels ------------------------------------------------------------------
+
+
+def fit_bias(distribution: Distribution, targets: Sequence[int], shrinkage: float) -> torch.Tensor:
+    """The bias ``b`` ``[labels]`` minimising the user's summed cross-entropy of ``softmax(log p + b)`` plus
+    ``shrinkage / 2 * |b|^2``: a convex problem (L-BFGS solves it to the tolerance). No examples, or
+    infinite shrinkage, give 0 (the shared model); the penalty also fixes the constant a softmax ignores."""
+    labels = distribution.shape[1]
+    if not targets:
+        return torch.zeros(labels)
+    logits = distribution.detach().double()
+    wanted = torch.tensor(list(targets))
+    bias = torch.zeros(labels, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [bias],
+        lr=1.0,
+        max_iter=200,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
+    )
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits + bias, wanted, reduction="sum")
+        loss = loss + shrinkage / 2 * bias.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(objective)
+    return bias.detach().float()
+
+
+def with_bias(distribution: Distribution, bias: torch.Tensor) -> Distribution:
+    return torch.log_softmax(distribution + bias, dim=-1)
+
+
+# ---- the user's prior and its fusion with the shared model -------------------------------------------
+
+
+def prior_distribution(prior: LabelPrior, queries: Sequence[Query]) -> Distribution:
+    rows = [prior.distribution(user, example) for user, example in queries]
+    return torch.log(torch.tensor(rows, dtype=torch.float32).clamp_min(1e-12))
+
+
+def fuse(shared: Distribution, prior: Distribution, weight: float) -> Distribution:
+    """``weight * log p_shared + (1 - weight) * log p_prior``, renormalised: a product of experts whose
+    weight 0 is the prior alone and 1 the shared model alone."""
+    return torch.log_softmax(weight * shared + (1 - weight) * prior, dim=-1)
+
+
+def best_setting(
+    task: Task, settings: Sequence[float], golds: Sequence[str], predict: Callable[[float], list[str]]
+) -> tuple[float, dict[float, float]]:
+    """The setting whose predictions score best on ``golds`` (validation items), and every setting's
+    value; ties go to the earliest setting (the grids list the safest first)."""
+    if not golds:
+        return settings[0], {}
+    values = {s: validation_value(task, golds, predict(s)) for s in settings}
+    return max(settings, key=values.__getitem__), values  # max keeps the first of equals
+
+
+@dataclass
+class LabelAnswerer:
+    """Answers every (user, example) from a function of the queries to label distributions; the same
+    duck type as ``setups.Answerer`` for ``setups.answer_users``."""
+
+    task: Task
+    distribution_of: Callable[[Sequence[Query]], Distribution]
+    group_size: int
+
+    def answer(self, queries: Sequence[Query], decoding: str) -> list[str]:
+        if decoding not in ("choice", "median"):
+            raise ValueError(
+                f"label-distribution methods answer under the task's metric ('choice'); {decoding!r} does "
+                "not apply to them"
+            )
+        return decide(self.task, self.distribution_of(queries)) if queries else []
+
+
+def queries_of(users: Sequence[User], split: str, task: Task) -> list[Query]:
+    """Every (user, example) of ``split`` (``train``: what a module may train on) with a known label."""
+    found: list[Query] = []
+    for user in users:
+        examples = task.training_examples(user) if split == "train" else getattr(user, split)
+        found += [(user, e) for e in label_targets(task, examples)[1]]
+    return found
+
+
+# ---- the setups ---------------------------------------------------------------------------------------
+
+
+def _golds(queries: Sequence[Query]) -> list[str]:
+    return [example.targets[0] for _, example in queries]
+
+
+def _by_user(queries: Sequence[Query]) -> dict[str, list[int]]:
+    rows: dict[str, list[int]] = {}
+    for i, (user, _) in enumerate(queries):
+        rows.setdefault(user.id, []).append(i)
+    return rows
+
+
+@dataclass
+class UserBiases:
+    """Each user's bias over the labels against one shared model, at the shrinkage the validation items
+    chose; ``values`` holds every shrinkage's validation value (for the run's log)."""
+
+    biases: dict[str, torch.Tensor]
+    shrinkage: float
+    values: dict[float, float]
+
+    def apply(self, distribution: Distribution, queries: Sequence[Query]) -> Distribution:
+        labels = distribution.shape[1]
+        bias = torch.stack([self.biases.get(user.id, torch.zeros(labels)) for user, _ in queries])
+        return with_bias(distribution, bias) if queries else distribution
+
+
+def fit_user_biases(task: Task, shared: Answerer, users: Sequence[User]) -> UserBiases:
+    """Fit every user's bias on their training items against the frozen ``shared`` model, for each
+    shrinkage of ``SHRINKAGE_GRID``, and keep the shrinkage whose biases do best on the users' validation
+    items (pooled): a user's part never sees another user's items, nor anyone's test items."""
+    train = queries_of(users, "train", task)
+    val = queries_of(users, "val", task)
+    train_dist = shared_distribution(shared, train, "train")
+    val_dist = shared_distribution(shared, val, "validate")
+    train_rows = _by_user(train)
+    targets = {
+        u: [metrics.label_index(train[i][1].targets[0], task.labels) for i in rows]
+        for u, rows in train_rows.items()
+    }
+
+    def fitted(shrinkage: float) -> dict[str, torch.Tensor]:
+        return {u: fit_bias(train_dist[rows], targets[u], shrinkage) for u, rows in train_rows.items()}
+
+    cache: dict[float, dict[str, torch.Tensor]] = {}
+
+    def predict(shrinkage: float) -> list[str]:
+        cache[shrinkage] = fitted(shrinkage)
+        return decide(task, UserBiases(cache[shrinkage], shrinkage, {}).apply(val_dist, val))
+
+    shrinkage, values = best_setting(task, SHRINKAGE_GRID, _golds(val), predict)
+    return UserBiases(cache.get(shrinkage) or fitted(shrinkage), shrinkage, values)
+
+
+class BiasSetup:
+    """The task adapter (a shared model trained on other users) with a bias over the labels per user,
+    fitted against it frozen and shrunk toward zero. A new user fits only their own bias: nothing shared
+    changes."""
+
+    def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> LabelAnswerer:
+        shared = TaskAdapterSetup().prepare(deps, method, recipe, users)
+        biases = fit_user_biases(deps.task, shared, users)
+        deps.reporter.log(f"{method}: shrinkage {biases.shrinkage:g} chosen on validation items")
+
+        def distribution_of(queries: Sequence[Query]) -> Distribution:
+            return biases.apply(shared_distribution(shared, queries, "answer"), queries)
+
+        return LabelAnswerer(deps.task, distribution_of, shared.group_size)
+
+
+class FusionSetup:
+    """The task adapter's label distribution fused with the user's and the item's label prior
+    (``baselines.LabelPrior``), the weight chosen on the users' validation items."""
+
+    def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> LabelAnswerer:
+        task = deps.task
+        shared = TaskAdapterSetup().prepare(deps, method, recipe, users)
+        prior = LabelPrior(task)
+        val = queries_of(users, "val", task)
+        val_shared, val_prior = shared_distribution(shared, val, "validate"), prior_distribution(prior, val)
+        weight, _ = best_setting(
+            task, FUSION_WEIGHTS, _golds(val), lambda w: decide(task, fuse(val_shared, val_prior, w))
+        )
+        deps.reporter.log(f"{method}: weight {weight:g} on the shared model, chosen on validation items")
+
+        def distribution_of(queries: Sequence[Query]) -> Distribution:
+            return fuse(
+                shared_distribution(shared, queries, "answer"), prior_distribution(prior, queries), weight
+            )
+
+        return LabelAnswerer(task, distribution_of, shared.group_size)
+
+
+CHOICES = ("prior", "bias", "module")  # what oppu-choice may answer a user with, simplest first
+
+
+class ChoiceSetup:
+    """OPPU with shrinkage and a choice per user: each user is answered by whichever of their own module
+    (OPPU, shrunk toward the task adapter), their bias on the task adapter, or their prior did best on
+    their own validation items. Ties go to the option that did best over every user's validation items."""
+
+    MODULE_METHOD = "oppu-shrink"  # the module store this method shares with that method's row
+
+    def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> LabelAnswerer:
+        task = deps.task
+        personal = PersonalSetup(OPPU_SHRUNK, on_task_adapter=True).prepare(
+            deps, self.MODULE_METHOD, recipe, users
+        )
+        shared = TaskAdapterSetup().prepare(deps, method, recipe, users)
+        biases = fit_user_biases(task, shared, users)
+        prior = LabelPrior(task)
+        sources: dict[str, Callable[[Sequence[Query], Purpose], Distribution]] = {
+            "module": lambda q, purpose: shared_distribution(personal, q, purpose),
+            "bias": lambda q, purpose: biases.apply(shared_distribution(shared, q, purpose), q),
+            "prior": lambda q, purpose: prior_distribution(prior, q),
+        }
+        chosen = self._choose(task, users, sources)
+        counts = {option: sum(1 for c in chosen.values() if c == option) for option in CHOICES}
+        deps.reporter.log(f"{method}: users answered by " + ", ".join(f"{o} {n}" for o, n in counts.items()))
+
+        def distribution_of(queries: Sequence[Query]) -> Distribution:
+            out = torch.empty(len(queries), len(task.labels))
+            for option in CHOICES:
+                rows = [i for i, (user, _) in enumerate(queries) if chosen.get(user.id, "prior") == option]
+                if rows:
+                    out[rows] = sources[option]([queries[i] for i in rows], "answer")
+            return out
+
+        return LabelAnswerer(task, distribution_of, shared.group_size)
+
+    @staticmethod
+    def _choose(
+        task: Task,
+        users: Sequence[User],
+        sources: dict[str, Callable[[Sequence[Query], Purpose], Distribution]],
+    ) -> dict[str, str]:
+        val = queries_of(users, "val", task)
+        golds = _golds(val)
+        predictions = {option: decide(task, source(val, "validate")) for option, source in sources.items()}
+        overall = {o: validation_value(task, golds, p) for o, p in predictions.items()} if val else {}
+        order = sorted(CHOICES, key=lambda o: -overall.get(o, 0.0))  # stable: equals stay simplest first
+        rows_of = _by_user(val)
+        chosen = {}
+        for user in users:
+            rows = rows_of.get(user.id, [])
+            if not rows:
+                chosen[user.id] = order[0]
+                continue
+            mine = [golds[i] for i in rows]
+            value = {o: validation_value(task, mine, [predictions[o][i] for i in rows]) for o in order}
+            chosen[user.id] = max(order, key=value.__getitem__)
+        return chosen
