@@ -18,11 +18,11 @@ from tailorlm.store import module_folder
 from tailorlm.train.trainer import UserData
 
 # Every registered kind at its default settings: a new kind is tested by registering it.
-SPECS = {name: kinds.default_spec(name) for name in kinds.names()}
+SPECS = {name: kinds.default_spec(name) for name in kinds.MODEL_KINDS}
 ALL_KINDS = list(SPECS)
-PEFT_KINDS = [name for name, kind in kinds.KINDS.items() if kind.peft_type]
-MERGEABLE_KINDS = [name for name, kind in kinds.KINDS.items() if kind.mergeable]
-UNMERGEABLE_KINDS = [name for name, kind in kinds.KINDS.items() if not kind.mergeable]
+PEFT_KINDS = [name for name, kind in kinds.MODEL_KINDS.items() if kind.peft_type]
+MERGEABLE_KINDS = [name for name, kind in kinds.MODEL_KINDS.items() if kind.mergeable]
+UNMERGEABLE_KINDS = [name for name, kind in kinds.MODEL_KINDS.items() if not kind.mergeable]
 
 PROMPTS = [
     ("Rate this: the bus did not stop.", "yes"),

@@ -35,7 +35,7 @@ def test_asking_for_a_missing_gpu_says_so():
         device.resolve_placement("cuda")
 
 
-@pytest.mark.parametrize("kind", kinds.names())
+@pytest.mark.parametrize("kind", list(kinds.MODEL_KINDS))
 def test_bf16_engine_agrees_with_fp32(kind, tokenizer):
     """The whole engine in bf16 (bank, batches, scoring) follows the base model's dtype and gives the fp32
     answer within bf16's precision: 8 mantissa bits, so log-probabilities summed over a few tokens agree

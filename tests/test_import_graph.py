@@ -39,7 +39,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
         "store": ("engine", "files", "kinds"),
         "train": ("engine", "progress", "store"),
         "data": ("metrics",),
-        "methods": ("data", "engine", "files", "kinds", "models", "progress", "store", "train"),
+        "methods": ("data", "engine", "files", "kinds", "metrics", "models", "progress", "store", "train"),
         "bench": ("data", "engine", "files", "methods", "metrics", "progress", "train"),
         "perf": (
             "data",

@@ -19,7 +19,7 @@ from tailorlm.engine.engine import Engine, Row
 from tailorlm.engine.prefix import PrefixPlan, common_prefix_length, plan_batch, plan_prefixes
 from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, UserData
 
-KINDS = kinds.names()
+KINDS = list(kinds.MODEL_KINDS)
 INSTRUCTION = (
     "You will read a short statement written by a person about an everyday situation. Decide whether "
     "the writer would agree with it, answering with one word only: yes, no or perhaps. Take the "

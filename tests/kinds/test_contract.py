@@ -1,5 +1,6 @@
 """The contract every registered module kind meets, as a matrix (PEFT's test matrix, in the small): the
-cases are ``kinds.KINDS``, crossed with the common test functions below. A new kind is held to all of it
+cases are ``kinds.MODEL_KINDS`` (the kinds that change logits), crossed with the common test functions
+below. A new kind is held to all of it
 by registering; nothing here names a kind. What a kind may lack is read from the kind itself: PEFT has
 no such kind (``peft_type`` is None), it cannot be folded into the base (``mergeable``), a new user
 already changes outputs (``starts_as_identity``); each such declaration is itself checked.

@@ -17,8 +17,8 @@ from tailorlm.perf.harness import Bench, Section
 
 
 def test_sections_are_every_kind_then_each_question():
-    assert runner.SECTIONS[: len(kinds.KINDS)] == tuple(kinds.KINDS)
-    assert runner.SECTIONS[len(kinds.KINDS) :] == (
+    assert runner.SECTIONS[: len(kinds.MODEL_KINDS)] == tuple(kinds.MODEL_KINDS)
+    assert runner.SECTIONS[len(kinds.MODEL_KINDS) :] == (
         "decode",
         "gemm",
         "train",

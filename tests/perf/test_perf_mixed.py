@@ -12,7 +12,7 @@ from tailorlm.perf import mixed
 from tailorlm.perf.contenders import BARE, ENGINE, PEFT_MIXED, peft_mixes_batches
 
 
-@pytest.mark.parametrize("kind", list(kinds.KINDS))
+@pytest.mark.parametrize("kind", list(kinds.MODEL_KINDS))
 def test_a_mixed_batch_of_every_kind(bench, small, kind):
     section = mixed.bench_mixed(bench, kind)
     names = [t.name for t in section.timings]

@@ -60,7 +60,7 @@ def test_random_users_are_placed_through_the_slot_manager(bench):
         workloads.place_random_users(SlotManager(engine.bank), 6, seed=0)
 
 
-@pytest.mark.parametrize("kind", list(kinds.KINDS))
+@pytest.mark.parametrize("kind", list(kinds.MODEL_KINDS))
 def test_numbers_per_user_match_the_bank_and_cap_the_resident_count(bench, kind):
     spec = kinds.default_spec(kind)
     engine = Engine(bench.fresh_base(), spec, slots=2)

@@ -252,9 +252,22 @@ class Engine:
         for start in range(0, len(prompts), batch_size):
             chunk = order[start : start + batch_size]
             rows = [Row(prompts[i], "", slots[i]) for i in chunk]
-            totals = self._score_continuations(self.encode(rows), continuation, continuation_mask)
-            for i, values in zip(chunk, totals.view(len(rows), len(choices)).tolist(), strict=True):
+            batch = self.encode(rows)
+            totals = self._score_continuations(batch, continuation, continuation_mask)
+            totals = self._adjust_choices(choices, totals.view(len(rows), len(choices)), batch.slot_ids)
+            for i, values in zip(chunk, totals.tolist(), strict=True):
                 scores[i] = values
+        return scores
+
+    def _adjust_choices(
+        self, choices: Sequence[str], scores: torch.Tensor, slot_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """``scores`` ``[rows, choices]`` after the kinds that act on label scores (a label bias): each
+        row's term from its own bank only."""
+        for index, bank in enumerate(self.banks):
+            if bank.choice_stack:
+                local = self.space.local_ids(index, slot_ids)
+                scores = bank.kind.adjust_choices(bank.spec, choices, scores, bank.choice_stack, local)
         return scores
 
     def _score_continuations(

@@ -5,6 +5,7 @@ everything generic from here."""
 from tailorlm.kinds.kind import PEFT_PREFIX, ModuleKind, ModuleSpec, ModuleSpecError
 from tailorlm.kinds.registry import (
     KINDS,
+    MODEL_KINDS,
     default_spec,
     get,
     names,
@@ -18,6 +19,7 @@ from tailorlm.kinds.registry import (
 
 __all__ = [
     "KINDS",
+    "MODEL_KINDS",
     "PEFT_PREFIX",
     "ModuleKind",
     "ModuleSpec",

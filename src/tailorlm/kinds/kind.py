@@ -12,7 +12,7 @@ A tensor's bank name is also its key on disk, so a slot slice saved as-is is a m
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, ClassVar, Protocol
 
@@ -49,6 +49,10 @@ class ModuleKind:
     # tokens are new context, so its new users already differ from the base. The contract tests hold
     # every kind to what it declares here, both ways.
     starts_as_identity: ClassVar[bool] = True
+    # Whether the kind changes the model's outputs (its layers or inputs), so the language-model loss
+    # trains it and every contract test over logits applies. A kind that only adjusts label scores
+    # (``choice_shapes``, ``adjust_choices``) sets this False.
+    acts_on_model: ClassVar[bool] = True
 
     # ---- the spec ----------------------------------------------------------------------------------
 
@@ -72,6 +76,10 @@ class ModuleKind:
 
     def input_shapes(self, spec: Any, model: nn.Module) -> dict[str, tuple[int, ...]]:
         """Per-slot shapes of tensors that act on the model's inputs, by name (empty: none)."""
+        return {}
+
+    def choice_shapes(self, spec: Any) -> dict[str, tuple[int, ...]]:
+        """Per-slot shapes of tensors that act on label scores (``adjust_choices``), by name (empty: none)."""
         return {}
 
     def tensor_name(self, spec: Any, path: str, suffix: str) -> str:
@@ -117,6 +125,18 @@ class ModuleKind:
         """Inputs for the decoder and how many positions were put in front of each row's text
         (dropped again from the outputs). By default the token ids as they are."""
         return {"input_ids": input_ids, "attention_mask": attention_mask}, 0
+
+    def adjust_choices(
+        self,
+        spec: Any,
+        choices: Sequence[str],
+        scores: torch.Tensor,
+        stack: Mapping[str, torch.Tensor],
+        slot_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """The summed log-probabilities ``scores`` ``[rows, choices]`` as row ``b``'s user (slot
+        ``slot_ids[b]`` of ``stack``) adjusts them. By default unchanged."""
+        return scores
 
     def exact_when_shared(self, spec: Any) -> bool:
         """Whether training rows that share a prompt prefix may compute it once: true unless the kind

@@ -10,16 +10,26 @@ from typing import Any
 from tailorlm.kinds.bottleneck import Bottleneck
 from tailorlm.kinds.ia3 import IA3
 from tailorlm.kinds.kind import ModuleKind, ModuleSpecError
+from tailorlm.kinds.label_bias import LabelBias
 from tailorlm.kinds.lora import Lora
 from tailorlm.kinds.prompt import Prompt
 
-KINDS: dict[str, ModuleKind] = {kind.name: kind for kind in (Lora(), IA3(), Prompt(), Bottleneck())}
+KINDS: dict[str, ModuleKind] = {
+    kind.name: kind for kind in (Lora(), IA3(), Prompt(), Bottleneck(), LabelBias())
+}
+# The kinds that change the model's outputs: trained by the language-model loss, held to the logits
+# contract, benchmarked as per-user modules and measured by perf.
+MODEL_KINDS: dict[str, ModuleKind] = {name: kind for name, kind in KINDS.items() if kind.acts_on_model}
 _BY_SPEC_TYPE: dict[type, ModuleKind] = {kind.spec_type: kind for kind in KINDS.values()}
 _BY_PEFT_TYPE: dict[str, ModuleKind] = {k.peft_type: k for k in KINDS.values() if k.peft_type}
 
 
 def names() -> list[str]:
     return list(KINDS)
+
+
+def model_kind_names() -> list[str]:
+    return list(MODEL_KINDS)
 
 
 def get(name: str) -> ModuleKind:

@@ -23,6 +23,8 @@ import torch
 
 from tailorlm import metrics
 from tailorlm.data.schema import Example, Task, User
+from tailorlm.engine.slots import SlotManager
+from tailorlm.kinds.label_bias import BIAS, LabelBiasSpec
 from tailorlm.methods.baselines import LabelPrior, suited_label
 from tailorlm.methods.deps import MethodDeps
 from tailorlm.methods.recipes import Purpose, Recipe
@@ -214,47 +216,95 @@ class UserBiases:
         return with_bias(distribution, bias) if queries else distribution
 
 
-def fit_user_biases(task: Task, shared: Answerer, users: Sequence[User]) -> UserBiases:
-    """Fit every user's bias on their training items against the frozen ``shared`` model, for each
-    shrinkage of ``SHRINKAGE_GRID``, and keep the shrinkage whose biases do best on the users' validation
-    items (pooled): a user's part never sees another user's items, nor anyone's test items."""
+def fit_user_biases(
+    task: Task, shared: Answerer, users: Sequence[User], shrinkage: float | None
+) -> UserBiases:
+    """Fit every user's bias on their training items against the frozen ``shared`` model (rows in slot 0).
+    Without a given ``shrinkage``, each of ``SHRINKAGE_GRID`` is tried and the one whose biases do best on
+    the users' validation items (pooled) is kept. A user's part never sees another user's items, nor
+    anyone's test items."""
     train = queries_of(users, "train", task)
-    val = queries_of(users, "val", task)
     train_dist = shared_distribution(shared, train, "train")
-    val_dist = shared_distribution(shared, val, "validate")
     train_rows = _by_user(train)
     targets = {
         u: [metrics.label_index(train[i][1].targets[0], task.labels) for i in rows]
         for u, rows in train_rows.items()
     }
+    fits: dict[float, dict[str, torch.Tensor]] = {}
 
-    def fitted(shrinkage: float) -> dict[str, torch.Tensor]:
-        return {u: fit_bias(train_dist[rows], targets[u], shrinkage) for u, rows in train_rows.items()}
+    def fitted(strength: float) -> dict[str, torch.Tensor]:
+        if strength not in fits:
+            fits[strength] = {
+                user.id: fit_bias(train_dist[train_rows.get(user.id, [])], targets.get(user.id, []), strength)
+                for user in users
+            }
+        return fits[strength]
 
-    cache: dict[float, dict[str, torch.Tensor]] = {}
+    values: dict[float, float] = {}
+    if shrinkage is None:
+        val = queries_of(users, "val", task)
+        val_dist = shared_distribution(shared, val, "validate")
 
-    def predict(shrinkage: float) -> list[str]:
-        cache[shrinkage] = fitted(shrinkage)
-        return decide(task, UserBiases(cache[shrinkage], shrinkage, {}).apply(val_dist, val))
+        def predict(strength: float) -> list[str]:
+            return decide(task, UserBiases(fitted(strength), strength, {}).apply(val_dist, val))
 
-    shrinkage, values = best_setting(task, SHRINKAGE_GRID, _golds(val), predict)
-    return UserBiases(cache.get(shrinkage) or fitted(shrinkage), shrinkage, values)
+        shrinkage, values = best_setting(task, SHRINKAGE_GRID, _golds(val), predict)
+    return UserBiases(fitted(shrinkage), shrinkage, values)
 
 
 class BiasSetup:
-    """The task adapter (a shared model trained on other users) with a bias over the labels per user,
-    fitted against it frozen and shrunk toward zero. A new user fits only their own bias: nothing shared
-    changes."""
+    """The task adapter (a shared model trained on other users) merged into the base, with a label-bias
+    module per user (``kinds.label_bias``) fitted against it frozen and shrunk toward zero, stored like any
+    user's module and served from a slot. A new user fits only their own bias: nothing shared changes.
+
+    The shrinkage is chosen once per store, on the validation items of the users fitted first, and kept
+    in the store's index so that users fitted later (a resumed run) get the same."""
+
+    SHRINKAGE_KEY = "label-bias-shrinkage"
+
+    @staticmethod
+    def store_name(recipe: Recipe) -> str:
+        return f"task-adapter+bias-{recipe.tag}"
 
     def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> LabelAnswerer:
-        shared = TaskAdapterSetup().prepare(deps, method, recipe, users)
-        biases = fit_user_biases(deps.task, shared, users)
-        deps.reporter.log(f"{method}: shrinkage {biases.shrinkage:g} chosen on validation items")
+        answerer = self.answerer(deps, method, recipe, users)
 
         def distribution_of(queries: Sequence[Query]) -> Distribution:
-            return biases.apply(shared_distribution(shared, queries, "answer"), queries)
+            return shared_distribution(answerer, queries, "answer")
 
-        return LabelAnswerer(deps.task, distribution_of, shared.group_size)
+        return LabelAnswerer(deps.task, distribution_of, answerer.group_size)
+
+    def answerer(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> Answerer:
+        """An answerer whose slots hold each user's bias (its scores are the shared model's plus the
+        user's bias), every missing bias fitted and stored first."""
+        task = deps.task
+        spec = LabelBiasSpec(tuple(task.labels))
+        base = TaskAdapterSetup().merged_base(deps, recipe)
+        engine = deps.engine(spec, slots=deps.settings.answer_group + 1, base=base)
+        builder = deps.builder(recipe, engine.tokenizer)
+        store = deps.store(self.store_name(recipe))
+        shared = Answerer(deps, method, engine, builder, deps.settings.answer_group)  # slot 0: no bias
+        missing = [u for u in users if not store.has(u.id)]
+        if missing:
+            known = store.index.meta(self.SHRINKAGE_KEY) if store.users() else None
+            biases = fit_user_biases(task, shared, missing, None if known is None else float(known))
+            store.index.set_meta(self.SHRINKAGE_KEY, repr(biases.shrinkage))
+            for user in missing:
+                meta = {"shrinkage": biases.shrinkage, "examples": len(task.training_examples(user))}
+                store.put(
+                    user.id,
+                    spec,
+                    {BIAS: biases.biases[user.id]},
+                    model=engine.model,
+                    base_name=None,
+                    meta=meta,
+                )
+            deps.reporter.log(
+                f"{method}: {len(missing)} users' biases fitted, shrinkage {biases.shrinkage:g}"
+                + (" (chosen on validation items)" if known is None else " (the store's)")
+            )
+        slots = SlotManager(engine.bank, store.loader(spec))
+        return Answerer(deps, method, engine, builder, slots.capacity, slots=slots)
 
 
 class FusionSetup:
@@ -295,12 +345,11 @@ class ChoiceSetup:
         personal = PersonalSetup(OPPU_SHRUNK, on_task_adapter=True).prepare(
             deps, self.MODULE_METHOD, recipe, users
         )
-        shared = TaskAdapterSetup().prepare(deps, method, recipe, users)
-        biases = fit_user_biases(task, shared, users)
+        biased = BiasSetup().answerer(deps, method, recipe, users)
         prior = LabelPrior(task)
         sources: dict[str, Callable[[Sequence[Query], Purpose], Distribution]] = {
             "module": lambda q, purpose: shared_distribution(personal, q, purpose),
-            "bias": lambda q, purpose: biases.apply(shared_distribution(shared, q, purpose), q),
+            "bias": lambda q, purpose: shared_distribution(biased, q, purpose),
             "prior": lambda q, purpose: prior_distribution(prior, q),
         }
         chosen = self._choose(task, users, sources)
@@ -315,7 +364,7 @@ class ChoiceSetup:
                     out[rows] = sources[option]([queries[i] for i in rows], "answer")
             return out
 
-        return LabelAnswerer(task, distribution_of, shared.group_size)
+        return LabelAnswerer(task, distribution_of, biased.group_size)
 
     @staticmethod
     def _choose(

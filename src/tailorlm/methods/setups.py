@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from tailorlm import kinds
+from tailorlm import kinds, models
 from tailorlm.data.schema import Example, User
 from tailorlm.engine.engine import Engine
 from tailorlm.engine.slots import SlotManager
@@ -50,7 +50,7 @@ class ModuleRecipe:
 # results"): 1e-2 had the best validation accuracy for both, and the lowest validation loss for OPPU.
 # The other kinds' rates are untuned starting points at the usual scale for each kind.
 PERSONAL_KINDS: dict[str, ModuleRecipe] = {
-    name: ModuleRecipe(kind.spec_type(), kind.learning_rate) for name, kind in kinds.KINDS.items()
+    name: ModuleRecipe(kind.spec_type(), kind.learning_rate) for name, kind in kinds.MODEL_KINDS.items()
 }
 # OPPU's settings: stage 1 LoRA r8 alpha 8 on q,k,v; stage 2 a fresh r8 alpha 8 LoRA on q,v per user.
 TASK_ADAPTER = ModuleRecipe(LoraSpec(rank=8, alpha=8, targets=("q_proj", "k_proj", "v_proj")), 5e-4)
@@ -282,6 +282,13 @@ class TaskAdapterSetup:
         gc.collect()
         return store
 
+    def merged_base(self, deps: MethodDeps, recipe: Recipe) -> models.BaseModel:
+        """A fresh base model with the task adapter (trained first if missing) folded into its weights."""
+        base = deps.load_base()
+        stored = self.ensure_trained(deps, recipe).get(self.USER)
+        kinds.of(stored.spec).merge_into_base(stored.spec, base.model, stored.tensors)
+        return base
+
     def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> Answerer:
         _refuse_adapter_users(deps, users)
         store = self.ensure_trained(deps, recipe)
@@ -304,10 +311,8 @@ class PersonalSetup:
 
     def build_engine(self, deps: MethodDeps, prompt_recipe: Recipe) -> Engine:
         """A fresh base (with the task adapter merged into it for OPPU) and a slot per user of a step."""
-        base = deps.load_base()
-        if self.on_task_adapter:
-            stored = TaskAdapterSetup().ensure_trained(deps, prompt_recipe).get(TaskAdapterSetup.USER)
-            kinds.of(stored.spec).merge_into_base(stored.spec, base.model, stored.tensors)
+        setup = TaskAdapterSetup()
+        base = setup.merged_base(deps, prompt_recipe) if self.on_task_adapter else deps.load_base()
         return deps.engine(self.recipe.spec, slots=deps.settings.users_per_step + 1, base=base)
 
     def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> Answerer:

@@ -18,7 +18,7 @@ from tailorlm.perf.mixed import TARGET_VS_PEFT, mixed_facts, mixed_setup, target
 
 def decode_kind() -> str:
     """The first registered kind PEFT can batch-mix; the first kind at all when there is none."""
-    names = list(kinds.KINDS)
+    names = list(kinds.MODEL_KINDS)
     return next((name for name in names if peft_mixes_batches(kinds.default_spec(name))), names[0])
 
 

@@ -40,7 +40,7 @@ def _user(count: int, index: int) -> str:
 
 def bench_load(bench: Bench) -> Section:
     config = bench.config
-    kind = next(iter(kinds.KINDS))
+    kind = next(iter(kinds.MODEL_KINDS))
     spec = kinds.default_spec(kind)
     base = bench.fresh_base()
     resident = workloads.resident_for(config, base.model, spec)

@@ -28,7 +28,7 @@ def _mixed(kind: str) -> Callable[[Bench], Section]:
 # A mixed-batch section per registered kind, then one section per question. The GEMM peak runs before
 # the training sections, which report their useful FLOP/s against it.
 RUNNERS: dict[str, Callable[[Bench], Section]] = {
-    **{kind: _mixed(kind) for kind in kinds.KINDS},
+    **{kind: _mixed(kind) for kind in kinds.MODEL_KINDS},
     "decode": bench_decode,
     "gemm": bench_gemm,
     "train": bench_train,

@@ -27,7 +27,7 @@ VARIANTS: tuple[ModuleSpec, ...] = (LoraSpec(targets=("q_proj", "k_proj", "v_pro
 
 def at_rest_specs() -> list[ModuleSpec]:
     """Every registered kind's default spec, then the variants."""
-    return [kinds.default_spec(name) for name in kinds.KINDS] + list(VARIANTS)
+    return [kinds.default_spec(name) for name in kinds.MODEL_KINDS] + list(VARIANTS)
 
 
 def bench_bytes(bench: Bench, folder: str | Path | None = None) -> Section:

@@ -39,7 +39,7 @@ FORMULA = (
 
 def train_kind() -> str:
     """The first registered kind stock PEFT can train (LoRA today): the comparison needs both sides."""
-    return next(name for name, kind in kinds.KINDS.items() if kind.peft_type is not None)
+    return next(name for name, kind in kinds.MODEL_KINDS.items() if kind.peft_type is not None)
 
 
 def non_embedding_parameters(model) -> int:
