@@ -1,0 +1,131 @@
+"""The shared-plus-personal label methods: the bias fit (values, not shapes), the fusion and its tuning, a
+per-user choice made on the user's own validation items, and the visibility rules on the prompts a real
+run builds (tiny model)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from test_methods_leakage import (
+    SMALL,
+    Run,
+    check_prompts_show_only_what_the_asker_may_see,
+    check_training_sees_only_its_own_users_data,
+)
+
+from tailorlm.bench import runner
+from tailorlm.data import load_task
+from tailorlm.data.schema import Example, Task, User
+from tailorlm.data.specs import TaskSpec
+from tailorlm.kinds.label_bias import LabelBiasSpec
+from tailorlm.methods import label_models
+from tailorlm.methods.recipes import PromptUse
+from tailorlm.store.store import ModuleStore
+
+LABELS = ("yes", "perhaps", "no")
+
+
+def test_a_bias_with_no_shrinkage_on_a_flat_model_is_the_users_label_frequencies():
+    flat = torch.zeros(4, 2)
+    bias = label_models.fit_bias(flat, [0, 0, 0, 1], shrinkage=1e-9)
+    torch.testing.assert_close(torch.softmax(bias, 0), torch.tensor([0.75, 0.25]), atol=1e-4, rtol=0)
+
+
+def test_the_fitted_bias_is_the_penalised_optimum():
+    """Stationarity of the convex objective: the summed residuals plus shrinkage times the bias is 0."""
+    generator = torch.Generator().manual_seed(0)
+    model = torch.log_softmax(torch.randn(7, 3, generator=generator), dim=-1)
+    targets = [0, 2, 2, 1, 2, 0, 2]
+    for shrinkage in (0.5, 3.0):
+        bias = label_models.fit_bias(model, targets, shrinkage)
+        residual = torch.softmax(model + bias, -1) - torch.eye(3)[targets]
+        gradient = residual.sum(0) + shrinkage * bias
+        assert gradient.abs().max() < 1e-4, (shrinkage, gradient)
+    # More shrinkage, a smaller bias; without examples or with overwhelming shrinkage, none at all.
+    small, large = (label_models.fit_bias(model, targets, s).norm() for s in (100.0, 0.5))
+    assert small < large
+    assert label_models.fit_bias(model, targets, 1e9).abs().max() < 1e-6
+    assert torch.equal(label_models.fit_bias(model[:0], [], 1.0), torch.zeros(3))
+
+
+def test_fusion_weight_zero_is_the_prior_and_one_the_shared_model():
+    shared = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0]]), -1)
+    prior = torch.log(torch.tensor([[0.2, 0.3, 0.5]]))
+    torch.testing.assert_close(label_models.fuse(shared, prior, 0.0), prior, atol=1e-6, rtol=0)
+    torch.testing.assert_close(label_models.fuse(shared, prior, 1.0), shared, atol=1e-6, rtol=0)
+    half = label_models.fuse(shared, prior, 0.5).exp()
+    expected = (shared.exp() * prior.exp()).sqrt()
+    torch.testing.assert_close(half, expected / expected.sum(), atol=1e-6, rtol=0)
+
+
+def _example(user: str, item: str, target: str) -> Example:
+    return Example(f"{user}/{item}", f"item {item}", target, (target,), item_key=item)
+
+
+@pytest.fixture
+def three_users() -> Task:
+    spec = TaskSpec("toy", "offline", "toy", "classification", LABELS, ("accuracy",), "choice tests")
+    users = [
+        User(u, train=[_example(u, "t", "yes")], val=[_example(u, f"v{i}", t) for i, t in enumerate(vals)])
+        for u, vals in (("ann", ["yes", "yes"]), ("bob", ["no", "no"]), ("cid", ["perhaps", "perhaps"]))
+    ]
+    return Task("toy", "classification", LABELS, ("accuracy",), users, spec)
+
+
+def _always(label: str):
+    def source(queries, purpose):
+        row = torch.log(torch.tensor([0.8 if x == label else 0.1 for x in LABELS]))
+        return row.expand(len(queries), -1)
+
+    return source
+
+
+def test_tuning_keeps_the_best_setting_and_ties_go_to_the_safest(three_users):
+    golds = ["yes", "no", "no"]
+    chosen, values = label_models.best_setting(
+        three_users, (0.0, 0.5, 1.0), golds, lambda w: ["yes", "no", "no"] if w == 0.5 else ["no"] * 3
+    )
+    assert chosen == 0.5 and values[0.5] == 1.0 and math.isclose(values[0.0], 2 / 3)
+    tie, _ = label_models.best_setting(three_users, (0.0, 0.5, 1.0), golds, lambda w: ["no"] * 3)
+    assert tie == 0.0
+
+
+def test_each_user_gets_the_option_best_on_their_own_validation_items(three_users):
+    sources = {"module": _always("yes"), "bias": _always("no"), "prior": _always("perhaps")}
+    chosen = label_models.ChoiceSetup._choose(three_users, three_users.users, sources)
+    assert chosen == {"ann": "module", "bob": "bias", "cid": "prior"}
+    # cid's items now split between the module's answer and the bias's: a tie on cid's own items goes to
+    # the option best over every user's items, and between equals (here 3 of 6 each) to the simpler.
+    cid = three_users.user("cid")
+    cid.val[:] = [_example("cid", "v0", "yes"), _example("cid", "v1", "no")]
+    chosen = label_models.ChoiceSetup._choose(three_users, three_users.users, sources)
+    assert chosen == {"ann": "module", "bob": "bias", "cid": "bias"}
+
+
+def test_label_methods_keep_to_the_visibility_rules(tmp_path):
+    """A real run of the three methods (tiny model): every prompt they fit, tune or answer with shows
+    only what its user may see; each user's bias and module is fitted on that user's data only; the
+    stored biases are label-bias modules over the task's labels, one per test user."""
+    uses: list[PromptUse] = []
+    methods = ["task-adapter+bias", "fusion", "oppu-choice"]
+    runner.run("verbagg", tmp_path, methods, SMALL, trace=uses.append)
+    run = Run(tmp_path, load_task("verbagg", seed=SMALL.seed), uses)
+    check_prompts_show_only_what_the_asker_may_see(run)
+    check_training_sees_only_its_own_users_data(run)
+    biases = ModuleStore(tmp_path / "modules" / "task-adapter+bias-plain")
+    assert set(biases.users()) == run.test_ids
+    for user in run.test_ids:
+        assert biases.get(user).spec == LabelBiasSpec(tuple(run.task.labels))
+        fitted_on = {u.prompt.example for u in uses if u.purpose == "train" and u.module == user}
+        own = {e.id for e in run.task.training_examples(run.task.user(user))}
+        assert fitted_on and fitted_on <= own
+    tuned = {(u.method, u.prompt.user) for u in uses if u.purpose == "validate"}
+    assert {("fusion", user) for user in run.test_ids} <= tuned
+    for method in methods:
+        record = [
+            json.loads(x) for x in (tmp_path / "predictions" / f"{method}.jsonl").read_text().splitlines()
+        ]
+        assert {r["user"] for r in record} == run.test_ids
