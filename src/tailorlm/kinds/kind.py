@@ -63,6 +63,10 @@ class ModuleKind:
         """Short names of the linear projections this kind adapts (empty: none)."""
         return ()
 
+    def for_labels(self, spec: Any, labels: Sequence[str] | None) -> Any:
+        """``spec`` for a task with ``labels`` (None: free text): a kind over the labels fills them in."""
+        return spec
+
     def same_layout(self, a: Any, b: Any) -> bool:
         """Whether two specs give users tensors of the same names, shapes and meaning."""
         return a == b

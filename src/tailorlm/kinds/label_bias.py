@@ -38,6 +38,14 @@ class LabelBias(ModuleKind):
         if len(set(spec.labels)) != len(spec.labels) or not all(isinstance(x, str) for x in spec.labels):
             raise ModuleSpecError(f"a label bias needs distinct label strings, not {list(spec.labels)}")
 
+    def for_labels(self, spec: LabelBiasSpec, labels: Sequence[str] | None) -> LabelBiasSpec:
+        """A bias named without labels is over the task's; a task without labels cannot have one."""
+        if spec.labels:
+            return spec
+        if not labels:
+            raise ModuleSpecError("a label-bias module needs a task with a label set; this task has none")
+        return LabelBiasSpec(tuple(labels))
+
     def choice_shapes(self, spec: LabelBiasSpec) -> dict[str, tuple[int, ...]]:
         return {BIAS: (len(spec.labels),)}
 

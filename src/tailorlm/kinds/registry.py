@@ -52,6 +52,11 @@ def validate(spec: Any) -> Any:
     return spec
 
 
+def for_labels(spec: Any, labels: Any) -> Any:
+    """``spec`` for a task with ``labels`` (``ModuleKind.for_labels``)."""
+    return of(spec).for_labels(spec, labels)
+
+
 def default_spec(name: str) -> Any:
     """The kind's spec with its default settings (what the benchmark and perf use unless told)."""
     return get(name).spec_type()

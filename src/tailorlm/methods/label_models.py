@@ -16,19 +16,22 @@ test holds these methods to the same rules.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from tailorlm import metrics
 from tailorlm.data.schema import Example, Task, User
+from tailorlm.engine.engine import Engine
 from tailorlm.engine.slots import SlotManager
 from tailorlm.kinds.label_bias import BIAS, LabelBiasSpec
 from tailorlm.methods.baselines import LabelPrior, suited_label
 from tailorlm.methods.deps import MethodDeps
-from tailorlm.methods.recipes import Purpose, Recipe
+from tailorlm.methods.recipes import PromptBuilder, Purpose, Recipe
 from tailorlm.methods.setups import OPPU_SHRUNK, Answerer, PersonalSetup, Query, TaskAdapterSetup, prompts_for
+from tailorlm.store.index import VersionRecord
+from tailorlm.store.store import ModuleStore
 
 # L2 strengths of a user's bias, in units of one training example's loss; the benchmark picks one on the
 # validation items of the users it answers. Large values pull every user back to the shared model.
@@ -252,6 +255,46 @@ def fit_user_biases(
     return UserBiases(fitted(shrinkage), shrinkage, values)
 
 
+SHRINKAGE_KEY = "label-bias-shrinkage"  # the store index's record of the shrinkage its biases use
+
+
+def fit_and_store(
+    deps: MethodDeps,
+    engine: Engine,
+    store: ModuleStore,
+    users: Sequence[User],
+    method: str,
+    builder: PromptBuilder | None = None,
+    fingerprints: Mapping[str, str] | None = None,
+) -> dict[str, VersionRecord]:
+    """Fit ``users``' label biases against ``engine``'s shared model (slot 0) and store each as a new
+    version of their module (``engine.spec``, a label-bias spec). The shrinkage is chosen on these users'
+    validation items the first time and kept in the store's index, so users fitted later (a resumed run,
+    a retrain of one user) get the same one."""
+    known = store.index.meta(SHRINKAGE_KEY) if store.users() else None
+    builder = builder or deps.builder(Recipe(), engine.tokenizer)
+    shared = Answerer(deps, method, engine, builder, deps.settings.answer_group)  # every row in slot 0
+    biases = fit_user_biases(deps.task, shared, users, None if known is None else float(known))
+    store.index.set_meta(SHRINKAGE_KEY, repr(biases.shrinkage))
+    records = {}
+    for user in users:
+        meta = {"shrinkage": biases.shrinkage, "examples": len(deps.task.training_examples(user))}
+        records[user.id] = store.put(
+            user.id,
+            engine.spec,
+            {BIAS: biases.biases[user.id]},
+            model=engine.model,
+            base_name=engine.base.name,
+            meta=meta,
+            data_fingerprint=(fingerprints or {}).get(user.id),
+        )
+    deps.reporter.log(
+        f"{method}: {len(users)} users' biases fitted, shrinkage {biases.shrinkage:g}"
+        + (" (chosen on validation items)" if known is None else " (the store's)")
+    )
+    return records
+
+
 class BiasSetup:
     """The task adapter (a shared model trained on other users) merged into the base, with a label-bias
     module per user (``kinds.label_bias``) fitted against it frozen and shrunk toward zero, stored like any
@@ -259,8 +302,6 @@ class BiasSetup:
 
     The shrinkage is chosen once per store, on the validation items of the users fitted first, and kept
     in the store's index so that users fitted later (a resumed run) get the same."""
-
-    SHRINKAGE_KEY = "label-bias-shrinkage"
 
     @staticmethod
     def store_name(recipe: Recipe) -> str:
@@ -283,26 +324,9 @@ class BiasSetup:
         engine = deps.engine(spec, slots=deps.settings.answer_group + 1, base=base)
         builder = deps.builder(recipe, engine.tokenizer)
         store = deps.store(self.store_name(recipe))
-        shared = Answerer(deps, method, engine, builder, deps.settings.answer_group)  # slot 0: no bias
         missing = [u for u in users if not store.has(u.id)]
         if missing:
-            known = store.index.meta(self.SHRINKAGE_KEY) if store.users() else None
-            biases = fit_user_biases(task, shared, missing, None if known is None else float(known))
-            store.index.set_meta(self.SHRINKAGE_KEY, repr(biases.shrinkage))
-            for user in missing:
-                meta = {"shrinkage": biases.shrinkage, "examples": len(task.training_examples(user))}
-                store.put(
-                    user.id,
-                    spec,
-                    {BIAS: biases.biases[user.id]},
-                    model=engine.model,
-                    base_name=None,
-                    meta=meta,
-                )
-            deps.reporter.log(
-                f"{method}: {len(missing)} users' biases fitted, shrinkage {biases.shrinkage:g}"
-                + (" (chosen on validation items)" if known is None else " (the store's)")
-            )
+            fit_and_store(deps, engine, store, missing, method, builder=builder)
         slots = SlotManager(engine.bank, store.loader(spec))
         return Answerer(deps, method, engine, builder, slots.capacity, slots=slots)
 

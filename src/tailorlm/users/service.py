@@ -35,6 +35,7 @@ from tailorlm.engine.engine import Engine
 from tailorlm.files import atomic_folder, atomic_write_text
 from tailorlm.kinds import ModuleSpec, ModuleSpecError
 from tailorlm.kinds.lora import LoraSpec
+from tailorlm.methods import label_models
 from tailorlm.methods.deps import BaseLoader, MethodDeps, MethodSettings, base_loader
 from tailorlm.methods.profiles import ProfileWriter, UserProfile
 from tailorlm.methods.recipes import Recipe
@@ -155,10 +156,12 @@ def check_user_id(user_id: object) -> str:
     return user_id
 
 
-def resolve_spec(kind: str | ModuleSpec) -> ModuleSpec:
-    """A module spec from a kind's name (its default settings) or a spec, checked by its kind."""
+def resolve_spec(kind: str | ModuleSpec, labels: Sequence[str] | None = None) -> ModuleSpec:
+    """A module spec from a kind's name (its default settings) or a spec, checked by its kind; a kind over
+    a task's labels (a label bias) gets ``labels``, the store task's."""
     try:
-        return kinds.validate(kinds.default_spec(kind) if isinstance(kind, str) else kind)
+        spec = kinds.validate(kinds.default_spec(kind) if isinstance(kind, str) else kind)
+        return kinds.for_labels(spec, labels)
     except ModuleSpecError as error:
         raise UserError(str(error)) from error
 
@@ -261,7 +264,7 @@ class UserService:
                 )
             settings = replace(settings, base_model=base_model)
         if kind is not None:
-            settings = replace(settings, spec=kinds.spec_to_dict(resolve_spec(kind)))
+            settings = replace(settings, spec=kinds.spec_to_dict(resolve_spec(kind, settings.labels)))
         if task_adapter is not None:
             settings = replace(settings, task_adapter=self._keep_task_adapter(Path(task_adapter)))
         return self._save_settings(settings)
@@ -336,17 +339,22 @@ class UserService:
     def spec_of(self, user_id: str) -> ModuleSpec:
         """The spec ``user_id``'s module trains with: their own, else the store's default."""
         own = self.index.user_spec(user_id)
+        settings = self.settings()
         try:
-            return kinds.spec_from_dict(own if own is not None else self.settings().spec)
+            spec = kinds.spec_from_dict(own if own is not None else settings.spec)
         except ModuleSpecError as error:
             raise UserError(f"user {user_id!r}: unreadable module spec ({error})") from error
+        try:
+            return kinds.for_labels(spec, settings.labels)
+        except ModuleSpecError as error:
+            raise UserError(f"user {user_id!r}: {error}") from error
 
     def add(
         self, user_id: str, kind: str | ModuleSpec | None = None, history: Sequence[HistoryRecord] = ()
     ) -> UserInfo:
         """A new user, with their own module kind (else the store's default) and any history."""
         check_user_id(user_id)
-        spec = resolve_spec(kind) if kind is not None else None
+        spec = resolve_spec(kind, self.settings().labels) if kind is not None else None
         items = self._checked_items(history)
         if not self.index.add_user(user_id):
             raise UserError(f"user {user_id!r} already exists in {self.root}")
@@ -396,12 +404,14 @@ class UserService:
         """Load a task (offline tasks need no ``data_dir``; PEFT-U and LaMP read your files) and write each
         chosen user's train and validation examples into their history. Test examples stay out: they are
         the task's held-out answers. Importing the same items again adds nothing."""
-        spec = resolve_spec(kind) if kind is not None else None
+        if isinstance(kind, str) and kind not in kinds.KINDS:  # before the task loads, which takes long
+            resolve_spec(kind)
         try:
             loaded = load_task(task_name, data_dir=data_dir, split=split, seed=seed)
         except (DataError, UnknownTaskError) as error:
             raise UserError(str(error)) from error
         self._check_task(self.settings(), loaded.name, seed)
+        spec = resolve_spec(kind, loaded.labels) if kind is not None else None
         chosen = _select(loaded, users)
         for user in chosen:
             check_user_id(user.id)
@@ -585,8 +595,22 @@ class UserService:
         on_user: Callable[[VersionRecord], None] | None,
         start_from_current: bool,
     ) -> list[str]:
-        """One engine for the users of one spec: a slot per user trained together, plus slot 0."""
+        """One engine for the users of one spec: a slot per user trained together, plus slot 0. A kind
+        that acts on label scores only is fitted against the shared model instead (``label_models``)."""
         deps = MethodDeps(task, self.load_base(), self.root, settings=self.method_settings)
+        if not kinds.of(spec).acts_on_model:
+            fitted = label_models.fit_and_store(
+                deps,
+                deps.engine(spec, slots=2),
+                self.store,
+                [user for user, _ in members],
+                f"{spec.kind}",
+                fingerprints={user.id: data for user, data in members},
+            )
+            for record in fitted.values():
+                if on_user is not None:
+                    on_user(record)
+            return list(fitted)
         width = min(len(members), config.users_per_step or self.method_settings.users_per_step)
         engine = deps.engine(spec, slots=width + 1)
         builder = deps.builder(Recipe(), engine.tokenizer)
