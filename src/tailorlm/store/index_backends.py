@@ -56,11 +56,11 @@ def without_password(url: str) -> str:
 
 
 def sqlite_path(location: str | Path) -> Path:
-    """The file of a SQLite index given as a path or a ``sqlite:///`` URL; anything else with a scheme
-    is an error."""
+    """The file of a SQLite index given as a path or a ``sqlite:///`` URL (``sqlite:///relative`` and
+    ``sqlite:////absolute``, as SQLAlchemy spells them); anything else with a scheme is an error."""
     text = str(location)
     if text.startswith(SQLITE_PREFIX):
-        return Path(text[len(SQLITE_PREFIX) - 1 :])
+        return Path(text[len(SQLITE_PREFIX) :])
     if "://" in text:
         raise IndexLocationError(
             f"unknown index location {without_password(text)!r}: give a postgresql://USER@HOST/DATABASE URL, "
@@ -164,9 +164,11 @@ class PostgresBackend:
         """``VACUUM`` the tables a forgotten user had rows in, so their dead row versions are removed
         from the tables and their indexes and the space is marked free for reuse.
 
-        What this does not guarantee: plain ``VACUUM`` does not zero the freed space, so the bytes can stay
-        in the data files until new rows overwrite them (``VACUUM FULL`` would rewrite each table, at the
-        price of locking it against every reader); rows still visible to a transaction open elsewhere
+        What this does not guarantee: plain ``VACUUM`` does not zero freed space, so deleted bytes can
+        stay in the data files until new rows overwrite them (measured on PostgreSQL 15: a forgotten
+        user's text was gone from the tables' files, but a deleted key's hash stayed in its b-tree index
+        page; ``VACUUM FULL`` and ``REINDEX`` would rewrite them, at the price of locking each table
+        against every reader and writer); rows still visible to a transaction open elsewhere
         stay until it ends; and copies outside the tables (the write-ahead log until its segments are
         recycled, WAL archives, replicas' history, base backups, ``pg_dump`` files) are not touched.
         Those follow the database's own retention, which an operator must set to match what forgetting
