@@ -140,7 +140,7 @@ class StoreIndex:
     """The index of one store, in the database ``location`` names: a SQLite file (a path or
     ``sqlite:///PATH``) or a ``postgresql://`` URL (``store.index_backends``). One connection behind a
     lock serves the threads of a process; other processes (a training worker, another machine) open
-    their own. A location that cannot be opened raises ``IndexLocationError``."""
+    their own. A location that cannot be opened raises ``StoreLocationError``."""
 
     def __init__(self, location: str | Path) -> None:
         self._lock = threading.RLock()

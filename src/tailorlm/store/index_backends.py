@@ -34,9 +34,10 @@ SQLITE_PREFIX = "sqlite:///"
 _SCHEMA_LOCK = 0x7A11_0121
 
 
-class IndexLocationError(ValueError):
-    """The index cannot be opened where it was asked for (a wrong URL, an unreachable server, an index
-    that belongs to another store); the message says which and why, in one line, without a password."""
+class StoreLocationError(ValueError):
+    """A store or its index cannot be opened where it was asked for (a wrong URL, an unreachable server,
+    an index that belongs to another store); the message says which and why, in one line, without a
+    password."""
 
 
 def is_postgres(location: str | Path) -> bool:
@@ -62,7 +63,7 @@ def sqlite_path(location: str | Path) -> Path:
     if text.startswith(SQLITE_PREFIX):
         return Path(text[len(SQLITE_PREFIX) :])
     if "://" in text:
-        raise IndexLocationError(
+        raise StoreLocationError(
             f"unknown index location {without_password(text)!r}: give a postgresql://USER@HOST/DATABASE URL, "
             "a sqlite:///PATH URL or a SQLite file's path"
         )
@@ -135,7 +136,7 @@ class PostgresBackend:
             import psycopg
             from psycopg.rows import dict_row
         except ImportError:
-            raise IndexLocationError(
+            raise StoreLocationError(
                 f"the index at {self.where} is in PostgreSQL, which needs psycopg: "
                 "pip install 'tailorlm[postgres]'"
             ) from None
@@ -143,7 +144,7 @@ class PostgresBackend:
             self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=10)
         except psycopg.Error as error:
             reason = " ".join(str(error).split())  # libpq's messages span lines
-            raise IndexLocationError(f"cannot open the index at {self.where}: {reason}") from None
+            raise StoreLocationError(f"cannot open the index at {self.where}: {reason}") from None
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
         return self._db.execute(_pyformat(sql), tuple(args))

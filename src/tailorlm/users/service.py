@@ -2,7 +2,7 @@
 history, listing them, training their modules many users per step, rolling back, forgetting, API keys.
 
 The command line (``tailorlm users ...``) and the server both call ``UserService``; neither holds user
-logic of its own. Everything the service knows lives in the store (``ModuleStore`` and its SQLite index):
+logic of its own. Everything the service knows lives in the store (``ModuleStore`` and its index):
 the store-wide settings (which task the users came from, so a later ``train`` or a server renders a
 user's history into the same prompts; the base model; the default module spec) in the index's ``meta``
 table, each user's own module spec in their ``users`` row. So a worker process given only the store's
@@ -42,7 +42,7 @@ from tailorlm.methods.setups import PERSONAL_KINDS, personal_job
 from tailorlm.models import BaseModel
 from tailorlm.progress import ProgressCallback
 from tailorlm.store import module_folder
-from tailorlm.store.index import INDEX_FILE, HistoryRecord, StoreIndex, VersionRecord
+from tailorlm.store.index import HistoryRecord, StoreIndex, VersionRecord
 from tailorlm.store.module_folder import ModuleFileError
 from tailorlm.store.store import ModuleStore, folder_name
 from tailorlm.train.jobs import store_result
@@ -190,7 +190,8 @@ def to_record(example: Example, split: str) -> HistoryRecord:
 
 
 class UserService:
-    """The users of the store at ``store`` (a ``ModuleStore`` or its root). ``load_base`` builds a fresh
+    """The users of the store at ``store`` (a ``ModuleStore`` or its root; ``index`` as ``ModuleStore``
+    takes it: None finds the index the root records). ``load_base`` builds a fresh
     base model per call (tests hand in the tiny one); by default the store's base model is loaded on
     ``device`` in ``dtype``. ``method_settings`` gives the training defaults (epochs, batch size, users
     per step, prompt length) the benchmark's per-user methods use."""
@@ -202,8 +203,9 @@ class UserService:
         method_settings: MethodSettings | None = None,
         device: str | None = None,
         dtype: str | None = None,
+        index: str | None = None,
     ) -> None:
-        self.store = store if isinstance(store, ModuleStore) else ModuleStore(store)
+        self.store = store if isinstance(store, ModuleStore) else ModuleStore(store, index=index)
         self.method_settings = method_settings or MethodSettings()
         self._load_base = load_base
         self._placement = (device, dtype)
@@ -220,7 +222,7 @@ class UserService:
         return self.store.index
 
     def exists(self) -> bool:
-        return (self.root / INDEX_FILE).is_file()
+        return self.store.exists()
 
     def _existing_index(self) -> StoreIndex:
         """The index of a store that exists; reading a store that is not there is a mistake, not an
