@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from tailorlm.store.index import HistoryRecord, StoreIndex, VersionRecord
-from tailorlm.store.index_backends import IndexLocationError, without_password
+from tailorlm.store.index_backends import StoreLocationError, without_password
 
 CANARY = "zq-canary-7f3e91"
 
@@ -265,14 +265,14 @@ def test_concurrent_writers_never_share_a_version_number(index_url, tmp_path):
 
 
 def test_an_index_that_cannot_be_opened_is_one_clear_error(postgres, tmp_path):
-    with pytest.raises(IndexLocationError, match="unknown index location 'mysql://db/x'"):
+    with pytest.raises(StoreLocationError, match="unknown index location 'mysql://db/x'"):
         StoreIndex("mysql://db/x")
     closed = postgres.url("nothing").replace(f":{postgres.port}/", ":1/")
     with pytest.raises(
-        IndexLocationError, match=r"cannot open the index at postgresql://tailorlm@127\.0\.0\.1:1/"
+        StoreLocationError, match=r"cannot open the index at postgresql://tailorlm@127\.0\.0\.1:1/"
     ):
         StoreIndex(closed)
-    with pytest.raises(IndexLocationError, match='database "nothing" does not exist') as error:
+    with pytest.raises(StoreLocationError, match='database "nothing" does not exist') as error:
         StoreIndex(postgres.url("nothing", password="hunter2"))
     assert "hunter2" not in str(error.value) and "\n" not in str(error.value)
     assert StoreIndex(f"sqlite:///{tmp_path}/s.sqlite3").path == tmp_path / "s.sqlite3"
