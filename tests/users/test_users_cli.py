@@ -164,3 +164,35 @@ def test_mistakes_about_an_existing_store_are_one_line(store, args, needle):
     assert result.exit_code == 2, result.output
     assert needle in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_store_created_with_a_postgres_index_is_found_from_its_root(store, postgres, monkeypatch):
+    monkeypatch.delenv("TAILORLM_INDEX_URL", raising=False)
+    url = postgres.new_database()
+    _json("users", "add", "ann", "--store", str(store), "--index", url)
+    _json("users", "add", "bob", "--store", str(store))  # no --index: the store records it
+    assert [u["user"] for u in _json("users", "list", "--store", str(store))["users"]] == ["ann", "bob"]
+    assert not (store / "index.sqlite3").exists()
+    assert UserService(store).store.index.where == url
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--index", "mysql://db/x"], None, "unknown index location 'mysql://db/x'"),
+        (
+            [],
+            "postgresql://nobody:secret@127.0.0.1:1/x",
+            "cannot open the index at postgresql://nobody@127.0.0.1:1/x",
+        ),
+    ],
+)
+def test_an_index_that_cannot_be_opened_is_one_line(store, args, env, message, monkeypatch):
+    if env is None:
+        monkeypatch.delenv("TAILORLM_INDEX_URL", raising=False)
+    else:
+        monkeypatch.setenv("TAILORLM_INDEX_URL", env)
+    result = runner.invoke(app, ["users", "add", "ann", "--store", str(store), *args])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "secret" not in result.output, result.output

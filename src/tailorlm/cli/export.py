@@ -10,7 +10,7 @@ import typer
 from tailorlm import settings
 from tailorlm.cli import app, console
 from tailorlm.cli.common import JSON_OPTION, user_errors
-from tailorlm.cli.users import STORE_OPTION
+from tailorlm.cli.users import STORE_ERRORS, STORE_OPTION
 from tailorlm.store.module_folder import ModuleFileError
 from tailorlm.store.store import ModuleStore
 from tailorlm.users.errors import UserError
@@ -30,7 +30,7 @@ def export_command(
 ) -> None:
     """Write users' LoRA modules as PEFT LoRA folders vLLM and LoRAX load, checked against their rules, and
     print the command that serves them. Other kinds are refused with the reason."""
-    with user_errors(UserError, ModuleFileError):
+    with user_errors(*STORE_ERRORS, ModuleFileError):
         if format not in FORMATS:
             raise UserError(f"unknown format {format!r}; use one of {', '.join(FORMATS)}")
         modules = ModuleStore(store or settings.default_store())
