@@ -196,3 +196,26 @@ def test_an_index_that_cannot_be_opened_is_one_line(store, args, env, message, m
     assert result.exit_code == 2 and "Traceback" not in result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "secret" not in result.output, result.output
+
+
+def test_a_store_under_an_fsspec_url_with_its_index_in_postgres(postgres, monkeypatch):
+    """Every users command on a store whose module files, profiles and record are in fsspec's in-memory
+    filesystem (as they would be on s3://) and whose index is in PostgreSQL."""
+    import fsspec
+
+    monkeypatch.delenv("TAILORLM_INDEX_URL", raising=False)
+    root = f"memory://tailorlm-cli-{postgres.port}/store"
+    fs, base = fsspec.core.url_to_fs(root)
+    payload = _json(
+        "users", "import", "verbagg", "--users", "1,2", "--model", "tiny", "--store", root,
+        "--index", postgres.new_database(),
+    )  # fmt: skip
+    assert payload["store"] == root and fs.isfile(f"{base}/.store.json")
+    assert sorted(_json("users", "train", "--epochs", "1", "--store", root)["trained"]) == ["1", "2"]
+    assert fs.isfile(f"{base}/.cache/1/profile.json")  # the profile training writes, beside the modules
+    shown = _json("users", "show", "1", "--store", root)
+    assert shown["current_version"] == 1 and fs.isdir(f"{base}/{shown['versions'][0]['folder']}")
+    forgotten = _json("users", "delete", "1", "--yes", "--store", root)
+    assert forgotten["versions"] == [1] and forgotten["cache"] is True
+    assert not fs.exists(f"{base}/1") and not fs.exists(f"{base}/.cache/1") and fs.exists(f"{base}/2")
+    assert [u["user"] for u in _json("users", "list", "--store", root)["users"]] == ["2"]

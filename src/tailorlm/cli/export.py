@@ -25,7 +25,7 @@ def export_command(
     served: str | None = typer.Option(
         None, "--served-name", help="The base model's name on the GPU server (default: its hub name)."
     ),
-    store: Path | None = STORE_OPTION,
+    store: str | None = STORE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Write users' LoRA modules as PEFT LoRA folders vLLM and LoRAX load, checked against their rules, and
@@ -35,7 +35,7 @@ def export_command(
             raise UserError(f"unknown format {format!r}; use one of {', '.join(FORMATS)}")
         modules = ModuleStore(store or settings.default_store())
         if not modules.users():
-            raise UserError(f"no trained users in {modules.root}")
+            raise UserError(f"no trained users in {modules.location}")
         exported = export_users(modules, users, out, served)
         name = exported[0].served
         command = commands(exported, name)[format]

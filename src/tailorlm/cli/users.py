@@ -33,7 +33,8 @@ STORE_OPTION = typer.Option(
     None,
     "--store",
     "-s",
-    help="The user store's folder (default: $TAILORLM_STORE, else stores/default).",
+    help="The user store's folder, or an fsspec URL such as s3://bucket/store (default: $TAILORLM_STORE, "
+    "else stores/default).",
     show_default=False,
 )
 INDEX_OPTION = typer.Option(
@@ -52,7 +53,7 @@ KIND_OPTION = typer.Option(
 )
 
 
-def _service(store: Path | None, **options) -> UserService:
+def _service(store: str | None, **options) -> UserService:
     """The service of ``--store`` (``options``: ``UserService``'s, e.g. ``index``)."""
     return UserService(store or settings.default_store(), **options)
 
@@ -65,7 +66,7 @@ def _when(stamp: float) -> str:
 def add_command(
     user: str = typer.Argument(..., help="The new user's id."),
     kind: str | None = KIND_OPTION,
-    store: Path | None = STORE_OPTION,
+    store: str | None = STORE_OPTION,
     index: str | None = INDEX_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -93,7 +94,7 @@ def import_command(
         help="OPPU: a LoRA or IA3 module folder (e.g. a bench run's task adapter) merged into the base "
         "before users train and are served; copied into the store. Only for a store without modules.",
     ),
-    store: Path | None = STORE_OPTION,
+    store: str | None = STORE_OPTION,
     index: str | None = INDEX_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -108,7 +109,7 @@ def import_command(
             service.configure(base_model=model)
         if task_adapter is not None:
             service.configure(task_adapter=task_adapter)
-    payload = {**asdict(result), "store": str(service.root)}
+    payload = {**asdict(result), "store": service.location}
 
     def render(p: dict) -> None:
         console.out.print(
@@ -121,12 +122,12 @@ def import_command(
 
 
 @users_app.command("list")
-def list_command(store: Path | None = STORE_OPTION, as_json: bool = JSON_OPTION) -> None:
+def list_command(store: str | None = STORE_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Every user: module kind, current version, history size, whether their module is out of date."""
     with user_errors(*STORE_ERRORS):
         service = _service(store)
         infos = service.list_users()
-        payload = {"store": str(service.root), "settings": asdict(service.settings())}
+        payload = {"store": service.location, "settings": asdict(service.settings())}
     payload["users"] = [_summary(info) for info in infos]
 
     def render(p: dict) -> None:
@@ -156,7 +157,7 @@ def _summary(info: UserInfo) -> dict:
 @users_app.command("show")
 def show_command(
     user: str = typer.Argument(..., help="The user's id."),
-    store: Path | None = STORE_OPTION,
+    store: str | None = STORE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """One user: spec, every stored version (size, sha256, data fingerprint, losses), history, keys."""
@@ -202,7 +203,7 @@ def train_command(
     model: str | None = MODEL_OPTION,
     device: str | None = DEVICE_OPTION,
     dtype: str | None = DTYPE_OPTION,
-    store: Path | None = STORE_OPTION,
+    store: str | None = STORE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Train users whose module is missing or out of date, many per step; a killed run resumes."""
@@ -223,7 +224,7 @@ def train_command(
             on_user=stored,
             start_from_current=from_current,
         )
-    payload = {"store": str(service.root), **asdict(outcome)}
+    payload = {"store": service.location, **asdict(outcome)}
 
     def render(p: dict) -> None:
         console.out.print(f"trained {len(p['trained']):,} users", highlight=False)
@@ -239,7 +240,7 @@ def rollback_command(
     version: int | None = typer.Option(
         None, "--version", help="Version to serve (default: the one before the current)."
     ),
-    store: Path | None = STORE_OPTION,
+    store: str | None = STORE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Serve an earlier stored version of a user's module again."""
@@ -256,7 +257,7 @@ def rollback_command(
 def delete_command(
     user: str = typer.Argument(..., help="The user's id."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
-    store: Path | None = STORE_OPTION,
+    store: str | None = STORE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Forget a user: every module version, their history, keys and caches, overwritten in the index."""
@@ -282,7 +283,7 @@ def key_issue_command(
     user: str | None = typer.Argument(None, help="The user the key acts for (omit with --admin)."),
     admin: bool = typer.Option(False, "--admin", help="An admin key: manages every user."),
     label: str | None = typer.Option(None, "--label", help="A note kept with the key's hash."),
-    store: Path | None = STORE_OPTION,
+    store: str | None = STORE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Issue an API key. It is printed this once; the store keeps only its hash."""
@@ -304,7 +305,7 @@ def key_revoke_command(
     user: str | None = typer.Argument(None, help="Revoke every key of this user."),
     key: str | None = typer.Option(None, "--key", help="Revoke this one key instead."),
     admin: bool = typer.Option(False, "--admin", help="Revoke every admin key instead."),
-    store: Path | None = STORE_OPTION,
+    store: str | None = STORE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Revoke API keys: all of a user's, one key, or every admin key."""

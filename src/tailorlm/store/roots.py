@@ -55,6 +55,9 @@ class LocalRoot:
     def is_file(self, relative: str) -> bool:
         return self.local(relative).is_file()
 
+    def exists(self, relative: str) -> bool:
+        return self.local(relative).exists()
+
     def folders(self, relative: str) -> list[str]:
         """Names of the folders in ``relative`` (none when it does not exist)."""
         folder = self.local(relative)
@@ -135,6 +138,9 @@ class FsspecRoot:
 
     def is_file(self, relative: str) -> bool:
         return self.fs.isfile(self._path(relative))
+
+    def exists(self, relative: str) -> bool:
+        return self.fs.exists(self._path(relative))
 
     def folders(self, relative: str) -> list[str]:
         return self._entries(relative, "directory")
