@@ -6,13 +6,14 @@ stores with the same affinities as ``REAL`` and ``INTEGER``). A backend owns one
 what differs:
 
 - ``begin``: how a write transaction starts. SQLite's ``BEGIN IMMEDIATE`` takes the database's one
-  write lock at once, so writers are serialized; PostgreSQL's plain ``BEGIN`` does not lock anything,
-- ``lock_user``: so on PostgreSQL a write to one user's versions or history first takes that user's row
-  lock (``SELECT ... FOR UPDATE``); two writers of the same user then run one after the other and never
-  compute the same next version number, while writers of different users run side by side,
+  write lock at once, so writers are serialized. PostgreSQL's plain ``BEGIN`` locks nothing, hence:
+- ``lock_user``: on PostgreSQL a write to one user's versions or history first takes that user's row
+  lock (``SELECT ... FOR UPDATE``). Two writers of the same user then run one after the other and never
+  compute the same next version number (the primary keys would refuse it anyway), while writers of
+  different users run side by side. None on SQLite.
 - ``prepare_schema``: PostgreSQL's ``CREATE TABLE IF NOT EXISTS`` is not safe when several processes
-  open a new index at once, so its schema transaction first takes an advisory lock,
-- ``migrate``: schema 1 existed only in SQLite files,
+  open a new index at once, so its schema transaction first takes an advisory lock.
+- ``migrate``: schema 1 existed only in SQLite files.
 - ``reclaim``: what makes deleted rows go away after a user is forgotten.
 
 ``connect(location)`` picks the backend: a ``postgresql://`` (or ``postgres://``) URL, else a SQLite
