@@ -275,6 +275,13 @@ def test_an_index_that_cannot_be_opened_is_one_clear_error(postgres, tmp_path):
     with pytest.raises(StoreLocationError, match='database "nothing" does not exist') as error:
         StoreIndex(postgres.url("nothing", password="hunter2"))
     assert "hunter2" not in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(
+        StoreLocationError, match=r"cannot open the index at postgresql://tailorlm@127\.0\.0\.1:x/"
+    ):
+        StoreIndex(postgres.url("nothing").replace(f":{postgres.port}/", ":x/"))
+    with pytest.raises(StoreLocationError, match=r"cannot open the index at postgresql://\.\.\.: ") as error:
+        StoreIndex("postgresql://ann:hunter2@[::1/x")
+    assert "hunter2" not in str(error.value)
     assert StoreIndex(f"sqlite:///{tmp_path}/s.sqlite3").path == tmp_path / "s.sqlite3"
 
 
@@ -285,6 +292,7 @@ def test_an_index_that_cannot_be_opened_is_one_clear_error(postgres, tmp_path):
         ("postgresql://db/store?password=s3cret&sslmode=require", "postgresql://db/store?sslmode=require"),
         ("postgresql://ann@db/store", "postgresql://ann@db/store"),
         ("postgres://a%40b:p%3Aw@db/s", "postgres://a%40b@db/s"),
+        ("postgresql://ann:s3cret@[::1/store", "postgresql://..."),
     ],
 )
 def test_a_password_is_never_shown(url, shown):

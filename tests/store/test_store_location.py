@@ -158,3 +158,15 @@ def test_an_unrecorded_folder_is_left_alone_while_it_may_be_another_put(tmp_path
     left = {p.name for p in home.iterdir()}
     assert recent.name in left and staging.name in left and old.name not in left
     store.close()
+
+
+def test_two_stores_of_the_same_relative_name_do_not_share_an_index(postgres, tmp_path, monkeypatch):
+    url = postgres.new_database()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    ModuleStore("store", index=url).index.add_user("ann")
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(StoreLocationError, match=r"already the index of the store at .*/a/store"):
+        ModuleStore("store", index=url).index.add_user("bob")
+    assert ModuleStore(tmp_path / "a" / "store").index.user_ids() == ["ann"]

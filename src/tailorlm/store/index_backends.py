@@ -42,13 +42,17 @@ class StoreLocationError(ValueError):
 
 
 def is_postgres(location: str | Path) -> bool:
-    return isinstance(location, str) and urlsplit(location).scheme in POSTGRES_SCHEMES
+    return isinstance(location, str) and location.split("://", 1)[0].lower() in POSTGRES_SCHEMES
 
 
 def without_password(url: str) -> str:
     """``url`` with any password (``user:secret@`` or ``?password=``) removed: what may be printed or
-    written to disk. libpq finds the password again in ``PGPASSWORD`` or ``~/.pgpass``."""
-    parts = urlsplit(url)
+    written to disk. libpq finds the password again in ``PGPASSWORD`` or ``~/.pgpass``. A URL too
+    malformed to take apart is shown as its scheme alone."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed [IPv6] host
+        return f"{url.split('://', 1)[0]}://..."
     netloc = parts.netloc
     if "@" in netloc:
         credentials, host = netloc.rsplit("@", 1)
@@ -144,7 +148,8 @@ class PostgresBackend:
         try:
             self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=10)
         except psycopg.Error as error:
-            reason = " ".join(str(error).split())  # libpq's messages span lines
+            # libpq's messages span lines, and may quote the connection string back (password and all).
+            reason = " ".join(str(error).replace(url, self.where).split())
             raise StoreLocationError(f"cannot open the index at {self.where}: {reason}") from None
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:

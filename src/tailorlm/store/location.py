@@ -83,9 +83,9 @@ def _own_file(root: Root) -> str:
 
 def _claim(index: StoreIndex, root: Root, asked: str) -> None:
     """Make ``index`` the new store's, unless it is another store's already, and record it in the root."""
-    mine = {"id": uuid.uuid4().hex, "root": root.location}
+    mine = {"id": uuid.uuid4().hex, "root": root.absolute}
     held = json.loads(index.claim_meta(STORE_META, json.dumps(mine, sort_keys=True)))
-    if held["root"] != root.location:  # the same root created by another process at once is fine
+    if held["root"] != root.absolute:  # the same root created by another process at once is fine
         raise StoreLocationError(
             f"{index.where} is already the index of the store at {held['root']}; give the store at "
             f"{root.location} an index of its own"

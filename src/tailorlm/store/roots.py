@@ -34,6 +34,11 @@ class LocalRoot:
         self.path = path
         self.location = str(path)
 
+    @property
+    def absolute(self) -> str:
+        """The root's name independent of the working folder: how an index records which store it is."""
+        return str(self.path.resolve())
+
     def local(self, relative: str) -> Path:
         """The path of ``relative`` on this machine's filesystem."""
         return self.path / relative if relative else self.path
@@ -91,6 +96,7 @@ class FsspecRoot:
         except (ValueError, ImportError) as error:  # an unknown protocol, or its package is missing
             raise StoreLocationError(f"cannot open a store at {self.location}: {error}") from None
         self.base = path.rstrip("/")
+        self.absolute = self.location
 
     def _path(self, relative: str) -> str:
         return f"{self.base}/{relative}" if relative else self.base
