@@ -191,10 +191,10 @@ def to_record(example: Example, split: str) -> HistoryRecord:
 
 
 class UserService:
-    """The users of the store at ``store`` (a ``ModuleStore`` or its root; ``index`` as ``ModuleStore``
-    takes it: None finds the index the root records). ``load_base`` builds a fresh
-    base model per call (tests hand in the tiny one); by default the store's base model is loaded on
-    ``device`` in ``dtype``. ``method_settings`` gives the training defaults (epochs, batch size, users
+    """The users of the store at ``store`` (a ``ModuleStore``, or its root: a folder or an fsspec URL;
+    ``index`` as ``ModuleStore`` takes it, None finding the index the root records). ``load_base`` builds
+    a fresh base model per call (tests hand in the tiny one); by default the store's base model is loaded
+    on ``device`` in ``dtype``. ``method_settings`` gives the training defaults (epochs, batch size, users
     per step, prompt length) the benchmark's per-user methods use."""
 
     def __init__(
