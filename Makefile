@@ -39,7 +39,8 @@ serve: dev
 
 test: dev
 	$(BIN)/ruff check src tests
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	sh scripts/ensure-postgres.sh
+	TAILORLM_REQUIRE_POSTGRES=1 $(BIN)/python -m pytest -n 2 --dist loadgroup
 
 lint: dev
 	$(BIN)/ruff check src tests

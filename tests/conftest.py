@@ -4,6 +4,7 @@ engines over every registered module kind."""
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -67,3 +68,32 @@ def make_engine(make_base):
         return Engine(make_base(), kinds.default_spec(kind), slots=slots, **engine_options)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of this test session (``postgres_server``): started on first use, stopped at
+    the end. Skipped only when the server's binaries are missing and ``TAILORLM_REQUIRE_POSTGRES`` is
+    unset (``make test`` sets it, so there a missing server fails)."""
+    from postgres_server import REQUIRE_ENV, PostgresServer, binaries
+
+    bin_dir = binaries()
+    if bin_dir is None:
+        reason = (
+            "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb; apt-get install postgresql)"
+        )
+        if os.environ.get(REQUIRE_ENV):
+            pytest.fail(f"{reason}, and {REQUIRE_ENV} is set")
+        pytest.skip(reason)
+    server = PostgresServer(bin_dir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index_url(request) -> str | None:
+    """Each test that takes this runs once per index backend: None (the store's own SQLite file, the
+    default) or the URL of a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres").new_database()

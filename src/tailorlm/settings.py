@@ -27,11 +27,13 @@ def models_dir() -> Path:
     return home() / "models"
 
 
-def default_store() -> Path:
-    """The user store the ``users`` commands and the server use unless told: ``TAILORLM_STORE``, else
-    ``stores/default`` in the working folder (beside ``runs/``; users' data is not a cache, so it does not
-    go under ``home()``)."""
+def default_store() -> Path | str:
+    """The user store the ``users`` commands and the server use unless told: ``TAILORLM_STORE`` (a folder,
+    or an fsspec URL kept as it is), else ``stores/default`` in the working folder (beside ``runs/``;
+    users' data is not a cache, so it does not go under ``home()``)."""
     configured = os.environ.get(STORE_ENV)
+    if configured and "://" in configured:
+        return configured
     return Path(configured).expanduser() if configured else Path("stores") / "default"
 
 

@@ -1,13 +1,18 @@
-"""The store's SQLite index: versions, rollback, pruning, history, key hashes, and forgetting a user."""
+"""The store's index on both backends (SQLite, and a real PostgreSQL server): versions, rollback, pruning,
+history, key hashes, forgetting a user, concurrent writers in several processes, and clear errors for
+an index that cannot be opened."""
 
 from __future__ import annotations
 
+import multiprocessing
 import sqlite3
 import threading
 
+import psycopg
 import pytest
 
 from tailorlm.store.index import HistoryRecord, StoreIndex, VersionRecord
+from tailorlm.store.index_backends import StoreLocationError, without_password
 
 CANARY = "zq-canary-7f3e91"
 
@@ -29,9 +34,13 @@ def version(user: str, sha: str = "0" * 64, fingerprint: str = "data-1") -> Vers
     )
 
 
+def location(index_url: str | None, tmp_path) -> str:
+    return index_url or str(tmp_path / "index.sqlite3")
+
+
 @pytest.fixture
-def index(tmp_path):
-    opened = StoreIndex(tmp_path / "index.sqlite3")
+def index(index_url, tmp_path):
+    opened = StoreIndex(location(index_url, tmp_path))
     yield opened
     opened.close()
 
@@ -85,7 +94,7 @@ def test_keys_are_looked_up_by_hash_and_revoked(index):
     assert index.key("hash-admin") == (None, "admin")
     assert index.key("nope") is None
     assert index.revoke_keys("ann") == 1 and index.key("hash-ann") is None
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
         index.add_key("hash-ghost", "nobody", "user")  # a key of a user the store does not have
 
 
@@ -97,7 +106,7 @@ def test_a_failed_transaction_leaves_nothing(index):
     assert [v.version for v in index.versions("ann")] == [1]
 
 
-def test_forgetting_a_user_leaves_no_trace_in_the_files(index, tmp_path):
+def test_forgetting_a_user_leaves_no_trace_in_the_files(index, index_url, tmp_path):
     index.add_history("ann", [HistoryRecord("i1", f"my secret is {CANARY}", CANARY)])
     index.add_version(version("ann", "a" * 64))
     index.add_user("bob")
@@ -107,14 +116,27 @@ def test_forgetting_a_user_leaves_no_trace_in_the_files(index, tmp_path):
     assert [v.version for v in gone] == [1]
     assert not index.has_user("ann") and index.key(f"hash-{CANARY}") is None
     assert [i.input for i in index.history("bob")] == ["bob's own"]
+    if index_url is not None:  # PostgreSQL: the delete was vacuumed, no dead row version is left
+        assert dead_tuples(index_url) == {"users": 0, "versions": 0, "history": 0, "keys": 0}
+        return
     files = sorted(tmp_path.glob("index.sqlite3*"))  # the database, its WAL and shared-memory files
     assert files
     for path in files:
         assert CANARY.encode() not in path.read_bytes(), f"{path.name} still holds the forgotten user's text"
 
 
-def test_two_connections_see_each_others_commits(tmp_path):
-    first, second = StoreIndex(tmp_path / "i.sqlite3"), StoreIndex(tmp_path / "i.sqlite3")
+def dead_tuples(url: str) -> dict[str, int]:
+    """Dead row versions per table, counted exactly by reading the pages (pgstattuple, not statistics)."""
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+        return {
+            table: db.execute("SELECT dead_tuple_count FROM pgstattuple(%s)", (table,)).fetchone()[0]
+            for table in ("users", "versions", "history", "keys")
+        }
+
+
+def test_two_connections_see_each_others_commits(index_url, tmp_path):
+    first, second = StoreIndex(location(index_url, tmp_path)), StoreIndex(location(index_url, tmp_path))
     try:
         first.add_version(version("ann"))
         assert second.current("ann").version == 1
@@ -196,3 +218,82 @@ def test_keys_are_listed_found_and_revoked_one_at_a_time(index):
     assert [k.key_hash for k in index.keys_of("ann")] == ["hash-2"]
     assert index.revoke_admin_keys() == 1 and index.keys_of(None) == []
     assert index.find_key("hash-2") is not None
+
+
+WRITERS, ROUNDS = 4, 6
+
+
+def _write(where: str, writer: int, start) -> None:
+    """One writer process, opening the index at the same moment as the others: versions and history for
+    the user every writer shares, versions for a user of its own, and history items every writer adds."""
+    start.wait()
+    index = StoreIndex(where)
+    try:
+        for n in range(ROUNDS):
+            index.add_version(version("ann", f"{writer}{n}".ljust(64, "0")))
+            index.add_version(version(f"own-{writer}"))
+            index.add_history("ann", [HistoryRecord(f"w{writer}-{n}", "mine", "yes")])
+            index.add_unseen_history("ann", [HistoryRecord(f"shared-{n}", "everyone's", "no")])
+    finally:
+        index.close()
+
+
+def test_concurrent_writers_never_share_a_version_number(index_url, tmp_path):
+    where = location(index_url, tmp_path)  # a new database: the writers also race to create the schema
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(WRITERS)
+    writers = [context.Process(target=_write, args=(where, w, start)) for w in range(WRITERS)]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join(timeout=120)
+    assert [p.exitcode for p in writers] == [0] * WRITERS
+    index = StoreIndex(where)
+    try:
+        assert [v.version for v in index.versions("ann")] == list(range(1, WRITERS * ROUNDS + 1))
+        assert index.current("ann").version == WRITERS * ROUNDS
+        assert len({v.sha256 for v in index.versions("ann")}) == WRITERS * ROUNDS  # every write is there
+        for writer in range(WRITERS):
+            assert [v.version for v in index.versions(f"own-{writer}")] == list(range(1, ROUNDS + 1))
+        items = [item.item_id for item in index.history("ann")]
+        assert len(items) == WRITERS * ROUNDS + ROUNDS  # each shared item once, however many raced for it
+        assert set(items) == {f"w{w}-{n}" for w in range(WRITERS) for n in range(ROUNDS)} | {
+            f"shared-{n}" for n in range(ROUNDS)
+        }
+    finally:
+        index.close()
+
+
+def test_an_index_that_cannot_be_opened_is_one_clear_error(postgres, tmp_path):
+    with pytest.raises(StoreLocationError, match="unknown index location 'mysql://db/x'"):
+        StoreIndex("mysql://db/x")
+    closed = postgres.url("nothing").replace(f":{postgres.port}/", ":1/")
+    with pytest.raises(
+        StoreLocationError, match=r"cannot open the index at postgresql://tailorlm@127\.0\.0\.1:1/"
+    ):
+        StoreIndex(closed)
+    with pytest.raises(StoreLocationError, match='database "nothing" does not exist') as error:
+        StoreIndex(postgres.url("nothing", password="hunter2"))
+    assert "hunter2" not in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(
+        StoreLocationError, match=r"cannot open the index at postgresql://tailorlm@127\.0\.0\.1:x/"
+    ):
+        StoreIndex(postgres.url("nothing").replace(f":{postgres.port}/", ":x/"))
+    with pytest.raises(StoreLocationError, match=r"cannot open the index at postgresql://\.\.\.: ") as error:
+        StoreIndex("postgresql://ann:hunter2@[::1/x")
+    assert "hunter2" not in str(error.value)
+    assert StoreIndex(f"sqlite:///{tmp_path}/s.sqlite3").path == tmp_path / "s.sqlite3"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://ann:s3cret@db:5432/store", "postgresql://ann@db:5432/store"),
+        ("postgresql://db/store?password=s3cret&sslmode=require", "postgresql://db/store?sslmode=require"),
+        ("postgresql://ann@db/store", "postgresql://ann@db/store"),
+        ("postgres://a%40b:p%3Aw@db/s", "postgres://a%40b@db/s"),
+        ("postgresql://ann:s3cret@[::1/store", "postgresql://..."),
+    ],
+)
+def test_a_password_is_never_shown(url, shown):
+    assert without_password(url) == shown

@@ -1,6 +1,7 @@
-"""ModuleStore: a user's module by id. Folder names that are safe and distinct, versions with rollback and
-pruning, checksums, what a killed put leaves, forgetting, and a loader for SlotManager that refuses a
-module of another layout."""
+"""ModuleStore: a user's module by id, with its index on both backends (the root's own SQLite file, and
+a real PostgreSQL server). Folder names that are safe and distinct, versions with rollback and pruning,
+checksums, what a killed put leaves, forgetting, and a loader for SlotManager that refuses a module of
+another layout."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from kind_helpers import personalize
 from tailorlm.engine.slots import SlotManager
 from tailorlm.store import module_folder
 from tailorlm.store.index import INDEX_FILE
+from tailorlm.store.location import LOCATION_FILE
 from tailorlm.store.store import ModuleStore, folder_name
 
 
@@ -22,6 +24,11 @@ def engine(make_engine):
     engine = make_engine("lora", slots=4)
     personalize(engine, [1, 2, 3])
     return engine
+
+
+def index_record(root, index_url):
+    """The file in the root that says where the index is: the index itself, or the record naming it."""
+    return root / (INDEX_FILE if index_url is None else LOCATION_FILE)
 
 
 def _put(store: ModuleStore, user_id: str, engine, slot: int, **meta):
@@ -35,8 +42,8 @@ def _put(store: ModuleStore, user_id: str, engine, slot: int, **meta):
     )
 
 
-def test_put_has_get_users_delete(engine, tmp_path):
-    store = ModuleStore(tmp_path / "modules")
+def test_put_has_get_users_delete(index_url, engine, tmp_path):
+    store = ModuleStore(tmp_path / "modules", index=index_url)
     assert store.users() == [] and not store.has("ann")  # the root need not exist yet
     _put(store, "ann", engine, 1, epochs_run=2)
     _put(store, "bob", engine, 2)
@@ -58,8 +65,8 @@ def test_put_has_get_users_delete(engine, tmp_path):
         store.get("ann")
 
 
-def test_the_recorded_user_is_the_id_it_was_put_under(engine, tmp_path):
-    store = ModuleStore(tmp_path)
+def test_the_recorded_user_is_the_id_it_was_put_under(index_url, engine, tmp_path):
+    store = ModuleStore(tmp_path, index=index_url)
     _put(store, "ann", engine, 1, user="someone else")
     assert store.users() == ["ann"] and store.get("ann").meta["user"] == "ann"
 
@@ -74,10 +81,10 @@ def test_the_recorded_user_is_the_id_it_was_put_under(engine, tmp_path):
         ["x" * 100, "x" * 80, "x" * 99 + "y"],
     ],
 )
-def test_folder_names_are_safe_and_distinct(user_ids, engine, tmp_path):
+def test_folder_names_are_safe_and_distinct(index_url, user_ids, engine, tmp_path):
     names = [folder_name(u) for u in user_ids]
     assert len(set(names)) == len(names), names
-    store = ModuleStore(tmp_path / "root")
+    store = ModuleStore(tmp_path / "root", index=index_url)
     for user_id in user_ids:
         folder = store.user_folder(user_id)
         assert folder.parent == store.root and not folder.name.startswith(".") and folder.name
@@ -99,17 +106,17 @@ def test_plain_ids_keep_their_own_name_and_a_hashed_lookalike_does_not_collide()
 
 
 @pytest.mark.parametrize("user_id", [INDEX_FILE, f"{INDEX_FILE}-wal", f"{INDEX_FILE}-shm", "INDEX.sqlite3"])
-def test_ids_spelled_like_the_index_files_get_a_folder_of_their_own(user_id, engine, tmp_path):
+def test_ids_spelled_like_the_index_files_get_a_folder_of_their_own(index_url, user_id, engine, tmp_path):
     assert not folder_name(user_id).endswith(user_id)
-    store = ModuleStore(tmp_path)
+    store = ModuleStore(tmp_path, index=index_url)
     _put(store, user_id, engine, 1)
-    assert store.has(user_id) and (tmp_path / INDEX_FILE).is_file()
+    assert store.has(user_id) and index_record(tmp_path, index_url).is_file()
     store.delete(user_id)
-    assert (tmp_path / INDEX_FILE).is_file() and store.users() == []
+    assert index_record(tmp_path, index_url).is_file() and store.users() == []
 
 
-def test_versions_roll_back_and_old_ones_are_pruned(engine, tmp_path):
-    store = ModuleStore(tmp_path, keep=2)
+def test_versions_roll_back_and_old_ones_are_pruned(index_url, engine, tmp_path):
+    store = ModuleStore(tmp_path, keep=2, index=index_url)
     first = _put(store, "ann", engine, 1)
     _put(store, "ann", engine, 2)
     third = _put(store, "ann", engine, 3)
@@ -127,8 +134,8 @@ def test_versions_roll_back_and_old_ones_are_pruned(engine, tmp_path):
         store.get("ann", version=9)
 
 
-def test_a_damaged_weights_file_is_named_with_user_and_version(engine, tmp_path):
-    store = ModuleStore(tmp_path)
+def test_a_damaged_weights_file_is_named_with_user_and_version(index_url, engine, tmp_path):
+    store = ModuleStore(tmp_path, index=index_url)
     _put(store, "ann", engine, 1)
     weights = store.folder("ann") / module_folder.WEIGHTS_FILE
     damaged = bytearray(weights.read_bytes())
@@ -138,8 +145,8 @@ def test_a_damaged_weights_file_is_named_with_user_and_version(engine, tmp_path)
         store.get("ann")
 
 
-def test_a_put_killed_before_its_index_row_leaves_the_old_version(engine, tmp_path):
-    store = ModuleStore(tmp_path)
+def test_a_put_killed_before_its_index_row_leaves_the_old_version(index_url, engine, tmp_path):
+    store = ModuleStore(tmp_path, index=index_url)
     _put(store, "ann", engine, 1)
     old = store.folder("ann")
     # A put killed after its folder was renamed in but before the index recorded it: a version folder
@@ -155,24 +162,24 @@ def test_a_put_killed_before_its_index_row_leaves_the_old_version(engine, tmp_pa
     )
 
 
-def test_forgetting_removes_every_version_and_the_index_rows(engine, tmp_path):
-    store = ModuleStore(tmp_path)
+def test_forgetting_removes_every_version_and_the_index_rows(index_url, engine, tmp_path):
+    store = ModuleStore(tmp_path, index=index_url)
     _put(store, "ann", engine, 1)
     _put(store, "ann", engine, 2)
     _put(store, "bob", engine, 3)
     store.delete("ann")
     assert not store.user_folder("ann").exists() and store.versions("ann") == []
-    assert store.users() == ["bob"] and (tmp_path / INDEX_FILE).is_file()
+    assert store.users() == ["bob"] and index_record(tmp_path, index_url).is_file()
 
 
-def test_an_empty_root_stays_empty_when_only_asked(tmp_path):
-    store = ModuleStore(tmp_path / "nothing")
+def test_an_empty_root_stays_empty_when_only_asked(index_url, tmp_path):
+    store = ModuleStore(tmp_path / "nothing", index=index_url)
     assert store.users() == [] and not store.has("ann") and store.versions("ann") == []
     assert not (tmp_path / "nothing").exists()
 
 
-def test_the_loader_feeds_a_slot_manager(engine, make_engine, tmp_path):
-    store = ModuleStore(tmp_path)
+def test_the_loader_feeds_a_slot_manager(index_url, engine, make_engine, tmp_path):
+    store = ModuleStore(tmp_path, index=index_url)
     _put(store, "ann", engine, 1)
     _put(store, "bob", engine, 2)
     other = make_engine("lora", slots=3)
@@ -185,8 +192,10 @@ def test_the_loader_feeds_a_slot_manager(engine, make_engine, tmp_path):
         manager.acquire(["cy"])
 
 
-def test_the_loader_refuses_a_module_of_another_layout_naming_its_folder(engine, make_engine, tmp_path):
-    store = ModuleStore(tmp_path)
+def test_the_loader_refuses_a_module_of_another_layout_naming_its_folder(
+    index_url, engine, make_engine, tmp_path
+):
+    store = ModuleStore(tmp_path, index=index_url)
     _put(store, "ann", engine, 1)
     ia3 = make_engine("ia3", slots=2)
     load = store.loader(ia3.spec)

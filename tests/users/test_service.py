@@ -204,6 +204,21 @@ def test_one_engine_per_module_spec(service, make_base):
 
 
 def test_a_worker_process_trains_from_the_store_root_alone(imported):
+    _train_in_a_worker(imported)
+
+
+def test_a_worker_process_finds_a_postgres_index_from_the_store_root(
+    tmp_path, make_base, postgres, monkeypatch
+):
+    monkeypatch.delenv("TAILORLM_INDEX_URL", raising=False)
+    service = UserService(tmp_path / "store", load_base=make_base, index=postgres.new_database())
+    service.import_task("verbagg", users=["1", "2"])
+    assert not (service.root / "index.sqlite3").exists()
+    _train_in_a_worker(service)
+
+
+def _train_in_a_worker(imported: UserService) -> None:
+    """User 2 trained by another process given only the store's root, as the server's workers are."""
     imported.configure(base_model="tiny")
     imported.close()
     script = (

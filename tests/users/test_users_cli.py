@@ -164,3 +164,58 @@ def test_mistakes_about_an_existing_store_are_one_line(store, args, needle):
     assert result.exit_code == 2, result.output
     assert needle in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_store_created_with_a_postgres_index_is_found_from_its_root(store, postgres, monkeypatch):
+    monkeypatch.delenv("TAILORLM_INDEX_URL", raising=False)
+    url = postgres.new_database()
+    _json("users", "add", "ann", "--store", str(store), "--index", url)
+    _json("users", "add", "bob", "--store", str(store))  # no --index: the store records it
+    assert [u["user"] for u in _json("users", "list", "--store", str(store))["users"]] == ["ann", "bob"]
+    assert not (store / "index.sqlite3").exists()
+    assert UserService(store).store.index.where == url
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--index", "mysql://db/x"], None, "unknown index location 'mysql://db/x'"),
+        (
+            [],
+            "postgresql://nobody:secret@127.0.0.1:1/x",
+            "cannot open the index at postgresql://nobody@127.0.0.1:1/x",
+        ),
+    ],
+)
+def test_an_index_that_cannot_be_opened_is_one_line(store, args, env, message, monkeypatch):
+    if env is None:
+        monkeypatch.delenv("TAILORLM_INDEX_URL", raising=False)
+    else:
+        monkeypatch.setenv("TAILORLM_INDEX_URL", env)
+    result = runner.invoke(app, ["users", "add", "ann", "--store", str(store), *args])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "secret" not in result.output, result.output
+
+
+def test_a_store_under_an_fsspec_url_with_its_index_in_postgres(postgres, monkeypatch):
+    """Every users command on a store whose module files, profiles and record are in fsspec's in-memory
+    filesystem (as they would be on s3://) and whose index is in PostgreSQL."""
+    import fsspec
+
+    monkeypatch.delenv("TAILORLM_INDEX_URL", raising=False)
+    root = f"memory://tailorlm-cli-{postgres.port}/store"
+    fs, base = fsspec.core.url_to_fs(root)
+    payload = _json(
+        "users", "import", "verbagg", "--users", "1,2", "--model", "tiny", "--store", root,
+        "--index", postgres.new_database(),
+    )  # fmt: skip
+    assert payload["store"] == root and fs.isfile(f"{base}/.store.json")
+    assert sorted(_json("users", "train", "--epochs", "1", "--store", root)["trained"]) == ["1", "2"]
+    assert fs.isfile(f"{base}/.cache/1/profile.json")  # the profile training writes, beside the modules
+    shown = _json("users", "show", "1", "--store", root)
+    assert shown["current_version"] == 1 and fs.isdir(f"{base}/{shown['versions'][0]['folder']}")
+    forgotten = _json("users", "delete", "1", "--yes", "--store", root)
+    assert forgotten["versions"] == [1] and forgotten["cache"] is True
+    assert not fs.exists(f"{base}/1") and not fs.exists(f"{base}/.cache/1") and fs.exists(f"{base}/2")
+    assert [u["user"] for u in _json("users", "list", "--store", root)["users"]] == ["2"]

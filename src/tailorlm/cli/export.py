@@ -10,7 +10,7 @@ import typer
 from tailorlm import settings
 from tailorlm.cli import app, console
 from tailorlm.cli.common import JSON_OPTION, user_errors
-from tailorlm.cli.users import STORE_OPTION
+from tailorlm.cli.users import STORE_ERRORS, STORE_OPTION
 from tailorlm.store.module_folder import ModuleFileError
 from tailorlm.store.store import ModuleStore
 from tailorlm.users.errors import UserError
@@ -25,17 +25,17 @@ def export_command(
     served: str | None = typer.Option(
         None, "--served-name", help="The base model's name on the GPU server (default: its hub name)."
     ),
-    store: Path | None = STORE_OPTION,
+    store: str | None = STORE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Write users' LoRA modules as PEFT LoRA folders vLLM and LoRAX load, checked against their rules, and
     print the command that serves them. Other kinds are refused with the reason."""
-    with user_errors(UserError, ModuleFileError):
+    with user_errors(*STORE_ERRORS, ModuleFileError):
         if format not in FORMATS:
             raise UserError(f"unknown format {format!r}; use one of {', '.join(FORMATS)}")
         modules = ModuleStore(store or settings.default_store())
         if not modules.users():
-            raise UserError(f"no trained users in {modules.root}")
+            raise UserError(f"no trained users in {modules.location}")
         exported = export_users(modules, users, out, served)
         name = exported[0].served
         command = commands(exported, name)[format]

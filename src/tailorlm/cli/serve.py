@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-from pathlib import Path
 
 import typer
 
@@ -19,7 +18,7 @@ from tailorlm.serve.scheduler import SchedulerConfig
 
 @app.command("serve")
 def serve_command(
-    store: Path | None = STORE_OPTION,
+    store: str | None = STORE_OPTION,
     demo: int = typer.Option(
         0,
         "--demo",

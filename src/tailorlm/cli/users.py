@@ -17,6 +17,7 @@ from tailorlm.device import DeviceError
 from tailorlm.engine.bank import EngineError
 from tailorlm.methods.deps import MethodSettings
 from tailorlm.store.index import VersionRecord
+from tailorlm.store.index_backends import StoreLocationError
 from tailorlm.users.errors import UserError
 from tailorlm.users.service import UserInfo, UserService
 
@@ -32,15 +33,28 @@ STORE_OPTION = typer.Option(
     None,
     "--store",
     "-s",
-    help="The user store's folder (default: $TAILORLM_STORE, else stores/default).",
+    help="The user store's folder, or an fsspec URL such as s3://bucket/store (default: $TAILORLM_STORE, "
+    "else stores/default).",
     show_default=False,
 )
+INDEX_OPTION = typer.Option(
+    None,
+    "--index",
+    help="Where a new store keeps its index: postgresql://USER@HOST/DATABASE (the password from PGPASSWORD "
+    "or ~/.pgpass) or a SQLite file (default: the store's own index.sqlite3). Recorded in the store, so "
+    "later commands, the server and its workers find it; $TAILORLM_INDEX_URL overrides it.",
+    show_default=False,
+)
+# What a users command reports as one line: a mistake in what was asked, or a store or index that cannot
+# be opened where it was said to be.
+STORE_ERRORS = (UserError, StoreLocationError)
 KIND_OPTION = typer.Option(
     None, "--kind", "-k", help="Module kind for these users: lora, ia3, prompt or bottleneck (default: lora)."
 )
 
 
-def _service(store: Path | None, **options) -> UserService:
+def _service(store: str | None, **options) -> UserService:
+    """The service of ``--store`` (``options``: ``UserService``'s, e.g. ``index``)."""
     return UserService(store or settings.default_store(), **options)
 
 
@@ -52,12 +66,13 @@ def _when(stamp: float) -> str:
 def add_command(
     user: str = typer.Argument(..., help="The new user's id."),
     kind: str | None = KIND_OPTION,
-    store: Path | None = STORE_OPTION,
+    store: str | None = STORE_OPTION,
+    index: str | None = INDEX_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Add one user (with no history yet: the server or `import` adds it)."""
-    with user_errors(UserError):
-        info = _service(store).add(user, kind=kind)
+    with user_errors(*STORE_ERRORS):
+        info = _service(store, index=index).add(user, kind=kind)
     console.emit(info.to_dict(), as_json, lambda p: console.out.print(f"added user {p['user_id']!r}"))
 
 
@@ -79,21 +94,22 @@ def import_command(
         help="OPPU: a LoRA or IA3 module folder (e.g. a bench run's task adapter) merged into the base "
         "before users train and are served; copied into the store. Only for a store without modules.",
     ),
-    store: Path | None = STORE_OPTION,
+    store: str | None = STORE_OPTION,
+    index: str | None = INDEX_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Import users and their train and validation items from a task; importing again adds nothing new."""
-    with user_errors(UserError):
+    with user_errors(*STORE_ERRORS):
         if users is not None and limit is not None:
             raise UserError("give --users or --limit, not both")
         chosen = [u.strip() for u in users.split(",") if u.strip()] if users is not None else limit
-        service = _service(store)
+        service = _service(store, index=index)
         result = service.import_task(task, data_dir=data, split=split, users=chosen, kind=kind, seed=seed)
         if model is not None:  # after the import, so a mistyped task leaves no store behind
             service.configure(base_model=model)
         if task_adapter is not None:
             service.configure(task_adapter=task_adapter)
-    payload = {**asdict(result), "store": str(service.root)}
+    payload = {**asdict(result), "store": service.location}
 
     def render(p: dict) -> None:
         console.out.print(
@@ -106,12 +122,12 @@ def import_command(
 
 
 @users_app.command("list")
-def list_command(store: Path | None = STORE_OPTION, as_json: bool = JSON_OPTION) -> None:
+def list_command(store: str | None = STORE_OPTION, as_json: bool = JSON_OPTION) -> None:
     """Every user: module kind, current version, history size, whether their module is out of date."""
-    with user_errors(UserError):
+    with user_errors(*STORE_ERRORS):
         service = _service(store)
         infos = service.list_users()
-        payload = {"store": str(service.root), "settings": asdict(service.settings())}
+        payload = {"store": service.location, "settings": asdict(service.settings())}
     payload["users"] = [_summary(info) for info in infos]
 
     def render(p: dict) -> None:
@@ -141,11 +157,11 @@ def _summary(info: UserInfo) -> dict:
 @users_app.command("show")
 def show_command(
     user: str = typer.Argument(..., help="The user's id."),
-    store: Path | None = STORE_OPTION,
+    store: str | None = STORE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """One user: spec, every stored version (size, sha256, data fingerprint, losses), history, keys."""
-    with user_errors(UserError):
+    with user_errors(*STORE_ERRORS):
         info = _service(store).show(user)
     console.emit(info.to_dict(), as_json, _render_user)
 
@@ -187,13 +203,13 @@ def train_command(
     model: str | None = MODEL_OPTION,
     device: str | None = DEVICE_OPTION,
     dtype: str | None = DTYPE_OPTION,
-    store: Path | None = STORE_OPTION,
+    store: str | None = STORE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Train users whose module is missing or out of date, many per step; a killed run resumes."""
     reporter = console.ConsoleReporter(visible=not as_json)
     method_settings = replace(MethodSettings(), epochs=epochs, users_per_step=users_per_step)
-    with user_errors(UserError, models.ModelNotFoundError, DeviceError, EngineError):
+    with user_errors(*STORE_ERRORS, models.ModelNotFoundError, DeviceError, EngineError):
         service = _service(store, method_settings=method_settings, device=device, dtype=dtype)
         if model is not None:
             service.configure(base_model=model)
@@ -208,7 +224,7 @@ def train_command(
             on_user=stored,
             start_from_current=from_current,
         )
-    payload = {"store": str(service.root), **asdict(outcome)}
+    payload = {"store": service.location, **asdict(outcome)}
 
     def render(p: dict) -> None:
         console.out.print(f"trained {len(p['trained']):,} users", highlight=False)
@@ -224,11 +240,11 @@ def rollback_command(
     version: int | None = typer.Option(
         None, "--version", help="Version to serve (default: the one before the current)."
     ),
-    store: Path | None = STORE_OPTION,
+    store: str | None = STORE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Serve an earlier stored version of a user's module again."""
-    with user_errors(UserError):
+    with user_errors(*STORE_ERRORS):
         record = _service(store).rollback(user, version)
     console.emit(
         {"user": record.user_id, "version": record.version, "sha256": record.sha256},
@@ -241,11 +257,11 @@ def rollback_command(
 def delete_command(
     user: str = typer.Argument(..., help="The user's id."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
-    store: Path | None = STORE_OPTION,
+    store: str | None = STORE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Forget a user: every module version, their history, keys and caches, overwritten in the index."""
-    with user_errors(UserError):
+    with user_errors(*STORE_ERRORS):
         service = _service(store)
         service.show(user)  # an unknown user is an error before anything is asked
         if not yes:
@@ -267,11 +283,11 @@ def key_issue_command(
     user: str | None = typer.Argument(None, help="The user the key acts for (omit with --admin)."),
     admin: bool = typer.Option(False, "--admin", help="An admin key: manages every user."),
     label: str | None = typer.Option(None, "--label", help="A note kept with the key's hash."),
-    store: Path | None = STORE_OPTION,
+    store: str | None = STORE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Issue an API key. It is printed this once; the store keeps only its hash."""
-    with user_errors(UserError):
+    with user_errors(*STORE_ERRORS):
         if admin == (user is not None):
             raise UserError("give a user id for a user key, or --admin (and no user) for an admin key")
         key = _service(store).issue_key(user, admin=admin, label=label)
@@ -289,11 +305,11 @@ def key_revoke_command(
     user: str | None = typer.Argument(None, help="Revoke every key of this user."),
     key: str | None = typer.Option(None, "--key", help="Revoke this one key instead."),
     admin: bool = typer.Option(False, "--admin", help="Revoke every admin key instead."),
-    store: Path | None = STORE_OPTION,
+    store: str | None = STORE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Revoke API keys: all of a user's, one key, or every admin key."""
-    with user_errors(UserError):
+    with user_errors(*STORE_ERRORS):
         if sum((user is not None, key is not None, admin)) != 1:
             raise UserError("give exactly one of: a user id, --key KEY, --admin")
         service = _service(store)

@@ -34,7 +34,7 @@ LOOPBACK = "127.0.0.1"
 
 @dataclass(frozen=True)
 class ServeConfig:
-    store: Path
+    store: str | Path  # the store's root: a folder or an fsspec URL
     host: str = LOOPBACK
     port: int = 8000
     base_model: str | None = None  # None: the store's recorded base model, else the default

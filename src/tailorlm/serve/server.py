@@ -131,7 +131,7 @@ class Server:
         self.retrievers = RetrieverCache()
         self.recipe = recipe_from_name(config.recipe)  # label requests' recipe; None: prompts as sent
         self.jobs = TrainingJobs(
-            self.store.root,
+            self.store.location,
             current=self._current_version,
             on_state=lambda state: self.metrics.training_jobs.labels(state).inc(),
             max_workers=config.training_workers,

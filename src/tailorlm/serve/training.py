@@ -55,7 +55,7 @@ class TrainingJobs:
 
     def __init__(
         self,
-        root: Path,
+        root: str | Path,  # what the workers open the store by: a folder or a URL
         current: Callable[[str], tuple[int, float] | None],
         on_state: Callable[[str], None] = lambda state: None,
         max_workers: int = 1,

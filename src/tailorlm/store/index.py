@@ -1,23 +1,30 @@
-"""The store's index: one SQLite database beside the module folders, the one record of which users exist,
-their module versions, their history items and their API keys (as hashes).
+"""The store's index: the one record of which users exist, their module versions, their history items
+and their API keys (as hashes). One interface (``StoreIndex``), two databases (``store.index_backends``):
 
-Why SQLite: embedded (nothing to start), transactional, safe for several processes (the server and a
-training worker) with WAL and a busy timeout. Forgetting a user must leave nothing of them behind, so
-``secure_delete`` overwrites deleted rows in the file and the WAL is checkpointed and truncated after a
-delete.
+- SQLite, the default for one machine: one file beside the module folders, embedded (nothing to
+  start), transactional, safe for several processes (the server and a training worker) with WAL and a
+  busy timeout. Forgetting a user must leave nothing of them behind, so ``secure_delete`` overwrites
+  deleted rows in the file and the WAL is checkpointed and truncated after a delete.
+- PostgreSQL, for workers and replicas on several machines (a ``postgresql://`` URL): every write to a
+  user's versions or history holds that user's row lock, so concurrent writers never share a version
+  number; forgetting a user vacuums the tables it touched (see ``PostgresBackend.reclaim`` for what that
+  does and does not remove).
+
+Every statement below is written once, in the SQL both agree on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from tailorlm.store.index_backends import Backend, connect
 
 INDEX_FILE = "index.sqlite3"
 SCHEMA_VERSION = 2  # 2: users.spec (a user's own module spec)
@@ -26,7 +33,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS users (
     id TEXT PRIMARY KEY,
-    created REAL NOT NULL,
+    created DOUBLE PRECISION NOT NULL,
     current_version INTEGER,
     data_fingerprint TEXT,
     spec TEXT
@@ -38,8 +45,8 @@ CREATE TABLE IF NOT EXISTS versions (
     spec TEXT NOT NULL,
     base_model TEXT,
     base_fingerprint TEXT,
-    created REAL NOT NULL,
-    size INTEGER NOT NULL,
+    created DOUBLE PRECISION NOT NULL,
+    size BIGINT NOT NULL,
     sha256 TEXT NOT NULL,
     data_fingerprint TEXT,
     metrics TEXT NOT NULL,
@@ -53,7 +60,7 @@ CREATE TABLE IF NOT EXISTS history (
     input TEXT NOT NULL,
     target TEXT NOT NULL,
     split TEXT NOT NULL,
-    time REAL,
+    time DOUBLE PRECISION,
     fields TEXT NOT NULL,
     PRIMARY KEY (user_id, seq)
 );
@@ -61,10 +68,14 @@ CREATE TABLE IF NOT EXISTS keys (
     key_hash TEXT PRIMARY KEY,
     user_id TEXT REFERENCES users(id) ON DELETE CASCADE,
     role TEXT NOT NULL,
-    created REAL NOT NULL,
+    created DOUBLE PRECISION NOT NULL,
     label TEXT
 );
 """
+_ADD_USER = "INSERT INTO users(id, created) VALUES (?, ?) ON CONFLICT DO NOTHING"
+_UPSERT_META = (
+    "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+)
 
 
 @dataclass(frozen=True)
@@ -85,7 +96,7 @@ class VersionRecord:
     folder: str  # relative to the store's root
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> VersionRecord:
+    def from_row(cls, row: Mapping[str, Any]) -> VersionRecord:
         values = dict(row)
         values["spec"] = json.loads(values["spec"])
         values["metrics"] = json.loads(values["metrics"])
@@ -101,13 +112,6 @@ class KeyRecord:
     role: str
     created: float
     label: str | None
-
-
-def _migrate(db: sqlite3.Connection) -> None:
-    """Bring an index written by an older version up to this schema; every step is additive."""
-    columns = {row["name"] for row in db.execute("PRAGMA table_info(users)")}
-    if "spec" not in columns:  # schema 1 had no per-user spec
-        db.execute("ALTER TABLE users ADD COLUMN spec TEXT")
 
 
 @dataclass(frozen=True)
@@ -133,68 +137,73 @@ def _unseen(items: Sequence[HistoryRecord], known: set[str]) -> list[HistoryReco
 
 
 class StoreIndex:
-    """The SQLite index of one store. One connection behind a lock serves the threads of a process;
-    other processes (a training worker) open their own, and WAL lets readers run beside a writer."""
+    """The index of one store, in the database ``location`` names: a SQLite file (a path or
+    ``sqlite:///PATH``) or a ``postgresql://`` URL (``store.index_backends``). One connection behind a
+    lock serves the threads of a process; other processes (a training worker, another machine) open
+    their own. A location that cannot be opened raises ``StoreLocationError``."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, location: str | Path) -> None:
         self._lock = threading.RLock()
-        # isolation_level=None: transactions are explicit (``transaction``), nothing is begun implicitly.
-        self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        # A deleted row's bytes are overwritten in the file, so a forgotten user's text is gone from it,
-        # not merely unlinked from the b-tree.
-        self._db.execute("PRAGMA secure_delete=ON")
-        self._db.execute("PRAGMA synchronous=FULL")
-        with self.transaction() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            _migrate(db)
-            db.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
+        self._backend: Backend = connect(location)
+        self.where = self._backend.where  # for messages: a path, or the URL without its password
+        try:
+            with self.transaction() as db:
+                db.prepare_schema()
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.migrate()
+                db.execute(_UPSERT_META, ("schema_version", str(SCHEMA_VERSION)))
+        except BaseException:
+            self._backend.close()
+            raise
+
+    @property
+    def path(self) -> Path | None:
+        """The SQLite file; None for an index in PostgreSQL."""
+        return getattr(self._backend, "path", None)
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._backend.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic unit of work: every statement inside commits together or not at all."""
+    def transaction(self) -> Iterator[Backend]:
+        """One atomic unit of work: every statement inside commits together or not at all. Yields the
+        backend, whose ``execute(sql, args)`` takes ``?`` placeholders on both databases."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._backend.execute(self._backend.begin)
             try:
-                yield self._db
+                yield self._backend
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._backend.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            self._backend.execute("COMMIT")
 
-    def _rows(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+    def _rows(self, sql: str, *args: Any) -> list[Mapping[str, Any]]:
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            return self._backend.execute(sql, args).fetchall()
+
+    def _lock_user(self, db: Backend, user_id: str) -> None:
+        """Inside a transaction, after the user's row exists: hold it until the commit, where the
+        database does not already serialize every writer (``index_backends``)."""
+        if db.lock_user is not None:
+            db.execute(db.lock_user, (user_id,))
 
     # ---- users -------------------------------------------------------------------------------------
 
     def add_user(self, user_id: str) -> bool:
         """Record ``user_id``; False when they were there already."""
         with self.transaction() as db:
-            return (
-                db.execute(
-                    "INSERT OR IGNORE INTO users(id, created) VALUES (?, ?)", (user_id, time.time())
-                ).rowcount
-                == 1
-            )
+            return db.execute(_ADD_USER, (user_id, time.time())).rowcount == 1
 
     def has_user(self, user_id: str) -> bool:
-        return bool(self._rows("SELECT 1 FROM users WHERE id = ?", user_id))
+        return bool(self._rows("SELECT 1 AS found FROM users WHERE id = ?", user_id))
 
     def user_ids(self) -> list[str]:
-        return [row["id"] for row in self._rows("SELECT id FROM users ORDER BY id")]
+        """Every user id, in code point order (sorted here: PostgreSQL's ORDER BY follows the
+        database's collation, SQLite's the bytes)."""
+        return sorted(row["id"] for row in self._rows("SELECT id FROM users"))
 
     def set_user_spec(self, user_id: str, spec: Mapping[str, Any] | None) -> None:
         """Record the module spec ``user_id`` trains with (None: the store's default)."""
@@ -215,38 +224,47 @@ class StoreIndex:
 
     def set_meta(self, key: str, value: str) -> None:
         with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+            db.execute(_UPSERT_META, (key, value))
+
+    def claim_meta(self, key: str, value: str) -> str:
+        """Set ``key`` to ``value`` unless it holds a value already; returns the value it holds now (the
+        first writer's, when several processes claim it at once)."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO NOTHING", (key, value))
+            return db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()["value"]
 
     def delete_user(self, user_id: str) -> list[VersionRecord]:
-        """Forget ``user_id``: every row of theirs (versions, history, keys, jobs) in one transaction, then
-        the write-ahead log folded into the file and truncated, so no copy of their rows stays in it.
+        """Forget ``user_id``: every row of theirs (versions, history, keys) in one transaction, then
+        the deleted rows reclaimed (SQLite: the write-ahead log folded into the file and truncated, so no
+        copy of their rows stays in it; PostgreSQL: ``VACUUM``, see ``PostgresBackend.reclaim``).
         Returns the versions whose folders the caller must now remove."""
         with self.transaction() as db:
             versions = [
                 VersionRecord.from_row(row)
-                for row in db.execute("SELECT * FROM versions WHERE user_id = ?", (user_id,))
+                for row in db.execute("SELECT * FROM versions WHERE user_id = ?", (user_id,)).fetchall()
             ]
             db.execute("DELETE FROM users WHERE id = ?", (user_id,))  # cascades to every other table
         self.checkpoint()
         return versions
 
     def checkpoint(self) -> None:
+        """Make deleted rows go away from where the database keeps them (``Backend.reclaim``)."""
         with self._lock:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._backend.reclaim()
 
     # ---- module versions ---------------------------------------------------------------------------
 
     def add_version(self, record: VersionRecord) -> VersionRecord:
         """Record a new version of ``record.user_id`` and make it current, in one transaction. The module
         folder must be complete on disk before this is called: a row never points at a missing file.
-        ``record.version`` is ignored; the next number is assigned here."""
+        ``record.version`` is ignored; the next number is assigned here, under the user's lock."""
         with self.transaction() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO users(id, created) VALUES (?, ?)", (record.user_id, time.time())
-            )
-            (latest,) = db.execute(
-                "SELECT COALESCE(MAX(version), 0) FROM versions WHERE user_id = ?", (record.user_id,)
-            ).fetchone()
+            db.execute(_ADD_USER, (record.user_id, time.time()))
+            self._lock_user(db, record.user_id)
+            latest = db.execute(
+                "SELECT COALESCE(MAX(version), 0) AS latest FROM versions WHERE user_id = ?",
+                (record.user_id,),
+            ).fetchone()["latest"]
             stored = replace(record, version=latest + 1)
             db.execute(
                 "INSERT INTO versions(user_id, version, kind, spec, base_model, base_fingerprint, created, "
@@ -289,12 +307,16 @@ class StoreIndex:
     def set_current(self, user_id: str, version: int) -> VersionRecord:
         """Serve ``version`` of ``user_id`` from now on (a rollback, or a roll forward again)."""
         with self.transaction() as db:
+            self._lock_user(db, user_id)
             row = db.execute(
                 "SELECT * FROM versions WHERE user_id = ? AND version = ?", (user_id, version)
             ).fetchone()
             if row is None:
                 known = [
-                    r[0] for r in db.execute("SELECT version FROM versions WHERE user_id = ?", (user_id,))
+                    r["version"]
+                    for r in db.execute(
+                        "SELECT version FROM versions WHERE user_id = ? ORDER BY version", (user_id,)
+                    ).fetchall()
                 ]
                 raise KeyError(f"user {user_id!r} has no version {version}; stored versions: {known}")
             record = VersionRecord.from_row(row)
@@ -310,9 +332,9 @@ class StoreIndex:
         if keep < 1:
             raise ValueError(f"a store keeps at least 1 version per user, not {keep}")
         with self.transaction() as db:
-            (current,) = db.execute(
-                "SELECT current_version FROM users WHERE id = ?", (user_id,)
-            ).fetchone() or (None,)
+            self._lock_user(db, user_id)
+            user = db.execute("SELECT current_version FROM users WHERE id = ?", (user_id,)).fetchone()
+            current = user["current_version"] if user else None
             rows = db.execute(
                 "SELECT * FROM versions WHERE user_id = ? ORDER BY version DESC", (user_id,)
             ).fetchall()
@@ -340,11 +362,14 @@ class StoreIndex:
     ) -> tuple[int, int]:
         """(items added, items the user now has)."""
         with self.transaction() as db:
-            db.execute("INSERT OR IGNORE INTO users(id, created) VALUES (?, ?)", (user_id, time.time()))
-            (count,) = db.execute("SELECT COUNT(*) FROM history WHERE user_id = ?", (user_id,)).fetchone()
+            db.execute(_ADD_USER, (user_id, time.time()))
+            self._lock_user(db, user_id)
+            count = db.execute(
+                "SELECT COUNT(*) AS count FROM history WHERE user_id = ?", (user_id,)
+            ).fetchone()["count"]
             if skip_known:
-                known = db.execute("SELECT item_id FROM history WHERE user_id = ?", (user_id,))
-                items = _unseen(items, {row[0] for row in known})
+                known = db.execute("SELECT item_id FROM history WHERE user_id = ?", (user_id,)).fetchall()
+                items = _unseen(items, {row["item_id"] for row in known})
             db.executemany(
                 "INSERT INTO history(user_id, seq, item_id, input, target, split, time, fields) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -398,12 +423,14 @@ class StoreIndex:
         return KeyRecord(**dict(rows[0])) if rows else None
 
     def keys_of(self, user_id: str | None) -> list[KeyRecord]:
-        """The keys of ``user_id``, or the admin keys for None, oldest first."""
+        """The keys of ``user_id``, or the admin keys for None, oldest first (ties by hash, in code point
+        order on both databases)."""
         if user_id is None:
-            rows = self._rows("SELECT * FROM keys WHERE user_id IS NULL ORDER BY created, key_hash")
+            rows = self._rows("SELECT * FROM keys WHERE user_id IS NULL")
         else:
-            rows = self._rows("SELECT * FROM keys WHERE user_id = ? ORDER BY created, key_hash", user_id)
-        return [KeyRecord(**dict(row)) for row in rows]
+            rows = self._rows("SELECT * FROM keys WHERE user_id = ?", user_id)
+        records = [KeyRecord(**dict(row)) for row in rows]
+        return sorted(records, key=lambda record: (record.created, record.key_hash))
 
     def revoke_key(self, key_hash: str) -> bool:
         """Revoke one key; False when no key has this hash."""

@@ -1,34 +1,42 @@
-"""Where each user's module lives: versioned module folders under a root, recorded in an SQLite index
-(``store.index``). The one owner of folder naming, versions, completeness and atomic writes; the trainer,
-the benchmark setups and the server read and write modules only through it.
+"""Where each user's module lives: versioned module folders under a root, recorded in an index
+(``store.index``: the root's own SQLite file by default, or PostgreSQL, found as ``store.location``
+says). The one owner of folder naming, versions, completeness and atomic writes; the trainer, the
+benchmark setups and the server read and write modules only through it.
 
-Layout: ``root/index.sqlite3`` and ``root/<user folder>/<version folder>/`` (``store.module_folder``'s
-files). A put writes a new version folder under a fresh name (staged, fsynced, renamed), then records it
-in one index transaction; a crash at any instant leaves the old version or the new one, never a row
-without its folder. A folder the index does not record (a put killed before its row) is not a module and
-is removed by the next put of that user. Every read checks the weights' sha256 against the index."""
+Layout: ``root/index.sqlite3`` (or ``root/.store.json`` naming the index) and
+``root/<user folder>/<version folder>/`` (``store.module_folder``'s files). The root is a folder, or an
+fsspec URL whose files ``store.roots`` reaches. A put writes a new version folder under a fresh name
+(staged, fsynced, renamed; or uploaded), then records it in one index transaction; a crash at any
+instant leaves the old version or the new one, never a row without its folder. A folder the index does
+not record (a put killed before its row) is not a module and is removed by a later put of that user,
+once it is old enough not to be another process's put still under way. Every read checks the weights'
+sha256 against the index."""
 
 from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 import time
 import uuid
 import zlib
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
 from tailorlm import kinds
 from tailorlm.kinds import ModuleSpec
-from tailorlm.store import module_folder
+from tailorlm.store import location, module_folder, roots
 from tailorlm.store.index import INDEX_FILE, StoreIndex, VersionRecord
 from tailorlm.store.module_folder import ModuleFileError, StoredModule
 
 DEFAULT_KEEP = 3  # versions kept per user; older ones are pruned (rollback reaches the kept ones)
 _HASHED = re.compile(r".*-[0-9a-f]{8}")  # how a name that got a hash ends
+# A version folder's name starts with when its put began (``v<time_ns hex>-``; its staging folder with
+# ``.v<time_ns hex>-``). One the index does not name is removed only this long after: until then it may
+# be a put of another process (a training worker, another machine) that has not recorded it yet.
+_STARTED = re.compile(r"\.?v([0-9a-f]+)-")
+UNRECORDED_GRACE = 3600.0  # seconds
 
 
 def folder_name(user_id: str) -> str:
@@ -55,39 +63,54 @@ def sha256_of(path: Path) -> str:
 
 
 class ModuleStore:
-    """Users' modules under ``root``: the current version of each, the last ``keep`` versions kept."""
+    """Users' modules under ``root`` (a folder, or an fsspec URL such as ``s3://bucket/store``): the
+    current version of each, the last ``keep`` versions kept. ``index`` None: the index the root records
+    (or ``TAILORLM_INDEX_URL``, or the root's own SQLite file); a ``postgresql://`` URL or a SQLite path
+    puts a new store's index there (``store.location``)."""
 
-    def __init__(self, root: str | Path, keep: int = DEFAULT_KEEP) -> None:
+    def __init__(self, root: str | Path, keep: int = DEFAULT_KEEP, index: str | None = None) -> None:
         if keep < 1:
             raise ValueError(f"a store keeps at least 1 version per user, not {keep}")
-        self.root = Path(root)
+        self.files = roots.open_root(root)
         self.keep = keep
+        self._asked_index = index
         self._index: StoreIndex | None = None
+
+    @property
+    def root(self) -> Path:
+        """The root folder on this machine; a store under a URL has none (``location`` names it)."""
+        return self.files.local("")
+
+    @property
+    def location(self) -> str:
+        """The root as given (a folder or a URL): what another process opens the same store by."""
+        return self.files.location
 
     @property
     def index(self) -> StoreIndex:
         """Opened on first use, so asking an empty root creates nothing."""
         if self._index is None:
-            self._index = StoreIndex(self.root / INDEX_FILE)
+            self._index = location.open_index(self.files, self._asked_index)
         return self._index
 
-    def _exists(self) -> bool:
-        return self._index is not None or (self.root / INDEX_FILE).is_file()
+    def exists(self) -> bool:
+        """Whether a store was created here (asking a root that holds none creates nothing)."""
+        return self._index is not None or location.exists(self.files)
 
     def user_folder(self, user_id: str) -> Path:
-        return self.root / folder_name(user_id)
+        return self.files.local(folder_name(user_id))
 
     def current(self, user_id: str) -> VersionRecord | None:
-        return self.index.current(user_id) if self._exists() else None
+        return self.index.current(user_id) if self.exists() else None
 
     def folder(self, user_id: str, version: int | None = None) -> Path:
-        """The folder of ``user_id``'s current (or a given) version."""
-        return self.root / self._record(user_id, version).folder
+        """The folder of ``user_id``'s current (or a given) version, on a root on this machine."""
+        return self.files.local(self._record(user_id, version).folder)
 
     def has(self, user_id: str) -> bool:
         """Whether a module is stored for ``user_id`` (a put killed before its index row left none)."""
         record = self.current(user_id)
-        return record is not None and (self.root / record.folder / module_folder.WEIGHTS_FILE).is_file()
+        return record is not None and self.files.is_file(f"{record.folder}/{module_folder.WEIGHTS_FILE}")
 
     def put(
         self,
@@ -102,12 +125,13 @@ class ModuleStore:
     ) -> VersionRecord:
         """Store a new version of ``user_id``'s module and make it current; older versions beyond
         ``keep`` are removed after the index no longer names them."""
-        home = self.user_folder(user_id)
-        self._remove_unrecorded(user_id, home)
-        folder = home / f"v{time.time_ns():x}-{uuid.uuid4().hex[:8]}"  # unique: never replaces a folder
+        self._remove_unrecorded(user_id)
+        # Unique, so it never replaces a folder; it starts with when the put began (``_STARTED``).
+        relative = f"{folder_name(user_id)}/v{time.time_ns():x}-{uuid.uuid4().hex[:8]}"
         stored = StoredModule(spec, dict(tensors), {**(meta or {}), "user": user_id})
-        module_folder.write_module(stored, folder, model=model, base_name=base_name)
-        weights = folder / module_folder.WEIGHTS_FILE
+        with self.files.new_folder(relative) as folder:
+            module_folder.write_module(stored, folder, model=model, base_name=base_name)
+            size, sha256 = module_folder.module_bytes(folder), sha256_of(folder / module_folder.WEIGHTS_FILE)
         record = self.index.add_version(
             VersionRecord(
                 user_id=user_id,
@@ -117,32 +141,33 @@ class ModuleStore:
                 base_model=base_name,
                 base_fingerprint=None,
                 created=time.time(),
-                size=module_folder.module_bytes(folder),
-                sha256=sha256_of(weights),
+                size=size,
+                sha256=sha256,
                 data_fingerprint=data_fingerprint,
                 metrics={
                     k: v for k, v in (meta or {}).items() if k in ("val_losses", "train_losses", "best_epoch")
                 },
-                folder=folder.relative_to(self.root).as_posix(),
+                folder=relative,
             )
         )
         for dropped in self.index.prune(user_id, self.keep):
-            shutil.rmtree(self.root / dropped.folder, ignore_errors=True)
+            self.files.remove(dropped.folder)
         return record
 
     def get(self, user_id: str, version: int | None = None) -> StoredModule:
         """The current (or a given) version, its weights checked against the sha256 the index holds."""
         record = self._record(user_id, version)
-        folder = self.root / record.folder
-        weights = folder / module_folder.WEIGHTS_FILE
-        if not weights.is_file():
-            raise ModuleFileError(f"user {user_id!r} version {record.version}: {weights} is missing")
-        if sha256_of(weights) != record.sha256:
-            raise ModuleFileError(
-                f"user {user_id!r} version {record.version}: {weights} does not match its checksum "
-                "(changed or damaged on disk); roll back to another version or retrain the user"
-            )
-        return module_folder.read_module(folder)
+        where = self.files.describe(f"{record.folder}/{module_folder.WEIGHTS_FILE}")
+        with self.files.reading(record.folder) as folder:
+            weights = folder / module_folder.WEIGHTS_FILE
+            if not weights.is_file():
+                raise ModuleFileError(f"user {user_id!r} version {record.version}: {where} is missing")
+            if sha256_of(weights) != record.sha256:
+                raise ModuleFileError(
+                    f"user {user_id!r} version {record.version}: {where} does not match its checksum "
+                    "(changed or damaged on disk); roll back to another version or retrain the user"
+                )
+            return module_folder.read_module(folder)
 
     def _record(self, user_id: str, version: int | None = None) -> VersionRecord:
         if version is None:
@@ -151,11 +176,11 @@ class ModuleStore:
             record = next((v for v in self.versions(user_id) if v.version == version), None)
         if record is None:
             which = "module" if version is None else f"version {version}"
-            raise ModuleFileError(f"no {which} is stored for user {user_id!r} under {self.root}")
+            raise ModuleFileError(f"no {which} is stored for user {user_id!r} under {self.location}")
         return record
 
     def versions(self, user_id: str) -> list[VersionRecord]:
-        return self.index.versions(user_id) if self._exists() else []
+        return self.index.versions(user_id) if self.exists() else []
 
     def rollback(self, user_id: str, version: int | None = None) -> VersionRecord:
         """Serve an earlier version again: ``version``, or the one before the current."""
@@ -177,7 +202,8 @@ class ModuleStore:
             stored = self.get(user_id)
             if not kinds.same_layout(stored.spec, spec):
                 raise ModuleFileError(
-                    f"{self.folder(user_id)} holds a {kinds.spec_to_dict(stored.spec)} module; this bank "
+                    f"{self.files.describe(self._record(user_id).folder)} holds a "
+                    f"{kinds.spec_to_dict(stored.spec)} module; this bank "
                     f"holds {kinds.spec_to_dict(spec)}"
                 )
             return kinds.of(spec).normalize_names(stored.tensors)
@@ -186,26 +212,34 @@ class ModuleStore:
 
     def users(self) -> list[str]:
         """Users with a current module."""
-        if not self._exists():
+        if not self.exists():
             return []
         return [user for user in self.index.user_ids() if self.index.current(user) is not None]
 
     def delete(self, user_id: str) -> None:
-        """Forget ``user_id``: their index rows (overwritten, the WAL truncated) and every folder."""
-        if self._exists():
+        """Forget ``user_id``: their index rows (reclaimed: ``StoreIndex.delete_user``) and every folder,
+        on whatever filesystem the root is."""
+        if self.exists():
             self.index.delete_user(user_id)
-        shutil.rmtree(self.user_folder(user_id), ignore_errors=True)
+        self.files.remove(folder_name(user_id))
 
-    def _remove_unrecorded(self, user_id: str, home: Path) -> None:
-        """Version folders of ``user_id`` the index does not name: left by a put killed before its row."""
-        if not home.is_dir():
-            return
-        recorded = {(self.root / v.folder).name for v in self.versions(user_id)}
-        for child in home.iterdir():
-            if child.is_dir() and child.name not in recorded:
-                shutil.rmtree(child, ignore_errors=True)
+    def _remove_unrecorded(self, user_id: str) -> None:
+        """Version folders of ``user_id`` the index does not name, left by a put killed before its row
+        (and past ``UNRECORDED_GRACE``, so not a put another process is making now)."""
+        home = folder_name(user_id)
+        recorded = {PurePosixPath(v.folder).name for v in self.versions(user_id)}
+        for name in self.files.folders(home):
+            if name not in recorded and _abandoned(name):
+                self.files.remove(f"{home}/{name}")
 
     def close(self) -> None:
         if self._index is not None:
             self._index.close()
             self._index = None
+
+
+def _abandoned(name: str) -> bool:
+    """Whether an unrecorded version folder is older than ``UNRECORDED_GRACE`` (a name that does not say
+    when it was made is not a put under way)."""
+    started = _STARTED.match(name)
+    return started is None or time.time_ns() - int(started.group(1), 16) > UNRECORDED_GRACE * 1e9

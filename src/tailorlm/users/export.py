@@ -70,7 +70,7 @@ def export_users(
 def _plan(store: ModuleStore, user_id: str) -> tuple[str, Path, Mapping[str, Any]]:
     record = store.current(user_id)
     if record is None:
-        raise UserError(f"user {user_id!r} has no module in {store.root}")
+        raise UserError(f"user {user_id!r} has no module in {store.location}")
     if record.kind != "lora":
         raise UserError(
             f"user {user_id!r} has a {record.kind} module: vLLM and LoRAX load LoRA only (IA3 is a full-rank "

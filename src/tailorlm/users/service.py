@@ -2,7 +2,7 @@
 history, listing them, training their modules many users per step, rolling back, forgetting, API keys.
 
 The command line (``tailorlm users ...``) and the server both call ``UserService``; neither holds user
-logic of its own. Everything the service knows lives in the store (``ModuleStore`` and its SQLite index):
+logic of its own. Everything the service knows lives in the store (``ModuleStore`` and its index):
 the store-wide settings (which task the users came from, so a later ``train`` or a server renders a
 user's history into the same prompts; the base model; the default module spec) in the index's ``meta``
 table, each user's own module spec in their ``users`` row. So a worker process given only the store's
@@ -32,7 +32,7 @@ from tailorlm.data import build as data_build
 from tailorlm.data import specs as task_specs
 from tailorlm.data.schema import Example, Task, User
 from tailorlm.engine.engine import Engine
-from tailorlm.files import atomic_folder, atomic_write_text
+from tailorlm.files import atomic_folder
 from tailorlm.kinds import ModuleSpec, ModuleSpecError
 from tailorlm.kinds.lora import LoraSpec
 from tailorlm.methods import label_models
@@ -43,8 +43,9 @@ from tailorlm.methods.setups import PERSONAL_KINDS, personal_job
 from tailorlm.models import BaseModel
 from tailorlm.progress import ProgressCallback
 from tailorlm.store import module_folder
-from tailorlm.store.index import INDEX_FILE, HistoryRecord, StoreIndex, VersionRecord
+from tailorlm.store.index import HistoryRecord, StoreIndex, VersionRecord
 from tailorlm.store.module_folder import ModuleFileError
+from tailorlm.store.roots import LocalRoot
 from tailorlm.store.store import ModuleStore, folder_name
 from tailorlm.train.jobs import store_result
 from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, UserResult
@@ -193,9 +194,10 @@ def to_record(example: Example, split: str) -> HistoryRecord:
 
 
 class UserService:
-    """The users of the store at ``store`` (a ``ModuleStore`` or its root). ``load_base`` builds a fresh
-    base model per call (tests hand in the tiny one); by default the store's base model is loaded on
-    ``device`` in ``dtype``. ``method_settings`` gives the training defaults (epochs, batch size, users
+    """The users of the store at ``store`` (a ``ModuleStore``, or its root: a folder or an fsspec URL;
+    ``index`` as ``ModuleStore`` takes it, None finding the index the root records). ``load_base`` builds
+    a fresh base model per call (tests hand in the tiny one); by default the store's base model is loaded
+    on ``device`` in ``dtype``. ``method_settings`` gives the training defaults (epochs, batch size, users
     per step, prompt length) the benchmark's per-user methods use."""
 
     def __init__(
@@ -205,8 +207,9 @@ class UserService:
         method_settings: MethodSettings | None = None,
         device: str | None = None,
         dtype: str | None = None,
+        index: str | None = None,
     ) -> None:
-        self.store = store if isinstance(store, ModuleStore) else ModuleStore(store)
+        self.store = store if isinstance(store, ModuleStore) else ModuleStore(store, index=index)
         self.method_settings = method_settings or MethodSettings()
         self._load_base = load_base
         self._placement = (device, dtype)
@@ -215,7 +218,13 @@ class UserService:
 
     @property
     def root(self) -> Path:
+        """The store's folder on this machine (a store under a URL has none: ``location``)."""
         return self.store.root
+
+    @property
+    def location(self) -> str:
+        """The store's root as given, a folder or a URL: how messages name it."""
+        return self.store.location
 
     @property
     def index(self) -> StoreIndex:
@@ -223,13 +232,13 @@ class UserService:
         return self.store.index
 
     def exists(self) -> bool:
-        return (self.root / INDEX_FILE).is_file()
+        return self.store.exists()
 
     def _existing_index(self) -> StoreIndex:
         """The index of a store that exists; reading a store that is not there is a mistake, not an
         empty answer (a mistyped ``--store`` would otherwise look like a store with no users)."""
         if not self.exists():
-            raise UserError(f"no user store at {self.root}: add or import users first")
+            raise UserError(f"no user store at {self.location}: add or import users first")
         return self.index
 
     def settings(self) -> ServiceSettings:
@@ -259,8 +268,8 @@ class UserService:
         if base_model is not None and base_model != settings.base_model:
             if self.store.users():
                 raise UserError(
-                    f"the modules in {self.root} are for base model {settings.base_model or 'the default'}; "
-                    "use another store for another base model"
+                    f"the modules in {self.location} are for base model "
+                    f"{settings.base_model or 'the default'}; use another store for another base model"
                 )
             settings = replace(settings, base_model=base_model)
         if kind is not None:
@@ -274,7 +283,8 @@ class UserService:
         change or vanish under them); returns its folder relative to the root."""
         if self.store.users():
             raise UserError(
-                f"the modules in {self.root} were trained without this task adapter; use a new store for it"
+                f"the modules in {self.location} were trained without this task adapter; "
+                "use a new store for it"
             )
         try:
             stored = module_folder.read_module(folder)
@@ -284,7 +294,7 @@ class UserService:
             raise UserError(
                 f"a {stored.spec.kind} task adapter cannot be merged into the base; use LoRA or IA3"
             )
-        with atomic_folder(self.root / TASK_ADAPTER_FOLDER) as staging:
+        with self.store.files.new_folder(TASK_ADAPTER_FOLDER) as target, atomic_folder(target) as staging:
             for item in folder.iterdir():
                 if item.is_file():
                     shutil.copy2(item, staging / item.name)
@@ -294,14 +304,15 @@ class UserService:
         """``base`` with the store's task adapter merged into its weights (OPPU), or as it is."""
         relative = self.settings().task_adapter
         if relative is not None:
-            stored = module_folder.read_module(self.root / relative)
+            with self.store.files.reading(relative) as folder:
+                stored = module_folder.read_module(folder)
             kinds.of(stored.spec).merge_into_base(stored.spec, base.model, stored.tensors)
         return base
 
     def _check_task(self, settings: ServiceSettings, task: str, seed: int) -> None:
         if settings.task is not None and (settings.task, settings.seed) != (task, seed):
             raise UserError(
-                f"{self.root} holds users of task {settings.task} (seed {settings.seed}); "
+                f"{self.location} holds users of task {settings.task} (seed {settings.seed}); "
                 f"use another store for {task} (seed {seed})"
             )
 
@@ -323,17 +334,17 @@ class UserService:
         settings = self.settings()
         if settings.task is None:
             raise UserError(
-                f"{self.root} has no task, so a user's history cannot be turned into prompts: "
+                f"{self.location} has no task, so a user's history cannot be turned into prompts: "
                 "import users from a task first (tailorlm users import TASK)"
             )
         spec = self._task_spec(settings.task)
-        return data_build.task(spec, [], source=str(self.root), chronological=False, labels=settings.labels)
+        return data_build.task(spec, [], source=self.location, chronological=False, labels=settings.labels)
 
     # ---- users ---------------------------------------------------------------------------------------
 
     def _require_user(self, user_id: str) -> str:
         if not self._existing_index().has_user(user_id):
-            raise UserError(f"no user {user_id!r} in {self.root}")
+            raise UserError(f"no user {user_id!r} in {self.location}")
         return user_id
 
     def spec_of(self, user_id: str) -> ModuleSpec:
@@ -357,7 +368,7 @@ class UserService:
         spec = resolve_spec(kind, self.settings().labels) if kind is not None else None
         items = self._checked_items(history)
         if not self.index.add_user(user_id):
-            raise UserError(f"user {user_id!r} already exists in {self.root}")
+            raise UserError(f"user {user_id!r} already exists in {self.location}")
         if spec is not None:
             self.index.set_user_spec(user_id, kinds.spec_to_dict(spec))
         if items:
@@ -552,27 +563,27 @@ class UserService:
         )
         written = writer.profiles([self.data_user(user_id) for user_id in user_ids], split=None)
         for user_id, profile in written.items():
-            atomic_write_text(self.cache_folder(user_id) / PROFILE_FILE, json.dumps(asdict(profile)))
+            self.store.files.write_text(f"{_cache(user_id)}/{PROFILE_FILE}", json.dumps(asdict(profile)))
         return list(written)
 
     def profile(self, user_id: str) -> UserProfile | None:
         """The profile the user's last training wrote, or None."""
-        path = self.cache_folder(user_id) / PROFILE_FILE
-        if not path.is_file():
+        text = self.store.files.read_text(f"{_cache(user_id)}/{PROFILE_FILE}")
+        if text is None:
             return None
-        values = json.loads(path.read_text())
+        values = json.loads(text)
         return UserProfile(values["user"], values["text"], tuple(values["items"]))
 
     def _chosen(self, user_ids: Sequence[str] | None) -> list[str]:
         known = self._existing_index().user_ids()
         if user_ids is None:
             if not known:
-                raise UserError(f"no users in {self.root}: add or import users first")
+                raise UserError(f"no users in {self.location}: add or import users first")
             return known
         wanted = list(dict.fromkeys(user_ids))
         unknown = sorted(set(wanted) - set(known))
         if unknown:
-            raise UserError(f"no user(s) {', '.join(map(repr, unknown))} in {self.root}")
+            raise UserError(f"no user(s) {', '.join(map(repr, unknown))} in {self.location}")
         return wanted
 
     def _default_config(self, spec: ModuleSpec) -> TrainConfig:
@@ -597,7 +608,10 @@ class UserService:
     ) -> list[str]:
         """One engine for the users of one spec: a slot per user trained together, plus slot 0. A kind
         that acts on label scores only is fitted against the shared model instead (``label_models``)."""
-        deps = MethodDeps(task, self.load_base(), self.root, settings=self.method_settings)
+        # Personal jobs never open a setup's own store under ``MethodDeps.modules``; a store under a URL
+        # has no folder on this machine to name there.
+        modules = self.root if isinstance(self.store.files, LocalRoot) else Path.cwd()
+        deps = MethodDeps(task, self.load_base(), modules, settings=self.method_settings)
         if not kinds.of(spec).acts_on_model:
             fitted = label_models.fit_and_store(
                 deps,
@@ -660,7 +674,7 @@ class UserService:
     def cache_folder(self, user_id: str) -> Path:
         """Where per-user data derived from the history (profiles, retrieval indexes) belongs, so that
         ``delete`` removes it with the user."""
-        return self.root / CACHE_FOLDER / folder_name(user_id)
+        return self.store.files.local(_cache(user_id))
 
     def delete(self, user_id: str) -> Forgotten:
         """Forget ``user_id``: every module version (folders removed, index rows overwritten and the
@@ -671,10 +685,10 @@ class UserService:
             versions=[v.version for v in self.store.versions(user_id)],
             history=len(self.index.history(user_id)),
             keys=len(self.index.keys_of(user_id)),
-            cache=self.cache_folder(user_id).exists(),
+            cache=self.store.files.exists(_cache(user_id)),
         )
         self.store.delete(user_id)  # the users row cascades to versions, history and keys
-        shutil.rmtree(self.cache_folder(user_id), ignore_errors=True)
+        self.store.files.remove(_cache(user_id))
         return forgotten
 
     def issue_key(self, user_id: str | None, admin: bool = False, label: str | None = None) -> str:
@@ -712,6 +726,11 @@ def train_users(
         return service.train(user_ids, start_from_current=start_from_current).trained
     finally:
         service.close()
+
+
+def _cache(user_id: str) -> str:
+    """A user's cache folder, relative to the store's root."""
+    return f"{CACHE_FOLDER}/{folder_name(user_id)}"
 
 
 def _user_of(user_id: str, records: Sequence[HistoryRecord]) -> User:

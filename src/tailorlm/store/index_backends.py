@@ -1,0 +1,196 @@
+"""The two databases a store's index can live in, and the few places where their SQL differs.
+
+``StoreIndex`` (``store.index``) writes every statement once, in the SQL both dialects agree on: ``?``
+placeholders, ``INSERT ... ON CONFLICT``, ``DOUBLE PRECISION`` and ``BIGINT`` columns (which SQLite
+stores with the same affinities as ``REAL`` and ``INTEGER``). A backend owns one connection and names
+what differs:
+
+- ``begin``: how a write transaction starts. SQLite's ``BEGIN IMMEDIATE`` takes the database's one
+  write lock at once, so writers are serialized. PostgreSQL's plain ``BEGIN`` locks nothing, hence:
+- ``lock_user``: on PostgreSQL a write to one user's versions or history first takes that user's row
+  lock (``SELECT ... FOR UPDATE``). Two writers of the same user then run one after the other and never
+  compute the same next version number (the primary keys would refuse it anyway), while writers of
+  different users run side by side. None on SQLite.
+- ``prepare_schema``: PostgreSQL's ``CREATE TABLE IF NOT EXISTS`` is not safe when several processes
+  open a new index at once, so its schema transaction first takes an advisory lock.
+- ``migrate``: schema 1 existed only in SQLite files.
+- ``reclaim``: what makes deleted rows go away after a user is forgotten.
+
+``connect(location)`` picks the backend: a ``postgresql://`` (or ``postgres://``) URL, else a SQLite
+file (a path, or a ``sqlite:///`` URL).
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+SQLITE_PREFIX = "sqlite:///"
+# Any fixed number: the advisory lock that serializes concurrent schema creation in one database.
+_SCHEMA_LOCK = 0x7A11_0121
+
+
+class StoreLocationError(ValueError):
+    """A store or its index cannot be opened where it was asked for (a wrong URL, an unreachable server,
+    an index that belongs to another store); the message says which and why, in one line, without a
+    password."""
+
+
+def is_postgres(location: str | Path) -> bool:
+    return isinstance(location, str) and location.split("://", 1)[0].lower() in POSTGRES_SCHEMES
+
+
+def without_password(url: str) -> str:
+    """``url`` with any password (``user:secret@`` or ``?password=``) removed: what may be printed or
+    written to disk. libpq finds the password again in ``PGPASSWORD`` or ``~/.pgpass``. A URL too
+    malformed to take apart is shown as its scheme alone."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed [IPv6] host
+        return f"{url.split('://', 1)[0]}://..."
+    netloc = parts.netloc
+    if "@" in netloc:
+        credentials, host = netloc.rsplit("@", 1)
+        netloc = f"{credentials.split(':', 1)[0]}@{host}"
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "password"])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def sqlite_path(location: str | Path) -> Path:
+    """The file of a SQLite index given as a path or a ``sqlite:///`` URL (``sqlite:///relative`` and
+    ``sqlite:////absolute``, as SQLAlchemy spells them); anything else with a scheme is an error."""
+    text = str(location)
+    if text.startswith(SQLITE_PREFIX):
+        return Path(text[len(SQLITE_PREFIX) :])
+    if "://" in text:
+        raise StoreLocationError(
+            f"unknown index location {without_password(text)!r}: give a postgresql://USER@HOST/DATABASE URL, "
+            "a sqlite:///PATH URL or a SQLite file's path"
+        )
+    return Path(text)
+
+
+class SqliteBackend:
+    """The embedded default: one file beside (or anywhere away from) the module folders."""
+
+    begin = "BEGIN IMMEDIATE"
+    lock_user: str | None = None  # BEGIN IMMEDIATE already holds the only write lock
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.where = str(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: transactions are explicit (``StoreIndex.transaction``), nothing is begun
+        # implicitly.
+        self._db = sqlite3.connect(path, timeout=30.0, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        # A deleted row's bytes are overwritten in the file, so a forgotten user's text is gone from it,
+        # not merely unlinked from the b-tree.
+        self._db.execute("PRAGMA secure_delete=ON")
+        self._db.execute("PRAGMA synchronous=FULL")
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return self._db.execute(sql, args)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._db.executemany(sql, rows)
+
+    def prepare_schema(self) -> None:
+        """Nothing: the schema transaction's BEGIN IMMEDIATE already excludes every other writer."""
+
+    def migrate(self) -> None:
+        """Bring an index written by an older version up to this schema; every step is additive."""
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(users)")}
+        if "spec" not in columns:  # schema 1 had no per-user spec
+            self._db.execute("ALTER TABLE users ADD COLUMN spec TEXT")
+
+    def reclaim(self) -> None:
+        """Fold the write-ahead log into the file and truncate it; with ``secure_delete`` the deleted
+        rows' bytes are then overwritten everywhere the database keeps them."""
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def close(self) -> None:
+        self._db.close()
+
+
+@functools.lru_cache(maxsize=256)
+def _pyformat(sql: str) -> str:
+    """psycopg's placeholders: ``?`` -> ``%s`` (a literal ``%`` doubled). The index's SQL has no ``?``
+    inside string literals."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class PostgresBackend:
+    """A PostgreSQL database shared by every machine of a deployment (psycopg 3). The connection is in
+    autocommit mode: a read is one statement, a write runs between ``begin`` and COMMIT, and ``VACUUM``
+    (which refuses to run inside a transaction) can run after a user is forgotten."""
+
+    begin = "BEGIN"
+    lock_user: str | None = "SELECT id FROM users WHERE id = ? FOR UPDATE"
+
+    def __init__(self, url: str) -> None:
+        self.where = without_password(url)
+        try:
+            import psycopg
+            from psycopg.rows import dict_row
+        except ImportError:
+            raise StoreLocationError(
+                f"the index at {self.where} is in PostgreSQL, which needs psycopg: "
+                "pip install 'tailorlm[postgres]'"
+            ) from None
+        try:
+            self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=10)
+        except psycopg.Error as error:
+            # libpq's messages span lines, and may quote the connection string back (password and all).
+            reason = " ".join(str(error).replace(url, self.where).split())
+            raise StoreLocationError(f"cannot open the index at {self.where}: {reason}") from None
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        return self._db.execute(_pyformat(sql), tuple(args))
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        rows = list(rows)
+        if rows:
+            with self._db.cursor() as cursor:
+                cursor.executemany(_pyformat(sql), rows)
+
+    def prepare_schema(self) -> None:
+        self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+
+    def migrate(self) -> None:
+        """Nothing yet: every PostgreSQL index was created at schema 2 or later."""
+
+    def reclaim(self) -> None:
+        """``VACUUM`` the tables a forgotten user had rows in, so their dead row versions are removed
+        from the tables and their indexes and the space is marked free for reuse.
+
+        What this does not guarantee: plain ``VACUUM`` does not zero freed space, so deleted bytes can
+        stay in the data files until new rows overwrite them (measured on PostgreSQL 15: a forgotten
+        user's text was gone from the tables' files, but a deleted key's hash stayed in its b-tree index
+        page; ``VACUUM FULL`` and ``REINDEX`` would rewrite them, at the price of locking each table
+        against every reader and writer); rows still visible to a transaction open elsewhere
+        stay until it ends; and copies outside the tables (the write-ahead log until its segments are
+        recycled, WAL archives, replicas' history, base backups, ``pg_dump`` files) are not touched.
+        Those follow the database's own retention, which an operator must set to match what forgetting
+        a user promises."""
+        self._db.execute("VACUUM (INDEX_CLEANUP ON) users, versions, history, keys")
+
+    def close(self) -> None:
+        self._db.close()
+
+
+Backend = SqliteBackend | PostgresBackend
+
+
+def connect(location: str | Path) -> Backend:
+    """The backend for ``location``: a ``postgresql://`` URL, else a SQLite file."""
+    if is_postgres(location):
+        return PostgresBackend(str(location))
+    return SqliteBackend(sqlite_path(location))
