@@ -32,9 +32,20 @@ class BenchConfig:
     batch_size: int = 4
     adapter_epochs: int = 1
     profile_items: int = 10
+    # The quick profile's time budget (``bench.budget``): over it, a run caps each test user's training
+    # items, then its test users. None: no budget. The CLI's quick runs default to 15 minutes.
+    budget_minutes: float | None = None
+    user_examples: int | None = None  # cap on each test user's training items (a seeded sample)
 
     def full(self) -> BenchConfig:
-        return replace(self, test_users=None, adapter_users=None, adapter_examples=None)
+        return replace(
+            self,
+            test_users=None,
+            adapter_users=None,
+            adapter_examples=None,
+            budget_minutes=None,
+            user_examples=None,
+        )
 
     def method_settings(self) -> MethodSettings:
         """The settings the methods read; the setups' fixed choices keep ``MethodSettings``' defaults."""
@@ -45,6 +56,7 @@ class BenchConfig:
 
 
 QUICK = BenchConfig()
+QUICK_BUDGET_MINUTES = 15.0  # what `tailorlm bench` gives a quick run unless --budget says otherwise
 FULL = QUICK.full()
 
 

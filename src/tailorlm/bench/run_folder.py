@@ -59,6 +59,11 @@ class RunFolder:
             "test_users": [u.id for u in test_users],
         }
 
+    def recorded_config(self) -> dict | None:
+        """The config a run already in this folder started with, or None."""
+        path = self.root / RUN_FILE
+        return json.loads(path.read_text()).get("config") if path.is_file() else None
+
     def write_run_file(
         self,
         task: Task,

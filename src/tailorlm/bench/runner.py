@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tailorlm.bench import report
+from tailorlm.bench import budget, report
 from tailorlm.bench.config import BenchConfig, split_users
 from tailorlm.bench.results import write_results
 from tailorlm.bench.run_folder import RunFolder, RunFolderError
@@ -52,18 +53,24 @@ def run(
     split: str | None = None,
     reporter: Reporter | None = None,
     trace: PromptTrace | None = None,
+    estimate_work: bool = False,
 ) -> dict[str, Any]:
     """Run the methods, keep every user's predictions as they finish, then write results and the report;
     returns the results (as written to ``results.json``).
-    ``trace``, when given, receives every prompt the methods build with what went into it."""
+    ``trace``, when given, receives every prompt the methods build with what went into it.
+    ``estimate_work`` (or a budget in ``config``) measures this machine and prints the run's estimated
+    time first; over the budget, the run is capped (``bench.budget``)."""
     config = config or BenchConfig()
     folder = RunFolder(out_dir)
     task = load_task(task_name, data_dir=data_dir, split=split, seed=config.seed)
     chosen = resolve(task, methods)
     reporter = reporter or Reporter()
+    if estimate_work or config.budget_minutes is not None:
+        config = _sized(folder, task, [m for m, _ in chosen], config, reporter)
     test_users, adapter_users = split_users(task, config)
     if not test_users:
         raise ValueError(f"task {task.name} has no user with both training and test items")
+    budget.cap_training_items(task, test_users, config.user_examples, config.seed)
     deps = MethodDeps(
         task,
         base_loader(config.model, config.device, config.dtype),
@@ -93,6 +100,43 @@ def run(
     results = write_results(folder.root)
     report.write_report(folder.root, results)
     return results
+
+
+def _sized(
+    folder: RunFolder, task: Task, methods: list[Method], config: BenchConfig, reporter: Reporter
+) -> BenchConfig:
+    """``config`` within its budget, its estimate printed. A resumed run keeps the caps it started with
+    (a new measurement could choose others, and the run's users must stay the same)."""
+    previous = folder.recorded_config()
+    if previous is not None and config.budget_minutes is not None:
+        config = replace(
+            config, test_users=previous.get("test_users"), user_examples=previous.get("user_examples")
+        )
+    test_users, adapter_users = split_users(task, config)
+    if not test_users:
+        return config
+    deps = MethodDeps(
+        task,
+        base_loader(config.model, config.device, config.dtype),
+        folder.modules,
+        config.method_settings(),
+        adapter_users=adapter_users,
+    )
+    rates = budget.measure(deps, test_users)
+    asked = budget.estimate(methods, task, test_users, adapter_users, config, rates)
+    for line in asked.lines():
+        reporter.log(f"{task.name}: {line}")
+    fitted = config
+    if previous is None:
+        fitted, estimate = budget.fit_budget(methods, task, test_users, adapter_users, config, rates)
+        if fitted != config:
+            reporter.log(
+                f"{task.name}: over the {config.budget_minutes:g}-minute budget, so capped at "
+                f"{fitted.test_users} test users and {fitted.user_examples or 'all'} training items per "
+                f"user: {estimate.lines()[0]} (--budget to change it)"
+            )
+    gc.collect()
+    return fitted
 
 
 def _write_lamp_outputs(task: Task, folder: RunFolder, keys: list[str], reporter: Reporter) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from tailorlm import models
-from tailorlm.bench.config import QUICK
+from tailorlm.bench.config import QUICK, QUICK_BUDGET_MINUTES
 from tailorlm.cli import app, console
 from tailorlm.cli.common import DEVICE_OPTION, DTYPE_OPTION, JSON_OPTION, MODEL_OPTION, user_errors
 from tailorlm.data import DataError, load_task
@@ -53,6 +53,14 @@ def bench_command(
     ),
     epochs: int = typer.Option(QUICK.epochs, "--epochs", min=1, help="Epochs of each per-user module."),
     k: int = typer.Option(QUICK.k, "--k", min=1, help="History items retrieved into the prompt."),
+    budget: float | None = typer.Option(
+        None,
+        "--budget",
+        min=0,
+        help=f"Minutes a run may take on this machine (quick runs: {QUICK_BUDGET_MINUTES:g} unless given; "
+        "--full: none unless given; 0: none). The work is estimated first; over the budget, each test "
+        "user's training items and then the test users are capped, and the report says so.",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Benchmark personalization methods on one task; resumes an interrupted run in the same --out."""
@@ -65,6 +73,8 @@ def bench_command(
         QUICK, model=model, device=device, dtype=dtype, seed=seed, decoding=decoding, epochs=epochs, k=k
     )
     config = config.full() if full else config
+    minutes = budget if budget is not None else (None if full else QUICK_BUDGET_MINUTES)
+    config = dataclasses.replace(config, budget_minutes=minutes or None)
     if test_users is not None:
         config = dataclasses.replace(config, test_users=test_users)
     out = out or Path("runs") / f"{task.replace(':', '-')}-{'full' if full else 'quick'}"
@@ -79,6 +89,7 @@ def bench_command(
             data_dir=data,
             split=split,
             reporter=console.ConsoleReporter(visible=not as_json),
+            estimate_work=True,
         )
 
     def render(_: dict) -> None:
