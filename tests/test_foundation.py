@@ -65,6 +65,15 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
         models.resolve(str(tmp_path / "empty"))
 
 
+def test_a_gguf_file_that_is_missing_or_not_gguf_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAILORLM_HOME", str(tmp_path / "home"))
+    with pytest.raises(models.ModelNotFoundError, match=r"GGUF file .*missing\.gguf does not exist"):
+        models.resolve(str(tmp_path / "missing.gguf"))
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file")
+    with pytest.raises(models.ModelNotFoundError, match=r"cannot read GGUF file .*junk\.gguf"):
+        models.resolve(str(tmp_path / "junk.gguf"))
+
+
 def test_cli_ask_reports_a_bad_model_without_traceback(tmp_path):
     result = runner.invoke(app, ["ask", "hi", "--model", str(tmp_path / "missing")])
     assert result.exit_code == 2

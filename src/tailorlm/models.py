@@ -93,6 +93,26 @@ def ensure_default_cached() -> Path:
     return target
 
 
+def ensure_gguf_cached(source: Path) -> Path:
+    """The fp32 copy of any GGUF file, converted on first use into the model cache under its name and
+    size (a file replaced by another of the same name and size is not noticed)."""
+    if not source.is_file():
+        raise ModelNotFoundError(f"GGUF file {source} does not exist")
+    target = settings.models_dir() / f"gguf-{source.stem}-{source.stat().st_size}"
+    if _is_complete(target):
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not _is_complete(target):
+            try:
+                _convert_gguf(source, target)
+            except (OSError, ValueError) as err:
+                raise ModelNotFoundError(f"cannot read GGUF file {source}: {err}") from err
+    return target
+
+
 def _quiet_transformers() -> None:
     """Library progress bars and advisory warnings would drown our own output and break --json."""
     from transformers.utils import logging as hf_logging
@@ -120,11 +140,14 @@ def _convert_gguf(source: Path, target: Path) -> None:
 
 def resolve(name: str | None) -> tuple[str, Path | str]:
     """Map what the user typed to something ``from_pretrained`` accepts: the default alias to its cached
-    copy, an existing folder to itself, anything else to a hub id."""
+    copy, a GGUF file to its dequantized copy in the model cache, an existing folder to itself, anything
+    else to a hub id."""
     name = name or DEFAULT_MODEL
     if name.lower() in {DEFAULT_MODEL, "default", "smollm2"}:
         return DEFAULT_MODEL, ensure_default_cached()
     folder = Path(name).expanduser()
+    if folder.suffix.lower() == ".gguf":
+        return name, ensure_gguf_cached(folder)
     if folder.exists():
         if not (folder / "config.json").is_file():
             raise ModelNotFoundError(
