@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +130,16 @@ def test_label_methods_keep_to_the_visibility_rules(tmp_path):
             json.loads(x) for x in (tmp_path / "predictions" / f"{method}.jsonl").read_text().splitlines()
         ]
         assert {r["user"] for r in record} == run.test_ids
+
+
+def test_label_methods_are_offered_for_label_tasks_only(tmp_path):
+    from tailorlm.methods.registry import default_methods, methods_for
+
+    verbagg = load_task("verbagg", seed=0)
+    assert {"task-adapter+bias", "fusion", "oppu-choice"} <= set(methods_for(verbagg))
+    assert {"task-adapter+bias", "fusion"} <= set(default_methods(verbagg))
+    fixture = Path(__file__).parents[1] / "data" / "fixtures" / "lamp" / "lamp7"
+    tweets = load_task("lamp:7", data_dir=fixture, split="train")
+    assert not label_models.applies_to(tweets)
+    assert not {"task-adapter+bias", "fusion", "oppu-choice"} & set(methods_for(tweets))
+    assert "fusion" not in default_methods(tweets) and "oppu" in default_methods(tweets)

@@ -188,6 +188,8 @@ DEFAULT_METHODS = (
     "peft-prompt",
     "peft-bottleneck",
     "oppu",
+    "task-adapter+bias",  # label tasks only, like the next
+    "fusion",
 )
 
 
@@ -204,7 +206,8 @@ def methods_for(task: Task) -> dict[str, Method]:
 
 
 def default_methods(task: Task) -> list[str]:
-    return [*baselines.applicable(task), *DEFAULT_METHODS]
+    available = methods_for(task)
+    return [*baselines.applicable(task), *(name for name in DEFAULT_METHODS if name in available)]
 
 
 def resolve(task: Task, requested: Sequence[str] | None) -> list[tuple[Method, str | None]]:
