@@ -92,49 +92,60 @@ class Estimate:
 # ---- measuring ----------------------------------------------------------------------------------------
 
 
-def _sample_queries(task: Task, users: Sequence[User], count: int, seed: int) -> list[tuple[User, object]]:
-    pool = [(u, e) for u in users for e in task.training_examples(u)]
-    random.Random(seed).shuffle(pool)
-    return pool[:count]
+def _sample_rows(
+    task: Task, users: Sequence[User], per_user: int, count: int, seed: int
+) -> list[tuple[User, object]]:
+    """``per_user`` training items of each of ``count`` seeded users: the shape of a training step (a
+    user's rows share their prompt's start, which the engine runs once) and of answering a user."""
+    pool = [u for u in users if len(task.training_examples(u)) >= per_user] or list(users)
+    chosen = random.Random(seed).sample(pool, min(count, len(pool)))
+    return [(u, e) for u in chosen for e in task.training_examples(u)[:per_user]]
 
 
-def measure(deps: MethodDeps, users: Sequence[User], batch: int = 8) -> Rates:
-    """Time a training step, a scoring call and (generation tasks) a generation call on ``batch`` real
-    plain prompts of ``users``, on a fresh base model with a LoRA bank (every row in its own slot)."""
-    task = deps.task
-    engine = Engine(deps.load_base(), LoraSpec(), slots=batch + 1, max_length=deps.settings.max_length)
-    builder = PromptBuilder(task, engine.tokenizer, Recipe())
-    queries = _sample_queries(task, users, batch, deps.settings.seed)
+def _timed(work, repeats: int = 2) -> float:
+    """Seconds per call of ``work`` after one call that pays one-off costs (allocations, kernel choice)."""
+    work()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        work()
+    return (time.perf_counter() - started) / repeats
+
+
+def measure(deps: MethodDeps, users: Sequence[User]) -> Rates:
+    """Time a training step, a scoring call and (generation tasks) a generation call on real plain
+    prompts of ``users`` (a batch as the trainer builds one: a few users, several rows each), on a fresh
+    base model with a LoRA bank."""
+    task, settings = deps.task, deps.settings
+    queries = _sample_rows(task, users, settings.batch_size, 2, settings.seed)
     if not queries:
         raise ValueError(f"task {task.name}: no training items to measure the work on")
+    engine = Engine(deps.load_base(), LoraSpec(), slots=3, max_length=settings.max_length)
+    builder = PromptBuilder(task, engine.tokenizer, Recipe())
+    slot_of = {user.id: i + 1 for i, user in enumerate({u.id: u for u, _ in queries}.values())}
     prompts = [builder.build(u, e).text for u, e in queries]
-    slots = [1 + i % batch for i in range(len(prompts))]
+    slots = [slot_of[u.id] for u, _ in queries]
     rows = [Row(p, e.target, s) for p, (_, e), s in zip(prompts, queries, slots, strict=True)]
     encoded = engine.encode(rows)
-    engine.token_nll(encoded)  # a first call pays one-off costs (allocations, kernel choices)
-    started = time.perf_counter()
-    with engine.training():
-        sums, _ = engine.token_nll(encoded)
-        sums.sum().backward()
-    train_s = (time.perf_counter() - started) / len(rows)
-    started = time.perf_counter()
+
+    def step() -> None:
+        with engine.training():
+            sums, _ = engine.token_nll(encoded)
+            sums.sum().backward()
+
+    train_s = _timed(step) / len(rows)
     if task.labels is not None:
-        engine.score_choices(prompts, slots, task.labels)
+        score_s = _timed(lambda: engine.score_choices(prompts, slots, task.labels)) / len(rows)
     else:
-        engine.score(rows)
-    score_s = (time.perf_counter() - started) / len(rows)
+        score_s = _timed(lambda: engine.score(rows)) / len(rows)
     generate_s = score_s
     if task.labels is None:
-        started = time.perf_counter()
-        engine.generate(prompts, slots, DecodeConfig(max_new_tokens=deps.settings.max_new_tokens))
-        generate_s = (time.perf_counter() - started) / len(rows)
+        decode = DecodeConfig(max_new_tokens=settings.max_new_tokens)
+        generate_s = _timed(lambda: engine.generate(prompts, slots, decode), repeats=1) / len(rows)
     tokens = [len(engine.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    item_tokens = [
-        len(engine.tokenizer(f"{e.text} {e.target}", add_special_tokens=False)["input_ids"])
-        for _, e in queries
+    items = [
+        engine.tokenizer(f"{e.text} {e.target}", add_special_tokens=False)["input_ids"] for _, e in queries
     ]
-    del engine
-    return Rates(train_s, score_s, generate_s, sum(tokens) / len(tokens), sum(item_tokens) / len(item_tokens))
+    return Rates(train_s, score_s, generate_s, sum(tokens) / len(tokens), sum(map(len, items)) / len(items))
 
 
 # ---- counting ------------------------------------------------------------------------------------------
