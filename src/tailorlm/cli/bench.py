@@ -53,6 +53,15 @@ def bench_command(
     ),
     epochs: int = typer.Option(QUICK.epochs, "--epochs", min=1, help="Epochs of each per-user module."),
     k: int = typer.Option(QUICK.k, "--k", min=1, help="History items retrieved into the prompt."),
+    adapter_users: int | None = typer.Option(
+        None, "--adapter-users", min=0, help="Other users the task adapter trains on (quick: 64; 0: all)."
+    ),
+    adapter_examples: int | None = typer.Option(
+        None,
+        "--adapter-examples",
+        min=0,
+        help="Cap on the task adapter's (shared model's) training examples (quick: 256; 0: all of them).",
+    ),
     budget: float | None = typer.Option(
         None,
         "--budget",
@@ -77,6 +86,10 @@ def bench_command(
     config = dataclasses.replace(config, budget_minutes=minutes or None)
     if test_users is not None:
         config = dataclasses.replace(config, test_users=test_users)
+    if adapter_users is not None:
+        config = dataclasses.replace(config, adapter_users=adapter_users or None)
+    if adapter_examples is not None:
+        config = dataclasses.replace(config, adapter_examples=adapter_examples or None)
     out = out or Path("runs") / f"{task.replace(':', '-')}-{'full' if full else 'quick'}"
     with user_errors(
         DataError, RunFolderError, models.ModelNotFoundError, EngineError, ValueError, ReportError
