@@ -24,6 +24,7 @@ from tailorlm.methods.deps import MethodDeps, base_loader
 from tailorlm.methods.recipes import PromptTrace
 from tailorlm.methods.registry import Method, resolve
 from tailorlm.progress import Reporter
+from tailorlm.train.jobs import LocalRunner, TrainRunner
 
 __all__ = ["RunFolderError", "run"]
 
@@ -52,10 +53,12 @@ def run(
     split: str | None = None,
     reporter: Reporter | None = None,
     trace: PromptTrace | None = None,
+    runner: TrainRunner | None = None,
 ) -> dict[str, Any]:
     """Run the methods, keep every user's predictions as they finish, then write results and the report;
     returns the results (as written to ``results.json``).
-    ``trace``, when given, receives every prompt the methods build with what went into it."""
+    ``trace``, when given, receives every prompt the methods build with what went into it; ``runner``
+    decides where per-user modules train (default: this process)."""
     config = config or BenchConfig()
     folder = RunFolder(out_dir)
     task = load_task(task_name, data_dir=data_dir, split=split, seed=config.seed)
@@ -72,6 +75,7 @@ def run(
         adapter_users=adapter_users,
         reporter=reporter,
         trace=trace,
+        runner=runner or LocalRunner(),
         profile_cache=folder.profiles,
     )
     plan = []
