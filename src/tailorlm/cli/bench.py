@@ -10,7 +10,19 @@ import typer
 from tailorlm import models
 from tailorlm.bench.config import QUICK
 from tailorlm.cli import app, console
-from tailorlm.cli.common import DEVICE_OPTION, DTYPE_OPTION, JSON_OPTION, MODEL_OPTION, user_errors
+from tailorlm.cli.common import (
+    BACKEND_OPTION,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    GROUP_USERS_OPTION,
+    JSON_OPTION,
+    MODEL_OPTION,
+    RAY_ADDRESS_OPTION,
+    WORKERS_OPTION,
+    user_errors,
+)
+from tailorlm.cluster.session import ClusterError
+from tailorlm.cluster.training import runner_for
 from tailorlm.data import DataError, load_task
 from tailorlm.engine.bank import EngineError
 from tailorlm.methods.registry import default_methods, methods_for
@@ -53,6 +65,10 @@ def bench_command(
     ),
     epochs: int = typer.Option(QUICK.epochs, "--epochs", min=1, help="Epochs of each per-user module."),
     k: int = typer.Option(QUICK.k, "--k", min=1, help="History items retrieved into the prompt."),
+    backend: str = BACKEND_OPTION,
+    workers: int | None = WORKERS_OPTION,
+    group_users: int | None = GROUP_USERS_OPTION,
+    ray_address: str | None = RAY_ADDRESS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Benchmark personalization methods on one task; resumes an interrupted run in the same --out."""
@@ -68,8 +84,17 @@ def bench_command(
     if test_users is not None:
         config = dataclasses.replace(config, test_users=test_users)
     out = out or Path("runs") / f"{task.replace(':', '-')}-{'full' if full else 'quick'}"
-    with user_errors(
-        DataError, RunFolderError, models.ModelNotFoundError, EngineError, ValueError, ReportError
+    with (
+        user_errors(
+            DataError,
+            RunFolderError,
+            models.ModelNotFoundError,
+            EngineError,
+            ValueError,
+            ReportError,
+            ClusterError,
+        ),
+        runner_for(backend, group_users, workers, ray_address) as training,
     ):
         results = runner.run(
             task,
@@ -79,6 +104,7 @@ def bench_command(
             data_dir=data,
             split=split,
             reporter=console.ConsoleReporter(visible=not as_json),
+            runner=training,
         )
 
     def render(_: dict) -> None:
@@ -142,12 +168,19 @@ def tune_command(
     device: str | None = DEVICE_OPTION,
     dtype: str | None = DTYPE_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed of the user sample and training."),
+    backend: str = BACKEND_OPTION,
+    workers: int | None = WORKERS_OPTION,
+    group_users: int | None = GROUP_USERS_OPTION,
+    ray_address: str | None = RAY_ADDRESS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Pick a learning rate for a per-user method on validation items (test items are never read)."""
     from tailorlm.bench.tune import tune
 
-    with user_errors(DataError, models.ModelNotFoundError, EngineError, ValueError):
+    with (
+        user_errors(DataError, models.ModelNotFoundError, EngineError, ValueError, ClusterError),
+        runner_for(backend, group_users, workers, ray_address) as training,
+    ):
         try:
             rates = [float(x) for x in learning_rates.split(",") if x.strip()]
         except ValueError:
@@ -171,6 +204,7 @@ def tune_command(
             ),
             select_by=select_by,
             reporter=console.ConsoleReporter(visible=not as_json),
+            runner=training,
         )
 
     def render(data: dict) -> None:

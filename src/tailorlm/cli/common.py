@@ -28,6 +28,26 @@ DTYPE_OPTION = typer.Option(
 )
 
 
+BACKEND_OPTION = typer.Option(
+    "local",
+    "--backend",
+    help="Where users' modules train: local (this process) or ray (Ray workers; pip install tailorlm[ray]).",
+)
+WORKERS_OPTION = typer.Option(
+    None, "--workers", min=1, help="--backend ray: groups trained at once (default: the CPUs / threads)."
+)
+GROUP_USERS_OPTION = typer.Option(
+    None,
+    "--group-users",
+    min=1,
+    help="Users per training group (default 64): a worker's unit of work and of retry. The same grouping "
+    "on both backends gives the same modules.",
+)
+RAY_ADDRESS_OPTION = typer.Option(
+    None, "--ray-address", help="--backend ray: a running Ray cluster (default: start a local instance)."
+)
+
+
 class UserError(Exception):
     """A mistake in what the user asked for; shown as one line, never as a traceback."""
 

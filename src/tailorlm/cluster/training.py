@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 from tailorlm import settings
-from tailorlm.cluster.session import ClusterError, import_ray
+from tailorlm.cluster.session import ClusterError, check_backend, connected, import_ray
 from tailorlm.engine.engine import Engine
 from tailorlm.models import BaseModel
 from tailorlm.progress import ProgressCallback
@@ -35,7 +35,9 @@ from tailorlm.store.store import ModuleStore
 from tailorlm.train.jobs import (
     DEFAULT_GROUP_USERS,
     EngineShape,
+    LocalRunner,
     StoredCallback,
+    TrainRunner,
     TrainWork,
     plan_groups,
     train_group,
@@ -98,7 +100,9 @@ def train_on_worker(
 class RayRunner:
     """Groups of users trained by Ray tasks on the instance this process has joined
     (``cluster.session.connected``). ``workers``: groups in flight at once (default: the instance's CPUs
-    divided by ``threads``); ``threads``: torch threads per task (default: this process's count)."""
+    divided by ``threads``); ``threads``: torch threads per task (default: this process's count, split
+    among ``workers`` when given, so they do not oversubscribe the cores; the modules then equal the
+    local backend's up to float rounding, and bit for bit at equal thread counts)."""
 
     group_users: int = DEFAULT_GROUP_USERS
     workers: int | None = None
@@ -122,7 +126,7 @@ class RayRunner:
         groups = plan_groups(work.users, self.group_users)
         if not groups:
             return []
-        threads = self.threads or settings.thread_count()
+        threads = self.threads or max(1, settings.thread_count() // (self.workers or 1))
         window = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
         task = ray.remote(train_on_worker).options(
             num_cpus=threads, max_retries=self.max_retries, retry_exceptions=False
@@ -186,3 +190,20 @@ def _result(ray: Any, ref: Any) -> list[str]:
         raise  # the training's own exception (Ray raises it as an instance of its class too)
     except ray.exceptions.RayError as error:
         raise ClusterError(f"a training group failed after its retries: {error}") from None
+
+
+@contextlib.contextmanager
+def runner_for(
+    backend: str,
+    group_users: int | None = None,
+    workers: int | None = None,
+    address: str | None = None,
+) -> Iterator[TrainRunner]:
+    """The runner a command's ``--backend`` names, for the block: local, or Ray workers on the instance
+    at ``address`` (default: a new local one, shut down after). ``group_users`` None: the default."""
+    group_users = group_users or DEFAULT_GROUP_USERS
+    if check_backend(backend) == "local":
+        yield LocalRunner(group_users)
+        return
+    with connected(address):
+        yield RayRunner(group_users, workers=workers)
