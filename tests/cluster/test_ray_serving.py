@@ -1,0 +1,115 @@
+"""``tailorlm serve --backend ray`` with 2 replicas on a local Ray instance: the stock ``openai`` client
+gets the same greedy answers as from the single-process server, a user's requests always land on the
+same replica (the front's header and the replica's own count agree), each replica batches many users'
+requests together, and bad requests get the same 4xx bodies."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import openai
+import pytest
+from serve_helpers import build_store, fresh, serve_config
+
+from tailorlm.serve.app import REPLICA_HEADER
+from tailorlm.serve.run import background
+
+pytestmark = pytest.mark.xdist_group("ray")
+
+REPLICAS = 2
+
+
+@pytest.fixture(scope="module")
+def store_users(tmp_path_factory, tiny):
+    return build_store(tmp_path_factory.mktemp("store"), tiny)
+
+
+@pytest.fixture(scope="module")
+def fronts(ray_instance, store_users, tiny):
+    """(single-process server URL, Ray Serve URL) over the same store."""
+    from tailorlm.cluster import serving
+
+    config = serve_config(store_users.root, retrain=False)
+    with (
+        serving.serving(serve_config(store_users.root, retrain=False), REPLICAS) as ray_url,
+        background(config, base=fresh(tiny)) as local,
+    ):
+        yield local.url, ray_url
+
+
+def client(url: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def answers(url: str, user: str, key: str) -> list[str]:
+    api = client(url, key)
+    completion = api.completions.create(model=user, prompt="The weather today", max_tokens=6, temperature=0)
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    chat = api.chat.completions.create(model=user, messages=messages, max_tokens=6, temperature=0)
+    stream = api.chat.completions.create(
+        model=user, messages=messages, max_tokens=6, temperature=0, stream=True
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    return [completion.choices[0].text, chat.choices[0].message.content, streamed]
+
+
+def test_the_same_answers_each_user_on_one_replica_many_users_per_batch(fronts, store_users):
+    from tailorlm.cluster import serving
+
+    local, ray_url = fronts
+    for user, key in store_users.keys.items():
+        assert answers(ray_url, user, key) == answers(local, user, key), user
+
+    def placed(user: str) -> str:
+        body = {"model": user, "prompt": "Once upon", "max_tokens": 8, "temperature": 0}
+        headers = {"Authorization": f"Bearer {store_users.keys[user]}"}
+        answer = httpx.post(f"{ray_url}/v1/completions", json=body, headers=headers, timeout=60)
+        assert answer.status_code == 200, answer.text
+        return answer.headers[REPLICA_HEADER]
+
+    users = list(store_users.keys) * 3
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        routes = list(pool.map(placed, users))
+    home = {}
+    for user, replica in zip(users, routes, strict=True):
+        assert home.setdefault(user, replica) == replica, f"{user} moved between replicas"
+        assert replica == serving.home_replica(user, serving.replica_names(REPLICAS))
+    assert sorted(set(home.values())) == serving.replica_names(REPLICAS)  # both replicas serve someone
+
+    stats = serving.replica_stats(REPLICAS)
+    for replica in stats:
+        mine = {user for user, name in home.items() if name == replica["name"]}
+        assert set(replica["served"]) == mine  # each replica saw only its own users
+        assert sum(replica["served"].values()) == 6 * len(mine)  # 3 answers + 3 placed requests each
+    assert max(replica["mean_batch"] for replica in stats) > 1.0  # users shared decode steps
+
+
+def test_bad_requests_get_the_same_answers(fronts, store_users):
+    local, ray_url = fronts
+    user, other = "lora-user-0", "ia3-user-0"
+    key = store_users.keys[user]
+    cases = [
+        ("POST", "/v1/completions", {"model": user, "prompt": "hi"}, "not-a-key"),
+        ("POST", "/v1/completions", {"model": other, "prompt": "hi"}, key),
+        ("POST", "/v1/completions", {"model": "nobody", "prompt": "hi"}, key),
+        ("POST", "/v1/completions", {"model": user, "prompt": "hi", "max_tokens": 0}, key),
+        ("POST", "/v1/completions", {"model": user}, key),
+        ("POST", "/v1/completions", {"model": user, "prompt": "hi", "max_tokens": 5000}, key),
+        ("GET", "/v1/users", None, key),
+        ("GET", "/v1/no-such-route", None, key),
+    ]
+    for method, path, body, presented in cases:
+        replies = [
+            httpx.request(
+                method,
+                f"{url}{path}",
+                json=body,
+                headers={"Authorization": f"Bearer {presented}"},
+                timeout=60,
+            )
+            for url in (local, ray_url)
+        ]
+        assert 400 <= replies[0].status_code < 500, (path, body, replies[0].text)
+        assert [r.status_code for r in replies] == [replies[0].status_code] * 2, (path, body)
+        assert replies[1].json() == replies[0].json(), (path, body)
