@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 import typer
+from rich.markup import escape
 
 from tailorlm.cli import console
 
@@ -58,5 +59,6 @@ def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
     try:
         yield
     except (UserError, *kinds) as error:
-        console.err.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
+        # escaped: a message may hold brackets ("pip install tailorlm[ray]") that are not markup
+        console.err.print(f"[bold red]error:[/] {escape(str(error))}", markup=True, highlight=False)
         raise typer.Exit(2) from None

@@ -12,7 +12,7 @@ from tailorlm import kinds, settings
 from tailorlm.cli import app, console
 from tailorlm.cli.common import DEVICE_OPTION, DTYPE_OPTION, RAY_ADDRESS_OPTION, user_errors
 from tailorlm.cli.users import STORE_OPTION
-from tailorlm.cluster.session import ClusterError, check_backend
+from tailorlm.cluster.session import ClusterError, check_backend, import_ray
 from tailorlm.models import ModelNotFoundError
 from tailorlm.serve.config import LOOPBACK, ServeConfig
 from tailorlm.serve.scheduler import SchedulerConfig
@@ -78,7 +78,8 @@ def serve_command(
     from tailorlm.serve.run import check_port, serve_forever  # FastAPI and uvicorn load only here
 
     with user_errors(ValueError, ModelNotFoundError, kinds.ModuleSpecError, OSError, ClusterError):
-        check_backend(backend)
+        if check_backend(backend) == "ray":
+            import_ray()  # a missing extra is said before anything is prepared
         for name in kind or []:
             kinds.get(name)
         config = ServeConfig(
