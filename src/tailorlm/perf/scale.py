@@ -31,10 +31,16 @@ from tailorlm.cluster import serving
 from tailorlm.cluster.session import connected
 from tailorlm.cluster.training import RayRunner
 from tailorlm.methods.deps import MethodSettings
-from tailorlm.perf.serve import UNIFORM, ServeLoadConfig, ServerProcess, build_store, drive, plan
-from tailorlm.serve.config import ServeConfig
+from tailorlm.perf.serve import (
+    UNIFORM,
+    ServeLoadConfig,
+    ServerProcess,
+    build_store,
+    drive,
+    plan,
+    server_config,
+)
 from tailorlm.serve.run import free_port
-from tailorlm.serve.scheduler import SchedulerConfig
 from tailorlm.train.jobs import LocalRunner, TrainRunner
 from tailorlm.users.service import UserService
 
@@ -113,21 +119,6 @@ def _serve_run(backend: str, workers: int, url: str, key: str, config: ServeLoad
     )
 
 
-def _ray_serve_config(root: Path, config: ServeLoadConfig) -> ServeConfig:
-    """The settings ``perf serve``'s server process runs with (``perf.serve._serve``), on a free port."""
-    return ServeConfig(
-        store=root,
-        port=free_port(),
-        base_model=config.model,
-        slots=config.slots,
-        scheduler=SchedulerConfig(
-            max_batch=config.max_batch, wait_ms=config.wait_ms, max_queue=4 * config.clients
-        ),
-        max_context=512,
-        retrain=False,
-    )
-
-
 # ---- the run -------------------------------------------------------------------------------------------
 
 
@@ -161,7 +152,7 @@ def run_scale_benchmark(config: ScaleConfig, log: Callable[[str], None] = print)
                 runs.append(_train_run("ray", workers, seconds, users))
             for replicas in config.workers:
                 log(f"serving from Ray Serve with {replicas} replica(s)")
-                ray_config = _ray_serve_config(folder / "serve", serve_config)
+                ray_config = server_config(folder / "serve", free_port(), serve_config)
                 with serving.serving(ray_config, replicas, threads=max(1, cores // replicas)) as url:
                     runs.append(_serve_run("ray", replicas, url, key, serve_config))
     for run in runs:
