@@ -1,7 +1,7 @@
 """``--backend ray`` for training, on a local Ray instance: the same modules as the local backend to the
 bit (same groups, same torch thread count) even when a worker dies mid-group and its group is retried; a
-killed driver started again trains only who is missing; only users whose data changed train again; the
-benchmark's and tuning's results equal the local backend's; the CLI trains through Ray."""
+killed driver started again (from the command line) trains only who is missing; only users whose data
+changed train again; the benchmark's and tuning's results equal the local backend's."""
 
 from __future__ import annotations
 
@@ -80,6 +80,7 @@ def test_ray_modules_equal_the_local_ones_bit_for_bit_after_a_worker_dies(ray_in
 
 def test_a_killed_driver_resumes_and_only_changed_users_train_again(ray_instance, tmp_path, make_base):
     service = imported(tmp_path / "store", make_base, RayRunner(1, workers=1, threads=1))
+    service.configure(base_model=models.TINY_MODEL)  # what the command line loads: the same tiny model
 
     def die_once_someone_is_stored(done, total):
         if service.store.users():
@@ -91,10 +92,15 @@ def test_a_killed_driver_resumes_and_only_changed_users_train_again(ray_instance
     assert first and len(first) < len(USERS)
     versions = {user: service.store.current(user).version for user in first}
 
-    outcome = service.train(config=CONFIG)
-    assert sorted(outcome.trained) == sorted(set(USERS) - set(first))
+    # Started again from the command line: only the users not stored yet train.
+    args = ["users", "train", "--store", str(service.root), "--epochs", "1", "--users-per-step", "2"]
+    args += ["--json", "--backend", "ray", "--workers", "1", "--group-users", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    outcome = json.loads(result.stdout)
+    assert sorted(outcome["trained"]) == sorted(set(USERS) - set(first))
+    assert outcome["skipped"] == {user: "up to date" for user in first}
     assert {user: service.store.current(user).version for user in first} == versions
-    assert service.train(config=CONFIG).trained == []
 
     service.add_history("3", [HistoryRecord("3/later", "The bus was late again. I would shout.", "yes")])
     again = service.train(config=CONFIG)
@@ -103,7 +109,7 @@ def test_a_killed_driver_resumes_and_only_changed_users_train_again(ray_instance
     assert service.store.current("3").data_fingerprint == service.data_fingerprint("3")
 
 
-BENCH = BenchConfig(model=models.TINY_MODEL, test_users=4, adapter_users=4, epochs=1, users_per_step=2)
+BENCH = BenchConfig(model=models.TINY_MODEL, test_users=3, adapter_users=2, epochs=1, users_per_step=2)
 
 
 def table(results: dict) -> dict:
@@ -118,7 +124,7 @@ def test_bench_and_tune_results_equal_the_local_backend(ray_instance, tmp_path):
     remote = bench_runner.run(
         "verbagg", tmp_path / "ray", methods, BENCH, runner=RayRunner(GROUP, workers=2, threads=threads)
     )
-    assert table(remote) == table(local)
+    assert table(local)["peft-lora"] and table(remote) == table(local)
 
     config = dataclasses.replace(BENCH, test_users=2)
     tuned = [
@@ -126,18 +132,3 @@ def test_bench_and_tune_results_equal_the_local_backend(ray_instance, tmp_path):
         for runner in (LocalRunner(GROUP), RayRunner(GROUP, workers=1, threads=threads))
     ]
     assert tuned[0]["candidates"] == tuned[1]["candidates"]
-
-
-def test_users_train_backend_ray_from_the_command_line(ray_instance, tmp_path, make_base):
-    root = tmp_path / "store"
-    service = UserService(root, load_base=make_base)
-    service.import_task("verbagg", users=["1", "2"])
-    service.configure(base_model=models.TINY_MODEL)
-    service.close()
-    cli = CliRunner()
-    args = ["users", "train", "--store", str(root), "--epochs", "1", "--users-per-step", "2", "--json"]
-    result = cli.invoke(app, [*args, "--backend", "ray", "--workers", "1", "--group-users", "1"])
-    assert result.exit_code == 0, result.output
-    assert sorted(json.loads(result.stdout)["trained"]) == ["1", "2"]
-    again = cli.invoke(app, [*args, "--backend", "ray"])
-    assert json.loads(again.stdout)["skipped"] == {"1": "up to date", "2": "up to date"}

@@ -173,7 +173,16 @@ def render_serve(payload: dict, out: Console | None = None) -> None:
     out.print(f"{payload['passed']} met, {payload['missed']} missed, in {duration(payload['total_seconds'])}")
 
 
-SCALE_COLUMNS = ["question", "backend", "workers / replicas", "seconds", "done", "rate", "speed-up vs local"]
+SCALE_COLUMNS = [
+    "question",
+    "backend",
+    "workers / replicas",
+    "seconds",
+    "done",
+    "rate",
+    "speed-up vs local",
+    "load before / after",
+]
 
 
 def render_scale(payload: dict, out: Console | None = None) -> None:
@@ -188,6 +197,7 @@ def render_scale(payload: dict, out: Console | None = None) -> None:
             r["count"] if not r["errors"] else f"{r['count']} ({r['errors']} errors)",
             r["rate"],
             None if r["speedup"] is None else f"{r['speedup']:.2f}x",
+            " / ".join(f"{x:.1f}" for x in r.get("load_average") or []),
         )
         for r in payload["runs"]
     ]

@@ -31,6 +31,7 @@ from tailorlm.cluster import serving
 from tailorlm.cluster.session import connected
 from tailorlm.cluster.training import RayRunner
 from tailorlm.methods.deps import MethodSettings
+from tailorlm.perf.harness import MachineWatch
 from tailorlm.perf.serve import (
     UNIFORM,
     ServeLoadConfig,
@@ -71,6 +72,7 @@ class ScaleRun:
     tokens_per_s: float | None = None
     speedup: float | None = None  # rate against the local backend's
     errors: int = 0
+    load_average: list[float] | None = None  # the machine's 1-minute load before and after the run
 
 
 # ---- training ------------------------------------------------------------------------------------------
@@ -92,8 +94,12 @@ def _time_training(root: Path, config: ScaleConfig, runner: TrainRunner) -> tupl
     return (max(stored) if stored else time.perf_counter()) - started, len(outcome.trained)
 
 
-def _train_run(backend: str, workers: int, seconds: float, users: int) -> ScaleRun:
-    return ScaleRun("train", backend, workers, seconds, users, users / seconds * 3600)
+def _train_run(root: Path, config: ScaleConfig, runner: TrainRunner, backend: str, workers: int) -> ScaleRun:
+    with MachineWatch(1) as machine:
+        seconds, users = _time_training(root, config, runner)
+    run = ScaleRun("train", backend, workers, seconds, users, users / seconds * 3600)
+    run.load_average = machine.facts["load_average_1min"]
+    return run
 
 
 # ---- serving -------------------------------------------------------------------------------------------
@@ -103,11 +109,12 @@ def _serve_run(backend: str, workers: int, url: str, key: str, config: ServeLoad
     users = config.main_users
     warm = plan(config, users, UNIFORM, None, config.seed + 1)[:4]
     asyncio.run(drive(url, key, warm, 4, 120))  # first-request costs (allocations) out of the timing
-    outcomes, elapsed = asyncio.run(
-        drive(url, key, plan(config, users, UNIFORM, None, config.seed), config.clients, config.seconds)
-    )
+    with MachineWatch(1) as machine:
+        outcomes, elapsed = asyncio.run(
+            drive(url, key, plan(config, users, UNIFORM, None, config.seed), config.clients, config.seconds)
+        )
     ok = [o for o in outcomes if o.status == 200]
-    return ScaleRun(
+    run = ScaleRun(
         "serve",
         backend,
         workers,
@@ -117,6 +124,8 @@ def _serve_run(backend: str, workers: int, url: str, key: str, config: ServeLoad
         tokens_per_s=sum(o.tokens for o in ok) / elapsed if elapsed else 0.0,
         errors=len(outcomes) - len(ok),
     )
+    run.load_average = machine.facts["load_average_1min"]
+    return run
 
 
 # ---- the run -------------------------------------------------------------------------------------------
@@ -134,7 +143,7 @@ def run_scale_benchmark(config: ScaleConfig, log: Callable[[str], None] = print)
         # tokenizer and the model files, allocations) that a Ray worker pays outside its timing too.
         _time_training(folder / "warm-up", replace(config, train_users=1), LocalRunner())
         log(f"training {config.train_users} users of {config.task} on the local backend")
-        runs.append(_train_run("local", 1, *_time_training(folder / "local", config, LocalRunner())))
+        runs.append(_train_run(folder / "local", config, LocalRunner(), "local", 1))
         log(f"building a store of {serve_config.main_users} users for the serving runs")
         key = build_store(folder / "serve", serve_config.main_users, config.model, serve_config.seed)
         log("serving from one process")
@@ -148,8 +157,7 @@ def run_scale_benchmark(config: ScaleConfig, log: Callable[[str], None] = print)
                 runner = RayRunner(
                     math.ceil(config.train_users / workers), workers=workers, threads=max(1, cores // workers)
                 )
-                seconds, users = _time_training(folder / f"ray-{workers}", config, runner)
-                runs.append(_train_run("ray", workers, seconds, users))
+                runs.append(_train_run(folder / f"ray-{workers}", config, runner, "ray", workers))
             for replicas in config.workers:
                 log(f"serving from Ray Serve with {replicas} replica(s)")
                 ray_config = server_config(folder / "serve", free_port(), serve_config)
