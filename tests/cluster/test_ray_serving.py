@@ -113,3 +113,18 @@ def test_bad_requests_get_the_same_answers(fronts, store_users):
         assert 400 <= replies[0].status_code < 500, (path, body, replies[0].text)
         assert [r.status_code for r in replies] == [replies[0].status_code] * 2, (path, body)
         assert replies[1].json() == replies[0].json(), (path, body)
+
+
+def test_forgetting_a_user_clears_their_slots_on_the_replicas(fronts, store_users):
+    """Last in this module: it deletes a user from the store both servers share."""
+    _, ray_url = fronts
+    user = "lora-user-1"
+    admin = {"Authorization": f"Bearer {store_users.admin}"}
+    forgotten = httpx.delete(f"{ray_url}/v1/users/{user}", headers=admin, timeout=60)
+    assert forgotten.status_code == 200, forgotten.text
+    assert forgotten.json()["slots_cleared"] >= 1  # resident on their home replica since they were served
+    body = {"model": user, "prompt": "hi", "max_tokens": 2}
+    again = httpx.post(
+        f"{ray_url}/v1/completions", json=body, headers={"Authorization": f"Bearer {store_users.keys[user]}"}
+    )
+    assert again.status_code == 401

@@ -127,7 +127,12 @@ class RayRunner:
         if not groups:
             return []
         threads = self.threads or max(1, settings.thread_count() // (self.workers or 1))
-        window = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if threads > cpus:  # a task asks for one CPU per thread: it would wait forever
+            raise ClusterError(
+                f"a worker of {threads} threads needs {threads} CPUs; the Ray instance has {cpus}"
+            )
+        window = self.workers or max(1, cpus // threads)
         task = ray.remote(train_on_worker).options(
             num_cpus=threads, max_retries=self.max_retries, retry_exceptions=False
         )
