@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -69,6 +70,9 @@ def connected(address: str | None = None, cpus: int | None = None) -> Iterator[M
     except (ConnectionError, ValueError, RuntimeError) as error:
         raise ClusterError(f"cannot reach Ray{f' at {address}' if address else ''}: {error}") from None
     try:
-        yield ray
+        # Ray's driver prints its processes' messages (a killed actor's retries, say) on stdout: they go
+        # to stderr instead, so a command's --json output stays one JSON object.
+        with contextlib.redirect_stdout(sys.stderr):
+            yield ray
     finally:
         ray.shutdown()
