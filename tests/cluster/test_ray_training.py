@@ -79,7 +79,7 @@ def test_ray_modules_equal_the_local_ones_bit_for_bit_after_a_worker_dies(ray_in
 
 
 def test_a_killed_driver_resumes_and_only_changed_users_train_again(ray_instance, tmp_path, make_base):
-    service = imported(tmp_path / "store", make_base, RayRunner(1, workers=1, threads=1))
+    service = imported(tmp_path / "store", make_base, RayRunner(GROUP, workers=1, threads=1))
     service.configure(base_model=models.TINY_MODEL)  # what the command line loads: the same tiny model
 
     def die_once_someone_is_stored(done, total):
@@ -94,7 +94,7 @@ def test_a_killed_driver_resumes_and_only_changed_users_train_again(ray_instance
 
     # Started again from the command line: only the users not stored yet train.
     args = ["users", "train", "--store", str(service.root), "--epochs", "1", "--users-per-step", "2"]
-    args += ["--json", "--backend", "ray", "--workers", "1", "--group-users", "1"]
+    args += ["--json", "--backend", "ray", "--workers", "1", "--group-users", str(GROUP)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     outcome = json.loads(result.stdout)
