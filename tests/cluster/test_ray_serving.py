@@ -54,10 +54,17 @@ def answers(url: str, user: str, key: str) -> list[str]:
     return [completion.choices[0].text, chat.choices[0].message.content, streamed]
 
 
-def test_the_same_answers_each_user_on_one_replica_many_users_per_batch(fronts, store_users):
+def test_ray_serve_answers_as_one_process_does(fronts, store_users):
+    """One test over one deployment (deploying takes ~20 s; xdist may run this file's tests apart, and a
+    module fixture would then deploy twice). Forgetting comes last: it deletes a user from the store."""
+    check_same_answers_one_replica_per_user_shared_batches(*fronts, store_users)
+    check_bad_requests_get_the_same_answers(*fronts, store_users)
+    check_forgetting_clears_the_replicas(fronts[1], store_users)
+
+
+def check_same_answers_one_replica_per_user_shared_batches(local, ray_url, store_users):
     from tailorlm.cluster import serving
 
-    local, ray_url = fronts
     for kind in ("lora", "ia3", "prompt", "bottleneck"):  # a user of each kind, on either replica
         user = f"{kind}-user-0"
         key = store_users.keys[user]
@@ -88,8 +95,7 @@ def test_the_same_answers_each_user_on_one_replica_many_users_per_batch(fronts, 
     assert max(replica["mean_batch"] for replica in stats) > 1.0  # users shared decode steps
 
 
-def test_bad_requests_get_the_same_answers(fronts, store_users):
-    local, ray_url = fronts
+def check_bad_requests_get_the_same_answers(local, ray_url, store_users):
     user, other = "lora-user-0", "ia3-user-0"
     key = store_users.keys[user]
     cases = [
@@ -118,14 +124,14 @@ def test_bad_requests_get_the_same_answers(fronts, store_users):
         assert replies[1].json() == replies[0].json(), (path, body)
 
 
-def test_forgetting_a_user_clears_their_slots_on_the_replicas(fronts, store_users):
-    """Last in this module: it deletes a user from the store both servers share."""
-    _, ray_url = fronts
+def check_forgetting_clears_the_replicas(ray_url, store_users):
     user = "lora-user-1"
+    served = client(ray_url, store_users.keys[user]).completions.create(model=user, prompt="hi", max_tokens=2)
+    assert served.choices  # now resident on their home replica
     admin = {"Authorization": f"Bearer {store_users.admin}"}
     forgotten = httpx.delete(f"{ray_url}/v1/users/{user}", headers=admin, timeout=60)
     assert forgotten.status_code == 200, forgotten.text
-    assert forgotten.json()["slots_cleared"] >= 1  # resident on their home replica since they were served
+    assert forgotten.json()["slots_cleared"] >= 1
     body = {"model": user, "prompt": "hi", "max_tokens": 2}
     again = httpx.post(
         f"{ray_url}/v1/completions", json=body, headers={"Authorization": f"Bearer {store_users.keys[user]}"}
