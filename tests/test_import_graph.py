@@ -37,11 +37,12 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
         "models": ("device", "files", "settings"),
         "engine": ("kinds", "models"),
         "store": ("engine", "files", "kinds"),
-        "train": ("engine", "progress", "store"),
+        "train": ("engine", "kinds", "models", "progress", "store"),
         "data": ("metrics",),
         "methods": ("data", "engine", "files", "kinds", "metrics", "models", "progress", "store", "train"),
         "bench": ("data", "engine", "files", "methods", "metrics", "progress", "train"),
         "perf": (
+            "cluster",
             "data",
             "engine",
             "files",
@@ -70,8 +71,11 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
             "users",
         ),
         "doctor": ("models", "settings"),
+        # Ray (training groups on workers, replicas behind Ray Serve): beside the local backends it scales.
+        "cluster": ("engine", "kinds", "models", "progress", "serve", "settings", "store", "train", "users"),
         "cli": (
             "bench",
+            "cluster",
             "data",
             "device",
             "doctor",

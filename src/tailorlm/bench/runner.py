@@ -25,6 +25,7 @@ from tailorlm.methods.deps import MethodDeps, base_loader
 from tailorlm.methods.recipes import PromptTrace
 from tailorlm.methods.registry import Method, resolve
 from tailorlm.progress import Reporter
+from tailorlm.train.jobs import LocalRunner, TrainRunner
 
 __all__ = ["RunFolderError", "run"]
 
@@ -54,10 +55,12 @@ def run(
     reporter: Reporter | None = None,
     trace: PromptTrace | None = None,
     estimate_work: bool = False,
+    runner: TrainRunner | None = None,
 ) -> dict[str, Any]:
     """Run the methods, keep every user's predictions as they finish, then write results and the report;
     returns the results (as written to ``results.json``).
-    ``trace``, when given, receives every prompt the methods build with what went into it.
+    ``trace``, when given, receives every prompt the methods build with what went into it; ``runner``
+    decides where per-user modules train (default: this process).
     ``estimate_work`` (or a budget in ``config``) measures this machine and prints the run's estimated
     time first; over the budget, the run is capped (``bench.budget``)."""
     config = config or BenchConfig()
@@ -79,6 +82,7 @@ def run(
         adapter_users=adapter_users,
         reporter=reporter,
         trace=trace,
+        runner=runner or LocalRunner(),
         profile_cache=folder.profiles,
     )
     plan = []

@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
+
 from tailorlm import metrics
 from tailorlm.bench.config import BenchConfig, split_users
 from tailorlm.bench.results import gold_value
@@ -24,7 +26,8 @@ from tailorlm.methods.recipes import PromptBuilder
 from tailorlm.methods.registry import methods_for
 from tailorlm.methods.setups import PersonalSetup, answer_examples, personal_job
 from tailorlm.progress import Reporter
-from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, UserResult
+from tailorlm.train.jobs import LocalRunner, TrainRunner, TrainWork
+from tailorlm.train.trainer import TrainConfig
 
 SELECT_BY = ("metric", "loss")
 
@@ -48,8 +51,10 @@ def tune(
     config: BenchConfig | None = None,
     select_by: str = "metric",
     reporter: Reporter | None = None,
+    runner: TrainRunner | None = None,
 ) -> dict:
-    """Per learning rate: the users' mean best validation loss and mean validation metric."""
+    """Per learning rate: the users' mean best validation loss and mean validation metric. ``runner``
+    decides where the users train (default: this process)."""
     if select_by not in SELECT_BY:
         raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}, not {select_by!r}")
     config = config or BenchConfig()
@@ -60,6 +65,7 @@ def tune(
         raise ValueError(f"{method!r} is not a per-user module method; choose one of {', '.join(personal)}")
     decoding = check_decoding(task, config.decoding or default_decoding(task))
     reporter = reporter or Reporter()
+    runner = runner or LocalRunner()
     test_users, adapter_users = split_users(task, config)
     # OPPU's task adapter is trained in a scratch folder once per tuning call, never in a run's folder,
     # and removed afterwards.
@@ -89,17 +95,27 @@ def tune(
                 seed=config.seed,
                 users_per_step=config.users_per_step,
             )
-            results = MultiUserTrainer(engine, train_config).run(
-                jobs, on_progress=reporter.progress(f"{method} lr={rate:g}")
+            # Trained through the runner into a scratch store, as the benchmark trains: the same modules
+            # from either backend, read back from the store for scoring.
+            store = deps.store(f"tune-{len(rows)}")
+            runner.train(
+                engine,
+                TrainWork(train_config, jobs),
+                store,
+                fresh_base=lambda: chosen.setup.build_base(deps, chosen.recipe),
+                on_progress=reporter.progress(f"{method} lr={rate:g}"),
             )
-            scored = _validation_scores(deps, method, engine, builder, sample, results, decoding)
+            records = [store.current(u.id) for u in sample]
+            modules = {u.id: store.loader(engine.spec)(u.id) for u in sample}
+            store.close()
+            scored = _validation_scores(deps, method, engine, builder, sample, modules, decoding)
             rows.append(
                 {
                     "learning_rate": rate,
-                    "val_loss": statistics.fmean(min(r.val_losses) for r in results),
+                    "val_loss": statistics.fmean(min(r.metrics["val_losses"]) for r in records),
                     "val_metric": scored["user_mean"][primary],
-                    "users": len(results),
-                    "best_epoch": statistics.fmean(r.best_epoch for r in results),
+                    "users": len(records),
+                    "best_epoch": statistics.fmean(r.metrics["best_epoch"] for r in records),
                 }
             )
             reporter.log(
@@ -139,11 +155,10 @@ def _validation_scores(
     engine: Engine,
     builder: PromptBuilder,
     users: list[User],
-    results: list[UserResult],
+    modules: dict[str, dict[str, torch.Tensor]],
     decoding: str,
 ) -> dict:
     """Each user's best-epoch module answers their validation items, as the benchmark answers test items."""
-    modules = {r.user_id: r.module for r in results}
     slots = SlotManager(engine.bank, loader=modules.__getitem__)
     golds, predictions, owners = [], [], []
     for start in range(0, len(users), slots.capacity):

@@ -10,7 +10,19 @@ import typer
 from tailorlm import models
 from tailorlm.bench.config import QUICK, QUICK_BUDGET_MINUTES
 from tailorlm.cli import app, console
-from tailorlm.cli.common import DEVICE_OPTION, DTYPE_OPTION, JSON_OPTION, MODEL_OPTION, user_errors
+from tailorlm.cli.common import (
+    BACKEND_OPTION,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    GROUP_USERS_OPTION,
+    JSON_OPTION,
+    MODEL_OPTION,
+    RAY_ADDRESS_OPTION,
+    WORKERS_OPTION,
+    user_errors,
+)
+from tailorlm.cluster.session import ClusterError
+from tailorlm.cluster.training import runner_for
 from tailorlm.data import DataError, load_task
 from tailorlm.engine.bank import EngineError
 from tailorlm.methods.registry import default_methods, methods_for
@@ -70,6 +82,10 @@ def bench_command(
         "--full: none unless given; 0: none). The work is estimated first; over the budget, each test "
         "user's training items and then the test users are capped, and the report says so.",
     ),
+    backend: str = BACKEND_OPTION,
+    workers: int | None = WORKERS_OPTION,
+    group_users: int | None = GROUP_USERS_OPTION,
+    ray_address: str | None = RAY_ADDRESS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Benchmark personalization methods on one task; resumes an interrupted run in the same --out."""
@@ -91,8 +107,17 @@ def bench_command(
     if adapter_examples is not None:
         config = dataclasses.replace(config, adapter_examples=adapter_examples or None)
     out = out or Path("runs") / f"{task.replace(':', '-')}-{'full' if full else 'quick'}"
-    with user_errors(
-        DataError, RunFolderError, models.ModelNotFoundError, EngineError, ValueError, ReportError
+    with (
+        user_errors(
+            DataError,
+            RunFolderError,
+            models.ModelNotFoundError,
+            EngineError,
+            ValueError,
+            ReportError,
+            ClusterError,
+        ),
+        runner_for(backend, group_users, workers, ray_address) as training,
     ):
         results = runner.run(
             task,
@@ -103,6 +128,7 @@ def bench_command(
             split=split,
             reporter=console.ConsoleReporter(visible=not as_json),
             estimate_work=True,
+            runner=training,
         )
 
     def render(_: dict) -> None:
@@ -166,12 +192,19 @@ def tune_command(
     device: str | None = DEVICE_OPTION,
     dtype: str | None = DTYPE_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed of the user sample and training."),
+    backend: str = BACKEND_OPTION,
+    workers: int | None = WORKERS_OPTION,
+    group_users: int | None = GROUP_USERS_OPTION,
+    ray_address: str | None = RAY_ADDRESS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Pick a learning rate for a per-user method on validation items (test items are never read)."""
     from tailorlm.bench.tune import tune
 
-    with user_errors(DataError, models.ModelNotFoundError, EngineError, ValueError):
+    with (
+        user_errors(DataError, models.ModelNotFoundError, EngineError, ValueError, ClusterError),
+        runner_for(backend, group_users, workers, ray_address) as training,
+    ):
         try:
             rates = [float(x) for x in learning_rates.split(",") if x.strip()]
         except ValueError:
@@ -195,6 +228,7 @@ def tune_command(
             ),
             select_by=select_by,
             reporter=console.ConsoleReporter(visible=not as_json),
+            runner=training,
         )
 
     def render(data: dict) -> None:

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 import typer
+from rich.markup import escape
 
 from tailorlm.cli import console
 
@@ -28,6 +29,26 @@ DTYPE_OPTION = typer.Option(
 )
 
 
+BACKEND_OPTION = typer.Option(
+    "local",
+    "--backend",
+    help="Where users' modules train: local (this process) or ray (Ray workers; pip install tailorlm[ray]).",
+)
+WORKERS_OPTION = typer.Option(
+    None, "--workers", min=1, help="--backend ray: groups trained at once (default: the CPUs / threads)."
+)
+GROUP_USERS_OPTION = typer.Option(
+    None,
+    "--group-users",
+    min=1,
+    help="Users per training group (default 64): a worker's unit of work and of retry. The same grouping "
+    "on both backends gives the same modules.",
+)
+RAY_ADDRESS_OPTION = typer.Option(
+    None, "--ray-address", help="--backend ray: a running Ray cluster (default: start a local instance)."
+)
+
+
 class UserError(Exception):
     """A mistake in what the user asked for; shown as one line, never as a traceback."""
 
@@ -38,5 +59,6 @@ def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
     try:
         yield
     except (UserError, *kinds) as error:
-        console.err.print(f"[bold red]error:[/] {error}", markup=True, highlight=False)
+        # escaped: a message may hold brackets ("pip install tailorlm[ray]") that are not markup
+        console.err.print(f"[bold red]error:[/] {escape(str(error))}", markup=True, highlight=False)
         raise typer.Exit(2) from None

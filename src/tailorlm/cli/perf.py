@@ -109,3 +109,50 @@ def serve_command(
         )
         payload = run_serve_benchmark(config, log=lambda message: console.err.print(message, highlight=False))
     console.emit(payload, as_json, perf_tables.render_serve)
+
+
+@perf_app.command("scale")
+def scale_command(
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Base model: the default SmolLM2-135M-Instruct, or 'tiny' for a smoke run.",
+    ),
+    train_users: int = typer.Option(16, "--train-users", min=1, help="Users trained per training run."),
+    epochs: int = typer.Option(1, "--epochs", min=1, help="Epochs per user."),
+    workers: list[int] | None = typer.Option(
+        None, "--workers", help="Ray workers / replicas per run (repeatable; default 1 and 2)."
+    ),
+    serve_users: int = typer.Option(
+        50, "--serve-users", min=1, help="Users with a module in the serving runs."
+    ),
+    requests: int = typer.Option(64, "--requests", min=1, help="Requests per serving run."),
+    clients: int = typer.Option(16, "--clients", min=1, help="Concurrent clients of the serving runs."),
+    seconds: float = typer.Option(180.0, "--seconds", min=1.0, help="Time limit per serving run."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Users trained per hour and requests per second: the local backends beside a local Ray instance
+    with 1, 2, ... workers (training) and replicas (serving), with the speed-up against local."""
+    from tailorlm.cli import perf_tables
+    from tailorlm.cluster.session import ClusterError
+    from tailorlm.perf.scale import ScaleConfig, run_scale_benchmark
+    from tailorlm.perf.serve import ServeLoadConfig
+
+    with user_errors(models.ModelNotFoundError, ValueError, ClusterError):
+        counts = tuple(sorted(set(workers or (1, 2))))
+        if min(counts) < 1:
+            raise UserError("--workers takes positive counts")
+        serve = ServeLoadConfig(
+            model=model,
+            users=(serve_users,),
+            main_users=serve_users,
+            slots=16,
+            max_batch=16,
+            clients=clients,
+            requests=requests,
+            seconds=seconds,
+        )
+        config = ScaleConfig(model=model, train_users=train_users, epochs=epochs, workers=counts, serve=serve)
+        payload = run_scale_benchmark(config, log=lambda message: console.err.print(message, highlight=False))
+    console.emit(payload, as_json, perf_tables.render_scale)

@@ -171,3 +171,38 @@ def render_serve(payload: dict, out: Console | None = None) -> None:
     ]
     out.print(console.table("Targets", ("figure", "measured", "target", ""), targets))
     out.print(f"{payload['passed']} met, {payload['missed']} missed, in {duration(payload['total_seconds'])}")
+
+
+SCALE_COLUMNS = [
+    "question",
+    "backend",
+    "workers / replicas",
+    "seconds",
+    "done",
+    "rate",
+    "speed-up vs local",
+    "load before / after",
+]
+
+
+def render_scale(payload: dict, out: Console | None = None) -> None:
+    """``perf scale``: training and serving, local beside Ray, each rate with its speed-up."""
+    out = out or Console(width=160, soft_wrap=True)
+    rows = [
+        (
+            "users trained / hour" if r["what"] == "train" else "requests / s",
+            r["backend"],
+            r["workers"],
+            r["seconds"],
+            r["count"] if not r["errors"] else f"{r['count']} ({r['errors']} errors)",
+            r["rate"],
+            None if r["speedup"] is None else f"{r['speedup']:.2f}x",
+            " / ".join(f"{x:.1f}" for x in r.get("load_average") or []),
+        )
+        for r in payload["runs"]
+    ]
+    title = (
+        f"Scaling on this machine ({payload['cores']} cores, {payload['model']}); "
+        f"the Ray instance took {payload['ray_start_seconds']:.1f} s to start (not counted)"
+    )
+    out.print(console.table(title, SCALE_COLUMNS, rows))

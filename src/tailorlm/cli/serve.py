@@ -9,8 +9,9 @@ import typer
 
 from tailorlm import kinds, settings
 from tailorlm.cli import app, console
-from tailorlm.cli.common import DEVICE_OPTION, DTYPE_OPTION, user_errors
+from tailorlm.cli.common import DEVICE_OPTION, DTYPE_OPTION, RAY_ADDRESS_OPTION, user_errors
 from tailorlm.cli.users import STORE_OPTION
+from tailorlm.cluster.session import ClusterError, check_backend, import_ray
 from tailorlm.models import ModelNotFoundError
 from tailorlm.serve.config import LOOPBACK, ServeConfig
 from tailorlm.serve.scheduler import SchedulerConfig
@@ -63,11 +64,21 @@ def serve_command(
     ),
     device: str | None = DEVICE_OPTION,
     dtype: str | None = DTYPE_OPTION,
+    backend: str = typer.Option(
+        "local",
+        "--backend",
+        help="local: this process serves; ray: --replicas engine replicas behind Ray Serve, each user's "
+        "requests on one replica (pip install tailorlm[ray]).",
+    ),
+    replicas: int = typer.Option(2, "--replicas", min=1, help="--backend ray: engine replicas."),
+    ray_address: str | None = RAY_ADDRESS_OPTION,
 ) -> None:
     """Serve the store's users: /v1/completions, /v1/chat/completions, /v1/models, user admin routes."""
     from tailorlm.serve.run import check_port, serve_forever  # FastAPI and uvicorn load only here
 
-    with user_errors(ValueError, ModelNotFoundError, kinds.ModuleSpecError, OSError):
+    with user_errors(ValueError, ModelNotFoundError, kinds.ModuleSpecError, OSError, ClusterError):
+        if check_backend(backend) == "ray":
+            import_ray()  # a missing extra is said before anything is prepared
         for name in kind or []:
             kinds.get(name)
         config = ServeConfig(
@@ -92,6 +103,15 @@ def serve_command(
             _prepare_demo(config, demo, demo_task)
         if host != LOOPBACK:
             console.err.print(f"warning: listening on {host}, not only on this machine's loopback")
+        if backend == "ray":
+            from tailorlm.cluster import serving
+
+            console.err.print(
+                f"serving {config.store} from {replicas} replicas on Ray Serve, http://{host}:{port} "
+                "(Ctrl-C stops)"
+            )
+            serving.serve_forever(config, replicas, ray_address)
+            return
         console.err.print(f"serving {config.store} on http://{host}:{port} (Ctrl-C stops)")
         serve_forever(config)
 

@@ -12,7 +12,19 @@ import typer
 
 from tailorlm import models, settings
 from tailorlm.cli import app, console
-from tailorlm.cli.common import DEVICE_OPTION, DTYPE_OPTION, JSON_OPTION, MODEL_OPTION, user_errors
+from tailorlm.cli.common import (
+    BACKEND_OPTION,
+    DEVICE_OPTION,
+    DTYPE_OPTION,
+    GROUP_USERS_OPTION,
+    JSON_OPTION,
+    MODEL_OPTION,
+    RAY_ADDRESS_OPTION,
+    WORKERS_OPTION,
+    user_errors,
+)
+from tailorlm.cluster.session import ClusterError
+from tailorlm.cluster.training import runner_for
 from tailorlm.device import DeviceError
 from tailorlm.engine.bank import EngineError
 from tailorlm.methods.deps import MethodSettings
@@ -203,14 +215,21 @@ def train_command(
     model: str | None = MODEL_OPTION,
     device: str | None = DEVICE_OPTION,
     dtype: str | None = DTYPE_OPTION,
+    backend: str = BACKEND_OPTION,
+    workers: int | None = WORKERS_OPTION,
+    group_users: int | None = GROUP_USERS_OPTION,
+    ray_address: str | None = RAY_ADDRESS_OPTION,
     store: str | None = STORE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Train users whose module is missing or out of date, many per step; a killed run resumes."""
     reporter = console.ConsoleReporter(visible=not as_json)
     method_settings = replace(MethodSettings(), epochs=epochs, users_per_step=users_per_step)
-    with user_errors(*STORE_ERRORS, models.ModelNotFoundError, DeviceError, EngineError):
-        service = _service(store, method_settings=method_settings, device=device, dtype=dtype)
+    with (
+        user_errors(*STORE_ERRORS, models.ModelNotFoundError, DeviceError, EngineError, ClusterError),
+        runner_for(backend, group_users, workers, ray_address) as runner,
+    ):
+        service = _service(store, method_settings=method_settings, device=device, dtype=dtype, runner=runner)
         if model is not None:
             service.configure(base_model=model)
 

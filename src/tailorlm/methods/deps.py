@@ -22,6 +22,7 @@ from tailorlm.methods.recipes import PromptBuilder, PromptTrace, PromptUse, Reci
 from tailorlm.methods.retrieval import Retriever, RetrieverCache
 from tailorlm.progress import Reporter
 from tailorlm.store.store import ModuleStore
+from tailorlm.train.jobs import LocalRunner, TrainRunner
 
 BaseLoader = Callable[[], models.BaseModel]  # a fresh base model per call (setups merge into their copy)
 
@@ -73,7 +74,8 @@ class MethodDeps:
     per task-adapter recipe), so a setup trains only the users that root lacks. ``adapter_users`` train
     the shared task adapter; they must not be users the adapter is then asked about. ``profiles`` defaults
     to profiles written by the bare base model, kept in memory and in ``profile_cache`` when given.
-    ``trace``, when given, receives every prompt a setup builds with what went into it.
+    ``trace``, when given, receives every prompt a setup builds with what went into it. ``runner``
+    decides where per-user modules train (default: this process; ``cluster.training.RayRunner``: Ray).
     """
 
     task: Task
@@ -85,6 +87,7 @@ class MethodDeps:
     profiles: ProfileSource | None = None
     reporter: Reporter = field(default_factory=Reporter)
     trace: PromptTrace | None = None
+    runner: TrainRunner = field(default_factory=LocalRunner)
     profile_cache: InitVar[Path | None] = None
     _bare: Engine | None = field(default=None, init=False, repr=False)
 

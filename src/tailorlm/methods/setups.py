@@ -26,6 +26,7 @@ from tailorlm.kinds.lora import LoraSpec
 from tailorlm.methods.decoding import UserAnswers, answer
 from tailorlm.methods.deps import MethodDeps
 from tailorlm.methods.recipes import PromptBuilder, PromptUse, Purpose, Recipe
+from tailorlm.models import BaseModel
 from tailorlm.store.store import ModuleStore
 from tailorlm.train.jobs import train_job
 from tailorlm.train.trainer import TrainConfig, UserData
@@ -309,10 +310,15 @@ class PersonalSetup:
         self.recipe = recipe
         self.on_task_adapter = on_task_adapter
 
+    def build_base(self, deps: MethodDeps, prompt_recipe: Recipe) -> BaseModel:
+        """A fresh base, with the task adapter merged into it for OPPU."""
+        if self.on_task_adapter:
+            return TaskAdapterSetup().merged_base(deps, prompt_recipe)
+        return deps.load_base()
+
     def build_engine(self, deps: MethodDeps, prompt_recipe: Recipe) -> Engine:
-        """A fresh base (with the task adapter merged into it for OPPU) and a slot per user of a step."""
-        setup = TaskAdapterSetup()
-        base = setup.merged_base(deps, prompt_recipe) if self.on_task_adapter else deps.load_base()
+        """An engine on a fresh base (``build_base``) with a slot per user of a step."""
+        base = self.build_base(deps, prompt_recipe)
         return deps.engine(self.recipe.spec, slots=deps.settings.users_per_step + 1, base=base)
 
     def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> Answerer:
@@ -338,6 +344,14 @@ class PersonalSetup:
             deps.reporter.log(
                 f"{method}: training {len(jobs)} users' modules, {settings.users_per_step} per step"
             )
-            train_job(engine, jobs, config, store, on_progress=deps.reporter.progress(f"{method}: training"))
+            train_job(
+                engine,
+                jobs,
+                config,
+                store,
+                on_progress=deps.reporter.progress(f"{method}: training"),
+                runner=deps.runner,
+                fresh_base=lambda: self.build_base(deps, recipe),
+            )
         slots = SlotManager(engine.bank, store.loader(engine.spec))
         return Answerer(deps, method, engine, builder, slots.capacity, slots=slots)

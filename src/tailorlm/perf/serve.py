@@ -263,13 +263,10 @@ async def drive(
 # ---- the servers ----------------------------------------------------------------------------------------
 
 
-def _serve(contender: str, root: str, port: int, config: ServeLoadConfig) -> None:
-    """A contender's server process (spawned): serves until terminated."""
-    from tailorlm.serve.run import serve_forever
-
-    settings.apply_threads()
-    serve_config = ServeConfig(
-        store=Path(root),
+def server_config(root: Path, port: int, config: ServeLoadConfig) -> ServeConfig:
+    """The settings every server under load runs with (here and in ``perf scale``)."""
+    return ServeConfig(
+        store=root,
         port=port,
         base_model=config.model,
         slots=config.slots,
@@ -279,6 +276,14 @@ def _serve(contender: str, root: str, port: int, config: ServeLoadConfig) -> Non
         max_context=512,
         retrain=False,
     )
+
+
+def _serve(contender: str, root: str, port: int, config: ServeLoadConfig) -> None:
+    """A contender's server process (spawned): serves until terminated."""
+    from tailorlm.serve.run import serve_forever
+
+    settings.apply_threads()
+    serve_config = server_config(Path(root), port, config)
     options: dict = {}
     if contender == BARE:
         options["bare"] = True

@@ -27,6 +27,7 @@ from tailorlm.serve.server import Server
 from tailorlm.users.keys import KeyOwner
 
 log = logging.getLogger(__name__)
+REPLICA_HEADER = "x-tailorlm-replica"  # which engine replica answered (a front of several replicas)
 
 
 class BodyLimit:
@@ -175,8 +176,8 @@ def _inference_routes(app: FastAPI, server: Server) -> None:
     async def health() -> dict:
         return {
             "status": "ok",
-            "kinds": [bank.kind.name for bank in server.engine.banks],
-            "slots": sum(manager.capacity for manager in server.managers),
+            "kinds": [spec.kind for spec in server.specs],
+            "slots": server.capacity,
             "pending": server.scheduler.pending(),
         }
 
@@ -292,11 +293,12 @@ async def _answer(
     )
     server.scheduler.submit(job)
     request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
+    placed = {REPLICA_HEADER: job.placed_on} if job.placed_on else {}
     if body.stream:
         return StreamingResponse(
             _stream(server, job, events, request_id, body, chat),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
+            headers={"Cache-Control": "no-cache", **placed},
         )
     pieces = []
     try:
@@ -315,7 +317,7 @@ async def _answer(
     counts = protocol.usage(event.prompt_tokens, event.completion_tokens)
     extra = {"label_scores": event.scores} if event.scores is not None else None
     build = protocol.chat_body if chat else protocol.completion_body
-    return JSONResponse(build(request_id, body.model, answer, event.finish, counts, extra))
+    return JSONResponse(build(request_id, body.model, answer, event.finish, counts, extra), headers=placed)
 
 
 async def _stream(

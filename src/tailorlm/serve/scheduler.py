@@ -74,6 +74,7 @@ class Job:
     pins: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     sent: int = 0  # characters of the decoded text already emitted
     first_token: float | None = None
+    placed_on: str | None = None  # the replica a front routed it to (``cluster.serving``); None: here
 
     @property
     def slot_key(self) -> str:

@@ -99,29 +99,42 @@ class Server:
         base: models.BaseModel | None = None,
         scheduler_factory: Callable[[Server], Scheduler] | None = None,
         bare: bool = False,
+        replicas: int = 0,
     ) -> None:
         """``scheduler_factory`` and ``bare`` are for load tests: another scheduler behind the same HTTP
-        front (a stock-PEFT baseline), or every request on the bare base model (the upper bound)."""
+        front (a stock-PEFT baseline), or every request on the bare base model (the upper bound).
+        ``replicas`` > 0: this process is only the HTTP front of that many engine replicas elsewhere
+        (``cluster.serving``): no base model or engine here, and ``scheduler_factory`` routes each job
+        to a replica."""
         self.config = config
         self.store = ModuleStore(config.store)
         self.service = UserService(self.store, device=config.device, dtype=config.dtype)
         base_name = config.base_model or self.service.settings().base_model
-        # The store's users trained on the base with its task adapter merged (OPPU): so are they served.
-        self.base = self.service.with_task_adapter(
-            base or models.load_base(base_name, config.device, config.dtype)
-        )
-        # The request threads' own tokenizer: a fast tokenizer's settings are not safe to share with the
-        # scheduler thread, whose scoring truncates (a shared one can fail with "Already borrowed").
-        self.prompt_tokenizer = copy.deepcopy(self.base.tokenizer)
-        self.engine = Engine(
-            self.base,
-            served_specs(self.store, config.kinds),
-            slots=config.slots + 1,
-            max_length=config.max_context,
-        )
-        self.managers = [SlotManager(bank, self._loader(bank.spec)) for bank in self.engine.banks]
+        # One bank per module layout, in this order, in every engine serving this store: a job names its
+        # bank by index, so a front and its replicas agree on the index.
+        self.specs = served_specs(self.store, config.kinds)
+        self.engine: Engine | None = None
+        self.managers: list[SlotManager] = []
+        if replicas:
+            self.base = None
+            self.prompt_tokenizer = models.load_tokenizer(
+                None if base_name == models.TINY_MODEL else base_name
+            )
+        else:
+            # The store's users trained on the base with its task adapter merged (OPPU): so are they served.
+            self.base = self.service.with_task_adapter(
+                base or models.load_base(base_name, config.device, config.dtype)
+            )
+            # The request threads' own tokenizer: a fast tokenizer's settings are not safe to share with
+            # the scheduler thread, whose scoring truncates (a shared one can fail with "Already borrowed").
+            self.prompt_tokenizer = copy.deepcopy(self.base.tokenizer)
+            self.engine = Engine(self.base, self.specs, slots=config.slots + 1, max_length=config.max_context)
+            self.managers = [SlotManager(bank, self._loader(bank.spec)) for bank in self.engine.banks]
+        self.capacity = config.slots * len(self.specs) * max(1, replicas)  # resident modules in all
         self.metrics = ServeMetrics()
         self.bare = bare
+        if scheduler_factory is None and replicas:
+            raise ValueError("a front of remote replicas needs the scheduler that routes to them")
         self.scheduler = (
             scheduler_factory(self)
             if scheduler_factory
@@ -183,8 +196,8 @@ class Server:
         if self.bare:
             return record.version, -1
         spec = kinds.spec_from_dict(record.spec)
-        for index, bank in enumerate(self.engine.banks):
-            if kinds.same_layout(bank.spec, spec):
+        for index, served in enumerate(self.specs):
+            if kinds.same_layout(served, spec):
                 return record.version, index
         raise ApiError(
             400,

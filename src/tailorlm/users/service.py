@@ -47,8 +47,8 @@ from tailorlm.store.index import HistoryRecord, StoreIndex, VersionRecord
 from tailorlm.store.module_folder import ModuleFileError
 from tailorlm.store.roots import LocalRoot
 from tailorlm.store.store import ModuleStore, folder_name
-from tailorlm.train.jobs import store_result
-from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, UserResult
+from tailorlm.train.jobs import LocalRunner, TrainRunner, TrainWork
+from tailorlm.train.trainer import TrainConfig
 from tailorlm.users import keys
 from tailorlm.users.errors import UserError
 
@@ -198,7 +198,8 @@ class UserService:
     ``index`` as ``ModuleStore`` takes it, None finding the index the root records). ``load_base`` builds
     a fresh base model per call (tests hand in the tiny one); by default the store's base model is loaded
     on ``device`` in ``dtype``. ``method_settings`` gives the training defaults (epochs, batch size, users
-    per step, prompt length) the benchmark's per-user methods use."""
+    per step, prompt length) the benchmark's per-user methods use. ``runner`` decides where training
+    groups run (default: this process; ``cluster.training.RayRunner``: Ray workers)."""
 
     def __init__(
         self,
@@ -208,9 +209,11 @@ class UserService:
         device: str | None = None,
         dtype: str | None = None,
         index: str | None = None,
+        runner: TrainRunner | None = None,
     ) -> None:
         self.store = store if isinstance(store, ModuleStore) else ModuleStore(store, index=index)
         self.method_settings = method_settings or MethodSettings()
+        self.runner = runner or LocalRunner()
         self._load_base = load_base
         self._placement = (device, dtype)
 
@@ -636,16 +639,19 @@ class UserService:
             if start_from_current:
                 job.init = self._current_module(engine, user.id)
             jobs.append(job)
-        trained: list[str] = []
 
-        def keep(result: UserResult) -> None:
-            record = store_result(self.store, engine, result, fingerprints[result.user_id])
-            trained.append(result.user_id)
+        def stored(user_id: str) -> None:
             if on_user is not None:
-                on_user(record)
+                on_user(self.store.current(user_id))
 
-        MultiUserTrainer(engine, config).run(jobs, on_done=keep, on_progress=progress.next_group())
-        return trained
+        return self.runner.train(
+            engine,
+            TrainWork(config, jobs, fingerprints),
+            self.store,
+            fresh_base=self.load_base(),
+            on_progress=progress.next_group(),
+            on_stored=stored,
+        )
 
     def _current_module(self, engine: Engine, user_id: str) -> dict | None:
         """``user_id``'s current module in ``engine``'s layout, or None to start fresh: when they have
