@@ -26,12 +26,11 @@ from tailorlm.data.schema import Task, User
 from tailorlm.engine.batch import Row
 from tailorlm.engine.engine import Engine
 from tailorlm.engine.generation import DecodeConfig
-from tailorlm.kinds.lora import LoraSpec
 from tailorlm.methods import label_models
 from tailorlm.methods.deps import MethodDeps
 from tailorlm.methods.recipes import PromptBuilder, Recipe
 from tailorlm.methods.registry import Method
-from tailorlm.methods.setups import BaseSetup, PersonalSetup, TaskAdapterSetup
+from tailorlm.methods.setups import TASK_ADAPTER, BaseSetup, PersonalSetup, TaskAdapterSetup
 
 # Caps tried on each test user's training items, largest first; and the fewest test users a capped run
 # keeps (below this the confidence intervals say little).
@@ -119,7 +118,7 @@ def measure(deps: MethodDeps, users: Sequence[User]) -> Rates:
     queries = _sample_rows(task, users, settings.batch_size, 2, settings.seed)
     if not queries:
         raise ValueError(f"task {task.name}: no training items to measure the work on")
-    engine = Engine(deps.load_base(), LoraSpec(), slots=3, max_length=settings.max_length)
+    engine = Engine(deps.load_base(), TASK_ADAPTER.spec, slots=3, max_length=settings.max_length)
     builder = PromptBuilder(task, engine.tokenizer, Recipe())
     slot_of = {user.id: i + 1 for i, user in enumerate({u.id: u for u, _ in queries}.values())}
     prompts = [builder.build(u, e).text for u, e in queries]
