@@ -237,7 +237,7 @@ def deploy(config: ServeConfig, replicas: int, threads: int | None = None) -> st
     if replicas < 1:
         raise ValueError(f"serve with at least one replica, not {replicas}")
     threads = threads or max(1, settings.thread_count() // replicas)
-    serve.start(http_options={"host": config.host, "port": config.port})
+    _start_proxy(config)
     replica = serve.deployment(Replica)
     bound = [
         replica.options(name=name, num_replicas=1, ray_actor_options={"num_cpus": threads}).bind(
@@ -248,6 +248,23 @@ def deploy(config: ServeConfig, replicas: int, threads: int | None = None) -> st
     front = serve.deployment(serve.ingress()(Front), name=FRONT, ray_actor_options={"num_cpus": 0})
     serve.run(front.bind(config, *bound), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{config.host}:{config.port}"
+
+
+def _start_proxy(config: ServeConfig, attempts: int = 2) -> None:
+    """Serve's HTTP proxy on ``config``'s host and port. Serve waits a fixed 60 s for the proxy actor; on
+    a machine whose cores are busy with other work it can miss that (seen here, once, with two benchmark
+    runs beside the test suite), so one more attempt is made on a clean Serve before giving up."""
+    import ray
+    from ray import serve
+
+    for attempt in range(attempts):
+        try:
+            serve.start(http_options={"host": config.host, "port": config.port})
+            return
+        except (ray.exceptions.ActorDiedError, ray.exceptions.GetTimeoutError):
+            if attempt == attempts - 1:
+                raise
+            serve.shutdown()
 
 
 def replica_stats(replicas: int) -> list[dict[str, Any]]:
