@@ -24,6 +24,7 @@ from tailorlm.data.specs import TaskSpec
 from tailorlm.kinds.label_bias import LabelBiasSpec
 from tailorlm.methods import label_models
 from tailorlm.methods.recipes import PromptUse
+from tailorlm.progress import Reporter
 from tailorlm.store.store import ModuleStore
 
 LABELS = ("yes", "perhaps", "no")
@@ -106,13 +107,26 @@ def test_each_user_gets_the_option_best_on_their_own_validation_items(three_user
     assert chosen == {"ann": "module", "bob": "bias", "cid": "bias"}
 
 
+class Heard(Reporter):
+    """The last (done, total) each progress label reported."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, tuple[int, int]] = {}
+
+    def progress(self, label: str):
+        return lambda done, total: self.last.__setitem__(label, (done, total))
+
+
 def test_label_methods_keep_to_the_visibility_rules(tmp_path):
     """A real run of the three methods (tiny model): every prompt they fit, tune or answer with shows
     only what its user may see; each user's bias and module is fitted on that user's data only; the
     stored biases are label-bias modules over the task's labels, one per test user."""
     uses: list[PromptUse] = []
     methods = ["task-adapter+bias", "fusion", "oppu-choice"]
-    runner.run("verbagg", tmp_path, methods, SMALL, trace=uses.append)
+    progress = Heard()
+    runner.run("verbagg", tmp_path, methods, SMALL, trace=uses.append, reporter=progress)
+    # Fitting the biases reports its progress, user by user, to the end.
+    assert progress.last["task-adapter+bias: scoring training items"] == (SMALL.test_users, SMALL.test_users)
     run = Run(tmp_path, load_task("verbagg", seed=SMALL.seed), uses)
     check_prompts_show_only_what_the_asker_may_see(run)
     check_training_sees_only_its_own_users_data(run)

@@ -30,6 +30,7 @@ from tailorlm.methods.baselines import LabelPrior, suited_label
 from tailorlm.methods.deps import MethodDeps
 from tailorlm.methods.recipes import PromptBuilder, Purpose, Recipe
 from tailorlm.methods.setups import OPPU_SHRUNK, Answerer, PersonalSetup, Query, TaskAdapterSetup, prompts_for
+from tailorlm.progress import ProgressCallback
 from tailorlm.store.index import VersionRecord
 from tailorlm.store.store import ModuleStore
 
@@ -71,14 +72,21 @@ def validation_value(task: Task, golds: Sequence[str], predictions: Sequence[str
 # ---- the shared model's distributions ---------------------------------------------------------------
 
 
-def shared_distribution(answerer: Answerer, queries: Sequence[Query], purpose: Purpose) -> Distribution:
-    """The shared model's label distribution for each (user, example), ``[len(queries), labels]``.
+def shared_distribution(
+    answerer: Answerer,
+    queries: Sequence[Query],
+    purpose: Purpose,
+    on_progress: ProgressCallback | None = None,
+) -> Distribution:
+    """The shared model's label distribution for each (user, example), ``[len(queries), labels]``;
+    ``on_progress`` hears (users done, users) after each user.
 
     Prompts for fitting (``train``) or tuning (``validate``) are traced as the user's own module's, so the
     leakage rules see them as that user's data; ``answer`` prompts as answers."""
     labels = answerer.deps.task.labels
     out = torch.empty(len(queries), len(labels))
     users = list({user.id: user for user, _ in queries}.values())
+    done = 0
     for start in range(0, len(users), answerer.group_size):
         group = users[start : start + answerer.group_size]
         with answerer.placed(group) as slot_of:
@@ -97,6 +105,9 @@ def shared_distribution(answerer: Answerer, queries: Sequence[Query], purpose: P
                 )
                 scores = answerer.engine.score_choices(prompts, [slot_of.get(user.id, 0)] * len(rows), labels)
                 out[rows] = torch.log_softmax(torch.tensor(scores, dtype=torch.float32), dim=-1)
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, len(users))
     return out
 
 
@@ -227,7 +238,8 @@ def fit_user_biases(
     the users' validation items (pooled) is kept. A user's part never sees another user's items, nor
     anyone's test items."""
     train = queries_of(users, "train", task)
-    train_dist = shared_distribution(shared, train, "train")
+    progress = shared.deps.reporter.progress(f"{shared.method}: scoring training items")
+    train_dist = shared_distribution(shared, train, "train", progress)
     train_rows = _by_user(train)
     targets = {
         u: [metrics.label_index(train[i][1].targets[0], task.labels) for i in rows]
