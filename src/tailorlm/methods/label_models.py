@@ -49,11 +49,9 @@ def applies_to(task: Task) -> bool:
     return task.labels is not None and task.kind in ("classification", "rating")
 
 
-def label_targets(task: Task, examples: Sequence[Example]) -> tuple[list[int], list[Example]]:
-    """Each example's label index, for the examples whose target is one of ``task.labels``."""
-    kept = [(metrics.label_index(e.targets[0], task.labels), e) for e in examples if e.targets]
-    kept = [(index, e) for index, e in kept if index >= 0]
-    return [i for i, _ in kept], [e for _, e in kept]
+def labelled(task: Task, examples: Sequence[Example]) -> list[Example]:
+    """The examples whose target is one of ``task.labels``."""
+    return [e for e in examples if e.targets and metrics.label_index(e.targets[0], task.labels) >= 0]
 
 
 def decide(task: Task, distribution: Distribution) -> list[str]:
@@ -197,7 +195,7 @@ def queries_of(users: Sequence[User], split: str, task: Task) -> list[Query]:
     found: list[Query] = []
     for user in users:
         examples = task.training_examples(user) if split == "train" else getattr(user, split)
-        found += [(user, e) for e in label_targets(task, examples)[1]]
+        found += [(user, e) for e in labelled(task, examples)]
     return found
 
 
@@ -218,11 +216,10 @@ def _by_user(queries: Sequence[Query]) -> dict[str, list[int]]:
 @dataclass
 class UserBiases:
     """Each user's bias over the labels against one shared model, at the shrinkage the validation items
-    chose; ``values`` holds every shrinkage's validation value (for the run's log)."""
+    chose."""
 
     biases: dict[str, torch.Tensor]
     shrinkage: float
-    values: dict[float, float]
 
     def apply(self, distribution: Distribution, queries: Sequence[Query]) -> Distribution:
         labels = distribution.shape[1]
@@ -255,16 +252,15 @@ def fit_user_biases(
             }
         return fits[strength]
 
-    values: dict[float, float] = {}
     if shrinkage is None:
         val = queries_of(users, "val", task)
         val_dist = shared_distribution(shared, val, "validate")
 
         def predict(strength: float) -> list[str]:
-            return decide(task, UserBiases(fitted(strength), strength, {}).apply(val_dist, val))
+            return decide(task, UserBiases(fitted(strength), strength).apply(val_dist, val))
 
-        shrinkage, values = best_setting(task, SHRINKAGE_GRID, _golds(val), predict)
-    return UserBiases(fitted(shrinkage), shrinkage, values)
+        shrinkage, _ = best_setting(task, SHRINKAGE_GRID, _golds(val), predict)
+    return UserBiases(fitted(shrinkage), shrinkage)
 
 
 SHRINKAGE_KEY = "label-bias-shrinkage"  # the store index's record of the shrinkage its biases use
