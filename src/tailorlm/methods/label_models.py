@@ -84,14 +84,13 @@ def shared_distribution(
     labels = answerer.deps.task.labels
     out = torch.empty(len(queries), len(labels))
     users = list({user.id: user for user, _ in queries}.values())
+    rows_of = _by_user(queries)
     done = 0
     for start in range(0, len(users), answerer.group_size):
         group = users[start : start + answerer.group_size]
         with answerer.placed(group) as slot_of:
             for user in group:
-                rows = [i for i, (u, _) in enumerate(queries) if u.id == user.id]
-                if not rows:
-                    continue
+                rows = rows_of[user.id]
                 module = None if purpose == "answer" else user.id
                 prompts = prompts_for(
                     answerer.deps,
