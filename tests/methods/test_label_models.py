@@ -1,6 +1,6 @@
-"""The shared-plus-personal label methods: the bias fit (values, not shapes), the fusion and its tuning, a
-per-user choice made on the user's own validation items, and the visibility rules on the prompts a real
-run builds (tiny model)."""
+"""The shared-plus-personal label methods: the fusion and its tuning, a per-user choice made on the user's
+own validation items, the joint shared model, and the visibility rules on the prompts a real run builds
+(tiny model). The bias fit itself is tested in ``tests/train/test_choice.py``."""
 
 from __future__ import annotations
 
@@ -28,29 +28,6 @@ from tailorlm.progress import Reporter
 from tailorlm.store.store import ModuleStore
 
 LABELS = ("yes", "perhaps", "no")
-
-
-def test_a_bias_with_no_shrinkage_on_a_flat_model_is_the_users_label_frequencies():
-    flat = torch.zeros(4, 2)
-    bias = label_models.fit_bias(flat, [0, 0, 0, 1], shrinkage=1e-9)
-    torch.testing.assert_close(torch.softmax(bias, 0), torch.tensor([0.75, 0.25]), atol=1e-4, rtol=0)
-
-
-def test_the_fitted_bias_is_the_penalised_optimum():
-    """Stationarity of the convex objective: the summed residuals plus shrinkage times the bias is 0."""
-    generator = torch.Generator().manual_seed(0)
-    model = torch.log_softmax(torch.randn(7, 3, generator=generator), dim=-1)
-    targets = [0, 2, 2, 1, 2, 0, 2]
-    for shrinkage in (0.5, 3.0):
-        bias = label_models.fit_bias(model, targets, shrinkage)
-        residual = torch.softmax(model + bias, -1) - torch.eye(3)[targets]
-        gradient = residual.sum(0) + shrinkage * bias
-        assert gradient.abs().max() < 1e-4, (shrinkage, gradient)
-    # More shrinkage, a smaller bias; without examples or with overwhelming shrinkage, none at all.
-    small, large = (label_models.fit_bias(model, targets, s).norm() for s in (100.0, 0.5))
-    assert small < large
-    assert label_models.fit_bias(model, targets, 1e9).abs().max() < 1e-6
-    assert torch.equal(label_models.fit_bias(model[:0], [], 1.0), torch.zeros(3))
 
 
 def test_fusion_weight_zero_is_the_prior_and_one_the_shared_model():
@@ -146,14 +123,42 @@ def test_label_methods_keep_to_the_visibility_rules(tmp_path):
         assert {r["user"] for r in record} == run.test_ids
 
 
+def test_the_joint_shared_model_trains_on_other_users_and_each_user_fits_only_their_bias(tmp_path):
+    """joint+bias on a real run (tiny model): the shared model trains and validates on the adapter users'
+    labelled items only, is stored as a LoRA with its objective and shrinkage, and every test user's
+    stored bias was fitted on that user's own training items against it."""
+    uses: list[PromptUse] = []
+    runner.run("verbagg", tmp_path, ["joint+bias"], SMALL, trace=uses.append)
+    run = Run(tmp_path, load_task("verbagg", seed=SMALL.seed), uses)
+    check_prompts_show_only_what_the_asker_may_see(run)
+    check_training_sees_only_its_own_users_data(run)
+    shared = ModuleStore(tmp_path / "modules" / "joint-shared-plain").get("task")
+    assert shared.spec.kind == "lora"
+    assert shared.meta["shrinkage"] == label_models.JOINT_SHRINKAGE and shared.meta["bias_users"] > 1
+    trained_on = {(u.prompt.user, u.purpose) for u in uses if u.method == "joint-shared-plain"}
+    assert {purpose for _, purpose in trained_on} == {"train", "validate"}
+    assert not {user for user, _ in trained_on} & run.test_ids
+    biases = ModuleStore(tmp_path / "modules" / "joint+bias-plain")
+    assert set(biases.users()) == run.test_ids
+    for user in run.test_ids:
+        fitted_on = {u.prompt.example for u in uses if u.purpose == "train" and u.module == user}
+        assert fitted_on and fitted_on <= {e.id for e in run.task.training_examples(run.task.user(user))}
+    # The shared model differs from the plain task adapter's (another objective), so the biases are
+    # fitted against another model: the two stores' biases differ.
+    runner.run("verbagg", tmp_path, ["task-adapter+bias"], SMALL)
+    plain = ModuleStore(tmp_path / "modules" / "task-adapter+bias-plain")
+    user = sorted(run.test_ids)[0]
+    assert not torch.equal(plain.get(user).tensors["label_bias"], biases.get(user).tensors["label_bias"])
+
+
 def test_label_methods_are_offered_for_label_tasks_only(tmp_path):
     from tailorlm.methods.registry import default_methods, methods_for
 
     verbagg = load_task("verbagg", seed=0)
-    assert {"task-adapter+bias", "fusion", "oppu-choice"} <= set(methods_for(verbagg))
+    assert {"task-adapter+bias", "joint+bias", "fusion", "oppu-choice"} <= set(methods_for(verbagg))
     assert {"task-adapter+bias", "fusion"} <= set(default_methods(verbagg))
     fixture = Path(__file__).parents[1] / "data" / "fixtures" / "lamp" / "lamp7"
     tweets = load_task("lamp:7", data_dir=fixture, split="train")
     assert not label_models.applies_to(tweets)
-    assert not {"task-adapter+bias", "fusion", "oppu-choice"} & set(methods_for(tweets))
+    assert not {"task-adapter+bias", "joint+bias", "fusion", "oppu-choice"} & set(methods_for(tweets))
     assert "fusion" not in default_methods(tweets) and "oppu" in default_methods(tweets)

@@ -196,10 +196,13 @@ def method_work(
             counted.add(key)
             work.add(part)
 
-    def adapter() -> None:
+    def adapter(shared: TaskAdapterSetup | None = None) -> None:
+        """The shared model's training; the joint one scores every label of an example with gradients,
+        counted as one training example (a label's few tokens continue from the prompt's cache)."""
         pooled = sum(len(task.training_examples(u)) for u in adapter_users)
         examples = min(pooled, config.adapter_examples or pooled)
-        once(f"adapter:{recipe.tag}", Work(train=examples * config.adapter_epochs * factor, engines=1))
+        key = f"{(shared or TaskAdapterSetup()).STORE}:{recipe.tag}"
+        once(key, Work(train=examples * config.adapter_epochs * factor, engines=1))
 
     def personal(key: str) -> None:
         once(key, _training(task, users, config.epochs, factor, config.user_examples))
@@ -217,10 +220,12 @@ def method_work(
         personal(f"personal:{method.name}")
         work.add(_answers(task, users, factor))
     elif isinstance(setup, label_models.BiasSetup | label_models.FusionSetup | label_models.ChoiceSetup):
-        adapter()
+        shared = setup.shared if isinstance(setup, label_models.BiasSetup) else None
+        adapter(shared)
         fit = sum(min(len(task.training_examples(u)), config.user_examples or 10**9) for u in users)
         val = sum(len(u.val) for u in users)
-        once(f"biases:{recipe.tag}", Work(score=fit + val))
+        store = setup.store if isinstance(setup, label_models.BiasSetup) else "task-adapter+bias"
+        once(f"biases:{store}:{recipe.tag}", Work(score=fit + val))
         if isinstance(setup, label_models.ChoiceSetup):
             personal(f"personal:{setup.MODULE_METHOD}")
             work.add(Work(score=2 * val))

@@ -237,6 +237,23 @@ class Engine:
             raise EngineError(f"{len(prompts)} prompts but {len(slots)} slots")
         if not choices:
             raise EngineError("no choices to score")
+        order = self._by_slot(slots)
+        scores: list[list[float]] = [[] for _ in prompts]
+        for start in range(0, len(prompts), batch_size):
+            chunk = order[start : start + batch_size]
+            totals = self.choice_scores([prompts[i] for i in chunk], [slots[i] for i in chunk], choices)
+            for i, values in zip(chunk, totals.tolist(), strict=True):
+                scores[i] = values
+        return scores
+
+    def choice_scores(
+        self, prompts: Sequence[str], slots: Sequence[int], choices: Sequence[str]
+    ) -> torch.Tensor:
+        """``score_choices`` of one batch as a tensor ``[prompts, choices]`` that keeps its graph: inside
+        ``training()`` the gradient of a loss over label scores reaches the rows' slots (a model trained
+        to choose among labels, ``train.choice``)."""
+        if not choices:
+            raise EngineError("no choices to score")
         eos = [self.tokenizer.eos_token_id] if self.end_target_with_eos else []
         choice_ids = [ids + eos for ids in self._token_ids(list(choices))]
         width = max(len(ids) for ids in choice_ids)
@@ -247,17 +264,9 @@ class Engine:
         continuation_mask = torch.tensor(
             [[1] * len(ids) + [0] * (width - len(ids)) for ids in choice_ids], device=self.device
         )
-        order = self._by_slot(slots)
-        scores: list[list[float]] = [[] for _ in prompts]
-        for start in range(0, len(prompts), batch_size):
-            chunk = order[start : start + batch_size]
-            rows = [Row(prompts[i], "", slots[i]) for i in chunk]
-            batch = self.encode(rows)
-            totals = self._score_continuations(batch, continuation, continuation_mask)
-            totals = self._adjust_choices(choices, totals.view(len(rows), len(choices)), batch.slot_ids)
-            for i, values in zip(chunk, totals.tolist(), strict=True):
-                scores[i] = values
-        return scores
+        batch = self.encode([Row(prompt, "", slot) for prompt, slot in zip(prompts, slots, strict=True)])
+        totals = self._score_continuations(batch, continuation, continuation_mask)
+        return self._adjust_choices(choices, totals.view(len(prompts), len(choices)), batch.slot_ids)
 
     def _adjust_choices(
         self, choices: Sequence[str], scores: torch.Tensor, slot_ids: torch.Tensor

@@ -29,10 +29,20 @@ from tailorlm.kinds.label_bias import BIAS, LabelBiasSpec
 from tailorlm.methods.baselines import LabelPrior, suited_label
 from tailorlm.methods.deps import MethodDeps
 from tailorlm.methods.recipes import PromptBuilder, Purpose, Recipe
-from tailorlm.methods.setups import OPPU_SHRUNK, Answerer, PersonalSetup, Query, TaskAdapterSetup, prompts_for
+from tailorlm.methods.setups import (
+    OPPU_SHRUNK,
+    TASK_ADAPTER,
+    Answerer,
+    PersonalSetup,
+    Query,
+    TaskAdapterSetup,
+    prompts_for,
+)
 from tailorlm.progress import ProgressCallback
 from tailorlm.store.index import VersionRecord
 from tailorlm.store.store import ModuleStore
+from tailorlm.train.choice import ChoiceExample, JointChoiceTrainer, fit_bias
+from tailorlm.train.trainer import TrainConfig
 
 # L2 strengths of a user's bias, in units of one training example's loss; the benchmark picks one on the
 # validation items of the users it answers. Large values pull every user back to the shared model.
@@ -109,37 +119,6 @@ def shared_distribution(
 
 
 # ---- a user's bias over the labels ------------------------------------------------------------------
-
-
-def fit_bias(distribution: Distribution, targets: Sequence[int], shrinkage: float) -> torch.Tensor:
-    """The bias ``b`` ``[labels]`` minimising the user's summed cross-entropy of ``softmax(log p + b)`` plus
-    ``shrinkage / 2 * |b|^2``: a convex problem (L-BFGS solves it to the tolerance). No examples, or
-    infinite shrinkage, give 0 (the shared model); the penalty also fixes the constant a softmax ignores."""
-    labels = distribution.shape[1]
-    if not targets:
-        return torch.zeros(labels)
-    logits = distribution.detach().double()
-    wanted = torch.tensor(list(targets))
-    bias = torch.zeros(labels, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [bias],
-        lr=1.0,
-        max_iter=200,
-        tolerance_grad=1e-10,
-        tolerance_change=1e-12,
-        line_search_fn="strong_wolfe",
-    )
-
-    def objective() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(logits + bias, wanted, reduction="sum")
-        loss = loss + shrinkage / 2 * bias.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(objective)
-    return bias.detach().float()
 
 
 def with_bias(distribution: Distribution, bias: torch.Tensor) -> Distribution:
@@ -302,17 +281,84 @@ def fit_and_store(
     return records
 
 
+# The joint shared model's penalty on its training users' biases, in units of one example's loss (as
+# ``SHRINKAGE_GRID``): the middle of that grid, fixed because choosing it would train the model once per
+# value. Test users' biases are still tuned on the grid against the frozen model.
+JOINT_SHRINKAGE = 3.0
+
+
+class JointSharedSetup(TaskAdapterSetup):
+    """The shared model trained jointly with a bias per training user (``train.choice``): one LoRA on the
+    same pooled examples of the same other users as the task adapter, but trained to choose among the
+    task's labels with each user's leaning (their bias, shrunk toward zero) taken out. Stored as the
+    task adapter is, and merged into the base the same way."""
+
+    STORE = "joint-shared"
+
+    def train(
+        self, deps: MethodDeps, recipe: Recipe, store: ModuleStore, train: list[Query], val: list[Query]
+    ) -> None:
+        task, settings = deps.task, deps.settings
+        train, val = labelled_queries(task, train), labelled_queries(task, val)
+        engine = deps.engine(TASK_ADAPTER.spec, slots=2)
+        builder = deps.builder(recipe, engine.tokenizer)
+        name = self.store_name(recipe)
+
+        def examples(queries: list[Query], purpose: Purpose) -> list[ChoiceExample]:
+            prompts = prompts_for(deps, builder, name, purpose, queries, self.USER)
+            return [
+                ChoiceExample(user.id, prompt, metrics.label_index(example.targets[0], task.labels))
+                for prompt, (user, example) in zip(prompts, queries, strict=True)
+            ]
+
+        config = TrainConfig(
+            epochs=settings.adapter_epochs,
+            batch_size=settings.adapter_batch_size,
+            learning_rate=TASK_ADAPTER.learning_rate,
+            warmup_ratio=settings.adapter_warmup_ratio,
+            seed=settings.seed,
+        )
+        deps.reporter.log(
+            f"training the joint shared model ({recipe.tag}) on {len(train)} examples of "
+            f"{len({u.id for u, _ in train})} other users, a bias each (shrinkage {JOINT_SHRINKAGE:g})"
+        )
+        trainer = JointChoiceTrainer(engine, task.labels, config, JOINT_SHRINKAGE)
+        result = trainer.run(
+            self.USER,
+            examples(train, "train"),
+            examples(val, "validate"),
+            on_progress=deps.reporter.progress(f"joint shared model ({recipe.tag})"),
+        )
+        store.put(
+            self.USER,
+            engine.spec,
+            result.module,
+            model=engine.model,
+            base_name=engine.base.name,
+            meta=result.meta(JOINT_SHRINKAGE),
+        )
+
+
+def labelled_queries(task: Task, queries: Sequence[Query]) -> list[Query]:
+    """The queries whose target is one of ``task.labels``."""
+    return [(user, example) for user, example in queries if labelled(task, [example])]
+
+
 class BiasSetup:
-    """The task adapter (a shared model trained on other users) merged into the base, with a label-bias
-    module per user (``kinds.label_bias``) fitted against it frozen and shrunk toward zero, stored like any
-    user's module and served from a slot. A new user fits only their own bias: nothing shared changes.
+    """A shared model (the task adapter, or the joint shared model) merged into the base, with a
+    label-bias module per user (``kinds.label_bias``) fitted against it frozen and shrunk toward zero,
+    stored like any user's module and served from a slot. A new user fits only their own bias: nothing
+    shared changes.
 
     The shrinkage is chosen once per store, on the validation items of the users fitted first, and kept
     in the store's index so that users fitted later (a resumed run) get the same."""
 
-    @staticmethod
-    def store_name(recipe: Recipe) -> str:
-        return f"task-adapter+bias-{recipe.tag}"
+    def __init__(self, shared: TaskAdapterSetup | None = None, store: str = "task-adapter+bias") -> None:
+        self.shared = shared or TaskAdapterSetup()
+        self.store = store
+
+    def store_name(self, recipe: Recipe) -> str:
+        return f"{self.store}-{recipe.tag}"
 
     def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> LabelAnswerer:
         answerer = self.answerer(deps, method, recipe, users)
@@ -327,7 +373,7 @@ class BiasSetup:
         user's bias), every missing bias fitted and stored first."""
         task = deps.task
         spec = LabelBiasSpec(tuple(task.labels))
-        base = TaskAdapterSetup().merged_base(deps, recipe)
+        base = self.shared.merged_base(deps, recipe)
         engine = deps.engine(spec, slots=deps.settings.answer_group + 1, base=base)
         builder = deps.builder(recipe, engine.tokenizer)
         store = deps.store(self.store_name(recipe))

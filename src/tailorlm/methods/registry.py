@@ -2,7 +2,7 @@
 
 Families: ``simple-baseline``; ``non-personal`` (nothing about the user reaches the model);
 ``prompt-personal`` (the user's data in the prompt); ``parameter-personal`` (a module per user trained
-from the bare base, PEFT-U); ``shared-personal`` (the task adapter plus a tiny part per user: a label
+from the bare base, PEFT-U); ``shared-personal`` (a shared model plus a tiny part per user: a label
 bias, or the user's prior fused in); ``oppu`` (a module per user on top of the merged task adapter).
 """
 
@@ -150,6 +150,13 @@ LABEL_MODEL_METHODS: list[Method] = [
         "shared-personal",
         "the task adapter plus a bias over the labels per user, fitted against it and shrunk toward zero",
         label_models.BiasSetup(),
+    ),
+    Method(
+        "joint+bias",
+        "shared-personal",
+        "a shared LoRA trained to choose labels jointly with a shrunk bias per training user; each user "
+        "fits only their own bias against it",
+        label_models.BiasSetup(label_models.JointSharedSetup(), store="joint+bias"),
     ),
     Method(
         "fusion",

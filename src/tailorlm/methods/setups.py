@@ -236,20 +236,29 @@ class TaskAdapterSetup:
     """OPPU stage 1: one LoRA trained on the pooled examples of ``deps.adapter_users``."""
 
     USER = "task"  # the one "user" of the task adapter's store
+    STORE = "task-adapter"  # its store's name, before the recipe's tag
 
-    @staticmethod
-    def store_name(recipe: Recipe) -> str:
-        return f"task-adapter-{recipe.tag}"
+    @classmethod
+    def store_name(cls, recipe: Recipe) -> str:
+        return f"{cls.STORE}-{recipe.tag}"
 
     def ensure_trained(self, deps: MethodDeps, recipe: Recipe) -> ModuleStore:
         store = deps.store(self.store_name(recipe))
         if store.has(self.USER):
             return store
-        settings = deps.settings
         if recipe.profile:
             deps.profiles.ensure(deps.adapter_users)
-        engine = deps.engine(TASK_ADAPTER.spec, slots=2)
-        builder = deps.builder(recipe, engine.tokenizer)
+        train_pairs, val_pairs = self.pooled(deps)
+        self.train(deps, recipe, store, train_pairs, val_pairs)
+        # The training engine's base copy is not needed again: free it before the next one is loaded.
+        gc.collect()
+        return store
+
+    @staticmethod
+    def pooled(deps: MethodDeps) -> tuple[list[Query], list[Query]]:
+        """The shared model's (train, validation) queries: ``deps.adapter_users``' examples pooled and
+        shuffled, the training ones capped at ``adapter_examples``."""
+        settings = deps.settings
         train_pairs = [(u, e) for u in deps.adapter_users for e in deps.task.training_examples(u)]
         val_pairs = [(u, e) for u in deps.adapter_users for e in u.val]
         rng = random.Random(settings.seed)
@@ -263,7 +272,16 @@ class TaskAdapterSetup:
                 f"task {deps.task.name}: no users to train a task adapter on "
                 "(it needs users other than the ones it is asked about)"
             )
-        job = training_job(deps, builder, self.store_name(recipe), self.USER, train_pairs, val_pairs)
+        return train_pairs, val_pairs
+
+    def train(
+        self, deps: MethodDeps, recipe: Recipe, store: ModuleStore, train: list[Query], val: list[Query]
+    ) -> None:
+        """Train the shared module on ``train`` (early stopping on ``val``) and store it as ``USER``."""
+        settings = deps.settings
+        engine = deps.engine(TASK_ADAPTER.spec, slots=2)
+        builder = deps.builder(recipe, engine.tokenizer)
+        job = training_job(deps, builder, self.store_name(recipe), self.USER, train, val)
         config = TrainConfig(
             epochs=settings.adapter_epochs,
             batch_size=settings.adapter_batch_size,
@@ -272,16 +290,12 @@ class TaskAdapterSetup:
             seed=settings.seed,
         )
         deps.reporter.log(
-            f"training the task adapter ({recipe.tag}) on {len(train_pairs)} examples of "
+            f"training the task adapter ({recipe.tag}) on {len(train)} examples of "
             f"{len(deps.adapter_users)} other users"
         )
         train_job(
             engine, [job], config, store, on_progress=deps.reporter.progress(f"task adapter ({recipe.tag})")
         )
-        # The training engine's base copy is not needed again: free it before the next one is loaded.
-        del engine
-        gc.collect()
-        return store
 
     def merged_base(self, deps: MethodDeps, recipe: Recipe) -> models.BaseModel:
         """A fresh base model with the task adapter (trained first if missing) folded into its weights."""
