@@ -9,7 +9,7 @@ import torch
 from tailorlm import kinds
 from tailorlm.engine.engine import Engine
 from tailorlm.kinds import ModuleSpecError
-from tailorlm.kinds.label_bias import BIAS, LabelBiasSpec
+from tailorlm.kinds.label_bias import BIAS, SCALE, LabelBiasSpec, label_part
 from tailorlm.kinds.lora import LoraSpec
 from tailorlm.store.store import ModuleStore
 
@@ -20,7 +20,7 @@ PROMPTS = ["Do you shout when a bus is late?", "Would you curse at the train?", 
 def test_a_user_bias_shifts_their_label_scores_by_exactly_their_bias(make_base):
     engine = Engine(make_base(), LabelBiasSpec(LABELS), slots=3)
     bias = torch.tensor([0.5, -1.25, 2.0])
-    engine.bank.write(1, {BIAS: bias})
+    engine.bank.write(1, label_part(bias))
     bare = torch.tensor(engine.score_choices(PROMPTS, [0, 0, 0], LABELS))
     own = torch.tensor(engine.score_choices(PROMPTS, [1, 1, 0], LABELS))
     torch.testing.assert_close(own[:2], bare[:2] + bias, atol=1e-5, rtol=0)
@@ -42,7 +42,7 @@ def test_bias_users_and_lora_users_mix_in_one_batch_each_as_alone(make_base):
         for tensor in lora.tensors.values():
             tensor[1].normal_(0, 0.2, generator=generator)
     bias_slot = engine.space.global_slot(1, 1)
-    engine.banks[1].write(1, {BIAS: torch.tensor([1.0, 0.0, -1.0])})
+    engine.banks[1].write(1, label_part(torch.tensor([1.0, 0.0, -1.0])))
     mixed = torch.tensor(engine.score_choices(PROMPTS, [1, bias_slot, 0], LABELS))
     alone = [
         torch.tensor(engine.score_choices([p], [s], LABELS))[0]
@@ -54,9 +54,23 @@ def test_bias_users_and_lora_users_mix_in_one_batch_each_as_alone(make_base):
     assert not torch.allclose(alone[0], torch.tensor(engine.score_choices(PROMPTS[:1], [0], LABELS))[0])
 
 
+def test_a_users_scale_weighs_the_shared_models_scores(make_base):
+    """Scores are ``scale * shared + bias``: scale 0 answers the bias alone (a user's prior), whatever the
+    prompt; a scale of 0.4 weighs the shared model's scores by exactly that."""
+    engine = Engine(make_base(), LabelBiasSpec(LABELS), slots=3)
+    log_prior = torch.log(torch.tensor([0.2, 0.5, 0.3]))
+    engine.bank.write(1, label_part(log_prior, scale=0.0))
+    engine.bank.write(2, label_part(torch.tensor([0.1, 0.0, -0.1]), scale=0.4))
+    bare = torch.tensor(engine.score_choices(PROMPTS, [0, 0, 0], LABELS))
+    prior_user = torch.tensor(engine.score_choices(PROMPTS, [1, 1, 1], LABELS))
+    torch.testing.assert_close(prior_user, log_prior.expand(3, -1), atol=1e-6, rtol=0)
+    weighed = torch.tensor(engine.score_choices(PROMPTS, [2, 2, 2], LABELS))
+    torch.testing.assert_close(weighed, 0.4 * bare + torch.tensor([0.1, 0.0, -0.1]), atol=1e-5, rtol=0)
+
+
 def test_a_bias_changes_no_logit_and_no_generated_text(make_base):
     engine = Engine(make_base(), LabelBiasSpec(LABELS), slots=2)
-    engine.bank.write(1, {BIAS: torch.tensor([5.0, 5.0, -5.0])})
+    engine.bank.write(1, label_part(torch.tensor([5.0, 5.0, -5.0]), scale=0.0))
     assert engine.generate(PROMPTS, [1, 1, 1]) == engine.generate(PROMPTS, [0, 0, 0])
 
 
@@ -65,11 +79,16 @@ def test_a_stored_bias_reloads_into_a_slot(make_base, tmp_path):
     engine = Engine(make_base(), spec, slots=2)
     store = ModuleStore(tmp_path / "store")
     bias = torch.tensor([0.1, 0.2, -0.3])
-    store.put("ann", spec, {BIAS: bias}, model=engine.model, base_name=engine.base.name)
+    store.put("ann", spec, label_part(bias, scale=0.25), model=engine.model, base_name=engine.base.name)
+    # A file written before the scale existed holds the bias alone; it loads with scale 1.
+    store.put("old", spec, {BIAS: bias}, model=engine.model, base_name=engine.base.name)
     stored = store.get("ann")
     assert stored.spec == spec and kinds.spec_from_dict(kinds.spec_to_dict(spec)) == spec
     engine.bank.write(1, store.loader(spec)("ann"))
     assert torch.equal(engine.bank.read(1)[BIAS], bias.half().float())  # stored in fp16, as every module
+    assert torch.equal(engine.bank.read(1)[SCALE], torch.tensor([0.25]))
+    engine.bank.write(1, store.loader(spec)("old"))
+    assert torch.equal(engine.bank.read(1)[SCALE], torch.tensor([1.0]))
     engine.bank.clear(1)
     assert engine.bank.is_identity(1)
 

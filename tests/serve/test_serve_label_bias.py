@@ -12,8 +12,8 @@ from serve_helpers import fresh, serve_config
 from tailorlm import models
 from tailorlm.data.schema import Example
 from tailorlm.engine.engine import Engine
-from tailorlm.kinds.label_bias import BIAS, LabelBiasSpec
-from tailorlm.methods.label_models import SHRINKAGE_KEY
+from tailorlm.kinds.label_bias import BIAS, SCALE, LabelBiasSpec
+from tailorlm.methods.label_models import SHRINKAGE_KEY, WEIGHT_KEY
 from tailorlm.methods.recipes import PromptBuilder, Recipe
 from tailorlm.serve.run import background
 from tailorlm.store.index import HistoryRecord
@@ -93,3 +93,51 @@ def test_the_server_adds_the_users_bias_to_the_shared_models_label_scores(biased
         text.json()["choices"][0]["text"]
         == engine.generate([item], [0])[0][: len(text.json()["choices"][0]["text"])]
     )
+
+
+def test_users_fitted_by_choice_are_served_their_prior_their_bias_or_their_fusion(tmp_path, tiny):
+    """A store whose label users are fitted as ``choice``: each user's stored part is the option their own
+    validation items chose, its scale says which (the prior alone is scale 0), and the server answers
+    ``scale * shared + bias`` for every user in one run."""
+    users = [str(i) for i in range(1, 7)]
+    service = UserService(tmp_path / "store", load_base=lambda: fresh(tiny))
+    service.configure(task="verbagg", base_model=models.TINY_MODEL, label_fit="choice")
+    service.import_task("verbagg", users=users, kind="label-bias")
+    assert sorted(service.train().trained) == users
+    weight = float(service.store.index.meta(WEIGHT_KEY))
+    labels = list(service.task().labels)
+    item = "I would shout at the driver."
+    keys = {user: service.issue_key(user) for user in users}
+    with background(serve_config(service.root, retrain=False), base=fresh(tiny)) as server:
+        answers = {
+            user: httpx.post(
+                f"{server.url}/v1/completions",
+                json={"model": user, "prompt": item, "labels": labels},
+                headers={"Authorization": f"Bearer {keys[user]}"},
+                timeout=60,
+            )
+            for user in users
+        }
+    builder = PromptBuilder(service.task(), tiny.tokenizer, Recipe())
+    engine = Engine(fresh(tiny), LabelBiasSpec(tuple(labels)), slots=2)
+    options = set()
+    for user in users:
+        stored = service.store.get(user)
+        option, scale = stored.meta["option"], float(stored.tensors[SCALE])
+        options.add(option)
+        assert stored.meta["fit"] == "choice"
+        assert scale == pytest.approx({"prior": 0.0, "bias": 1.0, "fusion": weight}[option], abs=1e-3)
+        prompt = builder.build(service.data_user(user), Example("request", item, "", ())).text
+        shared = torch.tensor(engine.score_choices([prompt], [0], labels)[0])
+        expected = scale * shared + stored.tensors[BIAS]
+        got = answers[user].json()["choices"][0]["label_scores"]
+        assert [got[label] for label in labels] == pytest.approx(expected.tolist(), abs=1e-4)
+    assert options <= {"prior", "bias", "fusion"} and options
+    service.close()
+
+
+def test_an_unknown_label_fit_is_refused(tmp_path, tiny):
+    service = UserService(tmp_path / "store", load_base=lambda: fresh(tiny))
+    with pytest.raises(UserError, match="label fit 'median' is not one of bias, fusion, choice"):
+        service.configure(label_fit="median")
+    service.close()

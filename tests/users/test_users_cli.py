@@ -134,6 +134,7 @@ def test_the_default_store_comes_from_the_environment(store, monkeypatch):
         (["import", "nosuchtask"], "unknown task"),
         (["import", "peftu:hatexplain"], "--data"),
         (["import", "verbagg", "--users", "1", "--limit", "2"], "not both"),
+        (["import", "verbagg", "--label-fit", "median"], "label fit 'median' is not one of bias"),
         (["key", "issue"], "--admin"),
         (["key", "issue", "ann", "--admin"], "--admin"),
         (["key", "revoke"], "exactly one"),

@@ -31,7 +31,7 @@ from tailorlm.methods.deps import MethodSettings
 from tailorlm.store.index import VersionRecord
 from tailorlm.store.index_backends import StoreLocationError
 from tailorlm.users.errors import UserError
-from tailorlm.users.service import UserInfo, UserService
+from tailorlm.users.service import UserInfo, UserService, check_label_fit
 
 users_app = typer.Typer(
     help="The users of a module store: add or import them, train their modules, roll back, forget, keys.",
@@ -61,7 +61,10 @@ INDEX_OPTION = typer.Option(
 # be opened where it was said to be.
 STORE_ERRORS = (UserError, StoreLocationError)
 KIND_OPTION = typer.Option(
-    None, "--kind", "-k", help="Module kind for these users: lora, ia3, prompt or bottleneck (default: lora)."
+    None,
+    "--kind",
+    "-k",
+    help="Module kind for these users: lora, ia3, prompt, bottleneck or label-bias (default: lora).",
 )
 
 
@@ -106,6 +109,13 @@ def import_command(
         help="OPPU: a LoRA or IA3 module folder (e.g. a bench run's task adapter) merged into the base "
         "before users train and are served; copied into the store. Only for a store without modules.",
     ),
+    label_fit: str | None = typer.Option(
+        None,
+        "--label-fit",
+        help="How label-bias users are fitted against the shared model: bias (a shrunk bias), fusion (the "
+        "model fused with the user's label prior) or choice (per user the best of those and the prior "
+        "alone, on their own validation items). Default: bias.",
+    ),
     store: str | None = STORE_OPTION,
     index: str | None = INDEX_OPTION,
     as_json: bool = JSON_OPTION,
@@ -115,12 +125,16 @@ def import_command(
         if users is not None and limit is not None:
             raise UserError("give --users or --limit, not both")
         chosen = [u.strip() for u in users.split(",") if u.strip()] if users is not None else limit
+        if label_fit is not None:
+            check_label_fit(label_fit)  # before the import, so a mistyped fit imports nothing
         service = _service(store, index=index)
         result = service.import_task(task, data_dir=data, split=split, users=chosen, kind=kind, seed=seed)
         if model is not None:  # after the import, so a mistyped task leaves no store behind
             service.configure(base_model=model)
         if task_adapter is not None:
             service.configure(task_adapter=task_adapter)
+        if label_fit is not None:
+            service.configure(label_fit=label_fit)
     payload = {**asdict(result), "store": service.location}
 
     def render(p: dict) -> None:

@@ -25,7 +25,7 @@ from tailorlm import metrics
 from tailorlm.data.schema import Example, Task, User
 from tailorlm.engine.engine import Engine
 from tailorlm.engine.slots import SlotManager
-from tailorlm.kinds.label_bias import BIAS, LabelBiasSpec
+from tailorlm.kinds.label_bias import LabelBiasSpec, label_part
 from tailorlm.methods.baselines import LabelPrior, suited_label
 from tailorlm.methods.deps import MethodDeps
 from tailorlm.methods.recipes import PromptBuilder, Purpose, Recipe
@@ -192,26 +192,100 @@ def _by_user(queries: Sequence[Query]) -> dict[str, list[int]]:
 
 
 @dataclass
-class UserBiases:
-    """Each user's bias over the labels against one shared model, at the shrinkage the validation items
-    chose."""
+class UserParts:
+    """Each user's label part against one shared model: ``(bias [labels], scale)``, the user's scores being
+    ``scale * log p_shared + bias`` (``kinds.label_bias``), with what each was fitted as."""
 
-    biases: dict[str, torch.Tensor]
-    shrinkage: float
+    parts: dict[str, tuple[torch.Tensor, float]]
+    options: dict[str, str]  # user -> "prior", "bias" or "fusion"
+    shrinkage: float | None = None  # the biases' penalty, when a bias was fitted
+    weight: float | None = None  # the fusion's weight on the shared model, when one was chosen
 
     def apply(self, distribution: Distribution, queries: Sequence[Query]) -> Distribution:
-        labels = distribution.shape[1]
-        bias = torch.stack([self.biases.get(user.id, torch.zeros(labels)) for user, _ in queries])
-        return with_bias(distribution, bias) if queries else distribution
+        if not queries:
+            return distribution
+        bias = torch.stack([self.parts[user.id][0] for user, _ in queries])
+        scale = torch.tensor([[self.parts[user.id][1]] for user, _ in queries])
+        return torch.log_softmax(scale * distribution + bias, dim=-1)
 
 
-def fit_user_biases(
-    task: Task, shared: Answerer, users: Sequence[User], shrinkage: float | None
-) -> UserBiases:
-    """Fit every user's bias on their training items against the frozen ``shared`` model (rows in slot 0).
-    Without a given ``shrinkage``, each of ``SHRINKAGE_GRID`` is tried and the one whose biases do best on
-    the users' validation items (pooled) is kept. A user's part never sees another user's items, nor
-    anyone's test items."""
+# What a user's served label part is fitted as (``fit_user_parts``): a bias against the shared model, the
+# shared model fused with the user's own label prior, or per user the best of those two and the prior
+# alone on the user's own validation items.
+FITS = ("bias", "fusion", "choice")
+LABEL_OPTIONS = ("prior", "bias", "fusion")  # simplest first: ties go this way
+
+
+def fit_user_parts(
+    task: Task,
+    shared: Answerer,
+    users: Sequence[User],
+    fit: str = "bias",
+    shrinkage: float | None = None,
+    weight: float | None = None,
+) -> UserParts:
+    """Fit every user's label part against the frozen ``shared`` model (rows in slot 0), from their own
+    training items only. A bias's ``shrinkage`` and a fusion's ``weight``, when not given, are chosen on
+    these users' validation items (pooled), from ``SHRINKAGE_GRID`` and ``FUSION_WEIGHTS``; with ``fit``
+    "choice" each user then takes whichever of their prior, their bias and the fusion did best on their
+    own validation items. The prior is the user's own training labels' frequencies smoothed toward every
+    user's (``LabelPrior.user``): a served request names no item, so no item prior enters."""
+    if fit not in FITS:
+        raise ValueError(f"a label part is fitted as one of {', '.join(FITS)}, not {fit!r}")
+    val = queries_of(users, "val", task)
+    golds = _golds(val)
+    val_dist = None
+    if val and (
+        fit == "choice" or (fit == "bias" and shrinkage is None) or (fit == "fusion" and weight is None)
+    ):
+        val_dist = shared_distribution(shared, val, "validate")
+    prior = LabelPrior(task)
+    log_prior = {u.id: torch.log(torch.tensor(prior.user(u), dtype=torch.float32)) for u in users}
+    candidates: dict[str, dict[str, tuple[torch.Tensor, float]]] = {
+        "prior": {u.id: (log_prior[u.id], 0.0) for u in users}
+    }
+
+    def predict(parts: dict[str, tuple[torch.Tensor, float]]) -> list[str]:
+        return decide(task, UserParts(parts, {}).apply(val_dist, val))
+
+    if fit in ("bias", "choice"):
+        biases = _fit_biases(task, shared, users, shrinkage, predict if val_dist is not None else None)
+        shrinkage = biases.shrinkage
+        candidates["bias"] = biases.parts
+    if fit in ("fusion", "choice"):
+        if weight is None:
+            weight, _ = best_setting(task, FUSION_WEIGHTS, golds, lambda w: predict(_fused(log_prior, w)))
+        candidates["fusion"] = _fused(log_prior, weight)
+    if fit == "choice":
+        predictions = {option: predict(parts) for option, parts in candidates.items()} if val else {}
+        options = choose_per_user(task, users, val, predictions)
+    else:
+        options = {u.id: fit for u in users}
+    parts = {u.id: candidates[options[u.id]][u.id] for u in users}
+    return UserParts(parts, options, shrinkage, weight)
+
+
+def _fused(log_prior: Mapping[str, torch.Tensor], weight: float) -> dict[str, tuple[torch.Tensor, float]]:
+    """``fuse`` as a label part: scale ``weight``, bias ``(1 - weight)`` times the log prior (the shared
+    model's log-normaliser is one constant per row, which a softmax ignores)."""
+    return {user: ((1 - weight) * logs, weight) for user, logs in log_prior.items()}
+
+
+@dataclass
+class _Biases:
+    parts: dict[str, tuple[torch.Tensor, float]]
+    shrinkage: float
+
+
+def _fit_biases(
+    task: Task,
+    shared: Answerer,
+    users: Sequence[User],
+    shrinkage: float | None,
+    predict: Callable[[dict[str, tuple[torch.Tensor, float]]], list[str]] | None,
+) -> _Biases:
+    """Every user's bias on their training items; without a given ``shrinkage``, the one of
+    ``SHRINKAGE_GRID`` whose biases ``predict`` the validation golds best (the first without ``predict``)."""
     train = queries_of(users, "train", task)
     progress = shared.deps.reporter.progress(f"{shared.method}: scoring training items")
     train_dist = shared_distribution(shared, train, "train", progress)
@@ -220,28 +294,52 @@ def fit_user_biases(
         u: [metrics.label_index(train[i][1].targets[0], task.labels) for i in rows]
         for u, rows in train_rows.items()
     }
-    fits: dict[float, dict[str, torch.Tensor]] = {}
+    fits: dict[float, dict[str, tuple[torch.Tensor, float]]] = {}
 
-    def fitted(strength: float) -> dict[str, torch.Tensor]:
+    def fitted(strength: float) -> dict[str, tuple[torch.Tensor, float]]:
         if strength not in fits:
             fits[strength] = {
-                user.id: fit_bias(train_dist[train_rows.get(user.id, [])], targets.get(user.id, []), strength)
+                user.id: (
+                    fit_bias(train_dist[train_rows.get(user.id, [])], targets.get(user.id, []), strength),
+                    1.0,
+                )
                 for user in users
             }
         return fits[strength]
 
     if shrinkage is None:
-        val = queries_of(users, "val", task)
-        val_dist = shared_distribution(shared, val, "validate")
+        golds = _golds(queries_of(users, "val", task))
+        if predict is None:
+            shrinkage = SHRINKAGE_GRID[0]
+        else:
+            shrinkage, _ = best_setting(task, SHRINKAGE_GRID, golds, lambda s: predict(fitted(s)))
+    return _Biases(fitted(shrinkage), shrinkage)
 
-        def predict(strength: float) -> list[str]:
-            return decide(task, UserBiases(fitted(strength), strength).apply(val_dist, val))
 
-        shrinkage, _ = best_setting(task, SHRINKAGE_GRID, _golds(val), predict)
-    return UserBiases(fitted(shrinkage), shrinkage)
+def choose_per_user(
+    task: Task, users: Sequence[User], val: Sequence[Query], predictions: Mapping[str, Sequence[str]]
+) -> dict[str, str]:
+    """Each user's option (a key of ``predictions``, listed simplest first): the one whose predictions on
+    ``val`` score best on the user's own validation items. Ties, and users without validation items, go
+    to the option best over every user's items, and between equals to the simpler."""
+    golds = _golds(val)
+    overall = {o: validation_value(task, golds, p) for o, p in predictions.items()} if val else {}
+    order = sorted(predictions, key=lambda o: -overall.get(o, 0.0))  # stable: equals stay simplest first
+    rows_of = _by_user(val)
+    chosen = {}
+    for user in users:
+        rows = rows_of.get(user.id, [])
+        if not rows or not order:
+            chosen[user.id] = order[0] if order else next(iter(predictions), "prior")
+            continue
+        mine = [golds[i] for i in rows]
+        value = {o: validation_value(task, mine, [predictions[o][i] for i in rows]) for o in order}
+        chosen[user.id] = max(order, key=value.__getitem__)
+    return chosen
 
 
 SHRINKAGE_KEY = "label-bias-shrinkage"  # the store index's record of the shrinkage its biases use
+WEIGHT_KEY = "label-fusion-weight"  # and of the weight its fusions give the shared model
 
 
 def fit_and_store(
@@ -252,31 +350,57 @@ def fit_and_store(
     method: str,
     builder: PromptBuilder | None = None,
     fingerprints: Mapping[str, str] | None = None,
+    fit: str = "bias",
 ) -> dict[str, VersionRecord]:
-    """Fit ``users``' label biases against ``engine``'s shared model (slot 0) and store each as a new
-    version of their module (``engine.spec``, a label-bias spec). The shrinkage is chosen on these users'
-    validation items the first time and kept in the store's index, so users fitted later (a resumed run,
-    a retrain of one user) get the same one."""
-    known = store.index.meta(SHRINKAGE_KEY) if store.users() else None
+    """Fit ``users``' label parts (``fit_user_parts``) against ``engine``'s shared model (slot 0) and store
+    each as a new version of their module (``engine.spec``, a label-bias spec). A shrinkage or fusion
+    weight is chosen on these users' validation items the first time and kept in the store's index, so
+    users fitted later (a resumed run, a retrain of one user) get the same one."""
+    known = {key: store.index.meta(key) if store.users() else None for key in (SHRINKAGE_KEY, WEIGHT_KEY)}
     builder = builder or deps.builder(Recipe(), engine.tokenizer)
     shared = Answerer(deps, method, engine, builder, deps.settings.answer_group)  # every row in slot 0
-    biases = fit_user_biases(deps.task, shared, users, None if known is None else float(known))
-    store.index.set_meta(SHRINKAGE_KEY, repr(biases.shrinkage))
+    fitted = fit_user_parts(
+        deps.task,
+        shared,
+        users,
+        fit,
+        None if known[SHRINKAGE_KEY] is None else float(known[SHRINKAGE_KEY]),
+        None if known[WEIGHT_KEY] is None else float(known[WEIGHT_KEY]),
+    )
+    for key, value in ((SHRINKAGE_KEY, fitted.shrinkage), (WEIGHT_KEY, fitted.weight)):
+        if value is not None:
+            store.index.set_meta(key, repr(value))
     records = {}
     for user in users:
-        meta = {"shrinkage": biases.shrinkage, "examples": len(deps.task.training_examples(user))}
+        bias, scale = fitted.parts[user.id]
+        meta = {
+            "fit": fit,
+            "option": fitted.options[user.id],
+            "shrinkage": fitted.shrinkage,
+            "weight": fitted.weight,
+            "examples": len(deps.task.training_examples(user)),
+        }
         records[user.id] = store.put(
             user.id,
             engine.spec,
-            {BIAS: biases.biases[user.id]},
+            label_part(bias, scale),
             model=engine.model,
             base_name=engine.base.name,
             meta=meta,
             data_fingerprint=(fingerprints or {}).get(user.id),
         )
+    counts = {o: sum(1 for x in fitted.options.values() if x == o) for o in LABEL_OPTIONS}
+    settings = [
+        f"{name} {value:g}" + (" (the store's)" if known[key] is not None else "")
+        for name, key, value in (
+            ("shrinkage", SHRINKAGE_KEY, fitted.shrinkage),
+            ("weight", WEIGHT_KEY, fitted.weight),
+        )
+        if value is not None
+    ]
+    answered = ", ".join(f"{o} {n}" for o, n in counts.items() if n)
     deps.reporter.log(
-        f"{method}: {len(users)} users' biases fitted, shrinkage {biases.shrinkage:g}"
-        + (" (chosen on validation items)" if known is None else " (the store's)")
+        f"{method}: {len(users)} users' label parts fitted as {fit} ({answered}; {', '.join(settings)})"
     )
     return records
 
@@ -346,16 +470,20 @@ def labelled_queries(task: Task, queries: Sequence[Query]) -> list[Query]:
 
 class BiasSetup:
     """A shared model (the task adapter, or the joint shared model) merged into the base, with a
-    label-bias module per user (``kinds.label_bias``) fitted against it frozen and shrunk toward zero,
-    stored like any user's module and served from a slot. A new user fits only their own bias: nothing
+    label-bias module per user (``kinds.label_bias``) fitted against it frozen (a bias shrunk toward zero,
+    or with ``fit`` "choice" the best of that, the user's prior and their fusion), stored like any user's
+    module and served from a slot. A new user fits only their own bias: nothing
     shared changes.
 
     The shrinkage is chosen once per store, on the validation items of the users fitted first, and kept
     in the store's index so that users fitted later (a resumed run) get the same."""
 
-    def __init__(self, shared: TaskAdapterSetup | None = None, store: str = "task-adapter+bias") -> None:
+    def __init__(
+        self, shared: TaskAdapterSetup | None = None, store: str = "task-adapter+bias", fit: str = "bias"
+    ) -> None:
         self.shared = shared or TaskAdapterSetup()
         self.store = store
+        self.fit = fit  # what each user's part is fitted as: one of ``FITS``
 
     def store_name(self, recipe: Recipe) -> str:
         return f"{self.store}-{recipe.tag}"
@@ -379,7 +507,7 @@ class BiasSetup:
         store = deps.store(self.store_name(recipe))
         missing = [u for u in users if not store.has(u.id)]
         if missing:
-            fit_and_store(deps, engine, store, missing, method, builder=builder)
+            fit_and_store(deps, engine, store, missing, method, builder=builder, fit=self.fit)
         slots = SlotManager(engine.bank, store.loader(spec))
         return Answerer(deps, method, engine, builder, slots.capacity, slots=slots)
 
@@ -425,11 +553,13 @@ class ChoiceSetup:
         biased = BiasSetup().answerer(deps, method, recipe, users)
         prior = LabelPrior(task)
         sources: dict[str, Callable[[Sequence[Query], Purpose], Distribution]] = {
-            "module": lambda q, purpose: shared_distribution(personal, q, purpose),
-            "bias": lambda q, purpose: shared_distribution(biased, q, purpose),
             "prior": lambda q, purpose: prior_distribution(prior, q),
+            "bias": lambda q, purpose: shared_distribution(biased, q, purpose),
+            "module": lambda q, purpose: shared_distribution(personal, q, purpose),
         }
-        chosen = self._choose(task, users, sources)
+        val = queries_of(users, "val", task)
+        predictions = {option: decide(task, source(val, "validate")) for option, source in sources.items()}
+        chosen = choose_per_user(task, users, val, predictions)
         counts = {option: sum(1 for c in chosen.values() if c == option) for option in CHOICES}
         deps.reporter.log(f"{method}: users answered by " + ", ".join(f"{o} {n}" for o, n in counts.items()))
 
@@ -442,26 +572,3 @@ class ChoiceSetup:
             return out
 
         return LabelAnswerer(task, distribution_of, biased.group_size)
-
-    @staticmethod
-    def _choose(
-        task: Task,
-        users: Sequence[User],
-        sources: dict[str, Callable[[Sequence[Query], Purpose], Distribution]],
-    ) -> dict[str, str]:
-        val = queries_of(users, "val", task)
-        golds = _golds(val)
-        predictions = {option: decide(task, source(val, "validate")) for option, source in sources.items()}
-        overall = {o: validation_value(task, golds, p) for o, p in predictions.items()} if val else {}
-        order = sorted(CHOICES, key=lambda o: -overall.get(o, 0.0))  # stable: equals stay simplest first
-        rows_of = _by_user(val)
-        chosen = {}
-        for user in users:
-            rows = rows_of.get(user.id, [])
-            if not rows:
-                chosen[user.id] = order[0]
-                continue
-            mine = [golds[i] for i in rows]
-            value = {o: validation_value(task, mine, [predictions[o][i] for i in rows]) for o in order}
-            chosen[user.id] = max(order, key=value.__getitem__)
-        return chosen

@@ -152,6 +152,13 @@ LABEL_MODEL_METHODS: list[Method] = [
         label_models.BiasSetup(),
     ),
     Method(
+        "task-adapter+choice",
+        "shared-personal",
+        "per user the best of their label prior, their bias and the task adapter fused with their prior, on "
+        "their own validation items; each served as one label-bias module",
+        label_models.BiasSetup(store="task-adapter+choice", fit="choice"),
+    ),
+    Method(
         "joint+bias",
         "shared-personal",
         "a shared LoRA trained to choose labels jointly with a shrunk bias per training user; each user "

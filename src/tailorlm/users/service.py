@@ -79,6 +79,7 @@ class ServiceSettings:
     # OPPU: a non-personal task adapter merged into the base before users train and are served, kept in
     # the store (TASK_ADAPTER_FOLDER) so a worker process or a server finds it; None: the plain base.
     task_adapter: str | None = None
+    label_fit: str = "bias"  # how label-bias users are fitted: one of ``label_models.FITS``
     spec: dict[str, Any] = field(default_factory=lambda: default_spec_dict(DEFAULT_KIND))
 
     def to_json(self) -> str:
@@ -91,6 +92,13 @@ class ServiceSettings:
         if values.get("labels") is not None:
             values["labels"] = tuple(values["labels"])
         return cls(**values)
+
+
+def check_label_fit(fit: str) -> str:
+    """``fit`` if label-bias users can be fitted that way (``label_models.FITS``)."""
+    if fit not in label_models.FITS:
+        raise UserError(f"label fit {fit!r} is not one of {', '.join(label_models.FITS)}")
+    return fit
 
 
 @dataclass(frozen=True)
@@ -259,6 +267,7 @@ class UserService:
         base_model: str | None = None,
         kind: str | ModuleSpec | None = None,
         task_adapter: str | Path | None = None,
+        label_fit: str | None = None,
     ) -> ServiceSettings:
         """Set store-wide settings; None leaves one as it is. The task and the base model are fixed once
         users depend on them: a store holds one task's users and modules for one base model."""
@@ -279,6 +288,8 @@ class UserService:
             settings = replace(settings, spec=kinds.spec_to_dict(resolve_spec(kind, settings.labels)))
         if task_adapter is not None:
             settings = replace(settings, task_adapter=self._keep_task_adapter(Path(task_adapter)))
+        if label_fit is not None:
+            settings = replace(settings, label_fit=check_label_fit(label_fit))
         return self._save_settings(settings)
 
     def _keep_task_adapter(self, folder: Path) -> str:
@@ -623,6 +634,7 @@ class UserService:
                 [user for user, _ in members],
                 f"{spec.kind}",
                 fingerprints={user.id: data for user, data in members},
+                fit=self.settings().label_fit,
             )
             for record in fitted.values():
                 if on_user is not None:
