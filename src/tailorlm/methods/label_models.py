@@ -42,7 +42,6 @@ from tailorlm.progress import ProgressCallback
 from tailorlm.store.index import VersionRecord
 from tailorlm.store.store import ModuleStore
 from tailorlm.train.choice import ChoiceExample, JointChoiceTrainer, fit_bias
-from tailorlm.train.trainer import TrainConfig
 
 # L2 strengths of a user's bias, in units of one training example's loss; the benchmark picks one on the
 # validation items of the users it answers. Large values pull every user back to the shared model.
@@ -422,7 +421,7 @@ class JointSharedSetup(TaskAdapterSetup):
     def train(
         self, deps: MethodDeps, recipe: Recipe, store: ModuleStore, train: list[Query], val: list[Query]
     ) -> None:
-        task, settings = deps.task, deps.settings
+        task = deps.task
         train, val = labelled_queries(task, train), labelled_queries(task, val)
         engine = deps.engine(TASK_ADAPTER.spec, slots=2)
         builder = deps.builder(recipe, engine.tokenizer)
@@ -435,13 +434,7 @@ class JointSharedSetup(TaskAdapterSetup):
                 for prompt, (user, example) in zip(prompts, queries, strict=True)
             ]
 
-        config = TrainConfig(
-            epochs=settings.adapter_epochs,
-            batch_size=settings.adapter_batch_size,
-            learning_rate=TASK_ADAPTER.learning_rate,
-            warmup_ratio=settings.adapter_warmup_ratio,
-            seed=settings.seed,
-        )
+        config = self.train_config(deps)
         deps.reporter.log(
             f"training the joint shared model ({recipe.tag}) on {len(train)} examples of "
             f"{len({u.id for u, _ in train})} other users, a bias each (shrinkage {JOINT_SHRINKAGE:g})"

@@ -274,21 +274,25 @@ class TaskAdapterSetup:
             )
         return train_pairs, val_pairs
 
-    def train(
-        self, deps: MethodDeps, recipe: Recipe, store: ModuleStore, train: list[Query], val: list[Query]
-    ) -> None:
-        """Train the shared module on ``train`` (early stopping on ``val``) and store it as ``USER``."""
+    @staticmethod
+    def train_config(deps: MethodDeps) -> TrainConfig:
         settings = deps.settings
-        engine = deps.engine(TASK_ADAPTER.spec, slots=2)
-        builder = deps.builder(recipe, engine.tokenizer)
-        job = training_job(deps, builder, self.store_name(recipe), self.USER, train, val)
-        config = TrainConfig(
+        return TrainConfig(
             epochs=settings.adapter_epochs,
             batch_size=settings.adapter_batch_size,
             learning_rate=TASK_ADAPTER.learning_rate,
             warmup_ratio=settings.adapter_warmup_ratio,
             seed=settings.seed,
         )
+
+    def train(
+        self, deps: MethodDeps, recipe: Recipe, store: ModuleStore, train: list[Query], val: list[Query]
+    ) -> None:
+        """Train the shared module on ``train`` (best epoch by ``val``) and store it as ``USER``."""
+        engine = deps.engine(TASK_ADAPTER.spec, slots=2)
+        builder = deps.builder(recipe, engine.tokenizer)
+        job = training_job(deps, builder, self.store_name(recipe), self.USER, train, val)
+        config = self.train_config(deps)
         deps.reporter.log(
             f"training the task adapter ({recipe.tag}) on {len(train)} examples of "
             f"{len(deps.adapter_users)} other users"
