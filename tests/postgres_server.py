@@ -63,10 +63,18 @@ class PostgresServer:
 
     def start(self) -> PostgresServer:
         self._run("initdb", "-D", str(self.data), "-U", SUPERUSER, "-A", "trust", "-E", "UTF8", "--no-sync")
+        return self.resume()
+
+    def resume(self) -> PostgresServer:
+        """Start the server on its existing data (after ``halt``), on the same port."""
         options = f"-h 127.0.0.1 -p {self.port} -k {self.home} -F -c max_connections=200"
         log = self.home / "server.log"
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(log), "-w", "-t", "60", "start")
         return self
+
+    def halt(self) -> None:
+        """Stop the server at once, as a crash would, keeping its data."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
     def url(self, database: str = "postgres", password: str | None = None) -> str:
         credentials = SUPERUSER if password is None else f"{SUPERUSER}:{password}"

@@ -285,6 +285,44 @@ def test_an_index_that_cannot_be_opened_is_one_clear_error(postgres, tmp_path):
     assert StoreIndex(f"sqlite:///{tmp_path}/s.sqlite3").path == tmp_path / "s.sqlite3"
 
 
+def _drop_connections(postgres, url: str) -> None:
+    """End every other session on ``url``'s database from the server side, as a restart or failover does."""
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(postgres.url(), autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        )
+
+
+def test_a_dropped_connection_is_reopened_and_a_lost_write_is_one_clear_error(postgres):
+    url = postgres.new_database()
+    index = StoreIndex(url)
+    try:
+        index.add_user("ann")
+        _drop_connections(postgres, url)
+        assert index.has_user("ann")  # a read outside a transaction reopens the connection and retries
+        _drop_connections(postgres, url)
+        index.add_user("bob")  # so does a transaction's BEGIN
+        assert index.has_user("bob")
+        with (
+            pytest.raises(
+                StoreLocationError, match="during a write, which was not recorded; try again"
+            ) as lost,
+            index.transaction() as db,
+        ):
+            db.execute("INSERT INTO users(id, created) VALUES (?, ?)", ("cid", 1.0))
+            _drop_connections(postgres, url)
+            db.execute("INSERT INTO users(id, created) VALUES (?, ?)", ("dan", 1.0))
+        assert "\n" not in str(lost.value) and "127.0.0.1" in str(lost.value)
+        assert not index.has_user("cid") and not index.has_user("dan")  # nothing of it was committed
+        index.add_user("cid")  # and the index goes on
+        assert index.has_user("cid")
+    finally:
+        index.close()
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [

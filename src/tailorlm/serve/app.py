@@ -24,6 +24,7 @@ from tailorlm.serve import protocol, users_api
 from tailorlm.serve.protocol import ApiError, ChatRequest, CompletionRequest
 from tailorlm.serve.scheduler import Event, Job
 from tailorlm.serve.server import Server
+from tailorlm.store.index_backends import StoreLocationError
 from tailorlm.users.keys import KeyOwner
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,14 @@ def _errors(app: FastAPI, server: Server) -> None:
     async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "unknown_route", 405: "method_not_allowed"}.get(error.status_code)
         return _error_response(ApiError(error.status_code, str(error.detail), code=code))
+
+    @app.exception_handler(StoreLocationError)
+    async def index_unavailable(_request: Request, error: StoreLocationError) -> JSONResponse:
+        # The store's index (PostgreSQL) is unreachable: nothing is wrong with the request, so retry it.
+        log.warning("the store's index is unavailable: %s", error)
+        return _error_response(
+            ApiError(503, str(error), "server_error", code="index_unavailable", retry_after=1.0)
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, error: Exception) -> JSONResponse:

@@ -137,6 +137,11 @@ class PostgresBackend:
 
     def __init__(self, url: str) -> None:
         self.where = without_password(url)
+        self._url = url
+        self._in_transaction = False
+        self._db = self._connect()
+
+    def _connect(self) -> Any:
         try:
             import psycopg
             from psycopg.rows import dict_row
@@ -146,20 +151,93 @@ class PostgresBackend:
                 "pip install 'tailorlm[postgres]'"
             ) from None
         try:
-            self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=10)
+            return psycopg.connect(self._url, autocommit=True, row_factory=dict_row, connect_timeout=10)
         except psycopg.Error as error:
-            # libpq's messages span lines, and may quote the connection string back (password and all).
-            reason = " ".join(str(error).replace(url, self.where).split())
-            raise StoreLocationError(f"cannot open the index at {self.where}: {reason}") from None
+            raise StoreLocationError(
+                f"cannot open the index at {self.where}: {self._reason(error)}"
+            ) from None
+
+    def _reason(self, error: Exception) -> str:
+        # libpq's messages span lines, and may quote the connection string back (password and all).
+        return " ".join(str(error).replace(self._url, self.where).split())
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
-        return self._db.execute(_pyformat(sql), tuple(args))
+        """One statement. A connection the server dropped (a restart, a failover, an idle timeout) is
+        opened again: a statement outside a transaction (a read, ``BEGIN``, ``VACUUM``) is retried once
+        on the new connection; a transaction it was in is lost, and that is one ``StoreLocationError``
+        saying what became of the write."""
+        import psycopg
+
+        command = sql.strip().split(None, 1)[0].upper() if sql.strip() else ""
+        if self._db.closed or self._db.broken:
+            if command == "ROLLBACK":  # the server ended the transaction with the connection
+                self._in_transaction = False
+                return None
+            if self._in_transaction:
+                self._lost(command, "the connection was already closed")
+            self._reopen()
+        try:
+            result = self._db.execute(_pyformat(sql), tuple(args))
+        except psycopg.OperationalError as error:
+            if not self._disconnected(error):
+                raise
+            if command == "ROLLBACK":
+                self._in_transaction = False
+                return None
+            if self._in_transaction or command == "COMMIT":
+                self._lost(command, self._reason(error))
+            self._reopen()
+            result = self._db.execute(_pyformat(sql), tuple(args))
+        if command == "BEGIN":
+            self._in_transaction = True
+        elif command in ("COMMIT", "ROLLBACK"):
+            self._in_transaction = False
+        return result
+
+    def _disconnected(self, error: Exception) -> bool:
+        """Whether ``error`` means the connection is gone, not that a statement failed (a lock or a
+        statement timeout is an ``OperationalError`` too): libpq saw it broken, the socket closed under
+        it (no SQLSTATE), or the server said so (class 08, or 57P0x: shut down or restarting)."""
+        state = getattr(error, "sqlstate", None)
+        return self._db.broken or state is None or state.startswith(("08", "57P0"))
+
+    def _lost(self, command: str, reason: str) -> None:
+        """The connection broke inside a transaction: the server rolled it back, unless it broke at the
+        COMMIT itself, when nobody here can know."""
+        self._in_transaction = False
+        if command == "COMMIT":
+            raise StoreLocationError(
+                f"lost the connection to the index at {self.where} while committing: the write may or may "
+                f"not have been recorded ({reason})"
+            )
+        raise StoreLocationError(
+            f"lost the connection to the index at {self.where} during a write, which was not recorded; "
+            f"try again ({reason})"
+        )
+
+    def _reopen(self) -> None:
+        try:
+            self._db.close()
+        finally:
+            self._db = self._connect()
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """Many rows of one statement, inside a transaction (a broken connection loses it, as ``execute``
+        says)."""
+        import psycopg
+
         rows = list(rows)
-        if rows:
+        if not rows:
+            return
+        if self._db.closed or self._db.broken:
+            self._lost("", "the connection was already closed")
+        try:
             with self._db.cursor() as cursor:
                 cursor.executemany(_pyformat(sql), rows)
+        except psycopg.OperationalError as error:
+            if not self._disconnected(error):
+                raise
+            self._lost("", self._reason(error))
 
     def prepare_schema(self) -> None:
         self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
