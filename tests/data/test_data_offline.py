@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tailorlm.data import UnknownTaskError, load_task, render
+from tailorlm.data import DataError, UnknownTaskError, load_task, render
 from tailorlm.data.stats import summarize
 
 
@@ -118,3 +118,28 @@ def test_offline_prompts_render(offline_task, name):
         task.spec.template("shot"), {"text": shots[0].text, "target": shots[0].target}
     )
     assert lines[-1] == render.fill(task.spec.template("query"), {"text": example.text})
+
+
+def test_items_can_be_held_out_for_every_user(offline_task):
+    """``--split items``: the same answers, split by item across users, so no training answer of anyone is
+    about a test or validation item; seeded; a timeline cannot be split so."""
+    per_user = offline_task("verbagg")
+    task = load_task("verbagg", split="items", seed=0)
+    test_items = {e.item_key for u in task.users for e in u.test}
+    val_items = {e.item_key for u in task.users for e in u.val}
+    train_items = {e.item_key for u in task.users for e in u.train}
+    assert (len(test_items), len(val_items)) == (5, 2)  # 20% and 10% of 24, rounded half up
+    assert not train_items & (test_items | val_items) and not test_items & val_items
+    assert "items held out for every user: 5 test, 2 validation of 24, seed 0" in task.source
+    by_id = {u.id: u for u in per_user.users}
+    for user in task.users:
+        assert {e.id for e in user.examples()} == {e.id for e in by_id[user.id].examples()}
+        assert [h.id for h in user.history] == [e.id for e in user.train]
+        assert all(task.history_for(user, e) == user.history for e in user.test)
+    again, other = load_task("verbagg", split="items", seed=0), load_task("verbagg", split="items", seed=1)
+    assert [e.id for e in again.users[0].test] == [e.id for e in task.users[0].test]
+    assert {e.item_key for u in other.users for e in u.test} != test_items
+    with pytest.raises(DataError, match="task movielens is a timeline"):
+        load_task("movielens", split="items")
+    with pytest.raises(UnknownTaskError, match="installed package"):
+        load_task("verbagg", split="dev")

@@ -177,3 +177,19 @@ def test_a_peftu_format_file_loads_under_a_task_file(tmp_path):
     assert [e.target for u in task.users for e in u.test] == [
         e.target for u in reference.users for e in u.test
     ]
+
+
+def test_a_table_with_item_ids_can_hold_items_out(tmp_path):
+    task_file, data = write(tmp_path, rows())
+    task = load_task(task_file, data_dir=data, split="items", seed=2)
+    assert "items held out for every user: 3 test, 2 validation of 15, seed 2" in task.source
+    assert all((len(u.train), len(u.val), len(u.test)) == (10, 2, 3) for u in task.users)
+    held = {e.item_key for u in task.users for e in u.test + u.val}
+    assert not held & {e.item_key for u in task.users for e in u.train}
+    without_items = tmp_path / "plain"
+    without_items.mkdir()
+    task_file, data = write(
+        without_items, rows(), columns={"user": "annotator", "input": "text", "target": "label"}
+    )
+    with pytest.raises(DataError, match="examples without an item id, so items cannot be held out"):
+        load_task(task_file, data_dir=data, split="items")

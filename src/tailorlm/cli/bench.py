@@ -51,7 +51,12 @@ def bench_command(
     data: Path | None = typer.Option(
         None, "--data", help="Folder with PEFT-U or LaMP files, for those tasks."
     ),
-    split: str | None = typer.Option(None, "--split", help="LaMP split to test on (e.g. dev)."),
+    split: str | None = typer.Option(
+        None,
+        "--split",
+        help="LaMP split to test on (e.g. dev); or 'items' for an offline task or your own table: a share of "
+        "the items held out for every user, so the test items are new to every method.",
+    ),
     model: str | None = MODEL_OPTION,
     device: str | None = DEVICE_OPTION,
     dtype: str | None = DTYPE_OPTION,

@@ -19,7 +19,10 @@ DATA_OPTION = typer.Option(
     None, "--data", "-d", help="Folder with the task's files (PEFT-U and LaMP tasks; not for offline tasks)."
 )
 SPLIT_OPTION = typer.Option(
-    None, "--split", help="LaMP: train / dev (default) / test files. PEFT-U: leaked (default) / no_leak."
+    None,
+    "--split",
+    help="LaMP: train / dev (default) / test files. PEFT-U: leaked (default) / no_leak. Offline tasks and "
+    "tables: items (a share of the items held out for every user).",
 )
 SEED_OPTION = typer.Option(0, "--seed", help="Seed of the per-user splits the offline tasks make.")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 # Imports within this package run one way, never back: errors, schema -> specs -> render -> splits, build
 # -> the loaders (offline, peftu, lamp) -> this file. That is why every module can import what it needs at
 # the top and any of them can be imported first; tests/test_import_graph.py keeps other packages out.
-from tailorlm.data import lamp, offline, peftu, specs, table
+from tailorlm.data import build, lamp, offline, peftu, specs, table
 from tailorlm.data.errors import DataError, UnknownTaskError
 from tailorlm.data.schema import KINDS, SPLITS, Example, HistoryItem, Kind, Task, User
 
@@ -40,6 +40,9 @@ def available_tasks() -> list[str]:
     return list(specs.all_specs())
 
 
+ITEMS_SPLIT = "items"  # a split any task with shared item ids can take: by item, across users
+
+
 def load_task(name: str, data_dir: str | Path | None = None, split: str | None = None, seed: int = 0) -> Task:
     """Load a task by name.
 
@@ -48,9 +51,18 @@ def load_task(name: str, data_dir: str | Path | None = None, split: str | None =
 
     ``data_dir`` is needed for PEFT-U (a task folder, a folder of task folders, or the JSON file) and LaMP
     (the folder with ``{split}_questions.json`` and ``{split}_outputs.json``). ``split`` picks LaMP's
-    train / dev (default) / test files, or PEFT-U's leaked (default) / no_leak file; the offline tasks make
-    their own splits from ``seed``.
+    train / dev (default) / test files, or PEFT-U's leaked (default) / no_leak file; the offline tasks and
+    tables make their own splits from ``seed``, per user, or with ``split`` "items" by item
+    (``build.hold_out_items``: test items no training answer is about).
     """
+    if split == ITEMS_SPLIT:
+        family = None if name.lower().endswith(".json") else specs.spec(name).family
+        if family in ("lamp", "peftu"):
+            raise UnknownTaskError(
+                f"{name}: --split items is for the offline tasks and your own tables; {family} files come "
+                "with their own splits"
+            )
+        return build.hold_out_items(load_task(name, data_dir=data_dir, seed=seed), seed)
     if name.lower().endswith(".json"):  # a task file: your own table, or a PEFT-U-format file (data/table.py)
         if data_dir is None:
             raise UnknownTaskError(f"a task file ({name}) describes your data: give it as --data")

@@ -115,6 +115,42 @@ def timeline_user(
     )
 
 
+def hold_out_items(loaded: Task, seed: int) -> Task:
+    """``loaded`` split by item instead of per user (``splits.held_out_items``): every user's answers to the
+    test items are their test, to the validation items their validation, the rest their train and
+    history. Users left without a training or a test answer are dropped. Needs items shared across users
+    and no timeline (a held-out item's answers may be older than training ones)."""
+    if loaded.chronological:
+        raise DataError(
+            f"task {loaded.name} is a timeline (each user's test items are their latest), so items cannot be "
+            "held out across users"
+        )
+    keys = [e.item_key for u in loaded.users for e in u.examples()]
+    if not keys or any(key is None for key in keys):
+        raise DataError(
+            f"task {loaded.name} has examples without an item id, so items cannot be held out",
+            file=loaded.source,
+        )
+    try:
+        test_items, val_items = splits.held_out_items(keys, seed)
+    except ValueError as error:
+        raise DataError(str(error), file=loaded.source) from None
+    users = []
+    for user in loaded.users:
+        pooled = sorted(user.examples(), key=lambda e: natural_key(e.item_key))
+        test = [e for e in pooled if e.item_key in test_items]
+        val = [e for e in pooled if e.item_key in val_items]
+        train = [e for e in pooled if e.item_key not in test_items and e.item_key not in val_items]
+        if train and test:
+            history = [to_history(loaded.spec, e) for e in train]
+            users.append(User(user.id, train, val, test, history, dict(user.fields)))
+    source = (
+        f"{loaded.source} (items held out for every user: {len(test_items)} test, {len(val_items)} "
+        f"validation of {len(set(keys))}, seed {seed})"
+    )
+    return task(loaded.spec, users, source, chronological=False, labels=loaded.labels)
+
+
 def read_json(path: Path) -> Any:
     """Parse a JSON file, turning a missing file or a syntax error into a DataError that names it."""
     try:

@@ -1,12 +1,15 @@
 """Per-user train / validation / test splits, deterministic from a seed.
 
-Two policies, as the reference systems use them:
+Two per-user policies, as the reference systems use them, and one across users:
 
 - stratified (PEFT-U, subjective tasks): a user's items are split 80/10/10 with every label spread over the
   three parts in proportion; users with fewer than ``MIN_ITEMS`` items are dropped, as PEFT-U drops them.
 - chronological (histories): a user's latest items are their test, the ones just before are validation,
   everything earlier is train, so nothing a user did later can be trained on or retrieved for an earlier
   question.
+- held-out items (cold-start items, as recommender evaluations hold them out): a seeded share of the
+  task's items is test for every user who answered them and another share validation, so no training
+  answer of anyone is about a test item; what is known of an item then comes only from its text.
 """
 
 from __future__ import annotations
@@ -81,3 +84,20 @@ def chronological_split(
     cut_val = len(timeline) - n_test - n_val
     cut_test = len(timeline) - n_test
     return timeline[:cut_val], timeline[cut_val:cut_test], timeline[cut_test:]
+
+
+ITEM_TEST, ITEM_VAL = 0.2, 0.1  # shares of the items held out: enough distinct test items to mean something
+
+
+def held_out_items(keys: Sequence[str], seed: int) -> tuple[frozenset[str], frozenset[str]]:
+    """The (test, validation) item keys of ``keys``: seeded shares ``ITEM_TEST`` and ``ITEM_VAL`` (each
+    rounded half up, at least one), independent of the order ``keys`` come in."""
+    ordered = sorted(set(keys))
+    if len(ordered) < 3:
+        raise ValueError(f"{len(ordered)} distinct items are too few to hold out test and validation items")
+    order = np.random.default_rng([seed, zlib.crc32(b"held-out items")]).permutation(len(ordered))
+    n_test = held_out_count(len(ordered), ITEM_TEST)
+    n_val = held_out_count(len(ordered), ITEM_VAL)
+    test = frozenset(ordered[i] for i in order[:n_test])
+    val = frozenset(ordered[i] for i in order[n_test : n_test + n_val])
+    return test, val
