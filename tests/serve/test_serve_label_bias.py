@@ -13,6 +13,7 @@ from tailorlm import models
 from tailorlm.data.schema import Example
 from tailorlm.engine.engine import Engine
 from tailorlm.kinds.label_bias import BIAS, SCALE, LabelBiasSpec
+from tailorlm.methods.baselines import LabelPrior
 from tailorlm.methods.label_models import SHRINKAGE_KEY, WEIGHT_KEY
 from tailorlm.methods.recipes import PromptBuilder, Recipe
 from tailorlm.serve.run import background
@@ -140,4 +141,27 @@ def test_an_unknown_label_fit_is_refused(tmp_path, tiny):
     service = UserService(tmp_path / "store", load_base=lambda: fresh(tiny))
     with pytest.raises(UserError, match="label fit 'median' is not one of bias, fusion, choice"):
         service.configure(label_fit="median")
+    service.close()
+
+
+def test_a_fused_users_prior_is_smoothed_toward_the_whole_store(tmp_path, tiny):
+    """``--label-fit fusion``: each user's part is scale ``w`` and bias ``(1 - w)`` times the log of their
+    label prior, smoothed toward every user's labels in the store (as the benchmark smooths it), not toward
+    uniform: fitting one user must not forget the others."""
+    users = [str(i) for i in range(1, 6)]
+    service = UserService(tmp_path / "store", load_base=lambda: fresh(tiny))
+    service.configure(task="verbagg", base_model=models.TINY_MODEL, label_fit="fusion")
+    service.import_task("verbagg", users=users, kind="label-bias")
+    assert service.train(["2"]).trained == ["2"]  # one user alone: the prior still sees all five
+    weight = float(service.store.index.meta(WEIGHT_KEY))
+    population = service.task([service.data_user(u) for u in users])
+    alone = service.task([service.data_user("2")])
+    stored = service.store.get("2")
+    expected = (1 - weight) * torch.log(torch.tensor(LabelPrior(population).user(population.user("2"))))
+    lonely = (1 - weight) * torch.log(torch.tensor(LabelPrior(alone).user(alone.user("2"))))
+    assert float(stored.tensors[SCALE]) == pytest.approx(weight, abs=1e-3)
+    assert stored.meta["option"] == "fusion"
+    torch.testing.assert_close(stored.tensors[BIAS].float(), expected, atol=2e-3, rtol=0)
+    if weight < 1:
+        assert not torch.allclose(expected, lonely, atol=1e-2)
     service.close()

@@ -343,8 +343,9 @@ class UserService:
         load = self._load_base or base_loader(self.settings().base_model, *self._placement)
         return lambda: self.with_task_adapter(load())
 
-    def task(self) -> Task:
-        """The store's task, with no users: what renders a user's examples into prompts."""
+    def task(self, users: Sequence[User] = ()) -> Task:
+        """The store's task, with ``users`` (none by default): what renders a user's examples into
+        prompts."""
         settings = self.settings()
         if settings.task is None:
             raise UserError(
@@ -352,7 +353,9 @@ class UserService:
                 "import users from a task first (tailorlm users import TASK)"
             )
         spec = self._task_spec(settings.task)
-        return data_build.task(spec, [], source=self.location, chronological=False, labels=settings.labels)
+        return data_build.task(
+            spec, list(users), source=self.location, chronological=False, labels=settings.labels
+        )
 
     # ---- users ---------------------------------------------------------------------------------------
 
@@ -625,8 +628,13 @@ class UserService:
         # Personal jobs never open a setup's own store under ``MethodDeps.modules``; a store under a URL
         # has no folder on this machine to name there.
         modules = self.root if isinstance(self.store.files, LocalRoot) else Path.cwd()
+        fitted_not_trained = not kinds.of(spec).acts_on_model
+        if fitted_not_trained:
+            # A label part's prior is smoothed toward every user's labels, as the benchmark's is: the fit
+            # sees the store's whole population, though it fits and stores only ``members``.
+            task = self.task([_user_of(uid, self.history(uid)) for uid in self.index.user_ids()])
         deps = MethodDeps(task, self.load_base(), modules, settings=self.method_settings)
-        if not kinds.of(spec).acts_on_model:
+        if fitted_not_trained:
             fitted = label_models.fit_and_store(
                 deps,
                 deps.engine(spec, slots=2),
