@@ -196,12 +196,12 @@ def method_work(
             counted.add(key)
             work.add(part)
 
-    def adapter(shared: TaskAdapterSetup | None = None) -> None:
+    def adapter(shared: TaskAdapterSetup) -> None:
         """The shared model's training; the joint one scores every label of an example with gradients,
         counted as one training example (a label's few tokens continue from the prompt's cache)."""
         pooled = sum(len(task.training_examples(u)) for u in adapter_users)
         examples = min(pooled, config.adapter_examples or pooled)
-        key = f"{(shared or TaskAdapterSetup()).STORE}:{recipe.tag}"
+        key = f"{shared.STORE}:{recipe.tag}"
         once(key, Work(train=examples * config.adapter_epochs * factor, engines=1))
 
     def personal(key: str) -> None:
@@ -212,20 +212,20 @@ def method_work(
     if isinstance(setup, BaseSetup):
         work.add(_answers(task, users, factor))
     elif isinstance(setup, TaskAdapterSetup):
-        adapter()
+        adapter(setup)
         work.add(_answers(task, users, factor))
     elif isinstance(setup, PersonalSetup):
         if setup.on_task_adapter:
-            adapter()
+            adapter(TaskAdapterSetup())
         personal(f"personal:{method.name}")
         work.add(_answers(task, users, factor))
     elif isinstance(setup, label_models.BiasSetup | label_models.FusionSetup | label_models.ChoiceSetup):
-        shared = setup.shared if isinstance(setup, label_models.BiasSetup) else None
-        adapter(shared)
+        # Fusion and oppu-choice stand on the plain task adapter and its biases (``BiasSetup()``).
+        biased = setup if isinstance(setup, label_models.BiasSetup) else label_models.BiasSetup()
+        adapter(biased.shared)
         fit = sum(min(len(task.training_examples(u)), config.user_examples or 10**9) for u in users)
         val = sum(len(u.val) for u in users)
-        store = setup.store if isinstance(setup, label_models.BiasSetup) else "task-adapter+bias"
-        once(f"biases:{store}:{recipe.tag}", Work(score=fit + val))
+        once(f"biases:{biased.store}:{recipe.tag}", Work(score=fit + val))
         if isinstance(setup, label_models.ChoiceSetup):
             personal(f"personal:{setup.MODULE_METHOD}")
             work.add(Work(score=2 * val))

@@ -235,13 +235,14 @@ class Engine:
         user, then each prompt's own tokens, then the choices."""
         if len(prompts) != len(slots):
             raise EngineError(f"{len(prompts)} prompts but {len(slots)} slots")
-        if not choices:
-            raise EngineError("no choices to score")
+        continuation = self._continuations(choices)  # tokenized once for every batch
         order = self._by_slot(slots)
         scores: list[list[float]] = [[] for _ in prompts]
         for start in range(0, len(prompts), batch_size):
             chunk = order[start : start + batch_size]
-            totals = self.choice_scores([prompts[i] for i in chunk], [slots[i] for i in chunk], choices)
+            totals = self._choice_scores(
+                [prompts[i] for i in chunk], [slots[i] for i in chunk], choices, continuation
+            )
             for i, values in zip(chunk, totals.tolist(), strict=True):
                 scores[i] = values
         return scores
@@ -252,6 +253,11 @@ class Engine:
         """``score_choices`` of one batch as a tensor ``[prompts, choices]`` that keeps its graph: inside
         ``training()`` the gradient of a loss over label scores reaches the rows' slots (a model trained
         to choose among labels, ``train.choice``)."""
+        return self._choice_scores(prompts, slots, choices, self._continuations(choices))
+
+    def _continuations(self, choices: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The choices' token ids (end-of-sequence appended when targets end with it), right padded, and
+        their mask: two ``[choices, longest]`` tensors."""
         if not choices:
             raise EngineError("no choices to score")
         eos = [self.tokenizer.eos_token_id] if self.end_target_with_eos else []
@@ -264,8 +270,17 @@ class Engine:
         continuation_mask = torch.tensor(
             [[1] * len(ids) + [0] * (width - len(ids)) for ids in choice_ids], device=self.device
         )
+        return continuation, continuation_mask
+
+    def _choice_scores(
+        self,
+        prompts: Sequence[str],
+        slots: Sequence[int],
+        choices: Sequence[str],
+        continuation: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
         batch = self.encode([Row(prompt, "", slot) for prompt, slot in zip(prompts, slots, strict=True)])
-        totals = self._score_continuations(batch, continuation, continuation_mask)
+        totals = self._score_continuations(batch, *continuation)
         return self._adjust_choices(choices, totals.view(len(prompts), len(choices)), batch.slot_ids)
 
     def _adjust_choices(

@@ -58,9 +58,14 @@ def applies_to(task: Task) -> bool:
     return task.labels is not None and task.kind in ("classification", "rating")
 
 
+def has_label(task: Task, example: Example) -> bool:
+    """Whether ``example``'s target is one of ``task.labels``."""
+    return bool(example.targets) and metrics.label_index(example.targets[0], task.labels) >= 0
+
+
 def labelled(task: Task, examples: Sequence[Example]) -> list[Example]:
     """The examples whose target is one of ``task.labels``."""
-    return [e for e in examples if e.targets and metrics.label_index(e.targets[0], task.labels) >= 0]
+    return [e for e in examples if has_label(task, e)]
 
 
 def decide(task: Task, distribution: Distribution) -> list[str]:
@@ -190,12 +195,15 @@ def _by_user(queries: Sequence[Query]) -> dict[str, list[int]]:
     return rows
 
 
+Part = tuple[torch.Tensor, float]  # one user's (bias [labels], scale): ``kinds.label_bias``'s two tensors
+
+
 @dataclass
 class UserParts:
     """Each user's label part against one shared model: ``(bias [labels], scale)``, the user's scores being
     ``scale * log p_shared + bias`` (``kinds.label_bias``), with what each was fitted as."""
 
-    parts: dict[str, tuple[torch.Tensor, float]]
+    parts: dict[str, Part]
     options: dict[str, str]  # user -> "prior", "bias" or "fusion"
     shrinkage: float | None = None  # the biases' penalty, when a bias was fitted
     weight: float | None = None  # the fusion's weight on the shared model, when one was chosen
@@ -238,25 +246,26 @@ def fit_user_parts(
         fit == "choice" or (fit == "bias" and shrinkage is None) or (fit == "fusion" and weight is None)
     ):
         val_dist = shared_distribution(shared, val, "validate")
-    prior = LabelPrior(task)
-    log_prior = {u.id: torch.log(torch.tensor(prior.user(u), dtype=torch.float32)) for u in users}
-    candidates: dict[str, dict[str, tuple[torch.Tensor, float]]] = {
-        "prior": {u.id: (log_prior[u.id], 0.0) for u in users}
-    }
 
-    def predict(parts: dict[str, tuple[torch.Tensor, float]]) -> list[str]:
+    def predict(parts: dict[str, Part]) -> list[str]:
         return decide(task, UserParts(parts, {}).apply(val_dist, val))
 
+    candidates: dict[str, dict[str, Part]] = {}
+    if fit in ("fusion", "choice"):
+        prior = LabelPrior(task)
+        log_prior = {u.id: torch.log(torch.tensor(prior.user(u), dtype=torch.float32)) for u in users}
+        candidates["prior"] = {u.id: (log_prior[u.id], 0.0) for u in users}
     if fit in ("bias", "choice"):
-        biases = _fit_biases(task, shared, users, shrinkage, predict if val_dist is not None else None)
-        shrinkage = biases.shrinkage
-        candidates["bias"] = biases.parts
+        biases = _bias_fitter(task, shared, users)
+        if shrinkage is None:  # best_setting takes the first, safest, value when there are no golds
+            shrinkage, _ = best_setting(task, SHRINKAGE_GRID, golds, lambda s: predict(biases(s)))
+        candidates["bias"] = biases(shrinkage)
     if fit in ("fusion", "choice"):
         if weight is None:
             weight, _ = best_setting(task, FUSION_WEIGHTS, golds, lambda w: predict(_fused(log_prior, w)))
         candidates["fusion"] = _fused(log_prior, weight)
     if fit == "choice":
-        predictions = {option: predict(parts) for option, parts in candidates.items()} if val else {}
+        predictions = {option: predict(parts) if val else [] for option, parts in candidates.items()}
         options = choose_per_user(task, users, val, predictions)
     else:
         options = {u.id: fit for u in users}
@@ -264,27 +273,15 @@ def fit_user_parts(
     return UserParts(parts, options, shrinkage, weight)
 
 
-def _fused(log_prior: Mapping[str, torch.Tensor], weight: float) -> dict[str, tuple[torch.Tensor, float]]:
+def _fused(log_prior: Mapping[str, torch.Tensor], weight: float) -> dict[str, Part]:
     """``fuse`` as a label part: scale ``weight``, bias ``(1 - weight)`` times the log prior (the shared
     model's log-normaliser is one constant per row, which a softmax ignores)."""
     return {user: ((1 - weight) * logs, weight) for user, logs in log_prior.items()}
 
 
-@dataclass
-class _Biases:
-    parts: dict[str, tuple[torch.Tensor, float]]
-    shrinkage: float
-
-
-def _fit_biases(
-    task: Task,
-    shared: Answerer,
-    users: Sequence[User],
-    shrinkage: float | None,
-    predict: Callable[[dict[str, tuple[torch.Tensor, float]]], list[str]] | None,
-) -> _Biases:
-    """Every user's bias on their training items; without a given ``shrinkage``, the one of
-    ``SHRINKAGE_GRID`` whose biases ``predict`` the validation golds best (the first without ``predict``)."""
+def _bias_fitter(task: Task, shared: Answerer, users: Sequence[User]) -> Callable[[float], dict[str, Part]]:
+    """Every user's bias on their own training items at a given shrinkage (scale 1), remembered per
+    shrinkage; the training items are scored against ``shared`` once, here."""
     train = queries_of(users, "train", task)
     progress = shared.deps.reporter.progress(f"{shared.method}: scoring training items")
     train_dist = shared_distribution(shared, train, "train", progress)
@@ -293,9 +290,9 @@ def _fit_biases(
         u: [metrics.label_index(train[i][1].targets[0], task.labels) for i in rows]
         for u, rows in train_rows.items()
     }
-    fits: dict[float, dict[str, tuple[torch.Tensor, float]]] = {}
+    fits: dict[float, dict[str, Part]] = {}
 
-    def fitted(strength: float) -> dict[str, tuple[torch.Tensor, float]]:
+    def fitted(strength: float) -> dict[str, Part]:
         if strength not in fits:
             fits[strength] = {
                 user.id: (
@@ -306,13 +303,7 @@ def _fit_biases(
             }
         return fits[strength]
 
-    if shrinkage is None:
-        golds = _golds(queries_of(users, "val", task))
-        if predict is None:
-            shrinkage = SHRINKAGE_GRID[0]
-        else:
-            shrinkage, _ = best_setting(task, SHRINKAGE_GRID, golds, lambda s: predict(fitted(s)))
-    return _Biases(fitted(shrinkage), shrinkage)
+    return fitted
 
 
 def choose_per_user(
@@ -328,8 +319,8 @@ def choose_per_user(
     chosen = {}
     for user in users:
         rows = rows_of.get(user.id, [])
-        if not rows or not order:
-            chosen[user.id] = order[0] if order else next(iter(predictions), "prior")
+        if not rows:
+            chosen[user.id] = order[0]
             continue
         mine = [golds[i] for i in rows]
         value = {o: validation_value(task, mine, [predictions[o][i] for i in rows]) for o in order}
@@ -355,7 +346,8 @@ def fit_and_store(
     each as a new version of their module (``engine.spec``, a label-bias spec). A shrinkage or fusion
     weight is chosen on these users' validation items the first time and kept in the store's index, so
     users fitted later (a resumed run, a retrain of one user) get the same one."""
-    known = {key: store.index.meta(key) if store.users() else None for key in (SHRINKAGE_KEY, WEIGHT_KEY)}
+    stored_before = bool(store.users())
+    known = {key: store.index.meta(key) if stored_before else None for key in (SHRINKAGE_KEY, WEIGHT_KEY)}
     builder = builder or deps.builder(Recipe(), engine.tokenizer)
     shared = Answerer(deps, method, engine, builder, deps.settings.answer_group)  # every row in slot 0
     fitted = fit_user_parts(
@@ -458,15 +450,14 @@ class JointSharedSetup(TaskAdapterSetup):
 
 def labelled_queries(task: Task, queries: Sequence[Query]) -> list[Query]:
     """The queries whose target is one of ``task.labels``."""
-    return [(user, example) for user, example in queries if labelled(task, [example])]
+    return [(user, example) for user, example in queries if has_label(task, example)]
 
 
 class BiasSetup:
     """A shared model (the task adapter, or the joint shared model) merged into the base, with a
     label-bias module per user (``kinds.label_bias``) fitted against it frozen (a bias shrunk toward zero,
     or with ``fit`` "choice" the best of that, the user's prior and their fusion), stored like any user's
-    module and served from a slot. A new user fits only their own bias: nothing
-    shared changes.
+    module and served from a slot. A new user fits only their own bias: nothing shared changes.
 
     The shrinkage is chosen once per store, on the validation items of the users fitted first, and kept
     in the store's index so that users fitted later (a resumed run) get the same."""

@@ -33,7 +33,7 @@ from tailorlm.engine.engine import Engine
 from tailorlm.engine.slots import SlotManager
 from tailorlm.progress import ProgressCallback
 from tailorlm.train.optimizer import SlotAdamW, linear_schedule
-from tailorlm.train.trainer import TrainConfig, seed_for
+from tailorlm.train.trainer import TrainConfig, epoch_batches, seed_for
 
 
 def fit_bias(scores: torch.Tensor, targets: Sequence[int], shrinkage: float) -> torch.Tensor:
@@ -158,29 +158,27 @@ class JointChoiceTrainer:
         slot = slots.place(module_id, generator=init)
         self.optimizer.reset(slot)
         state = _State(train, slot, len(self.choices), self.config)
-        best: tuple[float, int, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+        best_loss, best_epoch = math.inf, None
         with slots.pinned_slots([slot]), self.engine.training():
             for epoch in range(self.config.epochs):
-                generator = torch.Generator().manual_seed(seed_for(self.config.seed, module_id, epoch))
-                order = torch.randperm(len(train), generator=generator).tolist()
-                for start in range(0, len(order), self.config.batch_size):
-                    self._step(state, order[start : start + self.config.batch_size])
+                for batch in epoch_batches(self.config, module_id, len(train), epoch):
+                    self._step(state, batch)
                     if on_progress is not None:
                         on_progress(state.steps, state.total)
                 state.end_epoch()
-                biases = self._biases(state, state.rows_of)
-                if val:
+                if val:  # the epoch with the lowest validation loss is kept, module and biases
+                    biases = self._biases(state, state.rows_of)
                     state.val_losses.append(self._loss(val, biases, slot))
-                    if best is None or state.val_losses[-1] < best[0]:
-                        best = (state.val_losses[-1], epoch, self.engine.bank.read(slot), biases)
-        if best is None:
-            best = (math.nan, -1, self.engine.bank.read(slot), biases)
+                    if best_epoch is None or state.val_losses[-1] < best_loss:
+                        best_loss, best_epoch = state.val_losses[-1], epoch
+                        kept = (self.engine.bank.read(slot), biases)
+        if best_epoch is None:  # no validation examples: the last epoch is kept
+            kept = (self.engine.bank.read(slot), self._biases(state, state.rows_of))
         slots.evict(module_id)
         return JointResult(
-            best[2],
-            best[3],
+            *kept,
             state.steps,
-            best[1] if best[1] >= 0 else None,
+            best_epoch,
             state.train_losses,
             state.val_losses,
             time.perf_counter() - started,

@@ -89,6 +89,14 @@ def seed_for(*parts: object) -> int:
     return zlib.crc32(":".join(str(p) for p in parts).encode())
 
 
+def epoch_batches(config: TrainConfig, key: str, rows: int, epoch: int) -> list[list[int]]:
+    """One epoch's mini-batches over ``rows`` examples: a permutation that depends only on (seed, ``key``,
+    epoch), cut into batches of ``config.batch_size``."""
+    generator = torch.Generator().manual_seed(seed_for(config.seed, key, epoch))
+    order = torch.randperm(rows, generator=generator).tolist()
+    return [order[i : i + config.batch_size] for i in range(0, rows, config.batch_size)]
+
+
 @dataclass
 class _Active:
     """A user occupying a slot: their batch plan, progress and best module so far."""
@@ -128,11 +136,8 @@ class MultiUserTrainer:
 
     def batch_plan(self, user: UserData) -> Iterator[tuple[int, list[int], bool]]:
         """(epoch, row indices, last batch of the epoch?) in the order this user always sees them."""
-        size = self.config.batch_size
         for epoch in range(self.config.epochs):
-            generator = torch.Generator().manual_seed(seed_for(self.config.seed, user.user_id, epoch))
-            order = torch.randperm(len(user.train), generator=generator).tolist()
-            chunks = [order[i : i + size] for i in range(0, len(order), size)]
+            chunks = epoch_batches(self.config, user.user_id, len(user.train), epoch)
             for index, chunk in enumerate(chunks):
                 yield epoch, chunk, index == len(chunks) - 1
 

@@ -629,9 +629,10 @@ class UserService:
         # has no folder on this machine to name there.
         modules = self.root if isinstance(self.store.files, LocalRoot) else Path.cwd()
         fitted_not_trained = not kinds.of(spec).acts_on_model
-        if fitted_not_trained:
-            # A label part's prior is smoothed toward every user's labels, as the benchmark's is: the fit
-            # sees the store's whole population, though it fits and stores only ``members``.
+        label_fit = self.settings().label_fit
+        if fitted_not_trained and label_fit != "bias":
+            # A label part's prior (fusion, choice) is smoothed toward every user's labels, as the
+            # benchmark's is: the fit sees the store's whole population, though it fits only ``members``.
             task = self.task([_user_of(uid, self.history(uid)) for uid in self.index.user_ids()])
         deps = MethodDeps(task, self.load_base(), modules, settings=self.method_settings)
         if fitted_not_trained:
@@ -642,7 +643,7 @@ class UserService:
                 [user for user, _ in members],
                 f"{spec.kind}",
                 fingerprints={user.id: data for user, data in members},
-                fit=self.settings().label_fit,
+                fit=label_fit,
             )
             for record in fitted.values():
                 if on_user is not None:
