@@ -113,7 +113,7 @@ class _State:
         self.rows_of: dict[str, list[int]] = {}
         for i, example in enumerate(train):
             self.rows_of.setdefault(example.user_id, []).append(i)
-        self.total = math.ceil(len(train) / config.batch_size) * config.epochs
+        self.total = config.steps(len(train))
         self.warmup = math.ceil(self.total * config.warmup_ratio)
         self.steps = 0
         self.epoch_loss = 0.0

@@ -16,7 +16,6 @@ a job started again, trains only who is missing.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -97,8 +96,7 @@ class TrainWork:
 
     def steps(self, users: Sequence[UserData] | None = None) -> int:
         """Optimizer steps of ``users`` (default: all), as ``MultiUserTrainer`` counts them."""
-        per_epoch = (math.ceil(len(u.train) / self.config.batch_size) for u in users or self.users)
-        return sum(per_epoch) * self.config.epochs
+        return sum(self.config.steps(len(u.train)) for u in users or self.users)
 
     def fingerprint(self, user_id: str) -> str | None:
         return None if self.fingerprints is None else self.fingerprints[user_id]

@@ -50,6 +50,14 @@ class TrainConfig:
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise EngineError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
+    def batches(self, rows: int) -> int:
+        """Mini-batches per epoch of a user with ``rows`` training examples."""
+        return math.ceil(rows / self.batch_size)
+
+    def steps(self, rows: int) -> int:
+        """Optimizer steps of a user with ``rows`` training examples, every epoch."""
+        return self.batches(rows) * self.epochs
+
 
 @dataclass
 class UserData:
@@ -150,8 +158,8 @@ class MultiUserTrainer:
             fresh = torch.Generator().manual_seed(seed_for(self.config.seed, user.user_id, "init"))
             slot = self.slots.place(user.user_id, generator=fresh)
         self.optimizer.reset(slot)
-        per_epoch = math.ceil(len(user.train) / self.config.batch_size)
-        total = per_epoch * self.config.epochs
+        per_epoch = self.config.batches(len(user.train))
+        total = self.config.steps(len(user.train))
         active = _Active(
             user, slot, per_epoch, total, math.ceil(total * self.config.warmup_ratio), time.perf_counter()
         )
@@ -172,9 +180,7 @@ class MultiUserTrainer:
         queue = deque(users)
         active: dict[str, _Active] = {}
         results: list[UserResult] = []
-        total_steps = sum(
-            math.ceil(len(u.train) / self.config.batch_size) * self.config.epochs for u in users
-        )
+        total_steps = sum(self.config.steps(len(u.train)) for u in users)
         done_steps = 0
         with self.engine.training():
             while queue or active:

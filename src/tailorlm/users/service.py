@@ -19,7 +19,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import math
 import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -787,7 +786,7 @@ def _select(task: Task, users: UserSelection) -> list[User]:
 
 def _steps(task: Task, user: User, config: TrainConfig) -> int:
     """Optimizer steps ``user`` takes, as ``MultiUserTrainer`` counts them."""
-    return math.ceil(len(task.training_examples(user)) / config.batch_size) * config.epochs
+    return config.steps(len(task.training_examples(user)))
 
 
 class _Progress:
