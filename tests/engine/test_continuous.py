@@ -147,6 +147,52 @@ def test_seeded_sampling_repeats_whatever_rides_along(make_base):
     assert greedy_row.tokens == plain_row.tokens  # a nucleus of one token is greedy
 
 
+def test_extreme_sampling_settings_are_greedy_not_nan(make_base):
+    """The smallest positive temperature and top_p (below float32's resolution) still choose a token: the
+    most likely one, as greedy decoding does."""
+    engine = Engine(make_base(), SPECS["lora"], slots=3)
+    prompt = ids(engine, "Tell me something")
+    extreme = [
+        Sampling(max_new_tokens=5, temperature=5e-324, seed=1),
+        Sampling(max_new_tokens=5, temperature=1.0, top_p=5e-324, seed=2),
+        Sampling(max_new_tokens=5, temperature=1e-300, top_p=1e-300, seed=(1 << 64) - 1),
+    ]
+    rows = [DecodeRow(prompt, 1, settings) for settings in extreme]
+    plain = DecodeRow(prompt, 1, Sampling(max_new_tokens=5))
+    running = RunningBatch(engine)
+    running.add([*rows, plain])
+    while running.rows:
+        running.step()
+    for row in rows:
+        assert row.finish_reason in ("stop", "length") and row.tokens == plain.tokens
+
+
+def test_a_row_that_cannot_sample_fails_alone(make_base):
+    engine = Engine(make_base(), SPECS["lora"], slots=3)
+    broken = DecodeRow(ids(engine, "first"), 1, Sampling(max_new_tokens=4, temperature=1.0, seed=1))
+    broken.generator = "not a generator"  # multinomial raises for this row only
+    others = [DecodeRow(ids(engine, f"other {i}"), 2, Sampling(max_new_tokens=4)) for i in range(2)]
+    running = RunningBatch(engine)
+    produced = running.add([broken, *others])
+    assert broken.finish_reason == "error" and isinstance(broken.error, Exception)
+    assert (broken, -1) in produced and broken not in running.rows
+    while running.rows:
+        running.step()
+    for row in others:
+        alone = DecodeRow(row.prompt_ids, 2, Sampling(max_new_tokens=4))
+        single = RunningBatch(engine)
+        single.add([alone])
+        while single.rows:
+            single.step()
+        assert row.tokens == alone.tokens
+
+
+def test_seeds_outside_the_generators_range_are_refused():
+    for seed in ((1 << 64), -(1 << 63) - 1):
+        with pytest.raises(ValueError, match="seed"):
+            Sampling(temperature=1.0, seed=seed)
+
+
 @pytest.mark.parametrize(
     "settings",
     [{"max_new_tokens": 0}, {"temperature": -1.0}, {"temperature": 3.0}, {"top_p": 0.0}, {"top_p": 1.5}],

@@ -23,6 +23,8 @@ from tailorlm.engine.bank import EngineError
 from tailorlm.engine.batch import position_ids
 from tailorlm.engine.engine import Engine
 
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -41,6 +43,8 @@ class Sampling:
             raise ValueError(f"temperature must be between 0 and 2, not {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], not {self.seed}")
 
 
 @dataclass
@@ -51,8 +55,9 @@ class DecodeRow:
     slot: int
     sampling: Sampling = field(default_factory=Sampling)
     tokens: list[int] = field(default_factory=list)  # generated so far
-    finish_reason: str | None = None  # "stop" (end of sequence) or "length"; set when the row ends
+    finish_reason: str | None = None  # "stop" (end of sequence), "length" or "error"; set when it ends
     generator: torch.Generator | None = None
+    error: Exception | None = None  # why this row alone failed (finish_reason "error")
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -65,23 +70,36 @@ class DecodeRow:
                 self.generator.manual_seed(self.sampling.seed)
 
 
-def choose_tokens(logits: torch.Tensor, rows: Sequence[DecodeRow]) -> list[int]:
-    """[rows, vocab] next-token logits -> one token per row under each row's own settings."""
-    chosen = logits.argmax(dim=-1).tolist()
+def choose_tokens(logits: torch.Tensor, rows: Sequence[DecodeRow]) -> list[int | Exception]:
+    """[rows, vocab] next-token logits -> one token per row under each row's own settings, or the error
+    that row alone met (the other rows keep their tokens)."""
+    chosen: list[int | Exception] = list(logits.argmax(dim=-1).tolist())
     for index, row in enumerate(rows):
         if row.sampling.temperature > 0:
-            chosen[index] = _sample(logits[index].float(), row.sampling, row.generator)
+            try:
+                chosen[index] = _sample(logits[index].float(), row.sampling, row.generator)
+            except Exception as error:  # e.g. a module that made this row's logits NaN
+                chosen[index] = error
     return chosen
 
 
 def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    probs = torch.softmax(logits / sampling.temperature, dim=-1).cpu()
+    # The largest logit is subtracted before dividing, in float64 (which holds every positive float a
+    # request can carry): every scaled value is then <= 0, so no temperature, however small, makes an inf
+    # (whose softmax is NaN); the best token keeps weight 1.
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.max()) / sampling.temperature, dim=-1).cpu()
     if sampling.top_p < 1.0:
-        # Nucleus: keep the most likely tokens whose mass before them is under top_p (the first always).
+        # Nucleus: keep the most likely tokens whose mass before them is under top_p; the first always,
+        # whatever top_p is (a top_p below float32's resolution would otherwise keep nothing).
         ordered, order = probs.sort(descending=True)
         before = ordered.cumsum(0) - ordered
-        ordered[before >= sampling.top_p] = 0.0
+        drop = before >= sampling.top_p
+        drop[0] = False
+        ordered[drop] = 0.0
         probs = torch.zeros_like(probs).scatter(0, order, ordered)
+    if not torch.isfinite(probs).all():
+        raise EngineError("the next-token distribution is not finite (NaN or inf logits)")
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
@@ -151,9 +169,14 @@ class RunningBatch:
         return self._advance(list(self.rows), logits)
 
     def _advance(self, rows: list[DecodeRow], logits: torch.Tensor) -> list[tuple[DecodeRow, int]]:
-        """Append each row's chosen token, mark rows that ended, and drop them from the batch."""
+        """Append each row's chosen token, mark rows that ended, and drop them from the batch. A row whose
+        token could not be chosen ends alone with ``finish_reason`` "error" (its token is -1)."""
         produced = []
         for row, token in zip(rows, choose_tokens(logits, rows), strict=True):
+            if isinstance(token, Exception):
+                row.finish_reason, row.error = "error", token
+                produced.append((row, -1))
+                continue
             row.tokens.append(token)
             if token == self._eos and not row.sampling.ignore_eos:
                 row.finish_reason = "stop"

@@ -34,6 +34,45 @@ class _Run:
     cache: Cache | None  # keys and values of every position run (None unless asked for)
 
 
+# Scoring choices: the key/value positions a part of the choices may hold at once ([rows * part, heads,
+# prompt + width, dim] per layer), and the token positions whose vocabulary logits exist at once.
+CHOICE_POSITIONS = 4096
+LOGIT_ROWS = 256
+
+
+def choices_per_part(rows: int, prompt_columns: int, width: int) -> int:
+    """How many choices continue ``rows`` prompts of ``prompt_columns`` cached columns together."""
+    return max(1, CHOICE_POSITIONS // (rows * (prompt_columns + width)))
+
+
+def choice_memory(config, dtype: torch.dtype, rows: int, prompt_tokens: int, choices: int, width: int) -> int:
+    """An upper bound, in bytes, of the tensors scoring ``choices`` choices of at most ``width`` tokens
+    after ``rows`` prompts of at most ``prompt_tokens`` tokens allocates beyond the model's weights, for a
+    decoder of ``config`` (a transformers config) in ``dtype``. Counted: the prompts' pass (its keys and
+    values, and the widest layer's activations), one part of the choices (its copy of the keys and values,
+    its activations and attention scores, as ``choices_per_part`` sizes it), and one piece of logits.
+    Doubled for what the allocator holds beside (freed blocks not yet reused, temporaries of one op)."""
+    size = torch.finfo(dtype).bits // 8
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    kv_position = layers * 2 * kv_heads * head_dim * size  # bytes of keys and values per position
+    widest = max(config.hidden_size * 4, config.intermediate_size * 3) * size  # per position, one layer
+    prompt = rows * prompt_tokens * (kv_position + widest)
+    part = min(choices, choices_per_part(rows, prompt_tokens, width))
+    sequences = rows * part
+    columns = prompt_tokens + width
+    tail = sequences * (
+        columns * kv_position  # the part's copy of the cache, the prompt's columns and its own
+        + width * widest
+        + heads * width * columns * 4  # attention scores, in float
+        + width * config.hidden_size * size * 2  # the predicting states and their selection
+    )
+    logits = min(LOGIT_ROWS, sequences * width) * config.vocab_size * 4 * 3  # logits, log-softmax, float
+    return 2 * (prompt + tail + logits)
+
+
 class Engine:
     """Many users' modules on one base model.
 
@@ -297,13 +336,33 @@ class Engine:
     def _score_continuations(
         self, batch: Batch, continuation: torch.Tensor, continuation_mask: torch.Tensor
     ) -> torch.Tensor:
+        """[rows * choices] summed log-probabilities, row b * choices + j continuing prompt b with choice
+        j. The prompts run once; the choices run in parts of at most ``CHOICE_POSITIONS`` cached
+        positions, so memory stays bounded however many choices a prompt has (each choice continues from
+        its own copy of the prompt's keys and values)."""
         choices, width = continuation.shape
         rows = len(batch)
         run = self._run(batch, use_cache=True)
+        prompt_cache = [(layer.keys, layer.values) for layer in run.cache.layers]
+        step = choices_per_part(rows, run.mask.shape[1], width)
+        parts = []
+        for start in range(0, choices, step):
+            for layer, (keys, values) in zip(run.cache.layers, prompt_cache, strict=True):
+                layer.keys, layer.values = keys, values  # the prompt's own, before the last part's tail
+            part = slice(start, start + step)
+            scores = self._score_part(run, batch.slot_ids, continuation[part], continuation_mask[part])
+            parts.append(scores.view(rows, -1))
+        return torch.cat(parts, dim=1).reshape(rows * choices)
+
+    def _score_part(
+        self, run: _Run, slot_ids: torch.Tensor, continuation: torch.Tensor, continuation_mask: torch.Tensor
+    ) -> torch.Tensor:
+        choices, width = continuation.shape
+        rows = len(slot_ids)
         mask = run.mask  # [rows, cached]: everything the prompts' keys and values cover
         cache = run.cache
         cache.batch_repeat_interleave(choices)  # row b * choices + j continues prompt b with choice j
-        expanded_slots = batch.slot_ids.repeat_interleave(choices)
+        expanded_slots = slot_ids.repeat_interleave(choices)
         token_mask = continuation_mask.repeat(rows, 1)
         positions = mask.sum(1).repeat_interleave(choices)[:, None] + torch.arange(width, device=self.device)
         tail = self._decode(
@@ -318,10 +377,25 @@ class Engine:
         last = run.hidden[:, -1].repeat_interleave(choices, 0)[:, None]
         predicting = torch.cat([last, tail.last_hidden_state[:, :-1]], dim=1)
         row_index, column = token_mask.nonzero(as_tuple=True)
-        logits = self.model.get_output_embeddings()(predicting[row_index, column]).float()
         targets = continuation.repeat(rows, 1)[row_index, column]
-        log_probs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+        states = predicting[row_index, column]  # [tokens, hidden]
+        # The vocabulary projection in pieces: [tokens, vocab] floats at once is most of the memory.
+        head = self.model.get_output_embeddings()
+        log_probs = torch.cat(
+            [
+                torch.log_softmax(head(states[i : i + LOGIT_ROWS]).float(), dim=-1).gather(
+                    1, targets[i : i + LOGIT_ROWS, None]
+                )[:, 0]
+                for i in range(0, len(states), LOGIT_ROWS)
+            ]
+        )
         return log_probs.new_zeros(rows * choices).index_add(0, row_index, log_probs)
+
+    def choice_memory(self, rows: int, prompt_tokens: int, choices: int, width: int) -> int:
+        """An upper bound, in bytes, of what ``score_choices`` allocates for ``rows`` prompts of at most
+        ``prompt_tokens`` tokens with ``choices`` choices of at most ``width`` tokens (end token
+        included): see ``choice_memory``."""
+        return choice_memory(self.model.config, self.model.dtype, rows, prompt_tokens, choices, width)
 
     # ---- generation ------------------------------------------------------------------------------
 

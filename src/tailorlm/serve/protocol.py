@@ -16,7 +16,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# Every field is bounded at the edges of what the engine takes, not just by its sign, so that nothing a
+# client sends can fail inside the engine loop (where a failure would reach the rows batched with it).
 MAX_LABELS = 64
+MAX_LABEL_CHARS = 1_000  # a label is an answer, not a document (its tokens also count against the context)
+MAX_STOP_CHARS = 256  # text is held back while it could still begin a stop string: keep that short
+MAX_TOKENS = 1 << 20  # a schema bound only; the real one is the server's --max-context
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed accepts
+# Sampling below these is greedy in all but name, and at the extreme breaks the arithmetic: logits / T
+# overflow to inf (then softmax is NaN), and a top_p under float32's resolution keeps nothing.
+TEMPERATURE_FLOOR = 1e-2
+TOP_P_FLOOR = 1e-3
 
 
 class ApiError(Exception):
@@ -71,19 +81,20 @@ def invalid_key() -> ApiError:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=False)
+    # NaN and infinity are refused outright (Python's JSON parser accepts them, and NaN passes no bound).
+    model_config = ConfigDict(extra="allow", strict=False, allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_p: float = Field(default=1.0, ge=TOP_P_FLOOR, le=1.0)
     n: int = Field(default=1, ge=1, le=1)  # one choice per request; ask again for more
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=256)
     labels: list[str] | None = Field(default=None, min_length=1, max_length=MAX_LABELS)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
     raw_prompt: bool = False  # with labels: score the prompt as sent, not written into the task's prompt
@@ -92,8 +103,18 @@ class _Request(BaseModel):
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
+        if len(stops) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop takes up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters")
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        if 0.0 < value < TEMPERATURE_FLOOR:
+            raise ValueError(
+                f"temperature must be 0 (greedy) or at least {TEMPERATURE_FLOOR:g}; below that, sampling "
+                "is greedy in all but name"
+            )
         return value
 
     @field_validator("labels")
@@ -101,6 +122,8 @@ class _Request(BaseModel):
     def _labels(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and (any(not label.strip() for label in value) or len(set(value)) != len(value)):
             raise ValueError("labels must be distinct non-empty strings")
+        if value is not None and any(len(label) > MAX_LABEL_CHARS for label in value):
+            raise ValueError(f"a label has at most {MAX_LABEL_CHARS} characters")
         return value
 
     def stops(self) -> tuple[str, ...]:
