@@ -65,4 +65,7 @@ def serve_config(root: Path, **options) -> ServeConfig:
     options.setdefault("scheduler", SchedulerConfig(max_batch=8, wait_ms=5.0, max_queue=64))
     options.setdefault("slots", 3)
     options.setdefault("max_context", 256)
+    # Every test client shares 127.0.0.1, and the key tests send many bad keys on purpose: the throttle of
+    # failed authentications has tests of its own (test_limits.py).
+    options.setdefault("auth_failure_burst", 10_000.0)
     return ServeConfig(store=root, port=free_port(), **options)

@@ -49,6 +49,7 @@ class PeftScheduler(JobQueue):
 
     def _loop(self) -> None:
         while True:
+            self._tick()
             with self._cond:
                 while not (self._stopping or self._waiting):
                     self._cond.wait()
@@ -66,10 +67,10 @@ class PeftScheduler(JobQueue):
                 continue
             try:
                 self._generate(batch)
-            except Exception as error:
+            except Exception:
                 log.exception("PEFT generation failed")
                 for job in batch:
-                    job.emit(Event(error=ApiError(500, f"generation failed: {error}", "server_error")))
+                    job.emit(Event(error=ApiError(500, "generation failed", "server_error")))
 
     def _activate(self, user_id: str, version: int) -> None:
         """Make the adapter current, loading it (and evicting the least recently used) if needed."""

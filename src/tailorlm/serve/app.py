@@ -1,9 +1,11 @@
 """The HTTP front: OpenAI-compatible routes over the scheduler, admin routes over the users' store.
 
-Every route but ``/health`` needs a key. A user's key reaches that user's model and history only; an
-admin key manages users and keys and may call any model; a user key on an admin route is a 403. Every
-error, whatever raised it (a bad body, an unknown route, a failing module), is answered with OpenAI's
-error body and a 4xx or 5xx, and the process goes on serving.
+Every route but ``/health`` needs a key, checked before the body is read (a client without a key learns
+nothing of the schema and cannot make the server read a large body). A user's key reaches that user's
+model and history only; an admin key manages users and keys and may call any model; a user key on an
+admin route is a 403. Every error, whatever raised it (a bad body, an unknown route, a failing module),
+is answered with OpenAI's error body and a 4xx or 5xx, and the process goes on serving; a 5xx says only
+that something failed (the log has the detail).
 """
 
 from __future__ import annotations
@@ -31,38 +33,65 @@ log = logging.getLogger(__name__)
 REPLICA_HEADER = "x-tailorlm-replica"  # which engine replica answered (a front of several replicas)
 
 
-class BodyLimit:
-    """Refuses a request body over ``limit`` bytes with a 413, whether or not it declares its length.
+OPEN_ROUTES = ("/health",)  # answered without a key
 
-    The body is read here, before the app sees the request (bodies are small: a prompt and settings), so
-    an oversized one is refused the same way however it arrives. Not FastAPI's ``max_body_size``: its
-    413 for a declared length is plain text, not OpenAI's error body."""
 
-    def __init__(self, app: Any, limit: int) -> None:
+class Gate:
+    """What every request passes before the app: its key (401, or 429 for an address that failed too
+    often or a key over its rate), then its body, read whole within ``body_timeout`` seconds (408) and at
+    most ``limit`` bytes (413, whether or not it declares its length). Not FastAPI's ``max_body_size``:
+    its 413 for a declared length is plain text, not OpenAI's error body. The key's owner is put in the
+    request's state (``request.state.owner``)."""
+
+    def __init__(self, app: Any, server: Server) -> None:
         self.app = app
-        self.limit = limit
+        self.server = server
+        self.limit = server.config.max_body_bytes
+        self.body_timeout = server.config.body_timeout
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in OPEN_ROUTES:
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _too_large(self.limit, send)
+        headers = dict(scope.get("headers") or [])
+        client = (scope.get("client") or ("unknown", 0))[0]
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        try:
+            owner = await asyncio.to_thread(self.server.owner, authorization, client)
+        except ApiError as error:
+            await _refuse(self.server, error, send)
             return
+        except StoreLocationError as error:
+            await _refuse(self.server, _index_unavailable(error), send)
+            return
+        scope.setdefault("state", {})["owner"] = owner
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _refuse(self.server, _too_large(self.limit), send)
+            return
+        try:
+            first = await asyncio.wait_for(self._body(receive), self.body_timeout)
+        except TimeoutError:
+            error = ApiError(408, f"the request body did not arrive within {self.body_timeout:g} s")
+            await _refuse(self.server, error, send, close=True)
+            return
+        if isinstance(first, ApiError):
+            await _refuse(self.server, first, send)
+            return
+        await self.app(scope, _replay(first, receive), send)
+
+    async def _body(self, receive: Any) -> dict | ApiError:
+        """The whole body as one message, a disconnect, or the 413 for a body over the limit."""
         body = bytearray()
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                await self.app(scope, _replay(message, receive), send)
-                return
+                return message
             body += message.get("body", b"")
             if len(body) > self.limit:
-                await _too_large(self.limit, send)
-                return
+                return _too_large(self.limit)
             if not message.get("more_body"):
-                break
-        await self.app(scope, _replay({"type": "http.request", "body": bytes(body)}, receive), send)
+                return {"type": "http.request", "body": bytes(body)}
 
 
 def _replay(first: dict, receive: Any) -> Any:
@@ -75,14 +104,32 @@ def _replay(first: dict, receive: Any) -> Any:
     return replayed
 
 
-async def _too_large(limit: int, send: Any) -> None:
-    body = json.dumps(
-        ApiError(413, f"the request body is over {limit} bytes", code="request_too_large").body()
-    ).encode()
-    await send(
-        {"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]}
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
+
+
+async def _refuse(server: Server, error: ApiError, send: Any, close: bool = False) -> None:
+    """Answer ``error`` before the app saw the request (counted as the app counts its answers)."""
+    server.metrics.requests.labels("gate", str(error.status)).inc()
+    server.metrics.errors.labels(str(error.status)).inc()
+    headers = [(b"content-type", b"application/json")]
+    headers += [(name.lower().encode(), value.encode()) for name, value in error.headers().items()]
+    if close:  # the rest of the body may still come: the connection cannot carry another request
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": json.dumps(error.body()).encode()})
+
+
+def _index_unavailable(error: StoreLocationError) -> ApiError:
+    # The store's index (PostgreSQL) is unreachable: nothing is wrong with the request, so retry it.
+    log.warning("the store's index is unavailable: %s", error)
+    return ApiError(
+        503,
+        "the store's index is unavailable; retry shortly",
+        "server_error",
+        code="index_unavailable",
+        retry_after=1.0,
     )
-    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(server: Server) -> FastAPI:
@@ -91,7 +138,7 @@ def create_app(server: Server) -> FastAPI:
     _count_requests(app, server)
     _inference_routes(app, server)
     _admin_routes(app, server)
-    app.add_middleware(BodyLimit, limit=server.config.max_body_bytes)
+    app.add_middleware(Gate, server=server)
     return app
 
 
@@ -124,16 +171,12 @@ def _errors(app: FastAPI, server: Server) -> None:
 
     @app.exception_handler(StoreLocationError)
     async def index_unavailable(_request: Request, error: StoreLocationError) -> JSONResponse:
-        # The store's index (PostgreSQL) is unreachable: nothing is wrong with the request, so retry it.
-        log.warning("the store's index is unavailable: %s", error)
-        return _error_response(
-            ApiError(503, str(error), "server_error", code="index_unavailable", retry_after=1.0)
-        )
+        return _error_response(_index_unavailable(error))
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, error: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return _error_response(ApiError(500, f"internal error: {type(error).__name__}", "server_error"))
+        return _error_response(_internal_error())
 
 
 def _count_requests(app: FastAPI, server: Server) -> None:
@@ -141,11 +184,9 @@ def _count_requests(app: FastAPI, server: Server) -> None:
     async def count(request: Request, call_next: Any) -> Response:
         try:
             response = await call_next(request)
-        except Exception as error:  # whatever escaped a route: a 500 with the error body, never a reset
+        except Exception:  # whatever escaped a route: a 500 with the error body, never a reset
             log.exception("unexpected error")
-            response = _error_response(
-                ApiError(500, f"internal error: {type(error).__name__}", "server_error")
-            )
+            response = _error_response(_internal_error())
         route = request.scope.get("route")
         path = getattr(route, "path", "unknown")
         server.metrics.requests.labels(path, str(response.status_code)).inc()
@@ -157,10 +198,13 @@ def _count_requests(app: FastAPI, server: Server) -> None:
 # ---- auth ------------------------------------------------------------------------------------------
 
 
-def _owner(server: Server, request: Request) -> KeyOwner:
-    owner = server.owner(request.headers.get("authorization"))
-    server.limiter.take(f"{owner.role}:{owner.user_id}")
-    return owner
+def _internal_error() -> ApiError:
+    return ApiError(500, "the server failed to answer this request; it was logged", "server_error")
+
+
+def _owner(_server: Server, request: Request) -> KeyOwner:
+    """The owner of the request's key, which ``Gate`` checked before the body was read."""
+    return request.state.owner
 
 
 def _admin(server: Server, request: Request) -> KeyOwner:
@@ -182,13 +226,18 @@ def _self_or_admin(server: Server, request: Request, user_id: str) -> KeyOwner:
 
 def _inference_routes(app: FastAPI, server: Server) -> None:
     @app.get("/health")
-    async def health() -> dict:
-        return {
-            "status": "ok",
+    async def health() -> JSONResponse:
+        # A front of remote replicas has no engine loop of its own to watch.
+        stalled = getattr(server.scheduler, "stalled_for", lambda: 0.0)()
+        limit = server.config.scheduler.watchdog_seconds
+        body = {
+            "status": "stalled" if stalled > limit else "ok",
             "kinds": [spec.kind for spec in server.specs],
             "slots": server.capacity,
             "pending": server.scheduler.pending(),
+            "stalled_seconds": round(stalled, 1),
         }
+        return JSONResponse(body, status_code=503 if stalled > limit else 200)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
@@ -216,7 +265,7 @@ def _inference_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         owner = _owner(server, request)
-        return await _answer(server, owner, body, body.text(), chat=False)
+        return await _answer(server, owner, body, body.text(), request)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Response:
@@ -228,7 +277,7 @@ def _inference_routes(app: FastAPI, server: Server) -> None:
             ]
         except ValueError as error:
             raise ApiError(400, str(error), param="messages") from None
-        return await _answer(server, owner, body, messages, chat=True)
+        return await _answer(server, owner, body, messages, request)
 
 
 def _model_card(user_id: str, created: float) -> dict:
@@ -260,27 +309,63 @@ def _prompt_text(server: Server, user_id: str, content: str | list[dict], chat: 
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-async def _answer(
-    server: Server, owner: KeyOwner, body: CompletionRequest | ChatRequest, content: Any, chat: bool
-) -> Response:
-    version, bank = server.module_of(owner, body.model)
+def _prepare(
+    server: Server, body: CompletionRequest | ChatRequest, content: Any, chat: bool
+) -> tuple[str, list[int], int, int]:
+    """The prompt's text and token ids, and the tokens the request makes the engine run at worst: the
+    prompt and its new tokens, or, for a label request, the prompt and every label with its end token
+    (each label continues the prompt). Tokenizing a long prompt takes a while: this runs off the event
+    loop."""
     item = bool(body.labels) and not body.raw_prompt
-    text = await asyncio.to_thread(_prompt_text, server, body.model, content, chat, item)
-    prompt_ids = server.prompt_tokenizer(text, add_special_tokens=False)["input_ids"]
-    new_tokens = body.new_tokens()
-    param = "messages" if chat else "prompt"
-    if not prompt_ids:
+    text = _prompt_text(server, body.model, content, chat, item)
+    tokenizer = server.prompt_tokenizer
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if body.labels:
+        label_ids = tokenizer(list(body.labels), add_special_tokens=False)["input_ids"]
+        widths = [len(ids) + 1 for ids in label_ids]
+        return text, prompt_ids, len(prompt_ids) + sum(widths), max(widths)
+    return text, prompt_ids, len(prompt_ids) + body.new_tokens(), 0
+
+
+def _check_size(
+    server: Server, body: CompletionRequest | ChatRequest, prompt: int, worst: int, width: int, param: str
+) -> None:
+    """400 for a request over the context or the memory a request may take, before any work."""
+    if not prompt:
         raise ApiError(400, "the prompt is empty", param=param)
-    if len(prompt_ids) + new_tokens > server.config.max_context:
+    limit = server.config.max_context
+    if worst > limit:
+        what = "its labels (each with an end token)" if body.labels else f"{body.new_tokens()} new tokens"
         raise ApiError(
             400,
-            f"this model's maximum context length is {server.config.max_context} tokens; the prompt has "
-            f"{len(prompt_ids)} and {new_tokens} more were asked for",
+            f"this model's maximum context length is {limit} tokens; the request needs {worst}: a prompt "
+            f"of {prompt} and {what}",
             code="context_length_exceeded",
-            param=param,
+            param="labels" if body.labels and worst - prompt > limit // 2 else param,
         )
+    if body.labels and server.engine is not None:
+        need = server.engine.choice_memory(1, prompt, len(body.labels), width)
+        if need > server.config.max_request_bytes:
+            raise ApiError(
+                400,
+                f"scoring {len(body.labels)} labels after a prompt of {prompt} tokens needs about "
+                f"{need / 2**20:.0f} MiB, over this server's {server.config.max_request_bytes / 2**20:.0f} "
+                "MiB per request; send fewer or shorter labels, or a shorter prompt",
+                code="request_too_expensive",
+                param="labels",
+            )
+
+
+async def _answer(
+    server: Server, owner: KeyOwner, body: CompletionRequest | ChatRequest, content: Any, request: Request
+) -> Response:
+    chat = isinstance(body, ChatRequest)
+    version, bank = server.module_of(owner, body.model)
+    param = "messages" if chat else "prompt"
     if body.labels and body.stream:
         raise ApiError(400, "labels cannot be streamed: the answer is one label", param="stream")
+    text, prompt_ids, worst, width = await asyncio.to_thread(_prepare, server, body, content, chat)
+    _check_size(server, body, len(prompt_ids), worst, width, param)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
     job = Job(
@@ -290,7 +375,7 @@ async def _answer(
         prompt_ids=prompt_ids,
         emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
         sampling=Sampling(
-            max_new_tokens=new_tokens,
+            max_new_tokens=body.new_tokens(),
             temperature=body.temperature,
             top_p=body.top_p,
             seed=body.seed,
@@ -309,24 +394,50 @@ async def _answer(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", **placed},
         )
-    pieces = []
-    try:
-        while True:
-            event = await events.get()
-            if event.error is not None:
-                raise event.error
-            pieces.append(event.text)
-            if event.final:
-                break
-    except asyncio.CancelledError:
-        server.scheduler.cancel(job)
-        raise
+    event = await _last_event(server, job, events, request)
+    if event is None:  # the client went away: nobody reads this answer
+        return Response(status_code=499)
+    pieces, event = event
     server.metrics.tokens.inc(event.completion_tokens)
     answer = ("" if chat or not getattr(body, "echo", False) else text) + "".join(pieces)
     counts = protocol.usage(event.prompt_tokens, event.completion_tokens)
     extra = {"label_scores": event.scores} if event.scores is not None else None
     build = protocol.chat_body if chat else protocol.completion_body
     return JSONResponse(build(request_id, body.model, answer, event.finish, counts, extra), headers=placed)
+
+
+async def _last_event(
+    server: Server, job: Job, events: asyncio.Queue[Event], request: Request
+) -> tuple[list[str], Event] | None:
+    """The job's text pieces and final event; None when the client disconnected first (the job is then
+    cancelled, so its row stops decoding at the next step and its slot is released)."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    pieces: list[str] = []
+    try:
+        while True:
+            event = asyncio.ensure_future(events.get())
+            done, _ = await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if event not in done:
+                event.cancel()
+                server.scheduler.cancel(job)
+                return None
+            event = event.result()
+            if event.error is not None:
+                raise event.error
+            pieces.append(event.text)
+            if event.final:
+                return pieces, event
+    except asyncio.CancelledError:
+        server.scheduler.cancel(job)
+        raise
+    finally:
+        gone.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone away (the body was read already: the next message is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _stream(

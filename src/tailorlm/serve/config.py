@@ -46,6 +46,21 @@ class ServeConfig:
     max_context: int = 2048  # prompt tokens plus new tokens
     max_body_bytes: int = 1 << 20
     rate_limit: float | None = None  # requests per second per key (bursts of twice that); None: no limit
+    # Requests with a missing or bad key, per client address: this many per second, bursts of
+    # ``auth_failure_burst``; beyond, the address gets 429 before any key is looked up.
+    auth_failure_rate: float = 1.0
+    auth_failure_burst: float = 20.0
+    # Connections (see ``serve.connections``): seconds a client has to send a request's headers, and its
+    # whole body; seconds an idle keep-alive connection stays open; connections held at once, in all and
+    # per client address (beyond, a new connection is closed at once).
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keep_alive: float = 5.0
+    max_connections: int = 512
+    max_connections_per_client: int = 64
+    # A request whose worst-case working memory (label scoring, ``Engine.choice_memory``) is above this
+    # many bytes is refused with a 400 before any work.
+    max_request_bytes: int = 1 << 30
     retrieve: int = 0  # free-form prompts: this many of the user's history items put before the prompt
     # Label requests: the prompt is the task's item, written into the benchmark's prompt for the store's
     # task under this recipe ("plain", "bm25", "dense", "shots", "profile" (PAG: the profile the user's
@@ -59,8 +74,17 @@ class ServeConfig:
             raise ValueError(f"a server needs at least 2 slots per kind, not {self.slots}")
         if self.max_context < 8:
             raise ValueError(f"max_context {self.max_context} is too small")
-        if self.rate_limit is not None and self.rate_limit <= 0:
+        if self.rate_limit is not None and not self.rate_limit > 0:
             raise ValueError("rate_limit must be positive (or None for no limit)")
+        if not (self.auth_failure_rate > 0 and self.auth_failure_burst >= 1):
+            raise ValueError("auth_failure_rate must be positive and auth_failure_burst at least 1")
+        for name in ("header_timeout", "body_timeout", "keep_alive"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of seconds")
+        if not 1 <= self.max_connections_per_client <= self.max_connections:
+            raise ValueError("max_connections_per_client must be between 1 and max_connections")
+        if self.max_request_bytes < 1 << 20:
+            raise ValueError("max_request_bytes must be at least 1 MiB")
         recipe_from_name(self.recipe)  # a bad name fails here, not at the first request
         if self.training_workers < 1:
             raise ValueError("training_workers must be at least 1")

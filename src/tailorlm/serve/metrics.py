@@ -41,6 +41,20 @@ class ServeMetrics:
         self.slot_hits = Counter("tailorlm_slot_hits", "Requests whose module was resident", registry=r)
         self.slot_misses = Counter("tailorlm_slot_misses", "Requests whose module was loaded", registry=r)
         self.queue_depth = Gauge("tailorlm_queue_depth", "Requests waiting for the running batch", registry=r)
+        self.watchdog_stalls = Counter(
+            "tailorlm_watchdog_stalls",
+            "Times the engine loop went --watchdog-seconds without advancing while work was pending",
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "tailorlm_auth_failures", "Requests with a missing, malformed or unknown key", registry=r
+        )
+        self.dropped_connections = Counter(
+            "tailorlm_dropped_connections",
+            "Connections closed by the server's limits, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.training_jobs = Counter(
             "tailorlm_training_jobs", "Background retraining jobs, by outcome", ["state"], registry=r
         )

@@ -17,6 +17,7 @@ import uvicorn
 from tailorlm import models
 from tailorlm.serve.app import create_app
 from tailorlm.serve.config import ServeConfig
+from tailorlm.serve.connections import ensure_file_limit, protocol_class
 from tailorlm.serve.server import Server
 
 
@@ -54,13 +55,17 @@ def wait_healthy(url: str, alive: Callable[[], bool], timeout: float) -> None:
 
 
 def _uvicorn(server: Server) -> uvicorn.Server:
+    limits = server.config
+    ensure_file_limit(limits)
     config = uvicorn.Config(
         create_app(server),
-        host=server.config.host,
-        port=server.config.port,
+        host=limits.host,
+        port=limits.port,
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=limits.keep_alive,
+        http=protocol_class(limits, lambda reason: server.metrics.dropped_connections.labels(reason).inc()),
     )
     return uvicorn.Server(config)
 

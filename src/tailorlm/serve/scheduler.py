@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +38,15 @@ class SchedulerConfig:
     max_batch: int = 16  # rows decoded together
     wait_ms: float = 10.0  # how long an idle scheduler waits for more arrivals before a prefill
     max_queue: int = 256  # waiting requests beyond this are refused with 429
+    # With work pending, a loop that has not advanced for this long is stalled: /health says so (503) and
+    # /metrics counts it. A step is one forward pass, so this is well above the slowest prefill.
+    watchdog_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_queue < 1:
+            raise ValueError("max_batch and max_queue must be at least 1")
+        if not self.watchdog_seconds > 0:
+            raise ValueError(f"watchdog_seconds must be positive, not {self.watchdog_seconds}")
 
 
 @dataclass
@@ -105,15 +116,48 @@ class JobQueue:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+        self._advanced = time.monotonic()  # when the loop last finished a step (or found nothing to do)
+        self._stalled = False  # in a stall the watchdog has already counted
+        self._watchdog = threading.Thread(
+            target=self._watch, name=f"{self.thread_name}-watchdog", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
+        self._watchdog.start()
 
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout=30)
+        self._watchdog.join(timeout=5)
+
+    def stalled_for(self) -> float:
+        """Seconds the loop has not advanced while work was pending (0 when idle or advancing)."""
+        if not self.pending():
+            return 0.0
+        return max(0.0, time.monotonic() - self._advanced)
+
+    def _tick(self) -> None:
+        """The loop made progress (a step, an admission, or it is idle): the watchdog's clock restarts."""
+        self._advanced = time.monotonic()
+        self._stalled = False
+
+    def _watch(self) -> None:
+        """Count each stall once and log where the loop is stuck (its stack), so it can be diagnosed."""
+        limit = self.config.watchdog_seconds
+        while not self._stopping:
+            time.sleep(min(1.0, limit / 4))
+            if self._stalled or self.stalled_for() <= limit:
+                continue
+            self._stalled = True
+            self.metrics.watchdog_stalls.inc()
+            frame = sys._current_frames().get(self._thread.ident or -1)
+            where = "".join(traceback.format_stack(frame)) if frame is not None else "(not running)"
+            log.error(
+                "the engine loop has not advanced for %.0f s with work pending; it is at:\n%s", limit, where
+            )
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -197,6 +241,7 @@ class Scheduler(JobQueue):
         while True:
             with self._cond:
                 while not (self._stopping or self._tasks or self._waiting or self.running.rows):
+                    self._tick()
                     self._cond.wait()
                 if self._stopping:
                     break
@@ -211,9 +256,10 @@ class Scheduler(JobQueue):
                     self._drop_cancelled()
                     self.metrics.batch_size.observe(len(self.running))
                     self._deliver(self.running.step())
-            except Exception as error:  # a failing forward must not take the server down
+            except Exception:  # a failing forward must not take the server down
                 log.exception("the scheduler's step failed")
-                self._fail_running(error)
+                self._fail_running()
+            self._tick()
         self._fail_all(ApiError(503, "the server is shutting down", "server_error", code="shutting_down"))
 
     def _should_wait(self) -> bool:
@@ -242,14 +288,36 @@ class Scheduler(JobQueue):
             self.metrics.queue_depth.set(len(self._waiting))
         if scoring:
             self._score(scoring)
-        if admitted:
-            rows = []
-            for job in admitted:
-                job.row = DecodeRow(job.prompt_ids, job.slot, job.sampling)
-                self._jobs[id(job.row)] = job
-                rows.append(job.row)
+        rows = [row for row in map(self._new_row, admitted) if row is not None]
+        if rows:
             self.metrics.prefill_rows.observe(len(rows))
-            self._deliver(self.running.add(rows))
+            self._prefill(rows)
+
+    def _new_row(self, job: Job) -> DecodeRow | None:
+        """The job's row in the running batch, or None when it cannot have one (the job is answered)."""
+        try:
+            job.row = DecodeRow(job.prompt_ids, job.slot, job.sampling)
+        except Exception as error:
+            log.exception("the row of a %s request could not be made", job.user_id)
+            self._finish(job, Event(error=_failed(error)))
+            return None
+        self._jobs[id(job.row)] = job
+        return job.row
+
+    def _prefill(self, rows: list[DecodeRow]) -> None:
+        """Join ``rows`` to the running batch. A prefill that fails is tried again row by row, so only the
+        rows that fail alone are answered with an error (a failed prefill joins nothing)."""
+        try:
+            produced = self.running.add(rows)
+        except Exception as error:
+            if len(rows) == 1:
+                log.exception("prefilling a row failed")
+                self._finish(self._jobs[id(rows[0])], Event(error=_failed(error)))
+                return
+            for row in rows:
+                self._prefill([row])
+            return
+        self._deliver(produced)
 
     def _pin_all(self, jobs: list[Job]) -> tuple[list[Job], list[Job], list[Job]]:
         """Pin each job's module: (jobs to decode, jobs to score labels for, jobs whose user gets no
@@ -264,11 +332,11 @@ class Scheduler(JobQueue):
                 blocked.append(job)  # its user waits for a slot; others go ahead
                 continue
             except ApiError as error:
-                job.emit(Event(error=error))
+                _emit(job, Event(error=error))
                 continue
-            except Exception as error:
+            except Exception:
                 log.exception("loading %s failed", job.slot_key)
-                job.emit(Event(error=_module_error(job, error)))
+                _emit(job, Event(error=_module_error(job)))
                 continue
             (scoring if job.labels else admitted).append(job)
         return admitted, scoring, blocked
@@ -290,28 +358,37 @@ class Scheduler(JobQueue):
         for job in jobs:
             groups.setdefault(job.labels, []).append(job)  # type: ignore[arg-type]
         for labels, group in groups.items():
-            try:
-                scores = self.engine.score_choices(
-                    [job.prompt_text for job in group], [job.slot for job in group], labels
-                )
-                for job, values in zip(group, scores, strict=True):
-                    best = max(range(len(labels)), key=values.__getitem__)
-                    self._finish(
-                        job,
-                        Event(
-                            text=labels[best],
-                            finish="stop",
-                            prompt_tokens=len(job.prompt_ids),
-                            completion_tokens=len(
-                                self.engine.tokenizer(labels[best], add_special_tokens=False)["input_ids"]
-                            ),
-                            scores=dict(zip(labels, values, strict=True)),
-                        ),
-                    )
-            except Exception as error:
+            self._score_group(labels, group)
+
+    def _score_group(self, labels: tuple[str, ...], group: list[Job]) -> None:
+        """One engine call for jobs with the same labels; when it fails, each job alone, so only the jobs
+        that fail alone are answered with an error."""
+        try:
+            scores = self.engine.score_choices(
+                [job.prompt_text for job in group], [job.slot for job in group], labels
+            )
+        except Exception as error:
+            if len(group) == 1:
                 log.exception("scoring labels failed")
+                self._finish(group[0], Event(error=_failed(error)))
+            else:
                 for job in group:
-                    self._finish(job, Event(error=ApiError(500, f"scoring failed: {error}", "server_error")))
+                    self._score_group(labels, [job])
+            return
+        for job, values in zip(group, scores, strict=True):
+            best = max(range(len(labels)), key=values.__getitem__)
+            self._finish(
+                job,
+                Event(
+                    text=labels[best],
+                    finish="stop",
+                    prompt_tokens=len(job.prompt_ids),
+                    completion_tokens=len(
+                        self.engine.tokenizer(labels[best], add_special_tokens=False)["input_ids"]
+                    ),
+                    scores=dict(zip(labels, values, strict=True)),
+                ),
+            )
 
     def _deliver(self, produced: Sequence[tuple[DecodeRow, int]]) -> None:
         now = time.perf_counter()
@@ -319,6 +396,10 @@ class Scheduler(JobQueue):
         for row, _token in produced:
             job = self._jobs.get(id(row))
             if job is None:
+                continue
+            if row.finish_reason == "error":  # this row alone failed (the batch goes on without it)
+                log.error("decoding a %s request failed: %r", job.user_id, row.error)
+                self._finish(job, Event(error=_failed(row.error)))
                 continue
             if job.first_token is None:
                 job.first_token = now
@@ -337,7 +418,7 @@ class Scheduler(JobQueue):
                     ),
                 )
             elif text:
-                job.emit(Event(text=text))
+                _emit(job, Event(text=text))
         self.running.drop(stopped)
 
     def _new_text(self, job: Job, final: bool) -> tuple[str, bool]:
@@ -364,7 +445,7 @@ class Scheduler(JobQueue):
             self._jobs.pop(id(job.row), None)
         job.pins.close()  # unpin: the slot may be evicted (or, if its version was replaced, freed)
         self.metrics.latency.observe(time.perf_counter() - job.created)
-        job.emit(event)
+        _emit(job, event)
 
     def _drop_cancelled(self) -> None:
         gone = [row for row in self.running.rows if self._jobs[id(row)].cancelled]
@@ -381,7 +462,7 @@ class Scheduler(JobQueue):
             kept = deque()
             for job in self._waiting:
                 if job.user_id == user_id:
-                    job.emit(Event(error=_deleted(user_id)))
+                    _emit(job, Event(error=_deleted(user_id)))
                 else:
                     kept.append(job)
             self._waiting = kept
@@ -393,12 +474,14 @@ class Scheduler(JobQueue):
                     cleared += 1
         return cleared
 
-    def _fail_running(self, error: Exception) -> None:
-        failure = ApiError(500, f"generation failed: {error}", "server_error")
+    def _fail_running(self) -> None:
+        """A decode step failed for the whole batch (one forward pass: no row to blame): its rows are
+        answered with a 500, every pin and row they held is released, and the loop starts afresh."""
         for row in list(self.running.rows):
             job = self._jobs.get(id(row))
             if job is not None:
-                self._finish(job, Event(error=failure))
+                self._finish(job, Event(error=_failed(None)))
+        self._jobs.clear()
         self.running = RunningBatch(self.engine)
 
     def _fail_all(self, error: ApiError) -> None:
@@ -408,7 +491,7 @@ class Scheduler(JobQueue):
                 self._finish(job, Event(error=error))
         with self._cond:
             for job in self._waiting:
-                job.emit(Event(error=error))
+                _emit(job, Event(error=error))
             self._waiting.clear()
 
 
@@ -416,10 +499,28 @@ def _deleted(user_id: str) -> ApiError:
     return ApiError(404, f"user {user_id!r} was deleted", code="model_not_found", param="model")
 
 
-def _module_error(job: Job, error: Exception) -> ApiError:
+def _module_error(job: Job) -> ApiError:
+    # What failed (a path, a checksum) stays in the log: the client learns only that it did.
     return ApiError(
         500,
-        f"the module of {job.user_id!r} version {job.version} could not be loaded: {error}",
+        f"the module of {job.user_id!r} version {job.version} could not be loaded",
         "server_error",
         code="module_unavailable",
     )
+
+
+def _failed(error: Exception | None) -> ApiError:
+    """The answer to a request whose work failed on the server's side: a 500 that says only that (the
+    detail, which may name files or internals, is in the log)."""
+    if isinstance(error, ApiError):
+        return error
+    return ApiError(500, "the server failed to answer this request; it was logged", "server_error")
+
+
+def _emit(job: Job, event: Event) -> None:
+    """Send ``event`` to the job's request; a request whose listener is gone (its event loop closed) must
+    not fail the loop that serves everyone."""
+    try:
+        job.emit(event)
+    except Exception:
+        log.warning("could not deliver an event to a %s request", job.user_id, exc_info=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -26,7 +27,7 @@ from tailorlm.serve.scheduler import Scheduler, key_user
 from tailorlm.serve.training import TrainingJobs
 from tailorlm.store.module_folder import ModuleFileError
 from tailorlm.store.store import ModuleStore
-from tailorlm.users.keys import KeyOwner
+from tailorlm.users.keys import KeyOwner, key_hash
 from tailorlm.users.service import UserService
 
 
@@ -64,32 +65,60 @@ class StoredProfiles:
         return found
 
 
-class RateLimiter:
-    """A token bucket per key: ``rate`` requests per second, bursts of twice that."""
+class TokenBuckets:
+    """A token bucket per name: ``rate`` tokens per second, holding at most ``burst``. Names are keys'
+    hashes or client addresses; the least recently seen are forgotten past ``max_names``, so a client
+    with many addresses cannot grow the table without bound (a forgotten name starts with a full
+    bucket)."""
 
-    def __init__(self, rate: float | None) -> None:
+    def __init__(self, rate: float, burst: float, max_names: int = 65_536) -> None:
         self.rate = rate
-        self._buckets: dict[str, tuple[float, float]] = {}  # key hash -> (tokens, last refill)
+        self.burst = burst
+        self.max_names = max_names
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # name -> (tokens, refilled)
         self._lock = threading.Lock()
 
-    def take(self, who: str) -> None:
-        if self.rate is None:
-            return
-        burst = max(1.0, 2 * self.rate)
+    def _level(self, name: str, now: float) -> float:
+        tokens, last = self._buckets.get(name, (self.burst, now))
+        return min(self.burst, tokens + (now - last) * self.rate)
+
+    def wait(self, name: str) -> float | None:
+        """Seconds until ``name`` has a token, or None when it has one now (nothing is taken)."""
+        with self._lock:
+            tokens = self._level(name, time.monotonic())
+        return None if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
+    def take(self, name: str) -> float | None:
+        """Take a token: None when there was one, else the seconds until there is (nothing taken)."""
         now = time.monotonic()
         with self._lock:
-            tokens, last = self._buckets.get(who, (burst, now))
-            tokens = min(burst, tokens + (now - last) * self.rate)
-            if tokens < 1.0:
-                self._buckets[who] = (tokens, now)
-                raise ApiError(
-                    429,
-                    f"rate limit reached: {self.rate:g} requests per second per key",
-                    "rate_limit_error",
-                    code="rate_limit_exceeded",
-                    retry_after=(1.0 - tokens) / self.rate,
-                )
-            self._buckets[who] = (tokens - 1.0, now)
+            tokens = self._level(name, now)
+            taken = tokens >= 1.0
+            self._buckets[name] = (tokens - 1.0 if taken else tokens, now)
+            self._buckets.move_to_end(name)
+            while len(self._buckets) > self.max_names:
+                self._buckets.popitem(last=False)
+        return None if taken else (1.0 - tokens) / self.rate
+
+
+def rate_limited(rate: float, wait: float) -> ApiError:
+    return ApiError(
+        429,
+        f"rate limit reached: {rate:g} requests per second per key",
+        "rate_limit_error",
+        code="rate_limit_exceeded",
+        retry_after=wait,
+    )
+
+
+def auth_throttled(wait: float) -> ApiError:
+    return ApiError(
+        429,
+        "too many requests with a missing or bad key from this address; wait before trying again",
+        "rate_limit_error",
+        code="auth_throttled",
+        retry_after=wait,
+    )
 
 
 class Server:
@@ -140,7 +169,12 @@ class Server:
             if scheduler_factory
             else Scheduler(self.engine, self.managers, config.scheduler, self.metrics)
         )
-        self.limiter = RateLimiter(config.rate_limit)
+        # Requests per key (a user's two keys, and every admin key, each have their own bucket); failed
+        # authentications per client address, checked before the key is looked up.
+        self.limiter = (
+            TokenBuckets(config.rate_limit, max(1.0, 2 * config.rate_limit)) if config.rate_limit else None
+        )
+        self.auth_failures = TokenBuckets(config.auth_failure_rate, config.auth_failure_burst)
         self.retrievers = RetrieverCache()
         self.recipe = recipe_from_name(config.recipe)  # label requests' recipe; None: prompts as sent
         self.jobs = TrainingJobs(
@@ -177,12 +211,24 @@ class Server:
 
         return load
 
-    def owner(self, authorization: str | None) -> KeyOwner:
-        """Whose key the request carries; 401 for none or a bad one."""
+    def owner(self, authorization: str | None, client: str) -> KeyOwner:
+        """Whose key the request carries: 401 for none or a bad one, 429 when ``client`` (an address) has
+        failed too often lately (then the key is not even looked up) or the key is over its rate. Blocks
+        on the index: call it off the event loop."""
+        wait = self.auth_failures.wait(client)
+        if wait is not None:
+            raise auth_throttled(wait)
         scheme, _, token = (authorization or "").partition(" ")
-        found = self.service.resolve_key(token.strip()) if scheme.lower() == "bearer" else None
+        token = token.strip()
+        found = self.service.resolve_key(token) if scheme.lower() == "bearer" else None
         if found is None:
+            self.metrics.auth_failures.inc()
+            self.auth_failures.take(client)
             raise invalid_key()
+        if self.limiter is not None:
+            wait = self.limiter.take(key_hash(token))
+            if wait is not None:
+                raise rate_limited(self.limiter.rate, wait)
         return found
 
     def module_of(self, owner: KeyOwner, model: str) -> tuple[int, int]:
