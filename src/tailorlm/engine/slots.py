@@ -49,6 +49,11 @@ class SlotManager:
     def capacity(self) -> int:
         return self.bank.slots - 1
 
+    def pins(self) -> int:
+        """How many pins are held in all (0 once every in-flight batch has finished)."""
+        with self._lock:
+            return sum(self._pins.values())
+
     def resident(self) -> list[str]:
         """Resident users, least recently used first."""
         with self._lock:
