@@ -43,7 +43,44 @@ def serve_command(
     ),
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="Waiting requests before 429."),
     max_context: int = typer.Option(2048, "--max-context", min=8, help="Prompt plus new tokens."),
-    rate_limit: float | None = typer.Option(None, "--rate-limit", help="Requests per second per key."),
+    rate_limit: float | None = typer.Option(
+        None, "--rate-limit", min=0.001, help="Requests per second per key (bursts of twice that)."
+    ),
+    auth_failure_rate: float = typer.Option(
+        1.0,
+        "--auth-failure-rate",
+        min=0.001,
+        help="Requests with a missing or bad key per second per client address (bursts of "
+        "--auth-failure-burst); beyond, that address gets 429 before any key is looked up.",
+    ),
+    auth_failure_burst: float = typer.Option(20.0, "--auth-failure-burst", min=1.0),
+    header_timeout: float = typer.Option(
+        10.0, "--header-timeout", min=0.001, help="Seconds a client has to send a request's headers."
+    ),
+    body_timeout: float = typer.Option(
+        30.0, "--body-timeout", min=0.001, help="Seconds a client has to send a request's whole body (408)."
+    ),
+    keep_alive: float = typer.Option(
+        5.0, "--keep-alive", min=0.001, help="Seconds an idle kept-alive connection stays open."
+    ),
+    max_connections: int = typer.Option(
+        512, "--max-connections", min=1, help="Connections held at once; beyond, new ones are closed."
+    ),
+    max_connections_per_client: int = typer.Option(
+        64, "--max-connections-per-client", min=1, help="Connections held at once from one address."
+    ),
+    max_request_mb: int = typer.Option(
+        1024,
+        "--max-request-mb",
+        min=1,
+        help="A label request whose scoring needs more working memory than this (MiB) is refused (400).",
+    ),
+    watchdog_seconds: float = typer.Option(
+        30.0,
+        "--watchdog-seconds",
+        min=0.001,
+        help="With work pending, an engine loop that has not advanced for this long makes /health 503.",
+    ),
     retrieve: int = typer.Option(
         0, "--retrieve", min=0, help="Put the user's k most relevant history items before the prompt."
     ),
@@ -90,9 +127,19 @@ def serve_command(
             dtype=dtype,
             kinds=tuple(kind or ()),
             slots=slots,
-            scheduler=SchedulerConfig(max_batch=max_batch, wait_ms=wait_ms, max_queue=max_queue),
+            scheduler=SchedulerConfig(
+                max_batch=max_batch, wait_ms=wait_ms, max_queue=max_queue, watchdog_seconds=watchdog_seconds
+            ),
             max_context=max_context,
             rate_limit=rate_limit,
+            auth_failure_rate=auth_failure_rate,
+            auth_failure_burst=auth_failure_burst,
+            header_timeout=header_timeout,
+            body_timeout=body_timeout,
+            keep_alive=keep_alive,
+            max_connections=max_connections,
+            max_connections_per_client=max_connections_per_client,
+            max_request_bytes=max_request_mb << 20,
             retrieve=retrieve,
             recipe=recipe,
             retrain=retrain,
