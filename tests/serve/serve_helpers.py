@@ -6,6 +6,7 @@ Imported as ``serve_helpers``: pytest puts tests/serve on sys.path when it loads
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,3 +70,12 @@ def serve_config(root: Path, **options) -> ServeConfig:
     # failed authentications has tests of its own (test_limits.py).
     options.setdefault("auth_failure_burst", 10_000.0)
     return ServeConfig(store=root, port=free_port(), **options)
+
+
+def wait_settled(server, seconds: float = 10.0) -> None:
+    """Wait until nothing is pending and no slot is pinned (what every request leaves when it ends)."""
+    deadline = time.monotonic() + seconds
+    while server.scheduler.pending() or sum(m.pins() for m in server.managers):
+        if time.monotonic() > deadline:
+            raise AssertionError("requests or pins were left behind")
+        time.sleep(0.02)

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from serve_helpers import fresh, serve_config
+from serve_helpers import fresh, serve_config, wait_settled
 
 from tailorlm.serve.app import create_app
 from tailorlm.serve.run import background
@@ -52,12 +52,7 @@ def fuzzed(store_users, tiny):
             file=sys.stderr,
         )
         assert witness.answers > 0 and not witness.failures, witness.failures[:3]
-        deadline = time.monotonic() + 10
-        while (server.scheduler.pending() or sum(m.pins() for m in server.managers)) and (
-            time.monotonic() < deadline
-        ):
-            time.sleep(0.05)
-        assert server.scheduler.pending() == 0 and sum(m.pins() for m in server.managers) == 0
+        wait_settled(server)
 
 
 class Witness(threading.Thread):

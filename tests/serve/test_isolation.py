@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import fresh, serve_config
+from serve_helpers import fresh, serve_config, wait_settled
 
 from tailorlm.serve.run import background
 from tailorlm.serve.scheduler import SchedulerConfig
@@ -35,15 +35,6 @@ def post(server, keys, user: str, prompt: str, **fields) -> httpx.Response:
     body = {"model": user, "prompt": prompt, "max_tokens": 6, "temperature": 0, **fields}
     headers = {"Authorization": f"Bearer {keys[user]}"}
     return httpx.post(f"{server.url}/v1/completions", json=body, headers=headers, timeout=60)
-
-
-def settled(server) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if server.scheduler.pending() == 0 and sum(m.pins() for m in server.managers) == 0:
-            return
-        time.sleep(0.02)
-    raise AssertionError("requests or pins were left behind")
 
 
 def poisoned(server, method: str, is_poison) -> None:
@@ -87,7 +78,7 @@ def test_a_failing_request_fails_alone(isolated, store_users, labels):
         assert mine["text"] == reference["text"]
         if labels:
             assert mine["label_scores"] == pytest.approx(reference["label_scores"], abs=1e-4)
-    settled(isolated)
+    wait_settled(isolated)
 
 
 def test_a_stalled_loop_is_reported(isolated, store_users):
@@ -107,4 +98,4 @@ def test_a_stalled_loop_is_reported(isolated, store_users):
     blocker.join()
     assert isolated.metrics.watchdog_stalls._value.get() == stalls + 1
     assert httpx.get(f"{isolated.url}/health", timeout=10).status_code == 200
-    settled(isolated)
+    wait_settled(isolated)

@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import fresh, serve_config
+from serve_helpers import fresh, serve_config, wait_settled
 
 from tailorlm.serve.run import background
 
@@ -154,10 +154,7 @@ def test_a_client_that_goes_away_is_cancelled(limited, store_users):
         assert cancelled.wait(10), "the abandoned request was not cancelled"
     finally:
         scheduler.cancel = original
-    deadline = time.monotonic() + 10
-    while scheduler.pending() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert scheduler.pending() == 0 and sum(m.pins() for m in limited.managers) == 0
+    wait_settled(limited)
 
 
 def test_rate_limits_are_per_key(store_users, tiny):
