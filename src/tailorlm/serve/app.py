@@ -59,24 +59,24 @@ class Gate:
         try:
             owner = await asyncio.to_thread(self.server.owner, authorization, client)
         except ApiError as error:
-            await _refuse(self.server, error, send)
+            await _refuse(self.server, error, scope, receive, send)
             return
         except StoreLocationError as error:
-            await _refuse(self.server, _index_unavailable(error), send)
+            await _refuse(self.server, _index_unavailable(error), scope, receive, send)
             return
         scope.setdefault("state", {})["owner"] = owner
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _refuse(self.server, _too_large(self.limit), send)
+            await _refuse(self.server, _too_large(self.limit), scope, receive, send)
             return
         try:
             first = await asyncio.wait_for(self._body(receive), self.body_timeout)
         except TimeoutError:
             error = ApiError(408, f"the request body did not arrive within {self.body_timeout:g} s")
-            await _refuse(self.server, error, send, close=True)
+            await _refuse(self.server, error, scope, receive, send, close=True)
             return
         if isinstance(first, ApiError):
-            await _refuse(self.server, first, send)
+            await _refuse(self.server, first, scope, receive, send)
             return
         await self.app(scope, _replay(first, receive), send)
 
@@ -108,16 +108,16 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
 
 
-async def _refuse(server: Server, error: ApiError, send: Any, close: bool = False) -> None:
+async def _refuse(
+    server: Server, error: ApiError, scope: dict, receive: Any, send: Any, close: bool = False
+) -> None:
     """Answer ``error`` before the app saw the request (counted as the app counts its answers)."""
     server.metrics.requests.labels("gate", str(error.status)).inc()
     server.metrics.errors.labels(str(error.status)).inc()
-    headers = [(b"content-type", b"application/json")]
-    headers += [(name.lower().encode(), value.encode()) for name, value in error.headers().items()]
+    response = _error_response(error)
     if close:  # the rest of the body may still come: the connection cannot carry another request
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": json.dumps(error.body()).encode()})
+        response.headers["connection"] = "close"
+    await response(scope, receive, send)
 
 
 def _index_unavailable(error: StoreLocationError) -> ApiError:
