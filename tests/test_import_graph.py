@@ -6,8 +6,9 @@ inside a function or under ``TYPE_CHECKING``: an import moved into a function st
 together, it only hides the cycle from import order until some call path runs it.
 
 Every unit may import only what ``MAY_IMPORT`` lists for it, which makes the dependencies run one way
-(README, "Layout"): ``kinds -> engine -> store -> train`` and ``data -> methods -> bench``, with ``perf``
-measuring from outside and the CLI on top. The terminal UI libraries are imported by the CLI alone.
+(docs/development.md, "Layout"): ``kinds -> engine -> store -> train`` and ``data -> methods -> bench``,
+with ``perf`` measuring from outside and the CLI on top. The terminal UI libraries are imported by the CLI
+alone.
 """
 
 from __future__ import annotations

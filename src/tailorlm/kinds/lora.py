@@ -43,7 +43,7 @@ class Lora(ModuleKind):
     name = "lora"
     spec_type = LoraSpec
     peft_type = "LORA"
-    # Chosen on verbagg validation users (README, "Tuning the per-user recipe").
+    # Chosen on verbagg validation users (docs/benchmark-results.md, "Tuning the per-user recipe").
     learning_rate = 1e-2
 
     def validate(self, spec: LoraSpec) -> None:

@@ -47,8 +47,8 @@ class ModuleRecipe:
 
 # Every registered kind with its default spec and learning rate. The LoRA rates (per-user and OPPU's) come
 # from `tailorlm tune --task verbagg --lrs 1e-3,3e-3,1e-2 --users 12 --epochs 2 --test-users 48`, on
-# validation items of users outside the test sample and the task adapter's users (README, "Benchmark
-# results"): 1e-2 had the best validation accuracy for both, and the lowest validation loss for OPPU.
+# validation items of users outside the test sample and the task adapter's users (docs/benchmark-results.md):
+# 1e-2 had the best validation accuracy for both, and the lowest validation loss for OPPU.
 # The other kinds' rates are untuned starting points at the usual scale for each kind.
 PERSONAL_KINDS: dict[str, ModuleRecipe] = {
     name: ModuleRecipe(kind.spec_type(), kind.learning_rate) for name, kind in kinds.MODEL_KINDS.items()

@@ -13,7 +13,7 @@ over the same store of users with random LoRA modules, under ``perf serve``'s cl
 requests and seconds.
 
 On one machine the Ray runs share the same cores as the local one: the speed-up column says what the
-extra processes cost or gain here, not what more machines would give (README, "Scaling").
+extra processes cost or gain here, not what more machines would give (docs/scaling.md).
 """
 
 from __future__ import annotations

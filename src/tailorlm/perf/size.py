@@ -1,6 +1,6 @@
 """How many bytes does one user's module take at rest? Weights and config files of a module folder, fp16
 (the default storage dtype) and fp32, for the default spec of every registered kind, plus LoRA on all
-four attention projections (the README reports that variant too)."""
+four attention projections (docs/engine.md reports that variant too)."""
 
 from __future__ import annotations
 

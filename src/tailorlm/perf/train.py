@@ -1,8 +1,8 @@
 """How fast does the engine train many users' modules at once, against stock PEFT training them one after
 another, and how much of the machine's matmul speed does that use?
 
-Two workloads, one section each: ``train`` (synthetic rating rows of about 50 tokens, the comparison the
-README has reported from the start) and ``train-task`` (real training rows of an offline task, verbagg
+Two workloads, one section each: ``train`` (synthetic rating rows of about 50 tokens, the comparison
+docs/engine.md has reported from the start) and ``train-task`` (real training rows of an offline task, verbagg
 by default, prompted as the benchmark's per-user methods prompt them). Both sides train the same users
 on the same mini-batches in the same order (the trainer's public ``batch_plan``), one epoch, learning
 rate 1e-4, AdamW with the trainer's settings and its gradient clipping; no validation pass. When the
