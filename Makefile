@@ -19,8 +19,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --no-deps $(NODEPS)
 	touch $@
 
+# --no-warn-conflicts: the NODEPS packages above declare dependencies we deliberately leave out (recbole
+# asks for ray<=2.6.3 beside the ray extra's 2.60.0), and pip would print a resolver ERROR for them on
+# every install; nothing imports their code.
 $(VENV)/.dev-installed: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e ".[dev,ray,postgres,remote]"
+	$(BIN)/pip install --quiet --no-warn-conflicts -e ".[dev,ray,postgres,remote]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -74,3 +74,14 @@ def test_bad_options_are_clear_errors(tmp_path, options, message):
     )
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_the_help_keeps_the_extras_name():
+    """Rich reads "[ray]" as markup unless escaped; the help must say what to install."""
+    from typer.testing import CliRunner
+
+    from tailorlm.cli import app
+
+    for command in (["serve", "--help"], ["users", "train", "--help"]):
+        shown = CliRunner().invoke(app, command, env={"COLUMNS": "300"})
+        assert shown.exit_code == 0 and "pip install tailorlm[ray]" in shown.output, shown.output[-500:]

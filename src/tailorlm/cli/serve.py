@@ -105,7 +105,7 @@ def serve_command(
         "local",
         "--backend",
         help="local: this process serves; ray: --replicas engine replicas behind Ray Serve, each user's "
-        "requests on one replica (pip install tailorlm[ray]).",
+        "requests on one replica (pip install tailorlm\\[ray]).",
     ),
     replicas: int = typer.Option(2, "--replicas", min=1, help="--backend ray: engine replicas."),
     ray_address: str | None = RAY_ADDRESS_OPTION,
