@@ -5,6 +5,7 @@ are settings) on loopback; a second client address is 127.0.0.2 (Linux routes al
 
 from __future__ import annotations
 
+import concurrent.futures
 import socket
 import threading
 import time
@@ -14,6 +15,7 @@ import pytest
 from serve_helpers import fresh, serve_config, wait_settled
 
 from tailorlm.serve.run import background
+from tailorlm.serve.scheduler import SchedulerConfig
 
 USER = "lora-user-0"
 
@@ -179,3 +181,27 @@ def test_rate_limits_are_per_key(store_users, tiny):
         assert codes(second_key, 2) == [200, 200]  # the same user's other key has its own bucket
         assert 429 in codes(admins[0])
         assert codes(admins[1], 2) == [200, 200]
+
+
+def test_one_users_flood_leaves_the_queue_to_others(store_users, tiny):
+    config = serve_config(
+        store_users.root,
+        retrain=False,
+        scheduler=SchedulerConfig(max_batch=1, wait_ms=0.0, max_queue=64, max_user_queue=2),
+    )
+    with background(config, base=fresh(tiny)) as server:
+
+        def call(user: str) -> httpx.Response:
+            body = {"model": user, "prompt": "a long answer", "max_tokens": 60, "ignore_eos": True}
+            headers = {"Authorization": f"Bearer {store_users.keys[user]}"}
+            return httpx.post(f"{server.url}/v1/completions", json=body, headers=headers, timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            flood = [pool.submit(call, USER) for _ in range(8)]
+            time.sleep(0.2)
+            other = pool.submit(call, "ia3-user-0")
+            codes = sorted(answer.result().status_code for answer in flood)
+            assert other.result().status_code == 200
+        assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+        refused = next(a.result() for a in flood if a.result().status_code == 429)
+        assert refused.json()["error"]["code"] == "user_queue_full"

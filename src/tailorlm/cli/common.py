@@ -32,7 +32,8 @@ DTYPE_OPTION = typer.Option(
 BACKEND_OPTION = typer.Option(
     "local",
     "--backend",
-    help="Where users' modules train: local (this process) or ray (Ray workers; pip install tailorlm\\[ray]).",
+    help="Where users' modules train: local (this process) or ray (Ray workers; "
+    "pip install tailorlm\\[ray]).",
 )
 WORKERS_OPTION = typer.Option(
     None, "--workers", min=1, help="--backend ray: groups trained at once (default: the CPUs / threads)."

@@ -42,6 +42,9 @@ def serve_command(
         10.0, "--wait-ms", min=0.0, help="Wait for more arrivals before a prefill."
     ),
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="Waiting requests before 429."),
+    max_user_queue: int = typer.Option(
+        64, "--max-user-queue", min=1, help="Waiting requests of one user (model) before 429."
+    ),
     max_context: int = typer.Option(2048, "--max-context", min=8, help="Prompt plus new tokens."),
     rate_limit: float | None = typer.Option(
         None, "--rate-limit", min=0.001, help="Requests per second per key (bursts of twice that)."
@@ -128,7 +131,11 @@ def serve_command(
             kinds=tuple(kind or ()),
             slots=slots,
             scheduler=SchedulerConfig(
-                max_batch=max_batch, wait_ms=wait_ms, max_queue=max_queue, watchdog_seconds=watchdog_seconds
+                max_batch=max_batch,
+                wait_ms=wait_ms,
+                max_queue=max_queue,
+                max_user_queue=max_user_queue,
+                watchdog_seconds=watchdog_seconds,
             ),
             max_context=max_context,
             rate_limit=rate_limit,

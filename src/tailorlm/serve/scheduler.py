@@ -38,13 +38,16 @@ class SchedulerConfig:
     max_batch: int = 16  # rows decoded together
     wait_ms: float = 10.0  # how long an idle scheduler waits for more arrivals before a prefill
     max_queue: int = 256  # waiting requests beyond this are refused with 429
+    # One user's waiting requests beyond this are refused with 429, so one user's flood cannot take the
+    # whole queue from everyone else.
+    max_user_queue: int = 64
     # With work pending, a loop that has not advanced for this long is stalled: /health says so (503) and
     # /metrics counts it. A step is one forward pass, so this is well above the slowest prefill.
     watchdog_seconds: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_queue < 1:
-            raise ValueError("max_batch and max_queue must be at least 1")
+        if self.max_batch < 1 or self.max_queue < 1 or self.max_user_queue < 1:
+            raise ValueError("max_batch, max_queue and max_user_queue must be at least 1")
         if not self.watchdog_seconds > 0:
             raise ValueError(f"watchdog_seconds must be positive, not {self.watchdog_seconds}")
 
@@ -167,6 +170,17 @@ class JobQueue:
                     f"the server's queue is full ({self.config.max_queue} requests waiting); retry shortly",
                     "rate_limit_error",
                     code="queue_full",
+                    retry_after=1.0,
+                )
+            if (
+                sum(1 for waiting in self._waiting if waiting.user_id == job.user_id)
+                >= self.config.max_user_queue
+            ):
+                raise ApiError(
+                    429,
+                    f"this model has {self.config.max_user_queue} requests waiting already; retry shortly",
+                    "rate_limit_error",
+                    code="user_queue_full",
                     retry_after=1.0,
                 )
             self._waiting.append(job)
