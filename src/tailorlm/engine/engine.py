@@ -124,6 +124,16 @@ class Engine:
         self.space = SlotSpace(banks, routers)
         self.device = self.bank.device  # the base model's; every batch tensor is made there
 
+    def single_bank(self) -> SlotBank:
+        """The engine's one bank, for what trains a single kind (the trainers); an EngineError for an
+        engine of several kinds, whose other banks a trainer would silently leave untrained."""
+        if len(self.banks) > 1:
+            kinds = ", ".join(bank.spec.kind for bank in self.banks)
+            raise EngineError(
+                f"this engine holds {len(self.banks)} kinds ({kinds}); training takes an engine of one kind"
+            )
+        return self.bank
+
     def check_slot(self, slot: int) -> None:
         """``slot`` is 0 (no module) or a user slot of one of the banks (global numbering)."""
         if slot:

@@ -138,7 +138,7 @@ class JointChoiceTrainer:
         self.choices = list(choices)
         self.config = config
         self.shrinkage = shrinkage
-        self.optimizer = SlotAdamW(engine.bank.tensors, config)
+        self.optimizer = SlotAdamW(engine.single_bank().tensors, config)
 
     def run(
         self,

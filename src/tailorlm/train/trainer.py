@@ -134,7 +134,7 @@ class MultiUserTrainer:
     def __init__(self, engine: Engine, config: TrainConfig, slots: SlotManager | None = None) -> None:
         self.engine = engine
         self.config = config
-        self.bank = engine.bank
+        self.bank = engine.single_bank()
         self.slots = slots or SlotManager(self.bank)
         capacity = self.slots.capacity
         self.width = min(capacity, config.users_per_step or capacity)
