@@ -27,7 +27,7 @@ import contextlib
 import hashlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -41,7 +41,7 @@ from tailorlm.serve.server import Server
 
 APP_NAME = "tailorlm"
 FRONT = "tailorlm-front"
-JOB_FIELDS = ("user_id", "version", "bank", "prompt_ids", "stops", "labels", "prompt_text")
+JOB_FIELDS = tuple(name for name in Job.request_fields() if name != "sampling")  # sampling: a dict of its own
 
 
 def replica_names(count: int) -> list[str]:
@@ -60,6 +60,14 @@ def home_replica(user_id: str, replicas: Sequence[str]) -> str:
 
 def job_message(job: Job) -> dict[str, Any]:
     return {**{name: getattr(job, name) for name in JOB_FIELDS}, "sampling": asdict(job.sampling)}
+
+
+def job_from(message: dict[str, Any], emit: Callable[[Event], None]) -> Job:
+    """The job ``job_message`` sent, on the replica, with its events going to ``emit``."""
+    fields = {name: message[name] for name in JOB_FIELDS}
+    fields["stops"] = tuple(fields["stops"])
+    fields["labels"] = tuple(fields["labels"]) if fields["labels"] is not None else None
+    return Job(**fields, sampling=Sampling(**message["sampling"]), emit=emit)
 
 
 def event_message(event: Event) -> dict[str, Any]:
@@ -104,14 +112,7 @@ class Replica:
         """One job's events, streamed back to the front until the final one."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        fields = {name: message[name] for name in JOB_FIELDS}
-        fields["stops"] = tuple(fields["stops"])
-        fields["labels"] = tuple(fields["labels"]) if fields["labels"] is not None else None
-        job = Job(
-            **fields,
-            sampling=Sampling(**message["sampling"]),
-            emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-        )
+        job = job_from(message, emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         try:
             self.server.scheduler.submit(job)
         except ApiError as error:  # the queue is full: the client hears the same 429 as from one server
@@ -251,10 +252,9 @@ def deploy(config: ServeConfig, replicas: int, threads: int | None = None) -> st
 
 
 def _start_proxy(config: ServeConfig, attempts: int = 3) -> None:
-    """Serve's HTTP proxy on ``config``'s host and port. Serve waits a fixed 60 s for the proxy actor; on
-    a machine whose cores are busy with other work it can miss that (seen here with two benchmark runs
-    beside the test suite, and twice in a row with four), so more attempts are made on a clean Serve
-    before giving up."""
+    """Serve's HTTP proxy on ``config``'s host and port. Serve waits a fixed 60 s for the proxy actor to
+    start, and on a machine whose cores are saturated the actor can take longer than that, so the start is
+    tried again on a clean Serve before giving up."""
     import ray
     from ray import serve
 

@@ -28,10 +28,6 @@ def names() -> list[str]:
     return list(KINDS)
 
 
-def model_kind_names() -> list[str]:
-    return list(MODEL_KINDS)
-
-
 def get(name: str) -> ModuleKind:
     if name not in KINDS:
         raise ModuleSpecError(f"unknown module kind {name!r}; expected one of {sorted(KINDS)}")

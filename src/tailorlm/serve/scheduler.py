@@ -22,7 +22,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from tailorlm.engine.continuous import DecodeRow, RunningBatch, Sampling
 from tailorlm.engine.engine import Engine
@@ -68,19 +68,24 @@ class Event:
         return self.finish is not None or self.error is not None
 
 
+REQUEST = {"request": True}  # the metadata of a Job field that is part of the request itself
+
+
 @dataclass(eq=False)
 class Job:
-    """One request's work: whose module (user, version, bank), the prompt, and where events go."""
+    """One request's work: whose module (user, version, bank), the prompt, and where events go. The
+    fields marked ``REQUEST`` are the request itself, what a front sends to the replica that serves it
+    (``request_fields``); the rest is this process's bookkeeping."""
 
-    user_id: str
-    version: int
-    bank: int  # the engine's bank of the user's kind; -1 for the bare base model
-    prompt_ids: list[int]
+    user_id: str = field(metadata=REQUEST)
+    version: int = field(metadata=REQUEST)
+    bank: int = field(metadata=REQUEST)  # the engine's bank of the user's kind; -1 for the bare base model
+    prompt_ids: list[int] = field(metadata=REQUEST)
     emit: Callable[[Event], None]
-    sampling: Sampling = field(default_factory=Sampling)
-    stops: tuple[str, ...] = ()
-    labels: tuple[str, ...] | None = None
-    prompt_text: str = ""
+    sampling: Sampling = field(default_factory=Sampling, metadata=REQUEST)
+    stops: tuple[str, ...] = field(default=(), metadata=REQUEST)
+    labels: tuple[str, ...] | None = field(default=None, metadata=REQUEST)
+    prompt_text: str = field(default="", metadata=REQUEST)
     created: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     slot: int = 0  # the engine's global slot, once pinned
@@ -93,6 +98,10 @@ class Job:
     @property
     def slot_key(self) -> str:
         return module_key(self.user_id, self.version)
+
+    @classmethod
+    def request_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.metadata.get("request"))
 
 
 def module_key(user_id: str, version: int) -> str:
