@@ -7,8 +7,7 @@ import pickle
 
 from tailorlm.cluster.serving import event_from, event_message, job_from, job_message
 from tailorlm.engine.continuous import Sampling
-from tailorlm.serve.protocol import ApiError
-from tailorlm.serve.scheduler import Event, Job
+from tailorlm.serve.scheduler import Event, Job, JobError
 
 
 def test_a_job_arrives_whole():
@@ -31,6 +30,10 @@ def test_a_job_arrives_whole():
 
 
 def test_an_error_event_arrives_whole():
-    error = ApiError(429, "full", "rate_limit_error", code="queue_full", retry_after=1.0)
+    error = JobError("queue_full", "full", retry_after=1.0)
     arrived = event_from(pickle.loads(pickle.dumps(event_message(Event(error=error)))))
-    assert arrived.error.body() == error.body() and arrived.error.retry_after == 1.0
+    assert (arrived.error.reason, arrived.error.message, arrived.error.retry_after) == (
+        "queue_full",
+        "full",
+        1.0,
+    )

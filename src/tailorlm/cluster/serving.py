@@ -35,8 +35,7 @@ from tailorlm import settings
 from tailorlm.cluster.session import connected, import_ray
 from tailorlm.engine.continuous import Sampling
 from tailorlm.serve.config import ServeConfig
-from tailorlm.serve.protocol import ApiError
-from tailorlm.serve.scheduler import Event, Job
+from tailorlm.serve.scheduler import Event, Job, JobError
 from tailorlm.serve.server import Server
 
 APP_NAME = "tailorlm"
@@ -78,11 +77,8 @@ def event_message(event: Event) -> dict[str, Any]:
     if event.error is not None:
         error = event.error
         message["error"] = {
-            "status": error.status,
+            "reason": error.reason,
             "message": error.message,
-            "type": error.type,
-            "code": error.code,
-            "param": error.param,
             "retry_after": error.retry_after,
         }
     return message
@@ -91,7 +87,7 @@ def event_message(event: Event) -> dict[str, Any]:
 def event_from(message: dict[str, Any]) -> Event:
     error = message.get("error")
     fields = {k: v for k, v in message.items() if k != "error"}
-    return Event(**fields, error=ApiError(**error) if error else None)
+    return Event(**fields, error=JobError(**error) if error else None)
 
 
 # ---- the replica -------------------------------------------------------------------------------------
@@ -115,7 +111,7 @@ class Replica:
         job = job_from(message, emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         try:
             self.server.scheduler.submit(job)
-        except ApiError as error:  # the queue is full: the client hears the same 429 as from one server
+        except JobError as error:  # the queue is full: the client hears the same 429 as from one server
             yield event_message(Event(error=error))
             return
         self.served[job.user_id] += 1
@@ -178,11 +174,9 @@ class RemoteScheduler:
         except Exception as error:  # the replica died or is restarting: a retryable 503
             job.emit(
                 Event(
-                    error=ApiError(
-                        503,
+                    error=JobError(
+                        "replica_unavailable",
                         f"replica {job.placed_on} is unavailable ({type(error).__name__}); retry shortly",
-                        "server_error",
-                        code="replica_unavailable",
                         retry_after=1.0,
                     )
                 )

@@ -19,8 +19,7 @@ import torch
 from tailorlm import models
 from tailorlm.perf.contenders import generate_options
 from tailorlm.serve.metrics import ServeMetrics
-from tailorlm.serve.protocol import ApiError
-from tailorlm.serve.scheduler import Event, Job, JobQueue, SchedulerConfig
+from tailorlm.serve.scheduler import Event, Job, JobError, JobQueue, SchedulerConfig
 from tailorlm.store.store import ModuleStore
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ class PeftScheduler(JobQueue):
         super().__init__(config, metrics)
 
     def forget(self, user_id: str) -> int:
-        raise ApiError(400, "the PEFT baseline does not forget users", code="unsupported")
+        raise JobError("unsupported", "the PEFT baseline does not forget users")
 
     def _loop(self) -> None:
         while True:
@@ -70,7 +69,7 @@ class PeftScheduler(JobQueue):
             except Exception:
                 log.exception("PEFT generation failed")
                 for job in batch:
-                    job.emit(Event(error=ApiError(500, "generation failed", "server_error")))
+                    job.emit(Event(error=JobError("failed", "generation failed")))
 
     def _activate(self, user_id: str, version: int) -> None:
         """Make the adapter current, loading it (and evicting the least recently used) if needed."""

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tailorlm.engine.continuous import Sampling
 from tailorlm.serve import protocol, users_api
 from tailorlm.serve.protocol import ApiError, ChatRequest, CompletionRequest
-from tailorlm.serve.scheduler import Event, Job
+from tailorlm.serve.scheduler import Event, Job, JobError
 from tailorlm.serve.server import Server
 from tailorlm.store.index_backends import StoreLocationError
 from tailorlm.users.keys import KeyOwner
@@ -132,6 +132,28 @@ def _index_unavailable(error: StoreLocationError) -> ApiError:
     )
 
 
+# How the scheduler's reasons for not answering a job (``scheduler.JobError``) are said over HTTP:
+# reason -> (status, OpenAI error type, code).
+_JOB_ERRORS = {
+    "queue_full": (429, "rate_limit_error", "queue_full"),
+    "user_queue_full": (429, "rate_limit_error", "user_queue_full"),
+    "deleted": (404, "invalid_request_error", "model_not_found"),
+    "shutting_down": (503, "server_error", "shutting_down"),
+    "module_unavailable": (500, "server_error", "module_unavailable"),
+    "failed": (500, "server_error", None),
+    "cancelled": (499, "invalid_request_error", "cancelled"),
+    "replica_unavailable": (503, "server_error", "replica_unavailable"),
+    "unsupported": (400, "invalid_request_error", "unsupported"),
+}
+
+
+def _job_error(error: JobError) -> ApiError:
+    """The HTTP answer for a job the scheduler did not answer."""
+    status, kind, code = _JOB_ERRORS[error.reason]
+    param = "model" if error.reason == "deleted" else None
+    return ApiError(status, error.message, kind, code=code, param=param, retry_after=error.retry_after)
+
+
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="tailorlm", docs_url=None, redoc_url=None, openapi_url=None)
     _errors(app, server)
@@ -168,6 +190,10 @@ def _errors(app: FastAPI, server: Server) -> None:
     async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "unknown_route", 405: "method_not_allowed"}.get(error.status_code)
         return _error_response(ApiError(error.status_code, str(error.detail), code=code))
+
+    @app.exception_handler(JobError)
+    async def job_refused(_request: Request, error: JobError) -> JSONResponse:
+        return _error_response(_job_error(error))
 
     @app.exception_handler(StoreLocationError)
     async def index_unavailable(_request: Request, error: StoreLocationError) -> JSONResponse:
@@ -385,7 +411,7 @@ async def _answer(
         labels=tuple(body.labels) if body.labels else None,
         prompt_text=text,
     )
-    server.scheduler.submit(job)
+    server.scheduler.submit(job)  # a JobError (a full queue) is answered by its handler
     request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
     placed = {REPLICA_HEADER: job.placed_on} if job.placed_on else {}
     if body.stream:
@@ -423,7 +449,7 @@ async def _last_event(
                 return None
             event = event.result()
             if event.error is not None:
-                raise event.error
+                raise _job_error(event.error)
             pieces.append(event.text)
             if event.final:
                 return pieces, event
@@ -454,7 +480,7 @@ async def _stream(
         while True:
             event = await events.get()
             if event.error is not None:
-                yield _sse({"error": event.error.body()["error"]})
+                yield _sse({"error": _job_error(event.error).body()["error"]})
                 finished = True
                 break
             if event.text or first:

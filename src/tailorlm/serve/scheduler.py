@@ -28,7 +28,6 @@ from tailorlm.engine.continuous import DecodeRow, RunningBatch, Sampling
 from tailorlm.engine.engine import Engine
 from tailorlm.engine.slots import SlotManager, SlotsFullError
 from tailorlm.serve.metrics import ServeMetrics
-from tailorlm.serve.protocol import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +51,31 @@ class SchedulerConfig:
             raise ValueError(f"watchdog_seconds must be positive, not {self.watchdog_seconds}")
 
 
+class JobError(Exception):
+    """Why a job was not answered, in the scheduler's own terms (the HTTP front maps a ``reason`` to a
+    status: ``protocol.job_error``). ``retry_after`` (seconds): the job may succeed if sent again then."""
+
+    REASONS = (
+        "queue_full",  # too many requests waiting
+        "user_queue_full",  # too many of this user's requests waiting
+        "deleted",  # the user was forgotten while the job waited or ran
+        "shutting_down",
+        "module_unavailable",  # the user's module could not be loaded (the log says why)
+        "failed",  # something failed while serving this job (the log says what)
+        "cancelled",  # the client went away
+        "replica_unavailable",  # the replica serving this user is down or restarting
+        "unsupported",  # this scheduler cannot do what was asked
+    )
+
+    def __init__(self, reason: str, message: str, retry_after: float | None = None) -> None:
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown job error reason {reason!r}")
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retry_after = retry_after
+
+
 @dataclass
 class Event:
     """What a request hears back: text pieces, then one final event (done or error)."""
@@ -61,7 +85,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     scores: dict[str, float] | None = None  # label -> log-probability (label-restricted requests)
-    error: ApiError | None = None
+    error: JobError | None = None
 
     @property
     def final(self) -> bool:
@@ -174,22 +198,18 @@ class JobQueue:
     def submit(self, job: Job) -> None:
         with self._cond:
             if len(self._waiting) >= self.config.max_queue:
-                raise ApiError(
-                    429,
+                raise JobError(
+                    "queue_full",
                     f"the server's queue is full ({self.config.max_queue} requests waiting); retry shortly",
-                    "rate_limit_error",
-                    code="queue_full",
                     retry_after=1.0,
                 )
             if (
                 sum(1 for waiting in self._waiting if waiting.user_id == job.user_id)
                 >= self.config.max_user_queue
             ):
-                raise ApiError(
-                    429,
+                raise JobError(
+                    "user_queue_full",
                     f"this model has {self.config.max_user_queue} requests waiting already; retry shortly",
-                    "rate_limit_error",
-                    code="user_queue_full",
                     retry_after=1.0,
                 )
             self._waiting.append(job)
@@ -283,7 +303,7 @@ class Scheduler(JobQueue):
                 log.exception("the scheduler's step failed")
                 self._fail_running()
             self._tick()
-        self._fail_all(ApiError(503, "the server is shutting down", "server_error", code="shutting_down"))
+        self._fail_all(JobError("shutting_down", "the server is shutting down"))
 
     def _should_wait(self) -> bool:
         """Idle and too few arrivals yet: give others ``wait_ms`` to arrive so they prefill together."""
@@ -354,7 +374,7 @@ class Scheduler(JobQueue):
             except SlotsFullError:
                 blocked.append(job)  # its user waits for a slot; others go ahead
                 continue
-            except ApiError as error:
+            except JobError as error:
                 _emit(job, Event(error=error))
                 continue
             except Exception:
@@ -473,7 +493,9 @@ class Scheduler(JobQueue):
     def _drop_cancelled(self) -> None:
         gone = [row for row in self.running.rows if self._jobs[id(row)].cancelled]
         for row in gone:
-            self._finish(self._jobs[id(row)], Event(error=ApiError(499, "the client closed the request")))
+            self._finish(
+                self._jobs[id(row)], Event(error=JobError("cancelled", "the client closed the request"))
+            )
         self.running.drop(gone)
 
     def _forget(self, user_id: str) -> int:
@@ -507,7 +529,7 @@ class Scheduler(JobQueue):
         self._jobs.clear()
         self.running = RunningBatch(self.engine)
 
-    def _fail_all(self, error: ApiError) -> None:
+    def _fail_all(self, error: JobError) -> None:
         for row in list(self.running.rows):
             job = self._jobs.get(id(row))
             if job is not None:
@@ -518,26 +540,23 @@ class Scheduler(JobQueue):
             self._waiting.clear()
 
 
-def _deleted(user_id: str) -> ApiError:
-    return ApiError(404, f"user {user_id!r} was deleted", code="model_not_found", param="model")
+def _deleted(user_id: str) -> JobError:
+    return JobError("deleted", f"user {user_id!r} was deleted")
 
 
-def _module_error(job: Job) -> ApiError:
+def _module_error(job: Job) -> JobError:
     # What failed (a path, a checksum) stays in the log: the client learns only that it did.
-    return ApiError(
-        500,
-        f"the module of {job.user_id!r} version {job.version} could not be loaded",
-        "server_error",
-        code="module_unavailable",
+    return JobError(
+        "module_unavailable", f"the module of {job.user_id!r} version {job.version} could not be loaded"
     )
 
 
-def _failed(error: Exception | None) -> ApiError:
-    """The answer to a request whose work failed on the server's side: a 500 that says only that (the
-    detail, which may name files or internals, is in the log)."""
-    if isinstance(error, ApiError):
+def _failed(error: Exception | None) -> JobError:
+    """Why a job whose work failed on the server's side is not answered: only that it failed (the detail,
+    which may name files or internals, is in the log)."""
+    if isinstance(error, JobError):
         return error
-    return ApiError(500, "the server failed to answer this request; it was logged", "server_error")
+    return JobError("failed", "the server failed to answer this request; it was logged")
 
 
 def _emit(job: Job, event: Event) -> None:
