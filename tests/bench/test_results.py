@@ -170,24 +170,62 @@ def test_missing_or_malformed_run_json(tmp_path):
 @pytest.mark.parametrize(
     ("bad", "problem"),
     [
-        ("{broken", "not valid JSON"),
+        ("{broken}\n" + json.dumps(line("u3", ["yes"], ["yes"])), "not valid JSON"),
         (json.dumps({"user": "u2", "seconds": 1}), "'examples' is missing"),
         (json.dumps({"user": "u2", "examples": [{"prediction": "yes"}]}), "example 0: needs 'gold'"),
         (json.dumps(["u2"]), "expected a JSON object"),
     ],
 )
-def test_malformed_prediction_line_names_file_and_line(tmp_path, bad, problem):
-    lines: dict[str, list[dict | str]] = {"zero-shot": [line("u1", ["yes"], ["yes"]), bad]}
+def test_a_malformed_prediction_line_fails_its_method_alone_naming_file_and_line(tmp_path, bad, problem):
+    lines: dict[str, list[dict | str]] = {
+        "zero-shot": [line("u1", ["yes"], ["yes"]), bad],
+        "user-majority": [line("u1", ["yes"], ["no"]), line("u2", ["no"], ["no"])],
+    }
+    users = {"u1": {"history": 1}, "u2": {"history": 1}}
+    methods = {"zero-shot": METHODS["zero-shot"], "user-majority": METHODS["user-majority"]}
+    results = summarize(write_run(tmp_path, CLASSIFICATION, methods, users, lines))
+    failed = results["methods"]["zero-shot"]
+    assert "zero-shot.jsonl, line 2" in failed["failed"] and problem in failed["failed"]
+    assert not failed["has_results"] and results["ranking"] == ["user-majority", "zero-shot"]
+    assert results["methods"]["user-majority"]["metrics"]["accuracy"]["user_mean"] == 0.5
+    assert any(w.startswith("zero-shot: failed: ") and "line 2" in w for w in results["warnings"])
+
+
+def test_a_last_line_cut_short_by_a_kill_is_a_user_not_done(tmp_path):
+    cut = json.dumps(line("u2", ["no"], ["no"]))[:-9]
+    lines: dict[str, list[dict | str]] = {"zero-shot": [line("u1", ["yes"], ["yes"])]}
     users = {"u1": {"history": 1}, "u2": {"history": 1}}
     root = write_run(tmp_path, CLASSIFICATION, {"zero-shot": METHODS["zero-shot"]}, users, lines)
-    with pytest.raises(ReportError) as caught:
-        summarize(root)
-    assert "zero-shot.jsonl, line 2" in str(caught.value) and problem in str(caught.value)
+    with (root / "predictions" / "zero-shot.jsonl").open("a") as handle:
+        handle.write(cut)  # no newline: the kill came mid-write
+    method = summarize(root)["methods"]["zero-shot"]
+    assert method["failed"] is None and method["users_done"] == 1 and method["missing_users"] == ["u2"]
 
 
-def test_unscoreable_gold_is_a_report_error(tmp_path):
+def test_an_unscoreable_method_is_failed_and_the_others_are_scored(tmp_path):
     users = {"u1": {"history": 1}}
-    lines: dict[str, list[dict | str]] = {"zero-shot": [line("u1", ["three"], ["3"])]}
-    root = write_run(tmp_path, RATING, {"zero-shot": METHODS["zero-shot"]}, users, lines)
-    with pytest.raises(ReportError, match=r"zero-shot\.jsonl: cannot score"):
-        summarize(root)
+    lines: dict[str, list[dict | str]] = {
+        "zero-shot": [line("u1", ["three"], ["3"])],
+        "peft-lora": [line("u1", ["3"], ["4"])],
+    }
+    methods = {"zero-shot": METHODS["zero-shot"], "peft-lora": METHODS["peft-lora"]}
+    results = summarize(write_run(tmp_path, {**RATING, "labels": None}, methods, users, lines))
+    reason = results["methods"]["zero-shot"]["failed"]
+    assert "zero-shot.jsonl: cannot score the predictions" in reason and "'three' is not a number" in reason
+    assert results["methods"]["peft-lora"]["metrics"]["mae"]["user_mean"] == 1.0
+    assert results["references"]["non_personal"] is None  # a failed method is no reference
+
+
+def test_a_method_that_failed_while_running_is_reported_with_its_reason(tmp_path):
+    users = {"u1": {"history": 1}, "u2": {"history": 1}}
+    lines: dict[str, list[dict | str]] = {"peft-lora": [line("u1", ["yes"], ["yes"])]}
+    methods = {"peft-lora": METHODS["peft-lora"], "zero-shot": METHODS["zero-shot"]}
+    root = write_run(tmp_path, CLASSIFICATION, methods, users, lines)
+    failures = {"peft-lora": {"reason": "RuntimeError: out of memory", "traceback": "..."}}
+    (root / "failures.json").write_text(json.dumps(failures))
+    results = summarize(root)
+    lora = results["methods"]["peft-lora"]
+    # what it finished before failing is still scored, and marked
+    assert lora["failed"] == "RuntimeError: out of memory" and lora["has_results"] and lora["users_done"] == 1
+    assert "peft-lora: failed: RuntimeError: out of memory" in results["warnings"]
+    assert results["methods"]["zero-shot"]["failed"] is None

@@ -6,20 +6,25 @@ import dataclasses
 import json
 
 import pytest
+from typer.testing import CliRunner
 
 from tailorlm.bench import runner
 from tailorlm.bench.config import BenchConfig, split_users
 from tailorlm.bench.run_folder import RunFolder, RunFolderError
+from tailorlm.cli import app
 from tailorlm.data import load_task
+from tailorlm.methods import baselines
 from tailorlm.methods.registry import resolve
+from tailorlm.progress import Reporter
 
 CONFIG = BenchConfig(
     model="tiny", test_users=6, adapter_users=4, adapter_examples=16, epochs=1, users_per_step=2
 )
 
 
-class Killed(Exception):
-    pass
+class Killed(BaseException):
+    """The process dying (a BaseException, like the KeyboardInterrupt of a ^C): not a method failing,
+    which the runner records and goes past."""
 
 
 def test_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
@@ -97,3 +102,63 @@ def test_resumed_run_keeps_trained_modules_and_answers_only_the_rest(tmp_path, m
     asked = {u.prompt.user for u in uses}
     assert len(asked) == CONFIG.test_users - 2 and not asked & set(answered)
     assert len(RunFolder(tmp_path).done_users("peft-lora")) == CONFIG.test_users
+
+
+def test_a_method_that_fails_costs_no_other_method_its_results_and_resumes_later(tmp_path, monkeypatch):
+    real = baselines.user_majority
+
+    def crashes_after_one_user(task, users):
+        answers = real(task, users)
+        yield next(answers)
+        raise RuntimeError("disk on fire\nsecond line of the message")
+
+    monkeypatch.setattr(baselines, "user_majority", crashes_after_one_user)
+    said: list[str] = []
+    results = runner.run("verbagg", tmp_path, ["user-majority", "zero-shot"], CONFIG, reporter=Said(said))
+    failed = results["methods"]["user-majority"]
+    assert failed["failed"] == "RuntimeError: disk on fire" and failed["users_done"] == 1
+    assert results["methods"]["zero-shot"]["failed"] is None and results["methods"]["zero-shot"]["complete"]
+    assert (tmp_path / "report.html").is_file() and "user-majority (failed)" in (
+        tmp_path / "report.md"
+    ).read_text()
+    recorded = json.loads((tmp_path / "failures.json").read_text())["user-majority"]
+    assert "crashes_after_one_user" in recorded["traceback"]
+    # scored as each method finished, in the log, before the next method ran
+    assert said.index("user-majority: failed: RuntimeError: disk on fire") < next(
+        i for i, text in enumerate(said) if text.startswith("zero-shot: accuracy ")
+    )
+
+    monkeypatch.setattr(baselines, "user_majority", real)
+    again = runner.run("verbagg", tmp_path, ["user-majority", "zero-shot"], CONFIG)
+    assert (
+        again["methods"]["user-majority"]["failed"] is None and again["methods"]["user-majority"]["complete"]
+    )
+    assert json.loads((tmp_path / "failures.json").read_text()) == {}
+
+
+class Said(Reporter):
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def test_bench_names_a_failed_method_and_exits_1_and_report_reads_the_folder(tmp_path, monkeypatch):
+    def fails(task, users):
+        raise ValueError("no answers today")
+        yield  # a generator, as every baseline is
+
+    monkeypatch.setattr(baselines, "user_majority", fails)
+    args = ["bench", "--task", "verbagg", "--model", "tiny", "--test-users", "2", "--budget", "0"]
+    bench = CliRunner().invoke(
+        app, [*args, "--methods", "user-majority,item-majority", "--out", str(tmp_path)]
+    )
+    assert bench.exit_code == 1, bench.output
+    assert "failed: user-majority: ValueError: no answers today" in bench.stderr
+    assert "item-majority" in bench.stdout and "Traceback" not in bench.output
+    report = CliRunner().invoke(app, ["report", str(tmp_path), "--json"])
+    assert report.exit_code == 0, report.output
+    payload = json.loads(report.stdout)
+    assert payload["methods"]["user-majority"]["failed"] == "ValueError: no answers today"
+    assert payload["methods"]["item-majority"]["has_results"]

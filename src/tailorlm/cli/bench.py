@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from tailorlm import models
 from tailorlm.bench.config import QUICK, QUICK_BUDGET_MINUTES
@@ -95,6 +96,7 @@ def bench_command(
 ) -> None:
     """Benchmark personalization methods on one task; resumes an interrupted run in the same --out."""
     from tailorlm.bench import runner
+    from tailorlm.bench.report.tables import failed_methods
     from tailorlm.bench.results import ReportError
     from tailorlm.bench.run_folder import RunFolderError
     from tailorlm.cli.report_table import console_table
@@ -141,6 +143,12 @@ def bench_command(
         console.out.print(f"report: {out / 'report.html'}", highlight=False)
 
     console.emit(results, as_json, render)
+    failed = failed_methods(results)
+    for name, reason in failed.items():
+        console.err.print(f"[bold red]failed:[/] {escape(name)}: {escape(reason)}", highlight=False)
+    if failed:
+        # The report holds every other method; the exit code tells a script that this run is not whole.
+        raise typer.Exit(1)
 
 
 @app.command("methods")
