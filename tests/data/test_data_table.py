@@ -215,6 +215,20 @@ def test_a_peftu_format_file_loads_under_a_task_file(tmp_path):
     ]
 
 
+def test_a_peftu_format_file_rated_in_words_needs_its_order_too(tmp_path):
+    folder = Path(__file__).parent / "fixtures" / "peftu" / "hatexplain"
+    task_file = tmp_path / "mine.json"
+    task_file.write_text(json.dumps({"name": "severity", "kind": "rating", "instruction": "How bad?"}))
+    with pytest.raises(DataError, match=r'user_data_leaked\.json.*"hatespeech", "normal", "offensive"'):
+        load_task(str(task_file), data_dir=folder)  # alphabetical is no scale
+    order = ["normal", "offensive", "hatespeech"]
+    task_file.write_text(
+        json.dumps({"name": "severity", "kind": "rating", "instruction": "How bad?", "labels": order})
+    )
+    task = load_task(str(task_file), data_dir=folder)
+    assert task.labels == tuple(order) and "position 1-3 in the task file's order" in task.source
+
+
 def test_a_table_with_item_ids_can_hold_items_out(tmp_path):
     task_file, data = write(tmp_path, rows())
     task = load_task(task_file, data_dir=data, split="items", seed=2)

@@ -117,13 +117,13 @@ def load(spec: specs.TaskSpec, path: Path, seed: int = 0) -> Task:
         raise DataError("has no rows", path)
     if labels is None and spec.kind != "generation":
         found = {t for records in per_user.values() for r in records for t in r.targets}
-        labels = _rating_labels(found, path) if spec.kind == "rating" else tuple(sorted(found))
+        labels = build.rating_labels(found, path) if spec.kind == "rating" else tuple(sorted(found))
     users = _users(spec, per_user, splits_of, columns, seed)
     if not users:
         raise DataError(f"no user has the {build.splits.MIN_ITEMS} rows a per-user split needs", path)
     source = _source(path, columns, seed)
     if spec.kind == "rating":
-        source += f"; {_rating_order(labels)}"
+        source += f"; {build.rating_note(labels)}"
     return build.task(spec, users, source, chronological=bool(columns["time"]), labels=labels)
 
 
@@ -131,7 +131,8 @@ def load(spec: specs.TaskSpec, path: Path, seed: int = 0) -> Task:
 # A rating's labels are scored by their place on the scale (metrics.rating_scale: numbers as themselves, text
 # as its position in the order listed), and baselines and median decoding read that order too. Numbers
 # order themselves; text labels ("very inaccurate" ... "very accurate") must be listed in the task file,
-# since no order can be read from words. An order that is unclear is an error here, before any training.
+# since no order can be read from words (build.rating_labels). An unclear order is an error when the files
+# load, before any training.
 
 
 def _check_rating_order(labels: Sequence[str], path: Path) -> None:
@@ -147,27 +148,6 @@ def _check_rating_order(labels: Sequence[str], path: Path) -> None:
             path,
             field="labels",
         )
-
-
-def _rating_labels(found: set[str], path: Path) -> tuple[str, ...]:
-    """The labels of a rating task whose task file lists none: the numbers found, in numeric order."""
-    if metrics.rating_values(sorted(found)) is None:
-        return tuple(sorted(found, key=float))
-    shown = sorted(found)
-    example = ", ".join(json.dumps(label) for label in shown[:5]) + (", ..." if len(shown) > 5 else "")
-    raise DataError(
-        f"a rating task's labels are scored by their order, and these are not all numbers ({example}): "
-        'list them in the task file in their order, as "labels": [...]',
-        path,
-        field="labels",
-    )
-
-
-def _rating_order(labels: Sequence[str]) -> str:
-    """How the scale's order was decided, for the task's source line (data show, run.json, the report)."""
-    if metrics.rating_values(labels) is None:
-        return "ratings scored as the numbers they are"
-    return f"rating labels scored as their position 1-{len(labels)} in the task file's order"
 
 
 # ---- reading -------------------------------------------------------------------------------------------
