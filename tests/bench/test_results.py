@@ -125,6 +125,29 @@ def test_rating_task_lower_is_better(tmp_path):
     assert all(g["gain"] > -1e-12 for g in results["methods"]["peft-lora"]["gain_vs_non_personal"])
 
 
+def test_a_likert_run_is_scored_by_position_on_its_scale(tmp_path):
+    # The run that once ended in "could not convert string to float": text ratings, listed in order.
+    likert = ["very inaccurate", "moderately inaccurate", "neither", "moderately accurate", "very accurate"]
+    task = {**RATING, "name": "table:bfi-words", "labels": likert}
+    users = {"u1": {"history": 2}, "u2": {"history": 2}}
+    lines: dict[str, list[dict | str]] = {
+        # u1: positions 5, 2 answered 4, 2 -> errors 1, 0; u2: 1 answered "no idea" -> the far end 5, error 4
+        "user-mean": [
+            line(
+                "u1",
+                ["very accurate", "moderately inaccurate"],
+                ["moderately accurate", "moderately inaccurate"],
+            ),
+            line("u2", ["very inaccurate"], ["no idea"]),
+        ]
+    }
+    method = summarize(write_run(tmp_path, task, {"user-mean": METHODS["user-majority"]}, users, lines))
+    method = method["methods"]["user-mean"]
+    assert method["failed"] is None and method["per_user"]["mae"] == {"u1": 0.5, "u2": 4.0}
+    assert method["metrics"]["mae"]["pooled"] == pytest.approx(5 / 3)
+    assert method["metrics"]["rmse"]["pooled"] == pytest.approx(np.sqrt(17 / 3))
+
+
 def test_duplicate_user_lines_last_wins(tmp_path):
     users = {"u1": {"history": 3}, "u2": {"history": 3}}
     lines: dict[str, list[dict | str]] = {

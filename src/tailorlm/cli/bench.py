@@ -183,7 +183,11 @@ def methods_command(
 @app.command("tune")
 def tune_command(
     method: str = typer.Argument(..., help="A per-user method, e.g. peft-lora, peft-ia3, oppu."),
-    task: str = typer.Option("verbagg", "--task", "-t", help="Task name."),
+    task: str = typer.Option("verbagg", "--task", "-t", help="Task name, or a task file with --data."),
+    data: Path | None = typer.Option(
+        None, "--data", help="PEFT-U or LaMP files, or your own table (as in bench)."
+    ),
+    split: str | None = typer.Option(None, "--split", help="As in bench: a LaMP split, or 'items'."),
     learning_rates: str = typer.Option("1e-4,3e-4,1e-3,3e-3", "--lrs", help="Comma-separated candidates."),
     users: int = typer.Option(
         8, "--users", min=1, help="Users to tune on (never test users nor the task adapter's)."
@@ -242,6 +246,8 @@ def tune_command(
             select_by=select_by,
             reporter=console.ConsoleReporter(visible=not as_json),
             runner=training,
+            data_dir=data,
+            split=split,
         )
 
     def render(data: dict) -> None:
