@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -162,3 +163,17 @@ def test_bench_names_a_failed_method_and_exits_1_and_report_reads_the_folder(tmp
     payload = json.loads(report.stdout)
     assert payload["methods"]["user-majority"]["failed"] == "ValueError: no answers today"
     assert payload["methods"]["item-majority"]["has_results"]
+
+
+def test_a_lamp_run_writes_the_outputs_of_the_methods_that_did_not_fail(tmp_path, monkeypatch):
+    def fails_at_once(task, users):
+        raise RuntimeError("no answers at all")
+        yield  # a generator, as every baseline is
+
+    monkeypatch.setattr(baselines, "user_majority", fails_at_once)
+    data = Path(__file__).parents[1] / "data" / "fixtures" / "lamp" / "lamp3_time"
+    results = runner.run("lamp:3", tmp_path, ["user-majority", "user-mean"], CONFIG.full(), data, "dev")
+    assert results["methods"]["user-majority"]["failed"] == "RuntimeError: no answers at all"
+    assert results["methods"]["user-majority"]["predictions_file"] is None
+    assert results["methods"]["user-mean"]["complete"] and (tmp_path / "lamp" / "user-mean.json").is_file()
+    assert not (tmp_path / "lamp" / "user-majority.json").exists() and (tmp_path / "report.md").is_file()

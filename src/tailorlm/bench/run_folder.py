@@ -148,8 +148,11 @@ class RunFolder:
             handle.write(json.dumps(record) + "\n")
 
     def answers(self, method_key: str) -> dict[str, str]:
-        """Every stored answer of ``method_key`` by example id."""
+        """Every stored answer of ``method_key`` by example id (none for a method that failed before its
+        first user)."""
         path = self.predictions(method_key)
+        if not path.is_file():
+            return {}
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         return {e["id"]: e["prediction"] for line in lines for e in line["examples"]}
 
