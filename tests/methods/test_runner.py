@@ -177,3 +177,16 @@ def test_a_lamp_run_writes_the_outputs_of_the_methods_that_did_not_fail(tmp_path
     assert results["methods"]["user-majority"]["predictions_file"] is None
     assert results["methods"]["user-mean"]["complete"] and (tmp_path / "lamp" / "user-mean.json").is_file()
     assert not (tmp_path / "lamp" / "user-majority.json").exists() and (tmp_path / "report.md").is_file()
+
+
+def test_a_line_cut_short_by_a_kill_is_dropped_before_the_next_user_is_appended(tmp_path):
+    task = load_task("verbagg")
+    first, second = task.users[:2]
+    folder = RunFolder(tmp_path)
+    folder.append("zero-shot", first, ["no"] * len(first.test), 1.0)
+    with folder.predictions("zero-shot").open("a") as handle:
+        handle.write('{"user": "' + second.id + '", "seco')  # the kill came mid-write
+    assert folder.done_users("zero-shot") == {first.id}
+    folder.append("zero-shot", second, ["yes"] * len(second.test), 1.0)
+    lines = folder.predictions("zero-shot").read_text().splitlines()
+    assert [json.loads(line)["user"] for line in lines] == [first.id, second.id]

@@ -153,8 +153,8 @@ def read_predictions(path: str | Path) -> dict[str, dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                if not line.endswith("\n") and not handle.read():
-                    break  # the last line, cut short by a kill: that user is simply not done
+                if not line.endswith("\n"):
+                    break  # only the last line can lack its newline: cut short by a kill, a user not done
                 raise ReportError(f"{where}: not valid JSON ({error.msg})") from None
             checked = _check_line(record, where)
             by_user.pop(checked["user"], None)  # re-insert so the order follows the last write

@@ -43,7 +43,8 @@ def scored_methods(results: Results) -> list[str]:
 
 
 def _state(method: Mapping[str, Any]) -> str | None:
-    """ "failed" (its reason is in the notes), "partial" (not every user done), or None when complete."""
+    """What a method's name is marked with: failed (its reason is in the notes), partial (not every user
+    done), or nothing (None) when it is complete."""
     if method.get("failed"):
         return "failed"
     return None if method["complete"] else "partial"
