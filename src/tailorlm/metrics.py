@@ -7,6 +7,9 @@ Rules reproduced (hand-computed cases in ``tests/data/test_data_metrics.py``):
   and nobody has scores 0), so -1 is never a class of its own.
 - ``mae`` / ``rmse`` (LaMP-3): an output that does not parse as a number counts as the worst case, the end
   of the scale farther from the gold (1 or 5; a gold in the middle gets 5, as LaMP's ``>`` test does).
+  Ratings with text labels (a Likert scale, "very inaccurate" ... "very accurate") count as their
+  position in the listed order, from 1 (``rating_values``); an output that is not one of them is the
+  worst case on that 1..K scale.
 - ``rouge1`` / ``rougeL``: F-measure from ``rouge-score``; LaMP's script calls HF ``evaluate``'s rouge,
   which uses no stemmer by default, so neither do we unless ``stemmer=True``.
 - ``lenient_accuracy`` (PEFT-U): the output is split on commas, each piece stripped, one trailing ".",
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -77,34 +81,83 @@ def macro_f1(
     return sum(scores) / len(scores) if scores else 0.0
 
 
-def rating_value(pred: str, gold: str, scale: tuple[float, float] = LAMP_SCALE) -> float:
-    """The number an output counts as: itself if it parses, else the worst case for this gold.
+def rating_values(labels: Sequence[str]) -> dict[str, float] | None:
+    """What each rating label counts as in MAE and RMSE when the labels are text: its 1-based position in
+    the order listed ("very inaccurate" 1 ... "very accurate" 5). None when every label is a number: then
+    an output is read as the number it spells (LaMP's rule, so "3.5" counts as 3.5)."""
+    if _numeric(labels):
+        return None
+    return {label: float(position) for position, label in enumerate(labels, start=1)}
+
+
+def _gold_number(gold: str, values: Mapping[str, float] | None) -> float:
+    text = str(gold).strip()
+    if values is not None:
+        if text not in values:
+            raise ValueError(f"the gold rating {text!r} is not one of the rating labels {list(values)}")
+        return values[text]
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(
+            f"the gold rating {text!r} is not a number; ratings with text labels are scored by their "
+            "position, which needs the labels in order"
+        ) from None
+
+
+def rating_value(
+    pred: str, gold: str, scale: tuple[float, float] = LAMP_SCALE, values: Mapping[str, float] | None = None
+) -> float:
+    """The number an output counts as: itself if it parses (or, with text labels' ``values``, its label's
+    position), else the worst case for this gold.
 
     LaMP's rule: ``1.0 if abs(1 - gold) > abs(5 - gold) else 5.0``. One deliberate difference: "nan" and
     "inf" parse as floats in Python and would turn the whole MAE into nan; they count as not a number.
     """
     low, high = scale
-    try:
-        value = float(str(pred).strip())
-        if math.isfinite(value):
-            return value
-    except ValueError:
-        pass
-    truth = float(str(gold).strip())
+    text = str(pred).strip()
+    if values is not None:
+        if text in values:
+            return values[text]
+    else:
+        try:
+            value = float(text)
+            if math.isfinite(value):
+                return value
+        except ValueError:
+            pass
+    truth = _gold_number(gold, values)
     return low if abs(low - truth) > abs(high - truth) else high
 
 
-def _rating_errors(golds: Sequence[str], preds: Sequence[str], scale: tuple[float, float]) -> list[float]:
-    return [rating_value(p, g, scale) - float(str(g).strip()) for g, p in zip(golds, preds, strict=True)]
+def _rating_errors(
+    golds: Sequence[str],
+    preds: Sequence[str],
+    scale: tuple[float, float],
+    values: Mapping[str, float] | None = None,
+) -> list[float]:
+    return [
+        rating_value(p, g, scale, values) - _gold_number(g, values) for g, p in zip(golds, preds, strict=True)
+    ]
 
 
-def mae(golds: Sequence[str], preds: Sequence[str], scale: tuple[float, float] = LAMP_SCALE) -> float:
-    errors = _rating_errors(golds, preds, scale)
+def mae(
+    golds: Sequence[str],
+    preds: Sequence[str],
+    scale: tuple[float, float] = LAMP_SCALE,
+    values: Mapping[str, float] | None = None,
+) -> float:
+    errors = _rating_errors(golds, preds, scale, values)
     return sum(abs(e) for e in errors) / len(errors)
 
 
-def rmse(golds: Sequence[str], preds: Sequence[str], scale: tuple[float, float] = LAMP_SCALE) -> float:
-    errors = _rating_errors(golds, preds, scale)
+def rmse(
+    golds: Sequence[str],
+    preds: Sequence[str],
+    scale: tuple[float, float] = LAMP_SCALE,
+    values: Mapping[str, float] | None = None,
+) -> float:
+    errors = _rating_errors(golds, preds, scale, values)
     return math.sqrt(sum(e * e for e in errors) / len(errors))
 
 
@@ -176,12 +229,26 @@ def _metric_names(task_kind_or_metrics: str | Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def scale_of(labels: Sequence[str] | None) -> tuple[float, float]:
-    """The rating scale's ends: the smallest and largest numeric label, LaMP's 1-5 without labels."""
+@dataclass(frozen=True)
+class RatingScale:
+    """How a task's ratings are read: the scale's ends (where the worst case lies) and, for text labels,
+    each label's position (``rating_values``); ``values`` None reads outputs as numbers."""
+
+    ends: tuple[float, float] = LAMP_SCALE
+    values: Mapping[str, float] | None = None
+
+
+def rating_scale(labels: Sequence[str] | None) -> RatingScale:
+    """The scale of a rating task's labels: numbers from the smallest to the largest, text labels 1..K in
+    the order listed; LaMP's 1-5 without labels (a scale inferred from the golds could be narrower than
+    the real one)."""
     if not labels:
-        return LAMP_SCALE
-    numbers = [float(label) for label in labels]
-    return min(numbers), max(numbers)
+        return RatingScale()
+    values = rating_values(labels)
+    if values is None:
+        numbers = [float(label) for label in labels]
+        return RatingScale((min(numbers), max(numbers)))
+    return RatingScale((1.0, float(len(values))), values)
 
 
 def _user_groups(user_ids: Sequence[str]) -> dict[str, list[int]]:
@@ -192,7 +259,7 @@ def _user_groups(user_ids: Sequence[str]) -> dict[str, list[int]]:
 
 
 def _metric_value(
-    name: str, golds: list[Gold], preds: list[str], labels: Sequence[str], scale: tuple[float, float]
+    name: str, golds: list[Gold], preds: list[str], labels: Sequence[str], scale: RatingScale
 ) -> float:
     texts = [_as_text(g) for g in golds]
     if name == "accuracy":
@@ -202,8 +269,8 @@ def _metric_value(
     if name == "lenient_accuracy":
         return lenient_accuracy(golds, preds, labels)
     if name == "mae":
-        return mae(texts, preds, scale)
-    return rmse(texts, preds, scale)
+        return mae(texts, preds, scale.ends, scale.values)
+    return rmse(texts, preds, scale.ends, scale.values)
 
 
 def _user_f1(golds: list[Gold], preds: list[str], labels: Sequence[str]) -> float:
@@ -225,7 +292,8 @@ def score(
     """Every metric pooled over examples and as a per-user mean, plus each user's value.
 
     ``task_kind_or_metrics`` is a task kind ("classification", ...) or metric names. Without ``labels``,
-    label metrics use the sorted set of gold labels and ratings LaMP's 1-5 scale.
+    label metrics use the sorted set of gold labels and ratings LaMP's 1-5 scale; with them, ratings are
+    read on their scale (``rating_scale``: text labels count as their position in the order given).
     """
     names = _metric_names(task_kind_or_metrics)
     if not (len(golds) == len(preds) == len(user_ids)):
@@ -236,8 +304,7 @@ def score(
         raise ValueError("nothing to score: no examples")
     golds = list(golds)
     preds = ["" if p is None else str(p) for p in preds]
-    # A rating scale inferred from the golds could be narrower than the real one: use LaMP's then.
-    scale = scale_of(labels) if labels is not None and _numeric(labels) else LAMP_SCALE
+    scale = rating_scale(labels)
     labels = (
         tuple(labels) if labels is not None else tuple(sorted({x for g in golds for x in gold_labels(g)}))
     )
@@ -276,7 +343,7 @@ def _numeric(labels: Sequence[str]) -> bool:
 
 
 def _user_value(
-    name: str, golds: list[Gold], preds: list[str], labels: Sequence[str], scale: tuple[float, float]
+    name: str, golds: list[Gold], preds: list[str], labels: Sequence[str], scale: RatingScale
 ) -> float:
     if name == "f1":
         return _user_f1(golds, preds, labels)

@@ -125,6 +125,29 @@ def test_rating_task_lower_is_better(tmp_path):
     assert all(g["gain"] > -1e-12 for g in results["methods"]["peft-lora"]["gain_vs_non_personal"])
 
 
+def test_a_likert_run_is_scored_by_position_on_its_scale(tmp_path):
+    # The run that once ended in "could not convert string to float": text ratings, listed in order.
+    likert = ["very inaccurate", "moderately inaccurate", "neither", "moderately accurate", "very accurate"]
+    task = {**RATING, "name": "table:bfi-words", "labels": likert}
+    users = {"u1": {"history": 2}, "u2": {"history": 2}}
+    lines: dict[str, list[dict | str]] = {
+        # u1: positions 5, 2 answered 4, 2 -> errors 1, 0; u2: 1 answered "no idea" -> the far end 5, error 4
+        "user-mean": [
+            line(
+                "u1",
+                ["very accurate", "moderately inaccurate"],
+                ["moderately accurate", "moderately inaccurate"],
+            ),
+            line("u2", ["very inaccurate"], ["no idea"]),
+        ]
+    }
+    method = summarize(write_run(tmp_path, task, {"user-mean": METHODS["user-majority"]}, users, lines))
+    method = method["methods"]["user-mean"]
+    assert method["failed"] is None and method["per_user"]["mae"] == {"u1": 0.5, "u2": 4.0}
+    assert method["metrics"]["mae"]["pooled"] == pytest.approx(5 / 3)
+    assert method["metrics"]["rmse"]["pooled"] == pytest.approx(np.sqrt(17 / 3))
+
+
 def test_duplicate_user_lines_last_wins(tmp_path):
     users = {"u1": {"history": 3}, "u2": {"history": 3}}
     lines: dict[str, list[dict | str]] = {
@@ -170,24 +193,62 @@ def test_missing_or_malformed_run_json(tmp_path):
 @pytest.mark.parametrize(
     ("bad", "problem"),
     [
-        ("{broken", "not valid JSON"),
+        ("{broken}\n" + json.dumps(line("u3", ["yes"], ["yes"])), "not valid JSON"),
         (json.dumps({"user": "u2", "seconds": 1}), "'examples' is missing"),
         (json.dumps({"user": "u2", "examples": [{"prediction": "yes"}]}), "example 0: needs 'gold'"),
         (json.dumps(["u2"]), "expected a JSON object"),
     ],
 )
-def test_malformed_prediction_line_names_file_and_line(tmp_path, bad, problem):
-    lines: dict[str, list[dict | str]] = {"zero-shot": [line("u1", ["yes"], ["yes"]), bad]}
+def test_a_malformed_prediction_line_fails_its_method_alone_naming_file_and_line(tmp_path, bad, problem):
+    lines: dict[str, list[dict | str]] = {
+        "zero-shot": [line("u1", ["yes"], ["yes"]), bad],
+        "user-majority": [line("u1", ["yes"], ["no"]), line("u2", ["no"], ["no"])],
+    }
+    users = {"u1": {"history": 1}, "u2": {"history": 1}}
+    methods = {"zero-shot": METHODS["zero-shot"], "user-majority": METHODS["user-majority"]}
+    results = summarize(write_run(tmp_path, CLASSIFICATION, methods, users, lines))
+    failed = results["methods"]["zero-shot"]
+    assert "zero-shot.jsonl, line 2" in failed["failed"] and problem in failed["failed"]
+    assert not failed["has_results"] and results["ranking"] == ["user-majority", "zero-shot"]
+    assert results["methods"]["user-majority"]["metrics"]["accuracy"]["user_mean"] == 0.5
+    assert any(w.startswith("zero-shot: failed: ") and "line 2" in w for w in results["warnings"])
+
+
+def test_a_last_line_cut_short_by_a_kill_is_a_user_not_done(tmp_path):
+    cut = json.dumps(line("u2", ["no"], ["no"]))[:-9]
+    lines: dict[str, list[dict | str]] = {"zero-shot": [line("u1", ["yes"], ["yes"])]}
     users = {"u1": {"history": 1}, "u2": {"history": 1}}
     root = write_run(tmp_path, CLASSIFICATION, {"zero-shot": METHODS["zero-shot"]}, users, lines)
-    with pytest.raises(ReportError) as caught:
-        summarize(root)
-    assert "zero-shot.jsonl, line 2" in str(caught.value) and problem in str(caught.value)
+    with (root / "predictions" / "zero-shot.jsonl").open("a") as handle:
+        handle.write(cut)  # no newline: the kill came mid-write
+    method = summarize(root)["methods"]["zero-shot"]
+    assert method["failed"] is None and method["users_done"] == 1 and method["missing_users"] == ["u2"]
 
 
-def test_unscoreable_gold_is_a_report_error(tmp_path):
+def test_an_unscoreable_method_is_failed_and_the_others_are_scored(tmp_path):
     users = {"u1": {"history": 1}}
-    lines: dict[str, list[dict | str]] = {"zero-shot": [line("u1", ["three"], ["3"])]}
-    root = write_run(tmp_path, RATING, {"zero-shot": METHODS["zero-shot"]}, users, lines)
-    with pytest.raises(ReportError, match=r"zero-shot\.jsonl: cannot score"):
-        summarize(root)
+    lines: dict[str, list[dict | str]] = {
+        "zero-shot": [line("u1", ["three"], ["3"])],
+        "peft-lora": [line("u1", ["3"], ["4"])],
+    }
+    methods = {"zero-shot": METHODS["zero-shot"], "peft-lora": METHODS["peft-lora"]}
+    results = summarize(write_run(tmp_path, {**RATING, "labels": None}, methods, users, lines))
+    reason = results["methods"]["zero-shot"]["failed"]
+    assert "zero-shot.jsonl: cannot score the predictions" in reason and "'three' is not a number" in reason
+    assert results["methods"]["peft-lora"]["metrics"]["mae"]["user_mean"] == 1.0
+    assert results["references"]["non_personal"] is None  # a failed method is no reference
+
+
+def test_a_method_that_failed_while_running_is_reported_with_its_reason(tmp_path):
+    users = {"u1": {"history": 1}, "u2": {"history": 1}}
+    lines: dict[str, list[dict | str]] = {"peft-lora": [line("u1", ["yes"], ["yes"])]}
+    methods = {"peft-lora": METHODS["peft-lora"], "zero-shot": METHODS["zero-shot"]}
+    root = write_run(tmp_path, CLASSIFICATION, methods, users, lines)
+    failures = {"peft-lora": {"reason": "RuntimeError: out of memory", "traceback": "..."}}
+    (root / "failures.json").write_text(json.dumps(failures))
+    results = summarize(root)
+    lora = results["methods"]["peft-lora"]
+    # what it finished before failing is still scored, and marked
+    assert lora["failed"] == "RuntimeError: out of memory" and lora["has_results"] and lora["users_done"] == 1
+    assert "peft-lora: failed: RuntimeError: out of memory" in results["warnings"]
+    assert results["methods"]["zero-shot"]["failed"] is None

@@ -81,6 +81,32 @@ def test_rating_scale_comes_from_numeric_labels():
     assert metrics.score("rating", ["4"], ["?"], ["u"])["pooled"]["mae"] == 3.0  # 1-5: |1-4| = 3 > 1 -> 1
 
 
+LIKERT = ["very inaccurate", "moderately inaccurate", "neither", "moderately accurate", "very accurate"]
+
+
+def test_text_rating_labels_count_as_their_position_in_the_given_order():
+    assert metrics.rating_values(LIKERT) == {label: float(i) for i, label in enumerate(LIKERT, start=1)}
+    assert metrics.rating_values(["1", "2", "3"]) is None  # numbers count as themselves
+    golds = ["very accurate", "neither", "very inaccurate", "moderately accurate"]
+    preds = ["moderately accurate", " neither ", "Very inaccurate", "4"]
+    # positions 5, 3, 1, 4 against 4, 3, worst case, worst case: "Very inaccurate" and "4" are no label,
+    # so the farther end of 1..5: |1-1| = 0 < |5-1| = 4 -> 5; |1-4| = 3 > |5-4| = 1 -> 1. Errors 1, 0, 4, 3.
+    result = metrics.score("rating", golds, preds, ["a", "a", "b", "b"], labels=LIKERT)
+    assert result["pooled"]["mae"] == pytest.approx(8 / 4)
+    assert result["pooled"]["rmse"] == pytest.approx(math.sqrt((1 + 0 + 16 + 9) / 4))
+    assert result["per_user"]["mae"] == {"a": 0.5, "b": 3.5}
+    # the order given is the order scored: the same answers on the reversed scale err the same way
+    reverse = metrics.score("rating", golds, preds, ["a", "a", "b", "b"], labels=LIKERT[::-1])
+    assert reverse["pooled"]["mae"] == pytest.approx(result["pooled"]["mae"])
+
+
+def test_a_text_rating_gold_off_the_scale_or_without_labels_is_named():
+    with pytest.raises(ValueError, match="'sometimes' is not one of the rating labels"):
+        metrics.score("rating", ["sometimes"], ["neither"], ["u"], labels=LIKERT)
+    with pytest.raises(ValueError, match=r"'neither' is not a number.*labels in order"):
+        metrics.score("rating", ["neither"], ["neither"], ["u"])
+
+
 # --- ROUGE -------------------------------------------------------------------------------------------------
 
 

@@ -94,6 +94,41 @@ def test_ratings_keep_the_given_label_order(tmp_path):
     assert task.labels == ("1", "2", "3", "4", "5") and task.ordinal and task.metrics[0] == "mae"
 
 
+LIKERT = ["very inaccurate", "moderately inaccurate", "neither", "moderately accurate", "very accurate"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_a_likert_scale_keeps_the_listed_order_and_says_how_it_is_scored(tmp_path, suffix):
+    table = rows()
+    for i, row in enumerate(table):
+        row["label"] = LIKERT[i % 5]
+    task_file, data = write(tmp_path, table, suffix, kind="rating", labels=LIKERT)
+    task = load_task(task_file, data_dir=data)
+    assert task.labels == tuple(LIKERT) and task.ordinal and task.metrics[0] == "mae"
+    assert "rating labels scored as their position 1-5 in the task file's order" in task.source
+
+
+def test_numeric_ratings_without_labels_are_ordered_by_number(tmp_path):
+    table = rows()
+    for i, row in enumerate(table):
+        row["label"] = str([1, 2, 10][i % 3])  # as text, "10" would sort before "2"
+    task_file, data = write(tmp_path, table, ".jsonl", kind="rating")
+    task = load_task(task_file, data_dir=data)
+    assert task.labels == ("1", "2", "10") and "scored as the numbers they are" in task.source
+
+
+def test_a_rating_order_that_cannot_be_trusted_is_refused_before_anything_runs(tmp_path):
+    table = rows()
+    for i, row in enumerate(table):
+        row["label"] = LIKERT[i % 5]
+    task_file, data = write(tmp_path, table, kind="rating")  # text labels, no order given
+    with pytest.raises(DataError, match=r'"moderately accurate", .*list them in the task file in their'):
+        load_task(task_file, data_dir=data)
+    task_file, data = write(tmp_path, rows(), kind="rating", labels=["1", "3", "2"])
+    with pytest.raises(DataError, match=r"numbers out of order: list them as \['1', '2', '3'\]"):
+        load_task(task_file, data_dir=data)
+
+
 def test_multilabel_targets_are_split(tmp_path):
     table = rows()
     for i, row in enumerate(table):
@@ -123,7 +158,8 @@ def broken(table: list[dict], row: int, column: str, value) -> list[dict]:
         (rows(), {"columns": {**COLUMNS, "input": "body"}}, "field 'body': no such column"),
         (rows(), {"columns": {**COLUMNS, "time": "when"}}, "field 'when': no such column"),
         (rows(), {"kind": "opinion"}, "field 'kind': must be one of"),
-        (rows(), {"kind": "rating"}, "field 'labels': a rating task needs its labels"),
+        (rows(), {"kind": "rating"}, "field 'labels': a rating task's labels are scored by their order"),
+        (rows(), {"labels": ["no", "yes", "no"]}, "field 'labels': 'no' is listed twice"),
         (rows(), {"instruction": ""}, "field 'instruction'"),
         (rows(), {"columns": {"person": "annotator"}}, "unknown roles ['person']"),
         (rows(users=2, items=5), {}, "no user has the 10 rows"),
@@ -177,6 +213,20 @@ def test_a_peftu_format_file_loads_under_a_task_file(tmp_path):
     assert [e.target for u in task.users for e in u.test] == [
         e.target for u in reference.users for e in u.test
     ]
+
+
+def test_a_peftu_format_file_rated_in_words_needs_its_order_too(tmp_path):
+    folder = Path(__file__).parent / "fixtures" / "peftu" / "hatexplain"
+    task_file = tmp_path / "mine.json"
+    task_file.write_text(json.dumps({"name": "severity", "kind": "rating", "instruction": "How bad?"}))
+    with pytest.raises(DataError, match=r'user_data_leaked\.json.*"hatespeech", "normal", "offensive"'):
+        load_task(str(task_file), data_dir=folder)  # alphabetical is no scale
+    order = ["normal", "offensive", "hatespeech"]
+    task_file.write_text(
+        json.dumps({"name": "severity", "kind": "rating", "instruction": "How bad?", "labels": order})
+    )
+    task = load_task(str(task_file), data_dir=folder)
+    assert task.labels == tuple(order) and "position 1-3 in the task file's order" in task.source
 
 
 def test_a_table_with_item_ids_can_hold_items_out(tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tailorlm import metrics
 from tailorlm.data import load_task
 from tailorlm.data.schema import Example, Task, User
 from tailorlm.data.specs import TaskSpec
@@ -140,6 +141,47 @@ def test_damped_biases_and_matrix_factorisation_follow_user_and_item_effects():
         assert answers == _answers(baseline, task)  # seeded: the same answers every time
     asked = [user.id for user, _, _ in baselines.damped_biases(task, [hi, lo])]
     assert asked == ["hi", "lo"]  # fitted on everyone's training answers, answering only those asked
+
+
+LIKERT = ("very inaccurate", "moderately inaccurate", "neither", "moderately accurate", "very accurate")
+
+
+def _relabelled(task: Task, names: dict[str, str]) -> Task:
+    """``task`` with every label renamed (in the same order): a 1-5 scale written as words."""
+
+    def example(e: Example) -> Example:
+        return Example(e.id, e.text, names[e.target], (names[e.target],), item_key=e.item_key)
+
+    labels = tuple(names[label] for label in task.labels)
+    users = [User(u.id, [example(e) for e in u.train], test=[example(e) for e in u.test]) for u in task.users]
+    spec = TaskSpec("likert", "table", "likert", "rating", labels, ("mae", "rmse"), "")
+    return Task("likert", "rating", labels, ("mae", "rmse"), users, spec)
+
+
+@pytest.mark.parametrize("primary", ["mae", "rmse"])
+def test_a_scale_written_in_words_gets_the_answers_and_errors_of_its_numbers(toy, primary):
+    names = dict(zip(LABELS, LIKERT, strict=True))
+    toy.metrics = (primary,)
+    words = _relabelled(toy, names)
+    words.metrics = (primary,)
+    applicable = baselines.applicable(words)
+    assert set(applicable) == set(baselines.applicable(toy))
+    for name, baseline in applicable.items():
+        numbers = _answers(baseline, toy)
+        assert _answers(baseline, words) == {
+            u: [names[a] for a in answers] for u, answers in numbers.items()
+        }, name
+        golds = [e.target for u in toy.users for e in u.test]
+        predicted = [a for u in toy.users for a in numbers[u.id]]
+        owners = [u.id for u in toy.users for _ in u.test]
+        scored = metrics.score(["mae", "rmse"], golds, predicted, owners, LABELS)
+        in_words = metrics.score(
+            ["mae", "rmse"], [names[g] for g in golds], [names[p] for p in predicted], owners, LIKERT
+        )
+        assert (
+            in_words["pooled"] == pytest.approx(scored["pooled"])
+            and in_words["per_user"] == scored["per_user"]
+        )
 
 
 def test_baselines_that_apply_to_each_kind_of_task(toy):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -58,3 +59,35 @@ def test_tune_command_prints_json():
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["method"] == "peft-ia3" and len(data["candidates"]) == 1
+
+
+def test_tune_reads_your_own_table_and_scores_words_by_their_place_on_the_scale(tmp_path):
+    likert = ["very inaccurate", "moderately inaccurate", "neither", "moderately accurate", "very accurate"]
+    rows = [
+        {"who": f"p{u}", "text": f"statement {i}", "answer": likert[(u + i) % 5], "item": f"s{i}"}
+        for u in range(12)
+        for i in range(10)
+    ]
+    data = tmp_path / "answers.csv"
+    pd.DataFrame(rows).to_csv(data, index=False)
+    task = tmp_path / "likert.json"
+    columns = {"user": "who", "input": "text", "target": "answer", "item": "item"}
+    task.write_text(
+        json.dumps(
+            {
+                "name": "likert",
+                "kind": "rating",
+                "instruction": "How accurate?",
+                "labels": likert,
+                "columns": columns,
+            }
+        )
+    )
+    args = ["tune", "peft-lora", "--task", str(task), "--data", str(data), "--lrs", "1e-3", "--users", "2"]
+    result = CliRunner().invoke(
+        app, [*args, "--epochs", "1", "--test-users", "4", "--model", "tiny", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    tuned = json.loads(result.stdout)
+    assert tuned["task"] == "table:likert" and tuned["metric"] == "mae"
+    assert 0 <= tuned["candidates"][0]["val_metric"] <= 4  # steps on a 1-5 scale

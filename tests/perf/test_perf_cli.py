@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
+import time
 
 import pytest
-import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -38,15 +39,24 @@ def test_sections_are_parsed_in_benchmark_order():
 
 def test_a_section_carries_its_machine_readings(small, monkeypatch):
     size = 64 * 2**20
+    page = mmap.PAGESIZE
 
     def allocate(bench: Bench) -> Section:
-        block = torch.ones(size // 4)  # 64 MB, resident, freed when the section returns
-        return Section("allocate", f"{block.numel()} numbers")
+        # Fresh pages from the kernel, each written to: resident only from here on, whatever ran before.
+        # (A tensor could reuse heap pages an earlier test left resident, and then RSS need not grow.)
+        with mmap.mmap(-1, size) as block:
+            for offset in range(0, size, page):
+                block[offset] = 1
+            time.sleep(0.05)  # held for several of the fallback sampler's 10 ms ticks
+            return Section("allocate", f"{size // page} pages")
 
     monkeypatch.setitem(runner.RUNNERS, "allocate", allocate)
     section = runner.run_section(Bench(small), "allocate", threads=1)
     facts = section.facts
     assert {"load_average_1min", "cpu_busy", "section_seconds", "rss_mb_peak", "rss_method"} <= set(facts)
+    assert facts["section_seconds"] >= 0.05 and facts["cpu_busy"] >= 0
+    assert len(facts["load_average_1min"]) == 2 and min(facts["load_average_1min"]) >= 0
+    assert 0 < facts["rss_mb_start"] <= facts["rss_mb_peak"] and facts["rss_mb_end"] <= facts["rss_mb_peak"]
     assert facts["rss_mb_peak_increase"] >= 0.8 * size / 2**20
 
 

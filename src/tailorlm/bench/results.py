@@ -1,9 +1,12 @@
 """A benchmark run folder turned into statistics: per-method metrics, intervals over users and paired tests.
 
 The runner writes ``run.json`` and one ``predictions/<method>.jsonl`` per method (one line per finished
-user; a resumed run may repeat a user, and the last line wins). ``summarize`` reads them and ``write_results``
-stores the outcome as ``results.json`` next to them. Users, not examples, are the unit of every interval and
-test, because a personalization result has to hold for users the benchmark did not see.
+user; a resumed run may repeat a user, and the last line wins), and ``failures.json`` for the methods that
+failed while running. ``summarize`` reads them and ``write_results`` stores the outcome as ``results.json``
+next to them. A method whose predictions cannot be read or scored, or that failed while running, is
+reported as failed with its one-line reason; every other method is still scored. Users, not examples, are
+the unit of every interval and test, because a personalization result has to hold for users the benchmark
+did not see.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from tailorlm.files import atomic_write_text, json_text
 RUN_FILE = "run.json"
 PREDICTIONS_DIR = "predictions"
 RESULTS_FILE = "results.json"
+FAILURES_FILE = "failures.json"
 SCHEMA_VERSION = 1
 
 SEED = 0
@@ -149,11 +153,28 @@ def read_predictions(path: str | Path) -> dict[str, dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
+                if not line.endswith("\n"):
+                    break  # only the last line can lack its newline: cut short by a kill, a user not done
                 raise ReportError(f"{where}: not valid JSON ({error.msg})") from None
             checked = _check_line(record, where)
             by_user.pop(checked["user"], None)  # re-insert so the order follows the last write
             by_user[checked["user"]] = checked
     return by_user
+
+
+def read_failures(run_dir: str | Path) -> dict[str, str]:
+    """The one-line reason of each method that failed while running (``failures.json``, written by the
+    runner's ``RunFolder``), by method key."""
+    path = Path(run_dir) / FAILURES_FILE
+    if not path.is_file():
+        return {}
+    failures = _read_json(path)
+    if not isinstance(failures, dict):
+        raise ReportError(f"{path}: expected a JSON object of methods")
+    return {
+        str(name): str(entry.get("reason", "")) if isinstance(entry, dict) else str(entry)
+        for name, entry in failures.items()
+    }
 
 
 # --- per-method statistics ---------------------------------------------------------------------------------
@@ -206,14 +227,21 @@ def _metric_summary(scored: Mapping[str, Any], name: str) -> dict[str, float]:
 
 
 def _method_summary(
-    name: str, entry: Mapping[str, Any], run: Mapping[str, Any], run_dir: Path
+    name: str, entry: Mapping[str, Any], run: Mapping[str, Any], run_dir: Path, failed: str | None = None
 ) -> dict[str, Any]:
+    """One method's figures; ``failed`` is why it stopped while running. Predictions that cannot be read or
+    scored fail this method alone: the others are still scored and reported."""
     file = run_dir / PREDICTIONS_DIR / f"{name}.jsonl"
-    lines = read_predictions(file) if file.is_file() else {}
+    try:
+        lines = read_predictions(file) if file.is_file() else {}
+        scored = _score(run["task"], lines, file)
+    except ReportError as error:
+        lines, scored = {}, None
+        failed = f"{failed}; and {error}" if failed else str(error)
     expected = list(run["users"])
     done = [u for u in expected if u in lines]
-    scored = _score(run["task"], lines, file)
     return {
+        "failed": failed,
         "family": str(entry.get("family", "unknown")),
         "decoding": str(entry.get("decoding", "unknown")),
         "description": str(entry.get("description", "")),
@@ -325,7 +353,9 @@ def _warnings(run: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]], 
     if stray:
         notes.append(f"predictions for methods not listed in {RUN_FILE} were left out: {', '.join(stray)}")
     for name, method in methods.items():
-        if method["predictions_file"] is None:
+        if method["failed"]:
+            notes.append(f"{name}: failed: {method['failed']}")
+        elif method["predictions_file"] is None:
             notes.append(f"{name}: no predictions file yet")
         elif not method["complete"]:
             notes.append(f"{name}: partial, {method['users_done']} of {method['users_expected']} users done")
@@ -343,7 +373,11 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     task = run["task"]
     primary = task["metrics"][0]
     lower = primary in metrics.LOWER_IS_BETTER
-    methods = {name: _method_summary(name, entry, run, run_dir) for name, entry in run["methods"].items()}
+    failures = read_failures(run_dir)
+    methods = {
+        name: _method_summary(name, entry, run, run_dir, failures.get(name))
+        for name, entry in run["methods"].items()
+    }
     order = ranking(methods, primary, lower)
     references = {key: _best_of(family, methods, order) for key, family in REFERENCES.items()}
     for name, method in methods.items():

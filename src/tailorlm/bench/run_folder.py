@@ -6,7 +6,9 @@
   run resumes with the users that have no line yet;
 - ``modules/``: the module stores of the methods that train (``MethodDeps.modules``);
 - ``profiles.json``: the PAG profiles written so far;
-- ``lamp/<method>.json``: predictions in LaMP's outputs format (written by the runner for LaMP tasks).
+- ``lamp/<method>.json``: predictions in LaMP's outputs format (written by the runner for LaMP tasks);
+- ``failures.json``: the methods that failed while running, each with its one-line reason and traceback
+  (cleared when a resumed run finishes the method).
 
 ``results.json`` and the report, read from these, belong to ``bench.results`` and ``bench.report``.
 """
@@ -14,13 +16,15 @@
 from __future__ import annotations
 
 import json
+import traceback
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 from tailorlm.bench.config import BenchConfig
-from tailorlm.bench.results import PREDICTIONS_DIR, RUN_FILE
+from tailorlm.bench.results import FAILURES_FILE, PREDICTIONS_DIR, RUN_FILE
 from tailorlm.data.schema import Task, User
+from tailorlm.files import atomic_write_text, json_text
 
 
 class RunFolderError(ValueError):
@@ -139,11 +143,59 @@ class RunFolder:
         }
         path = self.predictions(method_key)
         path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_cut_line(path)
         with path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def answers(self, method_key: str) -> dict[str, str]:
-        """Every stored answer of ``method_key`` by example id."""
+        """Every stored answer of ``method_key`` by example id (none for a method that failed before its
+        first user)."""
         path = self.predictions(method_key)
+        if not path.is_file():
+            return {}
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         return {e["id"]: e["prediction"] for line in lines for e in line["examples"]}
+
+    # ---- failures ----------------------------------------------------------------------------------
+
+    def record_failure(self, method_key: str, error: BaseException) -> str:
+        """Keep why ``method_key`` failed (one line for the report, the traceback for whoever debugs it);
+        returns the line."""
+        reason = one_line(error)
+        failures = self._failures()
+        failures[method_key] = {
+            "reason": reason,
+            "traceback": "".join(traceback.format_exception(error)),
+        }
+        atomic_write_text(self.root / FAILURES_FILE, json_text(failures) + "\n")
+        return reason
+
+    def clear_failure(self, method_key: str) -> None:
+        """``method_key`` finished (a resumed run): its earlier failure no longer describes it."""
+        failures = self._failures()
+        if failures.pop(method_key, None) is not None:
+            atomic_write_text(self.root / FAILURES_FILE, json_text(failures) + "\n")
+
+    def _failures(self) -> dict:
+        path = self.root / FAILURES_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception as one line: its type and the first line of its message, cut at ``limit``."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _drop_cut_line(path: Path) -> None:
+    """Cut off a last line a kill left unfinished, so the next line starts on its own (appended after
+    it, both would be lost as one line of broken JSON)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("r+b") as handle:
+        handle.seek(-1, 2)
+        if handle.read(1) == b"\n":
+            return  # the usual case: one byte read
+        handle.seek(0)
+        handle.truncate(handle.read().rfind(b"\n") + 1)

@@ -1,5 +1,7 @@
 """The benchmark runner: every chosen method on the same test users, one task, results kept per user and
-method the moment they exist, so an interrupted run resumes where it stopped.
+method the moment they exist, so an interrupted run resumes where it stopped. Each method is scored as it
+finishes (``results.json`` rewritten), and a method that fails, while running or at scoring, is reported
+as failed with its reason while every other method runs and is reported.
 
 The runner owns what makes it a benchmark run: the config, the split of users into test users and the
 task adapter's users (``bench.config``), and the run folder (``bench.run_folder``). The methods get only
@@ -98,7 +100,7 @@ def run(
         f"task adapter; {len(plan)} methods -> {folder.root}"
     )
     for key, method, decoding in plan:
-        _run_method(deps, folder, test_users, key, method, decoding)
+        _run_and_score(deps, folder, test_users, key, method, decoding)
     if task.spec.family == "lamp":
         _write_lamp_outputs(task, folder, [key for key, _, _ in plan], reporter)
     results = write_results(folder.root)
@@ -156,6 +158,29 @@ def _write_lamp_outputs(task: Task, folder: RunFolder, keys: list[str], reporter
             )
             continue
         lamp.write_predictions(task, predictions, folder.lamp / f"{key}.json")
+
+
+def _run_and_score(
+    deps: MethodDeps, folder: RunFolder, test_users: list[User], key: str, method: Method, decoding: str
+) -> None:
+    """Run one method and score it at once, so a problem with its answers shows now, not after every
+    other method has run; a failure of either kind is recorded and the run goes on."""
+    try:
+        _run_method(deps, folder, test_users, key, method, decoding)
+    except Exception as error:  # one method's failure must not cost every other method its results
+        deps.reporter.log(f"{key}: failed: {folder.record_failure(key, error)}")
+        gc.collect()
+        ran = False
+    else:
+        folder.clear_failure(key)
+        ran = True
+    # Rewritten after every method: a run killed later keeps the figures of what it finished.
+    summary = write_results(folder.root)["methods"][key]
+    if ran and summary["failed"] is not None:
+        deps.reporter.log(f"{key}: failed at scoring: {summary['failed']}")
+    elif ran and summary["has_results"]:
+        primary = deps.task.metrics[0]
+        deps.reporter.log(f"{key}: {primary} {summary['metrics'][primary]['user_mean']:.3f} (per-user mean)")
 
 
 def _run_method(

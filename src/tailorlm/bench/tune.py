@@ -52,13 +52,16 @@ def tune(
     select_by: str = "metric",
     reporter: Reporter | None = None,
     runner: TrainRunner | None = None,
+    data_dir: str | Path | None = None,
+    split: str | None = None,
 ) -> dict:
     """Per learning rate: the users' mean best validation loss and mean validation metric. ``runner``
-    decides where the users train (default: this process)."""
+    decides where the users train (default: this process); ``data_dir`` and ``split`` are ``load_task``'s
+    (PEFT-U and LaMP files, your own table under a task file)."""
     if select_by not in SELECT_BY:
         raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}, not {select_by!r}")
     config = config or BenchConfig()
-    task = load_task(task_name, seed=config.seed)
+    task = load_task(task_name, data_dir=data_dir, split=split, seed=config.seed)
     chosen = methods_for(task).get(method)
     if chosen is None or not isinstance(chosen.setup, PersonalSetup):
         personal = [m.name for m in methods_for(task).values() if isinstance(m.setup, PersonalSetup)]

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from tailorlm import models
 from tailorlm.bench.config import QUICK, QUICK_BUDGET_MINUTES
@@ -95,6 +96,7 @@ def bench_command(
 ) -> None:
     """Benchmark personalization methods on one task; resumes an interrupted run in the same --out."""
     from tailorlm.bench import runner
+    from tailorlm.bench.report.tables import failed_methods
     from tailorlm.bench.results import ReportError
     from tailorlm.bench.run_folder import RunFolderError
     from tailorlm.cli.report_table import console_table
@@ -141,6 +143,12 @@ def bench_command(
         console.out.print(f"report: {out / 'report.html'}", highlight=False)
 
     console.emit(results, as_json, render)
+    failed = failed_methods(results)
+    for name, reason in failed.items():
+        console.err.print(f"[bold red]failed:[/] {escape(name)}: {escape(reason)}", highlight=False)
+    if failed:
+        # The report holds every other method; the exit code tells a script that this run is not whole.
+        raise typer.Exit(1)
 
 
 @app.command("methods")
@@ -175,7 +183,11 @@ def methods_command(
 @app.command("tune")
 def tune_command(
     method: str = typer.Argument(..., help="A per-user method, e.g. peft-lora, peft-ia3, oppu."),
-    task: str = typer.Option("verbagg", "--task", "-t", help="Task name."),
+    task: str = typer.Option("verbagg", "--task", "-t", help="Task name, or a task file with --data."),
+    data: Path | None = typer.Option(
+        None, "--data", help="PEFT-U or LaMP files, or your own table (as in bench)."
+    ),
+    split: str | None = typer.Option(None, "--split", help="As in bench: a LaMP split, or 'items'."),
     learning_rates: str = typer.Option("1e-4,3e-4,1e-3,3e-3", "--lrs", help="Comma-separated candidates."),
     users: int = typer.Option(
         8, "--users", min=1, help="Users to tune on (never test users nor the task adapter's)."
@@ -234,6 +246,8 @@ def tune_command(
             select_by=select_by,
             reporter=console.ConsoleReporter(visible=not as_json),
             runner=training,
+            data_dir=data,
+            split=split,
         )
 
     def render(data: dict) -> None:

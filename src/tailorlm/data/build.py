@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tailorlm import metrics
 from tailorlm.data import render, splits
 from tailorlm.data.errors import DataError
 from tailorlm.data.schema import Example, HistoryItem, Task, User
@@ -195,3 +196,25 @@ def task(
         source=source,
         chronological=chronological,
     )
+
+
+def rating_labels(found: Iterable[str], file: Path | str) -> tuple[str, ...]:
+    """The scale of a rating task whose task file lists no labels, from the labels ``found`` in ``file``:
+    numbers, in numeric order. Words have no order to read, so they are an error naming the fix."""
+    found = sorted(set(found))
+    if metrics.rating_values(found) is None:
+        return tuple(sorted(found, key=float))
+    example = ", ".join(json.dumps(label) for label in found[:5]) + (", ..." if len(found) > 5 else "")
+    raise DataError(
+        f"a rating task's labels are scored by their order, and these are not all numbers ({example}): "
+        'list them in the task file in their order, as "labels": [...]',
+        file=file,
+        field="labels",
+    )
+
+
+def rating_note(labels: Sequence[str]) -> str:
+    """How a rating scale is read, for the task's source line (data show, run.json, the report)."""
+    if metrics.rating_values(labels) is None:
+        return "ratings scored as the numbers they are"
+    return f"rating labels scored as their position 1-{len(labels)} in the task file's order"

@@ -95,9 +95,11 @@ def _check_labels(spec: TaskSpec, uid: str, parts: dict[str, list[build.Record]]
                 build.check_labels(record.targets, spec.labels, path, where, "label")
 
 
-def _task_labels(spec: TaskSpec, users: list[User]) -> tuple[str, ...]:
+def _task_labels(spec: TaskSpec, users: list[User], path: Path) -> tuple[str, ...]:
     found = {label for user in users for example in user.examples() for label in example.targets}
     known = spec.labels or ()
+    if spec.kind == "rating" and not known:  # a task file of kind rating: the scale needs its order
+        return build.rating_labels(found, path)
     return tuple(known) if found <= set(known) else tuple(sorted(found))
 
 
@@ -113,4 +115,6 @@ def load(spec: TaskSpec, data_dir: Path, variant: str | None = None) -> Task:
         parts = _user_parts(str(uid), raw[uid], path)
         _check_labels(spec, str(uid), parts, path)
         users.append(build.subjective_user(spec, str(uid), (parts["train"], parts["val"], parts["test"])))
-    return build.task(spec, users, str(path), chronological=False, labels=_task_labels(spec, users))
+    labels = _task_labels(spec, users, path)
+    source = f"{path}; {build.rating_note(labels)}" if spec.kind == "rating" else str(path)
+    return build.task(spec, users, source, chronological=False, labels=labels)

@@ -10,6 +10,8 @@ The task file::
      "label_separator": ";"}                        # multilabel only
 
 ``kind`` is one of classification, rating (ordered labels, e.g. a 1-5 scale), multilabel or generation.
+A rating's labels are its scale in order: numbers order themselves (``labels`` may then be left out), text
+labels (a Likert scale) must be listed in their order and are scored as their position 1..K.
 Without a split column each user's rows are split per user: chronologically when there is a time column,
 otherwise stratified by label with the run's seed (PEFT-U's policy); ``Task.source`` says which. Every
 problem is an error naming the file, the row and the column; nothing half-read is returned.
@@ -24,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tailorlm import metrics
 from tailorlm.data import build, specs
 from tailorlm.data.errors import DataError
 from tailorlm.data.schema import KINDS, Task, User
@@ -54,10 +57,11 @@ def read_task_file(path: Path) -> specs.TaskSpec:
         not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels)
     ):
         raise DataError("must be a list of non-empty strings", path, field="labels")
-    if kind == "rating" and labels is None:
-        raise DataError(
-            'a rating task needs its labels, in order (e.g. ["1", ..., "5"])', path, field="labels"
-        )
+    if labels is not None and len(set(labels)) != len(labels):
+        twice = next(label for label in labels if labels.count(label) > 1)
+        raise DataError(f"{twice!r} is listed twice", path, field="labels")
+    if kind == "rating" and labels is not None:
+        _check_rating_order(labels, path)
     if kind == "generation" and labels is not None:
         raise DataError("a generation task has no labels", path, field="labels")
     columns = raw.get("columns", {})
@@ -112,13 +116,38 @@ def load(spec: specs.TaskSpec, path: Path, seed: int = 0) -> Task:
     if not per_user:
         raise DataError("has no rows", path)
     if labels is None and spec.kind != "generation":
-        labels = tuple(sorted({t for records in per_user.values() for r in records for t in r.targets}))
+        found = {t for records in per_user.values() for r in records for t in r.targets}
+        labels = build.rating_labels(found, path) if spec.kind == "rating" else tuple(sorted(found))
     users = _users(spec, per_user, splits_of, columns, seed)
     if not users:
         raise DataError(f"no user has the {build.splits.MIN_ITEMS} rows a per-user split needs", path)
-    return build.task(
-        spec, users, _source(path, columns, seed), chronological=bool(columns["time"]), labels=labels
-    )
+    source = _source(path, columns, seed)
+    if spec.kind == "rating":
+        source += f"; {build.rating_note(labels)}"
+    return build.task(spec, users, source, chronological=bool(columns["time"]), labels=labels)
+
+
+# ---- the order of a rating task's labels -----------------------------------------------------------------
+# A rating's labels are scored by their place on the scale (metrics.rating_scale: numbers as themselves, text
+# as its position in the order listed), and baselines and median decoding read that order too. Numbers
+# order themselves; text labels ("very inaccurate" ... "very accurate") must be listed in the task file,
+# since no order can be read from words (build.rating_labels). An unclear order is an error when the files
+# load, before any training.
+
+
+def _check_rating_order(labels: Sequence[str], path: Path) -> None:
+    """Numeric labels listed out of numeric order would be scored by their numbers but ranked by their
+    place in the list: refused."""
+    if metrics.rating_values(labels) is not None:
+        return
+    numbers = [float(label) for label in labels]
+    if numbers not in (sorted(numbers), sorted(numbers, reverse=True)):
+        raise DataError(
+            f"the labels of a rating task are its scale in order; {list(labels)} are numbers out of order: "
+            f"list them as {sorted(labels, key=float)}",
+            path,
+            field="labels",
+        )
 
 
 # ---- reading -------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from bench_helpers import no_reference_run
+import json
+
+from bench_helpers import CLASSIFICATION, METHODS, line, no_reference_run, write_run
 
 from tailorlm.bench import report
 from tailorlm.bench.report.plots import PLOTS
@@ -26,3 +28,20 @@ def test_report_without_references_still_has_every_plot(tmp_path):
     paths = report.write_report(no_reference_run(tmp_path))
     assert paths["results"].is_file()
     assert paths["html"].read_text().count('<img src="data:image/png;base64,') == 3
+
+
+def test_a_failed_method_is_named_with_its_reason_and_the_rest_is_reported(tmp_path):
+    users = {"u1": {"history": 1}, "u2": {"history": 2}}
+    lines: dict[str, list[dict | str]] = {
+        "user-majority": [line("u1", ["yes"], ["yes"]), line("u2", ["no"], ["yes"])],
+        "peft-lora": [line("u1", ["yes"], ["yes"]), "{cut"],
+    }
+    methods = {"user-majority": METHODS["user-majority"], "peft-lora": METHODS["peft-lora"]}
+    root = write_run(tmp_path, CLASSIFICATION, methods, users, lines)
+    (root / "failures.json").write_text(json.dumps({"few-shot": {"reason": "never listed"}}))
+    paths = report.write_report(root)
+    markdown = paths["markdown"].read_text()
+    assert "peft-lora (failed)" in markdown and "peft-lora.jsonl, line 2: not valid JSON" in markdown
+    assert "Failed: peft-lora" in markdown and "user-majority" in markdown
+    assert "never listed" not in markdown  # only the run's methods are reported
+    assert "peft-lora (failed)" in paths["html"].read_text()

@@ -14,6 +14,7 @@ from tailorlm.bench.report.tables import (
     REFERENCE_TITLES,
     Results,
     delta_p,
+    failed_methods,
     num,
     scored_methods,
     sense,
@@ -34,6 +35,9 @@ def reading(results: Results) -> str:
     """A short account of what the numbers show: the leader, the significant comparisons, the caveats."""
     scored = scored_methods(results)
     if not scored:
+        failed = failed_methods(results)
+        if failed:
+            return f"No method has results: {_series(list(failed))} failed (the notes give the reasons)."
         return "No method has results yet (no user finished), so there is nothing to read."
     sentences = [_leader_sentence(results, scored)]
     sentences += [_reference_sentence(results, scored, key) for key in REFERENCE_TITLES]
@@ -87,10 +91,16 @@ def _reference_sentence(results: Results, scored: list[str], key: str) -> str:
 def _caveats(results: Results, scored: list[str]) -> list[str]:
     methods = results["methods"]
     notes = []
+    failed = failed_methods(results)
+    if failed:
+        notes.append(
+            f"Failed: {_series(list(failed))}; a failed method is scored on the users it finished, if any, "
+            "and the notes give each one's reason."
+        )
     partial = [
         f"{n} ({users_cell(methods[n]).removesuffix(' (partial)')})"
         for n in methods
-        if not methods[n]["complete"]
+        if not methods[n]["complete"] and n not in failed
     ]
     if partial:
         notes.append(

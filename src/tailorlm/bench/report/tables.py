@@ -42,15 +42,30 @@ def scored_methods(results: Results) -> list[str]:
     return [name for name in results["ranking"] if results["methods"][name]["has_results"]]
 
 
+def _state(method: Mapping[str, Any]) -> str | None:
+    """What a method's name is marked with: failed (its reason is in the notes), partial (not every user
+    done), or nothing (None) when it is complete."""
+    if method.get("failed"):
+        return "failed"
+    return None if method["complete"] else "partial"
+
+
 def method_label(results: Results, name: str) -> str:
-    """A method's name, marked " (partial)" when it did not finish every user."""
-    return name if results["methods"][name]["complete"] else f"{name} (partial)"
+    """A method's name, marked " (failed)" or " (partial)" when it did not finish every user."""
+    state = _state(results["methods"][name])
+    return name if state is None else f"{name} ({state})"
 
 
 def users_cell(method: Mapping[str, Any]) -> str:
-    """Users done out of expected, e.g. "20/30 (partial)"."""
+    """Users done out of expected, e.g. "20/30 (partial)" or "0/30 (failed)"."""
     done = f"{method['users_done']}/{method['users_expected']}"
-    return done if method["complete"] else f"{done} (partial)"
+    state = _state(method)
+    return done if state is None else f"{done} ({state})"
+
+
+def failed_methods(results: Results) -> dict[str, str]:
+    """Each failed method's one-line reason, in the run's order."""
+    return {name: m["failed"] for name, m in results["methods"].items() if m.get("failed")}
 
 
 def _ci_cell(summary: Mapping[str, float]) -> str:
