@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tailorlm.cli import app
-from tailorlm.serve.run import free_port
+from tailorlm.serve.run import free_port, wait_healthy
 
 
 def test_demo_examples_work_as_printed(tmp_path):
@@ -28,7 +28,9 @@ def test_demo_examples_work_as_printed(tmp_path):
         while not any(line.startswith(".venv/bin/python") for line in lines):
             assert time.monotonic() < deadline and server.poll() is None, server.stderr.read()[-2000:]
             lines.append(server.stdout.readline().rstrip("\n"))
-        time.sleep(1.0)  # the examples are printed just before the server binds
+        # The examples are printed just before the server binds: wait until it answers (a loaded machine
+        # can take seconds to get there).
+        wait_healthy(f"http://127.0.0.1:{port}", alive=lambda: server.poll() is None, timeout=120)
         curls = [line for line in lines if line.startswith("curl ")]
         assert len(curls) == 2
         chat = json.loads(
