@@ -340,3 +340,27 @@ def test_the_command_line_names_renamed_users(service, tmp_path, make_base):
         "lorax-launcher --model-id" in result.stdout
         and "curl http://127.0.0.1:8000/generate" in result.stdout
     )
+
+
+@pytest.mark.real_model
+def test_the_real_base_exported_with_a_task_adapter_gives_the_engines_logits(tmp_path, real_base):
+    """The default base (the GGUF file's weights, dequantized) with an OPPU task adapter merged: the
+    exported folder is that base, and stock PEFT over it matches the engine."""
+    spec = LoraSpec(rank=8, targets=("q_proj", "v_proj"))
+    task_adapter = module_folder.StoredModule(spec, random_module(models.load_base(), spec, 7))
+    module_folder.write_module(task_adapter, tmp_path / "task", model=real_base.model, base_name=None)
+    service = UserService(tmp_path / "store")
+    service.configure(task_adapter=tmp_path / "task")
+    base = models.load_base()
+    service.store.put("ann", spec, random_module(base, spec, 1), model=base.model, base_name=None)
+    del base
+    shapes = base_shapes(real_base.model.config)
+    for name, linear in real_base.model.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        if isinstance(linear, torch.nn.Linear) and short in shapes:
+            assert shapes[short] == (linear.out_features, linear.in_features), name
+    exported = export_users(service, ["ann"], tmp_path / "out")
+    difference = engine_and_peft_logits(service, "ann", exported.users[0].folder)
+    print(f"max |logit difference|, engine against stock PEFT over the exported base: {difference:.2e}")
+    assert difference <= TOLERANCE
+    service.close()
