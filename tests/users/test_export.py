@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shlex
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -102,14 +103,14 @@ def test_stock_peft_loads_the_exported_base_and_adapters_with_the_engines_logits
     assert [e.user_id for e in exported.users] == ["ann", "bob"] and exported.max_lora_rank == 8
     shapes = base_shapes(service.load_base()().model.config)
     for item in exported.users:
-        check_folder(item.folder, exported.base, shapes)
-        assert engine_and_peft_logits(service, item.user_id, item.folder) <= TOLERANCE
-    command = commands(exported)["vllm"]
+        check_folder(item.path, exported.base, shapes)
+        assert engine_and_peft_logits(service, item.user_id, item.path) <= TOLERANCE
+    command = commands(exported)["serve"]
     assert shlex.split(command)[:3] == ["vllm", "serve", exported.base]
     assert "--max-lora-rank 8" in command
-    assert vllm_lora_modules(command) == {e.name: str(e.folder.resolve()) for e in exported.users}
+    assert vllm_lora_modules(command) == {e.name: str(e.path.resolve()) for e in exported.users}
     saved = json.loads((out / MANIFEST_FILE).read_text())
-    assert [(u["user"], u["served_name"], u["folder"]) for u in saved["users"]] == [
+    assert [(u["user"], u["served_name"], u["path"]) for u in saved["users"]] == [
         ("ann", "ann", "adapters/ann"),
         ("bob", "bob", "adapters/bob"),
     ]
@@ -131,7 +132,7 @@ def test_the_base_of_an_oppu_store_has_its_task_adapter_merged(tmp_path, make_ba
     assert torch.equal(saved[key], merged) and not torch.equal(
         saved[key], make_base().model.state_dict()[key]
     )
-    assert engine_and_peft_logits(service, "ann", exported.users[0].folder) <= TOLERANCE
+    assert engine_and_peft_logits(service, "ann", exported.users[0].path) <= TOLERANCE
     service.close()
 
 
@@ -147,10 +148,10 @@ def test_base_shapes_are_the_models_own(tiny):
 def test_ranks_below_a_vllm_choice_load_under_the_next_one(service, tmp_path, make_base):
     add_users(service, make_base, {"r4": LoraSpec(rank=4), "r12": LoraSpec(rank=12)})
     only_four = export_users(service, ["r4"], tmp_path / "four")
-    assert only_four.max_lora_rank == 8 and "--max-lora-rank 8 " in commands(only_four)["vllm"]
+    assert only_four.max_lora_rank == 8 and "--max-lora-rank 8 " in commands(only_four)["serve"]
     both = export_users(service, ["r4", "r12", "ann"], tmp_path / "both")
-    assert [e.rank for e in both.users] == [4, 12, 8] and "--max-lora-rank 16 " in commands(both)["vllm"]
-    assert engine_and_peft_logits(service, "r12", both.users[1].folder) <= TOLERANCE
+    assert [e.rank for e in both.users] == [4, 12, 8] and "--max-lora-rank 16 " in commands(both)["serve"]
+    assert engine_and_peft_logits(service, "r12", both.users[1].path) <= TOLERANCE
     assert [max_lora_rank(r) for r in (1, 2, 8, 9, 300, 321, 512)] == [1, 8, 8, 16, 320, 512, 512]
     with pytest.raises(UserError, match="above the largest"):
         max_lora_rank(VLLM_RANKS[-1] + 1)
@@ -199,15 +200,18 @@ def test_odd_user_ids_and_paths_give_commands_that_parse_as_printed(service, tmp
     assert names["ann"] == "ann" and len(set(names.values())) == len(ODD_IDS)
     for name in names.values():
         assert served_name(name) == name  # every served name is one vLLM, a shell and a URL take as is
-    modules = vllm_lora_modules(commands(exported)["vllm"])
-    assert modules == {e.name: str(e.folder.resolve()) for e in exported.users}
+    modules = vllm_lora_modules(commands(exported)["serve"])
+    assert modules == {e.name: str(e.path.resolve()) for e in exported.users}
     assert all((out / "adapters" / name).is_dir() for name in modules)
     saved = json.loads((out / MANIFEST_FILE).read_text())
     assert {u["user"]: u["served_name"] for u in saved["users"]} == names
-    argv = shlex.split(commands(exported)["lorax"])
+    request = shlex.split(commands(exported)["request"])
+    assert json.loads(request[-1])["model"] == "ann"
+    lorax = commands(replace(exported, format="lorax"))
+    argv = shlex.split(lorax["serve"])
     assert argv == ["lorax-launcher", "--model-id", exported.base, "--port", "8000"]
-    request = shlex.split(commands(exported)["lorax_request"])
-    assert json.loads(request[-1])["parameters"]["adapter_id"] == str(exported.users[0].folder.resolve())
+    request = shlex.split(lorax["request"])
+    assert json.loads(request[-1])["parameters"]["adapter_id"] == str(exported.users[0].path.resolve())
 
 
 def test_an_ia3_user_is_refused_with_a_hint_that_works(tmp_path, make_base):
@@ -287,19 +291,19 @@ REFUSALS = {
 def test_the_check_refuses(broken, service, tmp_path, tiny):
     exported = export_users(service, ["ann"], tmp_path / "out", served="my-org/tiny").users[0]
     shapes = base_shapes(tiny.model.config)
-    check_folder(exported.folder, "my-org/tiny", shapes)  # sound before it is broken
+    check_folder(exported.path, "my-org/tiny", shapes)  # sound before it is broken
     change, reason = REFUSALS[broken]
-    mutate(exported.folder, **change)
+    mutate(exported.path, **change)
     with pytest.raises(UserError) as error:
-        check_folder(exported.folder, "my-org/tiny", shapes)
+        check_folder(exported.path, "my-org/tiny", shapes)
     assert reason in str(error.value)
 
 
 def test_the_check_names_every_config_problem(service, tmp_path, tiny):
     exported = export_users(service, ["ann"], tmp_path / "out", served="x").users[0]
-    mutate(exported.folder, config=lambda c: {**c, "target_modules": ["lm_head"], "use_dora": True, "r": 0})
+    mutate(exported.path, config=lambda c: {**c, "target_modules": ["lm_head"], "use_dora": True, "r": 0})
     with pytest.raises(UserError) as error:
-        check_folder(exported.folder, "y", base_shapes(tiny.model.config))
+        check_folder(exported.path, "y", base_shapes(tiny.model.config))
     for part in ("rank 0", "lm_head", "DoRA", "not 'y'"):
         assert part in str(error.value)
 
@@ -360,7 +364,7 @@ def test_the_real_base_exported_with_a_task_adapter_gives_the_engines_logits(tmp
         if isinstance(linear, torch.nn.Linear) and short in shapes:
             assert shapes[short] == (linear.out_features, linear.in_features), name
     exported = export_users(service, ["ann"], tmp_path / "out")
-    difference = engine_and_peft_logits(service, "ann", exported.users[0].folder)
+    difference = engine_and_peft_logits(service, "ann", exported.users[0].path)
     print(f"max |logit difference|, engine against stock PEFT over the exported base: {difference:.2e}")
     assert difference <= TOLERANCE
     service.close()

@@ -20,7 +20,11 @@ from tailorlm.users.service import UserService
 @app.command("export")
 def export_command(
     users: list[str] = typer.Argument(..., help="The users whose current LoRA module to export."),
-    format: str = typer.Option("vllm", "--format", help=f"Server to export for: {', '.join(FORMATS)}."),
+    format: str = typer.Option(
+        "vllm",
+        "--format",
+        help=f"Server to export for: {', '.join(FORMATS)} (gguf: llama.cpp's llama-server --lora files).",
+    ),
     out: Path = typer.Option(
         ...,
         "--out",
@@ -31,24 +35,23 @@ def export_command(
     served: str | None = typer.Option(
         None,
         "--served-name",
-        help="Serve this base model (a hub id or a path) instead of writing base/: only for a copy of the "
-        "very weights the modules were trained over, task adapter merged.",
+        help="Serve this base model (a hub id or a path; for gguf, a GGUF file) instead of writing the base: "
+        "only for a copy of the very weights the modules were trained over (task adapter merged, except "
+        "for gguf, which applies it as an adapter).",
     ),
     store: str | None = STORE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Write users' LoRA modules as PEFT LoRA folders vLLM and LoRAX load, checked against their rules and
-    the base model, with that base beside them, and print the command that serves them. Other kinds are
-    refused with the reason; a refused export writes nothing."""
+    """Write users' LoRA modules as PEFT LoRA folders vLLM and LoRAX load (or GGUF adapters for llama.cpp),
+    checked against their rules and the base model, with that base beside them, and print the command
+    that serves them. Other kinds are refused with the reason; a refused export writes nothing."""
     with user_errors(*STORE_ERRORS, ModuleFileError, models.ModelNotFoundError):
-        if format not in FORMATS:
-            raise UserError(f"unknown format {format!r}; use one of {', '.join(FORMATS)}")
         service = UserService(store or settings.default_store(), device="cpu")
         if not service.store.users():
             raise UserError(f"no trained users in {service.location}")
-        exported = export_users(service, users, out, served)
-    payload = {"format": format, "out": str(out), **manifest(exported)}
-    payload["command"] = payload["commands"][format]
+        exported = export_users(service, users, out, served, format)
+    payload = {"out": str(out), **manifest(exported)}
+    payload["command"] = payload["commands"]["serve"]
 
     def render(p: dict) -> None:
         say = console.out.print
@@ -59,7 +62,7 @@ def export_command(
                     f"user {user['user']!r} is served as {user['served_name']}", highlight=False, markup=False
                 )
         say(p["command"], highlight=False, markup=False, soft_wrap=True)
-        if p["format"] == "lorax":
-            say(p["commands"]["lorax_request"], highlight=False, markup=False, soft_wrap=True)
+        say("then, for the first user:", highlight=False)
+        say(p["commands"]["request"], highlight=False, markup=False, soft_wrap=True)
 
     console.emit(payload, as_json, render)

@@ -1,5 +1,6 @@
 """Users' LoRA modules in the layout GPU servers load: vLLM (``--enable-lora --lora-modules``) and LoRAX
-(``adapter_source: local``), with the base model they were trained over.
+(``adapter_source: local``), or llama.cpp's ``llama-server --lora`` (GGUF), with the base model they were
+trained over.
 
 One export is one folder, written all at once (every user is checked first; a refused export writes
 nothing)::
@@ -14,9 +15,14 @@ The hub's SmolLM2-135M-Instruct is not that base (its weights were quantized to 
 command serves ``OUT/base``; ``base_model_name_or_path`` in each adapter names it (vLLM's resolver
 requires them equal, and stock PEFT's ``AutoPeftModelForCausalLM`` loads the base from it).
 
-Every folder is checked against the rules vLLM and LoRAX apply and against the base model's config
-(``adapter_problems``). Other kinds are refused: neither server loads IA3, bottleneck adapters or prompt
-tuning.
+For llama.cpp the base is the GGUF file the store's base came from (``OUT/base.gguf``, the very
+weights tailorlm dequantized), the adapters are ``OUT/adapters/<name>.gguf`` as llama.cpp's
+convert_lora_to_gguf.py writes them, and a store's LoRA task adapter is ``OUT/task-adapter.gguf``,
+applied with each user's (llama.cpp cannot merge it into a quantized base).
+
+Every adapter is checked against the rules vLLM and LoRAX apply and against the base model's config
+(``adapter_problems``). Other kinds are refused: none of these servers loads IA3, bottleneck adapters or
+prompt tuning.
 """
 
 from __future__ import annotations
@@ -31,15 +37,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
+import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
+from tailorlm import models
 from tailorlm.files import atomic_folder, json_text
 from tailorlm.models import BaseModel
 from tailorlm.store import module_folder
 from tailorlm.users.errors import UserError
 from tailorlm.users.service import UserService
 
-FORMATS = ("vllm", "lorax")
+FORMATS = ("vllm", "lorax", "gguf")
 # vLLM's choices for --max-lora-rank (vllm/config/lora.py, MaxLoRARanks). A smaller adapter loads under a
 # larger limit (vLLM and LoRAX pad it), so the flag is the smallest choice at or above the largest rank.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -56,6 +66,8 @@ BLOCKS = {
 SUPPORTED_TARGETS = tuple(BLOCKS)
 BASE_FOLDER = "base"
 ADAPTERS_FOLDER = "adapters"
+GGUF_BASE_FILE = "base.gguf"
+GGUF_TASK_FILE = "task-adapter.gguf"
 MANIFEST_FILE = "tailorlm-export.json"
 # A served name vLLM's ``--lora-modules name=path`` parser, a URL and a shell all take as it is.
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -77,7 +89,7 @@ _IGNORED_BY_SERVERS = {
 class Exported:
     user_id: str
     name: str  # the name the server serves this user's adapter by
-    folder: Path
+    path: Path  # its folder (vllm, lorax) or GGUF file
     rank: int
     targets: tuple[str, ...]
 
@@ -87,17 +99,14 @@ class Export:
     """A finished export: where it is, what the adapters' base is called on the server, and the users."""
 
     out: Path
-    base: str  # the model the command serves: OUT/base (absolute), or --served-name
+    format: str
+    base: str  # the model the command serves: OUT/base or OUT/base.gguf (absolute), or --served-name
     users: list[Exported]
+    task_adapter: Path | None = None  # gguf: the store's task adapter, applied with every user's
 
     @property
     def max_lora_rank(self) -> int:
         return max_lora_rank(max(e.rank for e in self.users))
-
-    @property
-    def renamed(self) -> dict[str, str]:
-        """Users served under another name than their id: user id -> served name."""
-        return {e.user_id: e.name for e in self.users if e.name != e.user_id}
 
 
 def max_lora_rank(rank: int) -> int:
@@ -119,18 +128,30 @@ def served_name(user_id: str) -> str:
 
 
 def export_users(
-    service: UserService, user_ids: Sequence[str], out: Path, served: str | None = None
+    service: UserService,
+    user_ids: Sequence[str],
+    out: Path,
+    served: str | None = None,
+    format: str = "vllm",
 ) -> Export:
-    """Each user's current LoRA version as ``out/adapters/<name>/``, with the base they were trained over
-    in ``out/base/`` (or, with ``served``, no base: the command then serves that name, which must be the
-    same weights). Everything is checked before anything is written, and ``out`` appears in one rename:
-    a refused export leaves nothing behind, and a previous export in ``out`` is replaced whole."""
+    """Each user's current LoRA version as ``out/adapters/<name>/`` (``<name>.gguf`` for llama.cpp), with
+    the base they were trained over in ``out/base/`` (``out/base.gguf``), or, with ``served``, no base:
+    the command then serves that name, which must be the same weights. Everything is checked before
+    anything is written, and ``out`` appears in one rename: a refused export leaves nothing behind, and a
+    previous export in ``out`` is replaced whole."""
+    if format not in FORMATS:
+        raise UserError(f"unknown format {format!r}; use one of {', '.join(FORMATS)}")
     if not user_ids:
         raise UserError("name the users to export")
     _check_out(out)
     base = service.load_base()()
     shapes = base_shapes(base.model.config)
-    base_name = served or str((out / BASE_FOLDER).resolve())
+    if format == "gguf":
+        base_file = None if served else _base_gguf(service)
+        task_adapter = _gguf_task_adapter(service, shapes)
+        base_name = served or str((out / GGUF_BASE_FILE).resolve())
+    else:
+        base_name = served or str((out / BASE_FOLDER).resolve())
     names: dict[str, str] = {}
     plans = []
     for user_id in dict.fromkeys(user_ids):
@@ -144,13 +165,26 @@ def export_users(
         if problems:
             raise UserError(f"user {user_id!r} cannot be exported: " + "; ".join(problems))
         plans.append((user_id, name, source, config))
+    suffix = ".gguf" if format == "gguf" else ""
     users = [
         Exported(
-            user_id, name, out / ADAPTERS_FOLDER / name, int(config["r"]), tuple(config["target_modules"])
+            user_id,
+            name,
+            out / ADAPTERS_FOLDER / f"{name}{suffix}",
+            int(config["r"]),
+            tuple(config["target_modules"]),
         )
         for user_id, name, _, config in plans
     ]
-    result = Export(out, base_name, users)
+    if format == "gguf":
+        return _write_gguf_export(
+            Export(out, format, base_name, users, out / GGUF_TASK_FILE if task_adapter else None),
+            base.model.config,
+            base_file,
+            task_adapter,
+            [source for _, _, source, _ in plans],
+        )
+    result = Export(out, format, base_name, users)
     with atomic_folder(out) as staging:
         if served is None:
             _write_base(base, staging / BASE_FOLDER)
@@ -327,58 +361,169 @@ def _weight_problems(path: Path, rank: int, targets: set[str], shapes: Mapping[s
 
 
 def manifest(export: Export) -> dict[str, Any]:
-    """What ``OUT/tailorlm-export.json`` holds: the base, each user's served name and folder, the rank
-    flag, and the commands."""
+    """What ``OUT/tailorlm-export.json`` holds: the base, each user's served name and path (and, for
+    llama.cpp, their adapter id), the rank flag, and the commands."""
+    users = []
+    for e in export.users:
+        entry = {"user": e.user_id, "served_name": e.name, "path": str(e.path.relative_to(export.out))}
+        if export.format == "gguf":
+            entry["lora_id"] = lora_id(export, e)
+        users.append({**entry, "rank": e.rank})
     return {
+        "format": export.format,
         "base": export.base,
-        "max_lora_rank": export.max_lora_rank,
-        "users": [
-            {
-                "user": e.user_id,
-                "served_name": e.name,
-                "folder": str(e.folder.relative_to(export.out)),
-                "rank": e.rank,
-            }
-            for e in export.users
-        ],
+        "task_adapter": None
+        if export.task_adapter is None
+        else str(export.task_adapter.relative_to(export.out)),
+        "max_lora_rank": None if export.format == "gguf" else export.max_lora_rank,
+        "users": users,
         "commands": commands(export),
     }
+
+
+def lora_id(export: Export, item: Exported) -> int:
+    """llama-server numbers adapters in the order of its ``--lora`` flags: the task adapter first."""
+    return export.users.index(item) + (export.task_adapter is not None)
 
 
 def _lora_module(item: Exported) -> str:
     """One ``--lora-modules`` value. vLLM reads ``name=path`` only when the value has one ``=`` and no
     ``,``; a path with either goes in its JSON form (the served names never hold them)."""
-    path = str(item.folder.resolve())
+    path = str(item.path.resolve())
     if "=" in path or "," in path:
         return json.dumps({"name": item.name, "path": path})
     return f"{item.name}={path}"
 
 
+def _curl(url: str, body: Mapping[str, Any]) -> str:
+    return f"curl {url} -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(body))}"
+
+
 def commands(export: Export, port: int = 8000) -> dict[str, str]:
-    """The command lines that serve the export, shell-quoted so they run as printed: vLLM's, LoRAX's, and
-    a LoRAX request for the first user (LoRAX names an adapter per request, by its folder)."""
+    """The command that serves the export (``serve``) and a request for its first user (``request``),
+    shell-quoted so they run as printed."""
     q = shlex.quote
     count = len(export.users)
-    modules = " ".join(q(_lora_module(e)) for e in export.users)
-    # fp32: the dtype the modules were trained and checked in; vLLM's "auto" would serve an fp32 folder
-    # in fp16.
-    vllm = (
-        f"vllm serve {q(export.base)} --dtype float32 --port {port} --enable-lora "
-        f"--max-lora-rank {export.max_lora_rank} --max-loras {min(count, 8)} --max-cpu-loras {count} "
-        f"--lora-modules {modules}"
-    )
     first = export.users[0]
-    request = {
-        "inputs": "Hello",
-        "parameters": {
-            "adapter_id": str(first.folder.resolve()),
-            "adapter_source": "local",
-            "max_new_tokens": 32,
-        },
-    }
-    lorax = f"lorax-launcher --model-id {q(export.base)} --port {port}"
-    lorax_request = (
-        f"curl http://127.0.0.1:{port}/generate -H 'Content-Type: application/json' "
-        f"-d {q(json.dumps(request))}"
+    if export.format == "vllm":
+        modules = " ".join(q(_lora_module(e)) for e in export.users)
+        # fp32: the dtype the modules were trained and checked in; vLLM's "auto" would serve an fp32
+        # folder in fp16.
+        serve = (
+            f"vllm serve {q(export.base)} --dtype float32 --port {port} --enable-lora "
+            f"--max-lora-rank {export.max_lora_rank} --max-loras {min(count, 8)} --max-cpu-loras {count} "
+            f"--lora-modules {modules}"
+        )
+        body: dict[str, Any] = {"model": first.name, "prompt": "Hello", "max_tokens": 32}
+        return {"serve": serve, "request": _curl(f"http://127.0.0.1:{port}/v1/completions", body)}
+    if export.format == "lorax":
+        # LoRAX names an adapter per request, by its folder.
+        adapter = {"adapter_id": str(first.path.resolve()), "adapter_source": "local"}
+        body = {"inputs": "Hello", "parameters": {**adapter, "max_new_tokens": 32}}
+        return {
+            "serve": f"lorax-launcher --model-id {q(export.base)} --port {port}",
+            "request": _curl(f"http://127.0.0.1:{port}/generate", body),
+        }
+    # llama-server loads every adapter at scale 0 (--lora-init-without-apply); a request names the
+    # adapters it applies, the task adapter with the user's.
+    files = ([export.task_adapter] if export.task_adapter else []) + [e.path for e in export.users]
+    loras = " ".join(f"--lora {q(str(path.resolve()))}" for path in files)
+    serve = f"llama-server -m {q(export.base)} --port {port} --lora-init-without-apply {loras}"
+    applied = ([0] if export.task_adapter else []) + [lora_id(export, first)]
+    body = {"prompt": "Hello", "n_predict": 32, "lora": [{"id": i, "scale": 1.0} for i in applied]}
+    return {"serve": serve, "request": _curl(f"http://127.0.0.1:{port}/completion", body)}
+
+
+def _base_gguf(service: UserService) -> Path:
+    """The GGUF file of the store's base model: the default model's own file, or the file the store was
+    made with. Its weights are what tailorlm dequantized and trained over."""
+    name = service.settings().base_model
+    if models.resolve(name)[0] == models.DEFAULT_MODEL:
+        found = models.gguf_path()
+        if found is not None:
+            return found
+    elif name is not None and name.lower().endswith(".gguf"):
+        return Path(name).expanduser()
+    raise UserError(
+        f"llama.cpp serves a GGUF base, and this store's base model ({name}) is not a GGUF file: convert it "
+        "with llama.cpp's convert_hf_to_gguf.py and give that file as --served-name"
     )
-    return {"vllm": vllm, "lorax": lorax, "lorax_request": lorax_request}
+
+
+def _gguf_task_adapter(service: UserService, shapes: Mapping[str, Any]) -> Path | None:
+    """The store's task adapter folder (OPPU), which llama.cpp applies beside each user's adapter; None
+    without one. An IA3 task adapter has no llama.cpp form."""
+    relative = service.settings().task_adapter
+    if relative is None:
+        return None
+    folder = service.store.files.local(relative)
+    stored = module_folder.read_module(folder)
+    if stored.spec.kind != "lora":
+        raise UserError(
+            f"this store's task adapter is {stored.spec.kind}; llama.cpp applies LoRA adapters only, so its "
+            "users can be served as trained by vLLM or LoRAX (their base has it merged) or tailorlm serve"
+        )
+    config = json.loads((folder / module_folder.PEFT_CONFIG_FILE).read_text())
+    problems = adapter_problems(config, folder / module_folder.WEIGHTS_FILE, shapes)
+    if problems:
+        raise UserError("the store's task adapter cannot be exported: " + "; ".join(problems))
+    return folder
+
+
+def _write_gguf_export(
+    export: Export, config: Any, base_file: Path | None, task_adapter: Path | None, sources: list[Path]
+) -> Export:
+    with atomic_folder(export.out) as staging:
+        if base_file is not None:
+            shutil.copy2(base_file, staging / GGUF_BASE_FILE)
+        if task_adapter is not None:
+            write_gguf_adapter(task_adapter, config, staging / GGUF_TASK_FILE)
+        (staging / ADAPTERS_FOLDER).mkdir()
+        for item, source in zip(export.users, sources, strict=True):
+            write_gguf_adapter(source, config, staging / item.path.relative_to(export.out))
+        (staging / MANIFEST_FILE).write_text(json_text(manifest(export)))
+    return export
+
+
+def llama_permute(rows: torch.Tensor, heads: int, kv_heads: int | None = None) -> torch.Tensor:
+    """A q or k projection's output rows in the order llama.cpp's GGUF files keep them (interleaved
+    rotary halves): ``LlamaModel.permute`` of llama.cpp's convert_hf_to_gguf.py. Rows of ``B`` permute
+    like rows of ``W``, so ``W + s B A`` in that order is ``permute(W) + s permute(B) A``."""
+    groups = kv_heads if kv_heads is not None and kv_heads != heads else heads
+    shape = rows.shape
+    return rows.reshape(groups, 2, shape[0] // groups // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def write_gguf_adapter(folder: Path, config: Any, path: Path) -> None:
+    """A checked PEFT LoRA folder as the GGUF adapter llama.cpp's convert_lora_to_gguf.py writes for a
+    llama model: ``general.type`` adapter, ``adapter.type`` lora, ``adapter.lora.alpha``, and per
+    projection ``blk.<i>.<tensor>.weight.lora_a`` (A) and ``.lora_b`` (B, q and k rows permuted as the
+    base GGUF's), in fp32."""
+    if getattr(config, "model_type", None) != "llama":
+        raise UserError(
+            f"GGUF export handles llama models; the base is {getattr(config, 'model_type', None)}"
+        )
+    peft_config = json.loads((folder / module_folder.PEFT_CONFIG_FILE).read_text())
+    tensors = load_file(str(folder / module_folder.WEIGHTS_FILE))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config.num_hidden_layers))
+    heads, kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads)
+    writer = gguf.GGUFWriter(str(path), arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(peft_config["lora_alpha"]))
+    for key in sorted(k for k in tensors if k.endswith("lora_A.weight")):
+        match = _KEY.fullmatch(key)
+        weight = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+        target = names.get_name(weight, try_suffixes=(".weight",))
+        a = tensors[key].float()
+        b = tensors[key.replace("lora_A", "lora_B")].float()
+        if match["proj"] == "q_proj":
+            b = llama_permute(b, heads)
+        elif match["proj"] == "k_proj":
+            b = llama_permute(b, heads, kv_heads)
+        writer.add_tensor(f"{target}.lora_a", a.contiguous().numpy())
+        writer.add_tensor(f"{target}.lora_b", b.contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
