@@ -445,8 +445,8 @@ def _base_gguf(service: UserService) -> Path:
     elif name is not None and name.lower().endswith(".gguf"):
         return Path(name).expanduser()
     raise UserError(
-        f"llama.cpp serves a GGUF base, and this store's base model ({name}) is not a GGUF file: convert it "
-        "with llama.cpp's convert_hf_to_gguf.py and give that file as --served-name"
+        f"llama.cpp serves a GGUF base, and this store's base model ({name or models.DEFAULT_MODEL}) is not "
+        "a GGUF file: convert it with llama.cpp's convert_hf_to_gguf.py and give that file as --served-name"
     )
 
 
