@@ -90,7 +90,8 @@ def test_each_user_gets_the_option_best_on_their_own_validation_items(three_user
 
 def test_label_parts_as_scale_and_bias_give_the_prior_the_fusion_and_the_bias(three_users):
     """``UserParts.apply`` is the label-bias kind's arithmetic: scale 0 and the log prior answer the prior,
-    scale w and (1 - w) log prior answer ``fuse``, scale 1 and b answer ``with_bias``."""
+    scale w and (1 - w) log prior answer ``fuse``, scale 1 and b answer the shared distribution plus b,
+    renormalised."""
     shared = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]]), -1)
     queries = [(three_users.user("ann"), None), (three_users.user("bob"), None)]
     log_prior = {
@@ -104,7 +105,7 @@ def test_label_parts_as_scale_and_bias_give_the_prior_the_fusion_and_the_bias(th
     torch.testing.assert_close(fused, label_models.fuse(shared, prior, 0.3), atol=1e-6, rtol=0)
     bias = torch.tensor([0.5, -0.5, 0.0])
     biased = label_models.UserParts({"ann": (bias, 1.0), "bob": (bias, 1.0)}, {}).apply(shared, queries)
-    torch.testing.assert_close(biased, label_models.with_bias(shared, bias), atol=1e-6, rtol=0)
+    torch.testing.assert_close(biased, torch.log_softmax(shared + bias, dim=-1), atol=1e-6, rtol=0)
 
 
 class Heard(Reporter):

@@ -5,8 +5,9 @@ own module, their bias and their prior.
 
 Why these exist: with about twenty labelled items per user, a module per user cannot beat what a
 statistician does with the same labels (the user's prior times the item's, ``baselines.LabelPrior``). The
-annotator-modelling literature's answer is a shared text model plus a few numbers per user
-(``QUALITY.md``): the shared model knows the items, the user's part knows the user.
+annotator-modelling literature's answer is a shared text model plus a few numbers per user (e.g. Davani
+et al., 2022, "Dealing with Disagreements", TACL): the shared model knows the items, the user's part
+knows the user.
 
 Every distribution here is a ``[rows, labels]`` tensor of log-probabilities over ``task.labels``. Whatever
 is tuned (the bias's shrinkage, the fusion weight, a user's choice) is chosen on validation items, never on
@@ -120,13 +121,6 @@ def shared_distribution(
                 if on_progress is not None:
                     on_progress(done, len(users))
     return out
-
-
-# ---- a user's bias over the labels ------------------------------------------------------------------
-
-
-def with_bias(distribution: Distribution, bias: torch.Tensor) -> Distribution:
-    return torch.log_softmax(distribution + bias, dim=-1)
 
 
 # ---- the user's prior and its fusion with the shared model -------------------------------------------
