@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from tailorlm.cli import app
-from tailorlm.store.store import ModuleStore
+from tailorlm.store.store import ModuleStore, folder_name
+from tailorlm.users.identity import cache_of
 from tailorlm.users.service import UserService
 
 runner = CliRunner()
@@ -213,10 +214,11 @@ def test_a_store_under_an_fsspec_url_with_its_index_in_postgres(postgres, monkey
     )  # fmt: skip
     assert payload["store"] == root and fs.isfile(f"{base}/.store.json")
     assert sorted(_json("users", "train", "--epochs", "1", "--store", root)["trained"]) == ["1", "2"]
-    assert fs.isfile(f"{base}/.cache/1/profile.json")  # the profile training writes, beside the modules
+    assert fs.isfile(f"{base}/{cache_of('1')}/profile.json")  # what training writes, beside the modules
     shown = _json("users", "show", "1", "--store", root)
     assert shown["current_version"] == 1 and fs.isdir(f"{base}/{shown['versions'][0]['folder']}")
     forgotten = _json("users", "delete", "1", "--yes", "--store", root)
     assert forgotten["versions"] == [1] and forgotten["cache"] is True
-    assert not fs.exists(f"{base}/1") and not fs.exists(f"{base}/.cache/1") and fs.exists(f"{base}/2")
+    assert not fs.exists(f"{base}/{folder_name('1')}") and not fs.exists(f"{base}/{cache_of('1')}")
+    assert fs.exists(f"{base}/{folder_name('2')}")
     assert [u["user"] for u in _json("users", "list", "--store", root)["users"]] == ["2"]

@@ -20,7 +20,7 @@ UserGuard = Callable[[Server, Request, str], KeyOwner]
 
 
 class NewUser(BaseModel):
-    user_id: str = Field(min_length=1, max_length=128)
+    user_id: str  # the id rule is the users layer's (``users.identity.check_user_id``): a 400 naming it
     kind: str | None = None
     issue_key: bool = True
 

@@ -22,12 +22,16 @@ file (a path, or a ``sqlite:///`` URL).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from tailorlm.files import PRIVATE_FILE, private_folder
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 SQLITE_PREFIX = "sqlite:///"
@@ -84,7 +88,7 @@ class SqliteBackend:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.where = str(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _private_file(path)
         # isolation_level=None: transactions are explicit (``StoreIndex.transaction``), nothing is begun
         # implicitly.
         self._db = sqlite3.connect(path, timeout=30.0, check_same_thread=False, isolation_level=None)
@@ -118,6 +122,18 @@ class SqliteBackend:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _private_file(path: Path) -> None:
+    """Create the index file owner-only (0600) whatever the umask, before SQLite opens it: SQLite gives
+    its ``-wal`` and ``-shm`` files the database file's mode, so they follow. An index an older version
+    made readable to others is narrowed when its owner opens it; another account's file is left alone."""
+    private_folder(path.parent)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
+    for file in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+        with contextlib.suppress(OSError):  # absent, or not ours
+            if file.stat().st_uid == os.getuid() and file.stat().st_mode & 0o077:
+                os.chmod(file, PRIVATE_FILE)
 
 
 @functools.lru_cache(maxsize=256)

@@ -45,19 +45,18 @@ from tailorlm.store import module_folder
 from tailorlm.store.index import HistoryRecord, StoreIndex, VersionRecord
 from tailorlm.store.module_folder import ModuleFileError
 from tailorlm.store.roots import LocalRoot
-from tailorlm.store.store import ModuleStore, folder_name
+from tailorlm.store.store import ModuleStore
 from tailorlm.train.jobs import LocalRunner, TrainRunner, TrainWork
 from tailorlm.train.trainer import TrainConfig
 from tailorlm.users import keys
 from tailorlm.users.errors import UserError
+from tailorlm.users.identity import MAX_USER_ID, cache_of, check_user_id, legacy_cache_of
+
+__all__ = ["MAX_USER_ID", "UserService", "check_user_id", "train_users"]
 
 SETTINGS_KEY = "users.settings"  # the index meta row holding ServiceSettings as JSON
-MAX_USER_ID = 128
 HISTORY_SPLITS = ("train", "val")  # what a user's module trains on and picks its best epoch by
 DEFAULT_KIND = "lora"
-# Per-user data the service derives and keeps (profiles, retrieval indexes): hidden, so no user's module
-# folder (``store.folder_name`` never makes a hidden name) can be mistaken for it.
-CACHE_FOLDER = ".cache"
 TASK_ADAPTER_FOLDER = ".task-adapter"  # hidden for the same reason
 PROFILE_FILE = "profile.json"  # a user's PAG profile, in their cache folder
 
@@ -147,21 +146,6 @@ class Forgotten:
 def default_spec_dict(kind: str) -> dict[str, Any]:
     """The spec the benchmark's per-user method of ``kind`` uses (``methods.setups.PERSONAL_KINDS``)."""
     return kinds.spec_to_dict(PERSONAL_KINDS[kind].spec)
-
-
-def check_user_id(user_id: object) -> str:
-    """``user_id`` if it is a usable id: a non-empty string of at most ``MAX_USER_ID`` printable
-    characters without surrounding spaces. The store makes any id path-safe; this keeps ids that would
-    be confusing to print, log or type (control characters, invisible padding) out of it."""
-    if not isinstance(user_id, str) or not user_id:
-        raise UserError("a user id must be a non-empty string")
-    if len(user_id) > MAX_USER_ID:
-        raise UserError(f"a user id has at most {MAX_USER_ID} characters, got {len(user_id)}")
-    if not user_id.isprintable():
-        raise UserError(f"user id {user_id!r} holds control or unprintable characters")
-    if user_id != user_id.strip():
-        raise UserError(f"user id {user_id!r} starts or ends with whitespace")
-    return user_id
 
 
 def resolve_spec(kind: str | ModuleSpec, labels: Sequence[str] | None = None) -> ModuleSpec:
@@ -579,16 +563,23 @@ class UserService:
         )
         written = writer.profiles([self.data_user(user_id) for user_id in user_ids], split=None)
         for user_id, profile in written.items():
-            self.store.files.write_text(f"{_cache(user_id)}/{PROFILE_FILE}", json.dumps(asdict(profile)))
+            self.store.files.write_text(f"{cache_of(user_id)}/{PROFILE_FILE}", json.dumps(asdict(profile)))
         return list(written)
 
     def profile(self, user_id: str) -> UserProfile | None:
-        """The profile the user's last training wrote, or None."""
-        text = self.store.files.read_text(f"{_cache(user_id)}/{PROFILE_FILE}")
-        if text is None:
-            return None
-        values = json.loads(text)
-        return UserProfile(values["user"], values["text"], tuple(values["items"]))
+        """The profile the user's last training wrote, or None. A store written before hashed folder
+        names may hold it in a legacy cache folder, which another user may share: read only if it names
+        this user."""
+        for folder in (cache_of(user_id), legacy_cache_of(user_id)):
+            text = self.store.files.read_text(f"{folder}/{PROFILE_FILE}")
+            values = json.loads(text) if text is not None else None
+            if values is not None and values.get("user") == user_id:
+                return UserProfile(values["user"], values["text"], tuple(values["items"]))
+        return None
+
+    def _legacy_cache_is_theirs(self, user_id: str) -> bool:
+        text = self.store.files.read_text(f"{legacy_cache_of(user_id)}/{PROFILE_FILE}")
+        return text is not None and json.loads(text).get("user") == user_id
 
     def _chosen(self, user_ids: Sequence[str] | None) -> list[str]:
         known = self._existing_index().user_ids()
@@ -700,21 +691,24 @@ class UserService:
     def cache_folder(self, user_id: str) -> Path:
         """Where per-user data derived from the history (profiles, retrieval indexes) belongs, so that
         ``delete`` removes it with the user."""
-        return self.store.files.local(_cache(user_id))
+        return self.store.files.local(cache_of(user_id))
 
     def delete(self, user_id: str) -> Forgotten:
         """Forget ``user_id``: every module version (folders removed, index rows overwritten and the
         write-ahead log truncated), their history, their keys, their spec and their cache folder."""
         self._require_user(user_id)
+        legacy_cache = self._legacy_cache_is_theirs(user_id)
         forgotten = Forgotten(
             user_id,
             versions=[v.version for v in self.store.versions(user_id)],
             history=len(self.index.history(user_id)),
             keys=len(self.index.keys_of(user_id)),
-            cache=self.store.files.exists(_cache(user_id)),
+            cache=self.store.files.exists(cache_of(user_id)) or legacy_cache,
         )
         self.store.delete(user_id)  # the users row cascades to versions, history and keys
-        self.store.files.remove(_cache(user_id))
+        self.store.files.remove(cache_of(user_id))
+        if legacy_cache:
+            self.store.files.remove(legacy_cache_of(user_id))
         return forgotten
 
     def issue_key(self, user_id: str | None, admin: bool = False, label: str | None = None) -> str:
@@ -752,11 +746,6 @@ def train_users(
         return service.train(user_ids, start_from_current=start_from_current).trained
     finally:
         service.close()
-
-
-def _cache(user_id: str) -> str:
-    """A user's cache folder, relative to the store's root."""
-    return f"{CACHE_FOLDER}/{folder_name(user_id)}"
 
 
 def _user_of(user_id: str, records: Sequence[HistoryRecord]) -> User:
