@@ -129,6 +129,7 @@ class Replica:
                 self.server.scheduler.cancel(job)
 
     def forget(self, user_id: str) -> int:
+        self.served.pop(user_id, None)  # a forgotten user's request count goes with them
         return self.server.scheduler.forget(user_id)
 
     def stats(self) -> dict[str, Any]:

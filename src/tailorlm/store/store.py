@@ -22,7 +22,7 @@ import re
 import time
 import uuid
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -84,6 +84,9 @@ class ModuleStore:
         self.keep = keep
         self._asked_index = index
         self._index: StoreIndex | None = None
+        # Called before each write is recorded: a training worker's check that the server that started
+        # it still runs (it raises or exits if not), so an orphan never writes.
+        self.write_guard: Callable[[], None] | None = None
 
     @property
     def root(self) -> Path:
@@ -141,7 +144,35 @@ class ModuleStore:
         with self.files.new_folder(relative) as folder:
             module_folder.write_module(stored, folder, model=model, base_name=base_name)
             size, sha256 = module_folder.module_bytes(folder), sha256_of(folder / module_folder.WEIGHTS_FILE)
-        record = self.index.add_version(
+        try:
+            if self.write_guard is not None:
+                self.write_guard()
+            record = self._record_version(
+                user_id, spec, base_name, meta, data_fingerprint, relative, size, sha256
+            )
+        except BaseException:
+            # Not recorded (the user was forgotten meanwhile, or the write was stopped): not a module.
+            self.files.remove(relative)
+            self.files.remove_if_empty(folder_name(user_id))
+            raise
+        for dropped in self.index.prune(user_id, self.keep):
+            self.files.remove(dropped.folder)
+        return record
+
+    def _record_version(
+        self,
+        user_id: str,
+        spec: ModuleSpec,
+        base_name: str | None,
+        meta: Mapping | None,
+        data_fingerprint: str | None,
+        relative: str,
+        size: int,
+        sha256: str,
+    ) -> VersionRecord:
+        """The index row of a version folder just written; ``UnknownUserError`` (``ForgottenUserError``)
+        when the user was forgotten."""
+        return self.index.add_version(
             VersionRecord(
                 user_id=user_id,
                 version=0,
@@ -159,9 +190,6 @@ class ModuleStore:
                 folder=relative,
             )
         )
-        for dropped in self.index.prune(user_id, self.keep):
-            self.files.remove(dropped.folder)
-        return record
 
     def get(self, user_id: str, version: int | None = None) -> StoredModule:
         """The current (or a given) version, its weights checked against the sha256 the index holds."""
@@ -225,17 +253,23 @@ class ModuleStore:
             return []
         return [user for user in self.index.user_ids() if self.index.current(user) is not None]
 
-    def delete(self, user_id: str) -> None:
-        """Forget ``user_id``: their index rows (reclaimed: ``StoreIndex.delete_user``) and every folder,
-        on whatever filesystem the root is. A legacy folder (``legacy_folder_name``) may be shared with
-        another user: only this user's versions are removed from it, and it goes once it is empty."""
-        versions = self.index.delete_user(user_id) if self.exists() else []
+    def delete(self, user_id: str) -> str | None:
+        """Forget ``user_id``: their index rows (with a tombstone that refuses later writes for them, and
+        compacted: ``StoreIndex.delete_user``) and every folder, on whatever filesystem the root is. A
+        legacy folder (``legacy_folder_name``) may be shared with another user: only this user's versions
+        are removed from it, and it goes once it is empty. Returns None when the index is compacted
+        already, else why not yet (it is retried in the background)."""
+        if not self.exists():
+            self.files.remove(folder_name(user_id))
+            return None
+        versions = self.index.delete_user(user_id)
         for record in versions:
             self.files.remove(record.folder)
         self.files.remove(folder_name(user_id))
         legacy = legacy_folder_name(user_id)
         if not any(not name.startswith(".") for name in self.files.folders(legacy)):
             self.files.remove(legacy)  # only staging leftovers (hidden) were left in it
+        return self.index.compaction_blocked
 
     def _remove_unrecorded(self, user_id: str) -> None:
         """Version folders of ``user_id`` the index does not name, left by a put killed before its row

@@ -16,11 +16,13 @@ spec changed. Each trained user is stored the moment they finish, with that fing
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,7 @@ from tailorlm.methods.setups import PERSONAL_KINDS, personal_job
 from tailorlm.models import BaseModel
 from tailorlm.progress import ProgressCallback
 from tailorlm.store import module_folder
-from tailorlm.store.index import HistoryRecord, StoreIndex, VersionRecord
+from tailorlm.store.index import HistoryRecord, StoreIndex, UnknownUserError, VersionRecord
 from tailorlm.store.module_folder import ModuleFileError
 from tailorlm.store.roots import LocalRoot
 from tailorlm.store.store import ModuleStore
@@ -124,6 +126,7 @@ class ImportResult:
     users: list[str]
     new_users: int
     items_added: int
+    forgotten: list[str] = field(default_factory=list)  # left out: forgotten, so created again only by add
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,10 @@ class Forgotten:
     history: int
     keys: int
     cache: bool  # whether a cache folder of theirs existed
+    # Whether the deleted rows are compacted away in the index yet (SQLite: vacuumed, and the write-ahead
+    # log folded in and truncated; PostgreSQL: vacuumed); if not, why not: it is retried in the background.
+    compacted: bool = True
+    compaction: str | None = None
 
 
 def default_spec_dict(kind: str) -> dict[str, Any]:
@@ -344,8 +351,31 @@ class UserService:
 
     def _require_user(self, user_id: str) -> str:
         if not self._existing_index().has_user(user_id):
-            raise UserError(f"no user {user_id!r} in {self.location}")
+            raise self._no_user(user_id)
         return user_id
+
+    def _no_user(self, user_id: str) -> UserError:
+        """The error for a user the store does not hold: saying, for a forgotten one, when and whether
+        their deleted data is compacted away yet."""
+        stone = self.index.tombstone(user_id) if self.exists() else None
+        if stone is None:
+            return UserError(f"no user {user_id!r} in {self.location}")
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stone.deleted))
+        state = (
+            "their deleted data is compacted away"
+            if stone.compacted is not None
+            else "their deleted data is not compacted away yet (a reader holds the index; retried)"
+        )
+        return UserError(f"no user {user_id!r} in {self.location}: forgotten at {when}; {state}")
+
+    @contextlib.contextmanager
+    def _existing(self, user_id: str) -> Iterator[None]:
+        """Around a write whose transaction decides that ``user_id`` exists: their absence (never added,
+        or forgotten, maybe by a delete a moment ago) is the one-line ``UserError``."""
+        try:
+            yield
+        except UnknownUserError:
+            raise self._no_user(user_id) from None
 
     def spec_of(self, user_id: str) -> ModuleSpec:
         """The spec ``user_id``'s module trains with: their own, else the store's default."""
@@ -367,20 +397,23 @@ class UserService:
         check_user_id(user_id)
         spec = resolve_spec(kind, self.settings().labels) if kind is not None else None
         items = self._checked_items(history)
-        if not self.index.add_user(user_id):
+        # The explicit re-create of a forgotten user: their tombstone goes, in the same transaction.
+        if not self.index.add_user(user_id, revive=True):
             raise UserError(f"user {user_id!r} already exists in {self.location}")
-        if spec is not None:
-            self.index.set_user_spec(user_id, kinds.spec_to_dict(spec))
-        if items:
-            self.index.add_unseen_history(user_id, items)
+        with self._existing(user_id):  # a delete may come between these writes: each checks
+            if spec is not None:
+                self.index.set_user_spec(user_id, kinds.spec_to_dict(spec))
+            if items:
+                self.index.add_unseen_history(user_id, items, create=False)
         return self.show(user_id)
 
     def add_history(self, user_id: str, items: Sequence[HistoryRecord]) -> int:
         """Append new behaviour to ``user_id``'s history; items whose id the history already holds are
         left out (a retried request adds nothing). Returns how many were added. The user's module is
         now out of date (``needs_training``) until retrained."""
-        self._require_user(user_id)
-        return self.index.add_unseen_history(user_id, self._checked_items(items))
+        items = self._checked_items(items)
+        with self._existing(self._require_user(user_id)):  # checked again in the write's transaction
+            return self.index.add_unseen_history(user_id, items, create=False)
 
     @staticmethod
     def _checked_items(items: Sequence[HistoryRecord]) -> list[HistoryRecord]:
@@ -438,14 +471,20 @@ class UserService:
             )
         )
         new_users = added = 0
+        imported: list[str] = []
+        forgotten: list[str] = []
         for user in chosen:
-            new_users += self.index.add_user(user.id)
-            if spec is not None:
-                self.index.set_user_spec(user.id, kinds.spec_to_dict(spec))
-            records = [to_record(e, "train") for e in loaded.training_examples(user)]
-            records += [to_record(e, "val") for e in user.val]
-            added += self.index.add_unseen_history(user.id, records)
-        return ImportResult(loaded.name, [u.id for u in chosen], new_users, added)
+            try:  # an import never brings a forgotten user back: ``add`` does, when asked to
+                new_users += self.index.add_user(user.id, revive=False)
+                if spec is not None:
+                    self.index.set_user_spec(user.id, kinds.spec_to_dict(spec))
+                records = [to_record(e, "train") for e in loaded.training_examples(user)]
+                records += [to_record(e, "val") for e in user.val]
+                added += self.index.add_unseen_history(user.id, records, create=False)
+                imported.append(user.id)
+            except UnknownUserError:
+                forgotten.append(user.id)
+        return ImportResult(loaded.name, imported, new_users, added, forgotten)
 
     def history(self, user_id: str) -> list[HistoryRecord]:
         self._require_user(user_id)
@@ -523,6 +562,9 @@ class UserService:
         groups: dict[str, tuple[ModuleSpec, list[tuple[User, str]]]] = {}
         for user_id in chosen:
             records = self.index.history(user_id)
+            if not records and not self.index.has_user(user_id):
+                skipped[user_id] = "forgotten"  # since the list of users was read
+                continue
             user = _user_of(user_id, records)
             spec = self.spec_of(user_id)
             data = fingerprint(records)
@@ -561,10 +603,27 @@ class UserService:
             seed=settings.seed,
             max_new_tokens=settings.profile_tokens,
         )
-        written = writer.profiles([self.data_user(user_id) for user_id in user_ids], split=None)
+        users = []
+        for user_id in user_ids:
+            try:
+                users.append(self.data_user(user_id))
+            except UserError:  # forgotten since they trained
+                continue
+        written = writer.profiles(users, split=None)
+        kept = []
         for user_id, profile in written.items():
-            self.store.files.write_text(f"{cache_of(user_id)}/{PROFILE_FILE}", json.dumps(asdict(profile)))
-        return list(written)
+            if self.store.write_guard is not None:
+                self.store.write_guard()
+            relative = f"{cache_of(user_id)}/{PROFILE_FILE}"
+            self.store.files.write_text(relative, json.dumps(asdict(profile)))
+            # A delete that came before the write above removes nothing of it; after, it removes it. So
+            # look again: a user forgotten by now must not keep a profile (the delete itself writes the
+            # tombstone before removing the cache, so one of the two always sees the other).
+            if not self.index.has_user(user_id):
+                self.store.files.remove(cache_of(user_id))
+                continue
+            kept.append(user_id)
+        return kept
 
     def profile(self, user_id: str) -> UserProfile | None:
         """The profile the user's last training wrote, or None. A store written before hashed folder
@@ -652,8 +711,9 @@ class UserService:
             jobs.append(job)
 
         def stored(user_id: str) -> None:
-            if on_user is not None:
-                on_user(self.store.current(user_id))
+            record = self.store.current(user_id)
+            if on_user is not None and record is not None:  # None: forgotten since it was stored
+                on_user(record)
 
         return self.runner.train(
             engine,
@@ -705,17 +765,18 @@ class UserService:
             keys=len(self.index.keys_of(user_id)),
             cache=self.store.files.exists(cache_of(user_id)) or legacy_cache,
         )
-        self.store.delete(user_id)  # the users row cascades to versions, history and keys
+        blocked = self.store.delete(user_id)  # the users row cascades to versions, history and keys
         self.store.files.remove(cache_of(user_id))
         if legacy_cache:
             self.store.files.remove(legacy_cache_of(user_id))
-        return forgotten
+        return replace(forgotten, compacted=blocked is None, compaction=blocked)
 
     def issue_key(self, user_id: str | None, admin: bool = False, label: str | None = None) -> str:
         """A new key for ``user_id`` (or an admin key), returned this once and stored only as a hash."""
         if admin:
             return keys.issue_key(self.index, None, "admin", label)
-        return keys.issue_key(self._existing_index(), user_id, "user", label)
+        with self._existing(user_id):
+            return keys.issue_key(self._existing_index(), user_id, "user", label)
 
     def revoke_keys(self, user_id: str) -> int:
         self._require_user(user_id)
@@ -736,13 +797,23 @@ class UserService:
 
 
 def train_users(
-    root: str | Path, user_ids: Sequence[str] | None = None, start_from_current: bool = False
+    root: str | Path,
+    user_ids: Sequence[str] | None = None,
+    start_from_current: bool = False,
+    write_guard: Callable[[], None] | None = None,
 ) -> list[str]:
     """Train ``user_ids`` (default: every user whose module is out of date) of the store at ``root``,
     in this process: everything needed (task, base model, specs) is read from the store, so a server
-    runs this in a worker process. Returns the ids that were trained."""
+    runs this in a worker process. Users forgotten before or while they train are left out (their
+    result is discarded: the store refuses it). ``write_guard`` runs before every write (a worker's
+    check that its server still runs). Returns the ids that were trained."""
     service = UserService(root)
+    service.store.write_guard = write_guard
     try:
+        if user_ids is not None:
+            user_ids = [user_id for user_id in user_ids if service.index.has_user(user_id)]
+            if not user_ids:
+                return []
         return service.train(user_ids, start_from_current=start_from_current).trained
     finally:
         service.close()
