@@ -70,8 +70,10 @@ class LocalRoot:
 
     def folders(self, relative: str) -> list[str]:
         """Names of the folders in ``relative`` (none when it does not exist)."""
-        folder = self.local(relative)
-        return [child.name for child in folder.iterdir() if child.is_dir()] if folder.is_dir() else []
+        try:  # the folder may go while it is listed (its user forgotten meanwhile)
+            return [child.name for child in self.local(relative).iterdir() if child.is_dir()]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     def remove(self, relative: str) -> None:
         shutil.rmtree(self.local(relative), ignore_errors=True)

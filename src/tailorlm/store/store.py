@@ -30,7 +30,7 @@ import torch
 from tailorlm import kinds
 from tailorlm.kinds import ModuleSpec
 from tailorlm.store import location, module_folder, roots
-from tailorlm.store.index import INDEX_FILE, StoreIndex, VersionRecord
+from tailorlm.store.index import INDEX_FILE, ForgottenUserError, StoreIndex, VersionRecord
 from tailorlm.store.module_folder import ModuleFileError, StoredModule
 
 DEFAULT_KEEP = 3  # versions kept per user; older ones are pruned (rollback reaches the kept ones)
@@ -137,13 +137,24 @@ class ModuleStore:
     ) -> VersionRecord:
         """Store a new version of ``user_id``'s module and make it current; older versions beyond
         ``keep`` are removed after the index no longer names them."""
-        self._remove_unrecorded(user_id)
         # Unique, so it never replaces a folder; it starts with when the put began (``_STARTED``).
         relative = f"{folder_name(user_id)}/v{time.time_ns():x}-{uuid.uuid4().hex[:8]}"
         stored = StoredModule(spec, dict(tensors), {**(meta or {}), "user": user_id})
-        with self.files.new_folder(relative) as folder:
-            module_folder.write_module(stored, folder, model=model, base_name=base_name)
-            size, sha256 = module_folder.module_bytes(folder), sha256_of(folder / module_folder.WEIGHTS_FILE)
+        try:
+            self._remove_unrecorded(user_id)
+            with self.files.new_folder(relative) as folder:
+                module_folder.write_module(stored, folder, model=model, base_name=base_name)
+                size = module_folder.module_bytes(folder)
+                sha256 = sha256_of(folder / module_folder.WEIGHTS_FILE)
+        except Exception:  # an OSError, or the writer's own error type (safetensors has its own)
+            # Forgetting the user removes their folder, a put's half-written version with it: then the
+            # put fails as any write for a forgotten user does.
+            self.files.remove(relative)
+            if self.exists() and self.index.tombstone(user_id) is not None:
+                raise ForgottenUserError(
+                    f"user {user_id!r} was forgotten while their module was written"
+                ) from None
+            raise
         try:
             if self.write_guard is not None:
                 self.write_guard()
