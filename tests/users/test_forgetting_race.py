@@ -23,6 +23,7 @@ from tailorlm.engine.engine import Engine
 from tailorlm.kinds import default_spec
 from tailorlm.store.index import HistoryRecord, UnknownUserError
 from tailorlm.store.store import folder_name
+from tailorlm.train.trainer import TrainConfig
 from tailorlm.users.errors import UserError
 from tailorlm.users.service import UserService
 
@@ -225,4 +226,24 @@ def test_a_reader_holding_the_index_delays_compaction_without_blocking_and_it_fi
         service.show("ann")
     files = [p for p in service.root.rglob("*") if p.is_file()]
     assert files and not any(CANARY.encode() in p.read_bytes() for p in files)
+    service.close()
+
+
+def test_a_user_forgotten_mid_training_is_not_stored_and_the_others_are(tmp_path, make_base):
+    """What a worker does when ``tailorlm users delete`` lands mid-retrain: the store refuses the
+    forgotten user's version, their profile is not written, and the users trained with them are stored."""
+    service = UserService(tmp_path / "store", load_base=make_base)
+    service.import_task("verbagg", users=["1", "2"])
+    other = UserService(tmp_path / "store")
+
+    def delete_once(done: int, total: int) -> None:
+        if other.index.has_user("1"):
+            other.delete("1")  # another process's connection, while this one trains user 1
+
+    config = TrainConfig(epochs=1, batch_size=4, learning_rate=1e-2, users_per_step=2)
+    outcome = service.train(config=config, on_progress=delete_once)
+    assert outcome.trained == ["2"] and service.store.has("2") and service.profile("2") is not None
+    assert not service.index.has_user("1") and service.store.versions("1") == []
+    assert service.profile("1") is None and not service.store.files.exists(folder_name("1"))
+    other.close()
     service.close()
