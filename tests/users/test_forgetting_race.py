@@ -229,21 +229,29 @@ def test_a_reader_holding_the_index_delays_compaction_without_blocking_and_it_fi
     service.close()
 
 
-def test_a_user_forgotten_mid_training_is_not_stored_and_the_others_are(tmp_path, make_base):
+@pytest.mark.parametrize("recreated", [False, True])
+def test_a_user_forgotten_mid_training_is_not_stored_and_the_others_are(tmp_path, make_base, recreated):
     """What a worker does when ``tailorlm users delete`` lands mid-retrain: the store refuses the
-    forgotten user's version, their profile is not written, and the users trained with them are stored."""
+    forgotten user's version, their profile is not written, and the users trained with them are stored.
+    Created again at once (``users add``), the new user gets nothing trained on the old one's data."""
     service = UserService(tmp_path / "store", load_base=make_base)
     service.import_task("verbagg", users=["1", "2"])
     other = UserService(tmp_path / "store")
+    deleted = []
 
     def delete_once(done: int, total: int) -> None:
-        if other.index.has_user("1"):
+        if not deleted:
             other.delete("1")  # another process's connection, while this one trains user 1
+            deleted.append(True)
+            if recreated:
+                other.add("1")
 
     config = TrainConfig(epochs=1, batch_size=4, learning_rate=1e-2, users_per_step=2)
     outcome = service.train(config=config, on_progress=delete_once)
     assert outcome.trained == ["2"] and service.store.has("2") and service.profile("2") is not None
-    assert not service.index.has_user("1") and service.store.versions("1") == []
-    assert service.profile("1") is None and not service.store.files.exists(folder_name("1"))
+    assert service.index.has_user("1") is recreated and service.store.versions("1") == []
+    assert service.profile("1") is None and not service.store.files.exists(f"{folder_name('1')}/")
+    if recreated:
+        assert service.show("1").history == 0
     other.close()
     service.close()

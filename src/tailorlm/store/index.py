@@ -285,6 +285,12 @@ class StoreIndex:
     def has_user(self, user_id: str) -> bool:
         return bool(self._rows("SELECT 1 AS found FROM users WHERE id = ?", user_id))
 
+    def incarnation(self, user_id: str) -> float | None:
+        """When ``user_id`` was created (None: not there): a user forgotten and created again is another
+        incarnation, which must receive nothing derived from the forgotten one's data."""
+        rows = self._rows("SELECT created FROM users WHERE id = ?", user_id)
+        return rows[0]["created"] if rows else None
+
     def tombstone(self, user_id: str) -> Tombstone | None:
         """When ``user_id`` was forgotten and whether it is compacted yet; None: not forgotten."""
         rows = self._rows(
@@ -401,12 +407,21 @@ class StoreIndex:
 
     # ---- module versions ---------------------------------------------------------------------------
 
-    def add_version(self, record: VersionRecord) -> VersionRecord:
+    def add_version(self, record: VersionRecord, incarnation: float | None = None) -> VersionRecord:
         """Record a new version of ``record.user_id`` and make it current, in one transaction. The module
         folder must be complete on disk before this is called: a row never points at a missing file.
-        ``record.version`` is ignored; the next number is assigned here, under the user's lock."""
+        ``record.version`` is ignored; the next number is assigned here, under the user's lock.
+        ``incarnation``: the user's ``incarnation`` when the version's training read their history; if
+        they were forgotten and created again since, the version is refused (``ForgottenUserError``): it
+        was trained on the forgotten user's data."""
         with self.transaction() as db:
-            self._writable(db, record.user_id, create=True)
+            self._writable(db, record.user_id, create=incarnation is None)
+            if incarnation is not None:
+                row = db.execute("SELECT created FROM users WHERE id = ?", (record.user_id,)).fetchone()
+                if row is None or row["created"] != incarnation:
+                    raise ForgottenUserError(
+                        f"user {record.user_id!r} was forgotten since this version was trained on their data"
+                    )
             latest = db.execute(
                 "SELECT COALESCE(MAX(version), 0) AS latest FROM versions WHERE user_id = ?",
                 (record.user_id,),

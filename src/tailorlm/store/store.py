@@ -87,6 +87,9 @@ class ModuleStore:
         # Called before each write is recorded: a training worker's check that the server that started
         # it still runs (it raises or exits if not), so an orphan never writes.
         self.write_guard: Callable[[], None] | None = None
+        # user id -> the incarnation (``StoreIndex.incarnation``) a training read their data from: a put
+        # for them is recorded only if they are still that incarnation (not forgotten, or created anew).
+        self.incarnations: dict[str, float] = {}
 
     @property
     def root(self) -> Path:
@@ -199,7 +202,8 @@ class ModuleStore:
                     k: v for k, v in (meta or {}).items() if k in ("val_losses", "train_losses", "best_epoch")
                 },
                 folder=relative,
-            )
+            ),
+            incarnation=self.incarnations.get(user_id),
         )
 
     def get(self, user_id: str, version: int | None = None) -> StoredModule:

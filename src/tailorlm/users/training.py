@@ -62,12 +62,33 @@ class Training(Lifecycle):
         run resumes where it stopped. ``start_from_current`` continues from each user's current module
         (a retrain after new history) instead of a fresh one. ``config`` None: each kind's learning rate
         with ``method_settings``' epochs, batch size and users per step."""
-        explicit = user_ids is not None
         chosen = self._chosen(user_ids)
+        try:
+            return self._train(
+                chosen, user_ids is not None, changed_only, config, on_progress, on_user, start_from_current
+            )
+        finally:  # a later put of these users (not this training's) is no longer tied to what it read
+            for user_id in chosen:
+                self.store.incarnations.pop(user_id, None)
+
+    def _train(
+        self,
+        chosen: list[str],
+        explicit: bool,
+        changed_only: bool,
+        config: TrainConfig | None,
+        on_progress: ProgressCallback | None,
+        on_user: Callable[[VersionRecord], None] | None,
+        start_from_current: bool,
+    ) -> TrainOutcome:
         task = self.task()
         skipped: dict[str, str] = {}
         groups: dict[str, tuple[ModuleSpec, list[tuple[User, str]]]] = {}
         for user_id in chosen:
+            # Before the history is read: a version or profile from it is kept only for this incarnation.
+            incarnation = self.index.incarnation(user_id)
+            if incarnation is not None:
+                self.store.incarnations[user_id] = incarnation
             records = self.index.history(user_id)
             if not records and not self.index.has_user(user_id):
                 skipped[user_id] = "forgotten"  # since the list of users was read
@@ -126,7 +147,9 @@ class Training(Lifecycle):
             # A delete that came before the write above removes nothing of it; after, it removes it. So
             # look again: a user forgotten by now must not keep a profile (the delete itself writes the
             # tombstone before removing the cache, so one of the two always sees the other).
-            if not self.index.has_user(user_id):
+            expected = self.store.incarnations.get(user_id)
+            now = self.index.incarnation(user_id)
+            if now is None or (expected is not None and now != expected):
                 self.store.files.remove(cache_of(user_id))
                 continue
             kept.append(user_id)
