@@ -4,6 +4,9 @@ one object; a mistake is one line and exit code 2, never a traceback; a killed `
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -85,6 +88,29 @@ def test_delete_asks_first(store):
     agreed = runner.invoke(app, ["users", "delete", "1", "--store", str(store)], input="y\n")
     assert agreed.exit_code == 0, agreed.output
     assert _json("users", "list", "--store", str(store))["users"] == []
+
+
+def test_delete_waits_for_a_reader_then_says_the_index_is_compacted(store):
+    """A reader holding the index (another process's read transaction) holds compaction up: the command
+    retries for a while and reports the outcome; ``show`` then says the user was forgotten."""
+    _imported(store, "1,2")
+    reader = sqlite3.connect(store / "index.sqlite3", isolation_level=None, check_same_thread=False)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM history").fetchone()
+
+    def release() -> None:
+        time.sleep(1.0)
+        reader.execute("COMMIT")
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    forgotten = _json("users", "delete", "1", "--yes", "--store", str(store))
+    releaser.join()
+    reader.close()
+    assert forgotten["compacted"] is True and forgotten["compaction"] is None and forgotten["history"] == 22
+    shown = runner.invoke(app, ["users", "show", "1", "--store", str(store)])
+    assert shown.exit_code != 0 and "forgotten at" in shown.output and "compacted away" in shown.output
+    assert "Traceback" not in shown.output
 
 
 def test_a_killed_train_resumes(store, monkeypatch):

@@ -293,6 +293,18 @@ class Lifecycle(StoreSettings):
             self.store.files.remove(legacy_cache_of(user_id))
         return replace(forgotten, compacted=blocked is None, compaction=blocked)
 
+    def await_compaction(self, forgotten: Forgotten, seconds: float) -> Forgotten:
+        """Retry the compaction a reader held up after ``delete``, for up to ``seconds``; ``forgotten``
+        with what became of it."""
+        deadline = time.monotonic() + seconds
+        blocked = forgotten.compaction
+        pause = 0.25
+        while blocked is not None and time.monotonic() < deadline:
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            blocked = self.index.compact()
+            pause = min(2.0, pause * 2)
+        return replace(forgotten, compacted=blocked is None, compaction=blocked)
+
     def issue_key(self, user_id: str | None, admin: bool = False, label: str | None = None) -> str:
         """A new key for ``user_id`` (or an admin key), returned this once and stored only as a hash."""
         if admin:
