@@ -52,11 +52,53 @@ def _fsync_dir(folder: Path) -> None:
         os.close(descriptor)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def atomic_write_text(path: Path, text: str, private: bool = False) -> None:
+    """Write ``text`` to ``path`` through a staging file renamed over it. ``private``: the file (and any
+    folder made for it) is the owner's alone, whatever the umask (``PRIVATE_FILE``)."""
+    if private:
+        private_folder(path.parent)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text, encoding="utf-8")
+    if private:
+        # Created 0600 (O_CREAT's mode), and fchmod for a staging file a killed writer left behind.
+        descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), PRIVATE_FILE)
+            handle.write(text)
+    else:
+        staging.write_text(text, encoding="utf-8")
     staging.replace(path)
+
+
+# What a store's files and folders get: owner-only, since they hold users' history, keys and modules.
+PRIVATE_FILE = 0o600
+PRIVATE_FOLDER = 0o700
+
+
+def private_folder(folder: Path) -> Path:
+    """Make ``folder`` and every missing parent, owner-only (``mkdir(parents=True)`` gives the missing
+    parents the umask's mode, not the one asked for). Existing folders are left as they are."""
+    missing = []
+    for level in [folder, *folder.parents]:
+        if level.exists():
+            break
+        missing.append(level)
+    for level in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it in between
+            level.mkdir(mode=PRIVATE_FOLDER)
+            os.chmod(level, PRIVATE_FOLDER)  # the mode passed to mkdir is masked by the umask
+    return folder
+
+
+def make_private(path: Path) -> None:
+    """Make ``path`` (a file, or a folder and everything below it) owner-only."""
+    if path.is_dir():
+        for below in path.rglob("*"):
+            os.chmod(below, PRIVATE_FOLDER if below.is_dir() else PRIVATE_FILE)
+        os.chmod(path, PRIVATE_FOLDER)
+    elif path.exists():
+        os.chmod(path, PRIVATE_FILE)
 
 
 def _jsonable(value: Any) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -135,14 +136,30 @@ def test_bad_user_ids_are_400(live, store_users, user_id):
     assert answer.status_code == 400, answer.text
 
 
-def test_a_user_id_cannot_name_a_path(live, store_users):
+@pytest.mark.parametrize("user_id", ["../../escape", "a/b", "a\\b", "..", "."])
+def test_a_user_id_that_is_no_single_path_segment_is_refused_naming_the_rule(live, store_users, user_id):
     admin = {"Authorization": f"Bearer {store_users.admin}"}
-    answer = httpx.post(f"{live.url}/v1/users", json={"user_id": "../../escape"}, headers=admin, timeout=30)
-    assert answer.status_code == 201
+    answer = httpx.post(f"{live.url}/v1/users", json={"user_id": user_id}, headers=admin, timeout=30)
+    assert answer.status_code == 400, answer.text
+    assert "'/'" in answer.json()["error"]["message"]  # the rule, not only the refusal
     root = store_users.root.resolve()
     assert not (root.parent / "escape").exists() and not (root.parent.parent / "escape").exists()
-    again = httpx.post(f"{live.url}/v1/users", json={"user_id": "../../escape"}, headers=admin, timeout=30)
+
+
+def test_every_id_the_rule_allows_is_reachable_and_forgettable_over_http(live, store_users):
+    admin = {"Authorization": f"Bearer {store_users.admin}"}
+    user_id = "odd ?#%2F&=+é-id"
+    made = httpx.post(f"{live.url}/v1/users", json={"user_id": user_id}, headers=admin, timeout=30)
+    assert made.status_code == 201, made.text
+    again = httpx.post(f"{live.url}/v1/users", json={"user_id": user_id}, headers=admin, timeout=30)
     assert again.status_code == 409
+    path = f"{live.url}/v1/users/{quote(user_id, safe='')}"
+    mine = {"Authorization": f"Bearer {made.json()['api_key']}"}
+    shown = httpx.get(path, headers=mine, timeout=30)
+    assert shown.status_code == 200 and shown.json()["user_id"] == user_id
+    gone = httpx.delete(path, headers=admin, timeout=30)
+    assert gone.status_code == 200 and gone.json()["id"] == user_id
+    assert httpx.get(path, headers=admin, timeout=30).status_code == 404
 
 
 def test_a_key_over_its_rate_limit_gets_429(store_users, tiny):

@@ -123,3 +123,45 @@ def test_kill_9_during_a_retrain_leaves_the_store_consistent(tmp_path, tiny, del
     finally:
         restarted.terminate()
         restarted.wait(timeout=30)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie no parent reaped yet does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_worker_dies_with_its_killed_server_and_writes_nothing_after(tmp_path, tiny):
+    """Only the server is killed: its worker, mid-retrain, must notice and exit at once, not finish
+    the retrain and write a version for a server that is gone."""
+    users = build_store(tmp_path / "store", tiny, per_kind=1)
+    key = users.keys[USER]
+    port = free_port()
+    server = start_server(users.root, port)
+    workers = []
+    try:
+        job = post_history(f"http://127.0.0.1:{port}", key, 0)
+        workers.append(job["pid"])
+        assert alive(job["pid"])
+        time.sleep(2.0)  # the worker has started (loading its base, or training)
+        assert alive(job["pid"]), "the retrain finished before the server could be killed"
+        before = [v.version for v in ModuleStore(users.root).versions(USER)]
+        kill(server.pid)
+        server.wait(timeout=30)
+        deadline = time.monotonic() + 5.0
+        while alive(job["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        survivors = [pid for pid in workers if alive(pid)]
+        assert survivors == [], f"workers outlived their server: {survivors}"
+        time.sleep(1.0)
+    finally:
+        kill(server.pid)
+        for pid in workers:
+            kill(pid)
+    store = ModuleStore(users.root)
+    assert [v.version for v in store.versions(USER)] == before  # nothing written after the kill
+    store.close()
+    assert_consistent(users.root)

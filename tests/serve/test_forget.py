@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from serve_helpers import build_store, fresh, serve_config
 
 from tailorlm.serve.run import background
+from tailorlm.users.service import UserService
 
 CANARY = "CANARY-7f3a9c-zebra-umbrella"
 USER = "ia3-user-1"
@@ -68,3 +71,59 @@ def test_delete_forgets_everything_and_resets_the_slot(own_store, tiny):
     assert files_holding(root, CANARY.encode()) == []
     assert files_holding(root, USER.encode()) == []
     assert not any(USER in str(p) for p in root.rglob("*"))
+
+
+def _retrain(http, key: str) -> dict:
+    items = [{"input": f"secret {CANARY} item {i}: agree?", "target": "yes"} for i in range(6)]
+    posted = http.post(
+        f"/v1/users/{USER}/history", json={"items": items}, headers={"Authorization": f"Bearer {key}"}
+    )
+    assert posted.status_code == 202, posted.text
+    assert posted.json()["job"]["state"] == "running"
+    return posted.json()["job"]
+
+
+def _wait_idle(server, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while server.jobs._processes:
+        assert time.monotonic() < deadline, "the retrain did not end in time"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("by", ["http", "another process"])
+def test_a_retrain_of_a_forgotten_user_is_cancelled_and_discarded(own_store, tiny, by):
+    """Deleting a user while the server retrains them: over HTTP (the server stops the worker) or from
+    another process such as ``tailorlm users delete`` (the server learns of it when the worker ends, and
+    the store refuses the worker's version). Either way they never come back, the job is cancelled, not
+    failed, and its record is gone."""
+    admin = {"Authorization": f"Bearer {own_store.admin}"}
+    with (
+        background(serve_config(own_store.root), base=fresh(tiny)) as server,
+        httpx.Client(base_url=server.url, timeout=60) as http,
+    ):
+        job = _retrain(http, own_store.keys[USER])
+        time.sleep(1.0)  # the worker is loading or training
+        if by == "http":
+            gone = http.delete(f"/v1/users/{USER}", headers=admin)
+            assert gone.status_code == 200, gone.text
+            assert gone.json()["compacted"] is True and gone.json()["compaction"] is None
+        else:
+            other = UserService(own_store.root)
+            other.delete(USER)
+            other.close()
+        _wait_idle(server)
+        assert http.get(f"/v1/users/{USER}/jobs/{job['job_id']}", headers=admin).status_code == 404
+        assert server.jobs.get(job["job_id"]) is None
+        metrics = http.get("/metrics", headers=admin).text
+        assert 'tailorlm_training_jobs_total{state="cancelled"} 1.0' in metrics
+        assert 'state="failed"' not in metrics
+        assert server.store.current(USER) is None and not server.store.index.has_user(USER)
+        served = http.post(
+            "/v1/completions", json={"model": USER, "prompt": "hi", "max_tokens": 2}, headers=admin
+        )
+        assert served.status_code == 404
+    assert not any(USER in str(p) for p in own_store.root.rglob("*"))
+    service = UserService(own_store.root)
+    service.index.checkpoint()
+    service.close()
+    assert files_holding(own_store.root, CANARY.encode()) == []

@@ -5,6 +5,7 @@ another layout."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import zlib
 
@@ -14,9 +15,10 @@ import torch
 from kind_helpers import personalize
 from tailorlm.engine.slots import SlotManager
 from tailorlm.store import module_folder
+from tailorlm.store import store as store_module
 from tailorlm.store.index import INDEX_FILE
 from tailorlm.store.location import LOCATION_FILE
-from tailorlm.store.store import ModuleStore, folder_name
+from tailorlm.store.store import ModuleStore, folder_name, legacy_folder_name
 
 
 @pytest.fixture
@@ -98,11 +100,76 @@ def test_folder_names_are_safe_and_distinct(index_url, user_ids, engine, tmp_pat
     assert store.root.is_dir() and store.users() == []
 
 
-def test_plain_ids_keep_their_own_name_and_a_hashed_lookalike_does_not_collide():
-    assert folder_name("user_17.a-b") == "user_17.a-b"
-    hashed = folder_name("a/b")
-    assert hashed == f"a_b-{zlib.crc32(b'a/b'):08x}"
-    assert folder_name(hashed) != hashed  # an id spelled like a hashed name gets a hash of its own
+def test_a_folder_name_is_the_full_sha256_of_the_id():
+    name = folder_name("user_17.a-b")
+    assert name == "u-" + hashlib.sha256(b"user_17.a-b").hexdigest()
+    assert folder_name(name) != name  # an id spelled like a folder name gets a folder of its own
+
+
+# Ids that shared a folder under the old naming (cleaned, cut to 80 characters, 32-bit checksum).
+LEGACY_TWINS = ("x!#~^@@", "x!#\u00e9%)\u00e9")
+
+
+def test_the_old_naming_really_merged_these_ids():
+    assert legacy_folder_name(LEGACY_TWINS[0]) == legacy_folder_name(LEGACY_TWINS[1])
+    assert zlib.crc32(LEGACY_TWINS[0].encode()) == zlib.crc32(LEGACY_TWINS[1].encode())
+
+
+@pytest.mark.parametrize(
+    "user_ids",
+    [
+        LEGACY_TWINS,
+        ("Ann", "ann", "ANN"),  # a case-insensitive filesystem would merge names that differ by case
+        ("caf\u00e9", "cafe\u0301"),  # NFC and NFD spellings: two ids, two users
+        ("p" * 127 + "a", "p" * 127 + "b"),  # differ after any prefix the old naming kept
+    ],
+)
+def test_ids_the_old_naming_could_merge_get_two_folders_and_delete_apart(
+    index_url, user_ids, engine, tmp_path
+):
+    store = ModuleStore(tmp_path / "root", index=index_url)
+    for slot, user_id in enumerate(user_ids, start=1):
+        _put(store, user_id, engine, slot)
+    assert len({store.user_folder(u) for u in user_ids}) == len(user_ids)
+    survivors = user_ids[1:]
+    before = {u: store.get(u).tensors for u in survivors}
+    store.delete(user_ids[0])
+    assert not store.has(user_ids[0]) and sorted(store.users()) == sorted(survivors)
+    for user_id in survivors:  # whole: every file there, and its checksum holds
+        assert all(torch.equal(t, before[user_id][k]) for k, t in store.get(user_id).tensors.items())
+
+
+def _legacy_put(store, user_id, engine, slot, monkeypatch):
+    """A version written where a store made before hashed folder names put it."""
+    with monkeypatch.context() as patched:
+        patched.setattr(store_module, "folder_name", legacy_folder_name)
+        return _put(store, user_id, engine, slot)
+
+
+def test_a_store_written_with_the_old_naming_keeps_working(index_url, engine, tmp_path, monkeypatch):
+    store = ModuleStore(tmp_path / "root", index=index_url)
+    ann, bob = LEGACY_TWINS
+    for slot, user_id in enumerate(LEGACY_TWINS, start=1):
+        _legacy_put(store, user_id, engine, slot, monkeypatch)
+    shared = store.root / legacy_folder_name(ann)
+    assert len(list(shared.iterdir())) == 2  # both users' versions in one folder, as the old code left them
+    store.close()
+
+    reopened = ModuleStore(tmp_path / "root", index=index_url)
+    assert reopened.get(ann).meta["user"] == ann and reopened.get(bob).meta["user"] == bob
+    record = _put(reopened, ann, engine, 3)  # a new version goes to the hashed folder
+    assert record.folder.startswith(folder_name(ann) + "/") and reopened.versions(ann)[0].folder.startswith(
+        legacy_folder_name(ann) + "/"
+    )
+    reopened.rollback(ann)  # the old version is still read in place
+    assert reopened.get(ann).meta["user"] == ann
+    bob_tensors = reopened.get(bob).tensors
+    reopened.delete(ann)
+    assert not reopened.has(ann) and reopened.users() == [bob]
+    assert shared.is_dir() and len(list(shared.iterdir())) == 1  # bob's version, left whole
+    assert all(torch.equal(t, bob_tensors[k]) for k, t in reopened.get(bob).tensors.items())
+    reopened.delete(bob)
+    assert not shared.exists() and reopened.users() == []
 
 
 @pytest.mark.parametrize("user_id", [INDEX_FILE, f"{INDEX_FILE}-wal", f"{INDEX_FILE}-shm", "INDEX.sqlite3"])

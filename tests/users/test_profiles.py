@@ -3,10 +3,13 @@ model), it follows their history, and forgetting the user removes it."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tailorlm.store.index import HistoryRecord
 from tailorlm.train.trainer import TrainConfig
+from tailorlm.users.identity import legacy_cache_of
 from tailorlm.users.service import PROFILE_FILE, UserService
 
 CONFIG = TrainConfig(epochs=1, batch_size=4, learning_rate=1e-2, users_per_step=2)
@@ -46,3 +49,20 @@ def test_forgetting_removes_the_profile(imported):
     assert imported.profile("2") is None
     assert not imported.cache_folder("2").exists()
     assert not any(written in p.read_bytes() for p in imported.root.rglob("*") if p.is_file())
+
+
+def test_a_legacy_cache_folder_shared_by_two_ids_serves_neither_the_others_profile(imported):
+    """Before hashed folder names, ``x!#~^@@`` and ``x!#é%)é`` shared one cache folder, so one's profile
+    was served to the other. A profile left there is read only by the user it names, and forgetting
+    the other user leaves it alone."""
+    ann, bob = "x!#~^@@", "x!#\u00e9%)\u00e9"
+    assert legacy_cache_of(ann) == legacy_cache_of(bob)
+    for user_id in (ann, bob):
+        imported.add(user_id)
+    profile = {"user": ann, "text": "likes zebras", "items": ["a"]}
+    imported.store.files.write_text(f"{legacy_cache_of(ann)}/{PROFILE_FILE}", json.dumps(profile))
+    assert imported.profile(ann).text == "likes zebras" and imported.profile(bob) is None
+    assert imported.delete(bob).cache is False
+    assert imported.profile(ann).text == "likes zebras"
+    assert imported.delete(ann).cache is True
+    assert not imported.store.files.exists(legacy_cache_of(ann))

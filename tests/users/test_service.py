@@ -24,6 +24,10 @@ CANARY = "zq-canary-5d1b77"
 CONFIG = TrainConfig(epochs=1, batch_size=4, learning_rate=1e-2, users_per_step=2)
 
 
+# Ids that are no single segment of /v1/users/{id}, so HTTP could neither reach nor forget them.
+NO_PATH_SEGMENT = ["a/b", "../etc", "a\\b", ".", "..", "/"]
+
+
 class Killed(Exception):
     pass
 
@@ -42,17 +46,20 @@ def imported(service):
 
 
 @pytest.mark.parametrize(
-    "bad", ["", " ann", "ann\n", "a\x00b", "a\x1bb", "x" * 129, "\udc80", "a\u2028b", 5, None]
+    "bad",
+    ["", " ann", "ann\n", "a\x00b", "a\x1bb", "x" * 129, "\udc80", "a\u2028b", 5, None, *NO_PATH_SEGMENT],
 )
 def test_bad_user_ids_are_refused_before_anything_is_written(service, bad):
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="printable characters"):  # the message states the rule
         check_user_id(bad)
     with pytest.raises(UserError):
         service.add(bad)
     assert not service.exists() or service.index.user_ids() == []
 
 
-@pytest.mark.parametrize("good", ["ann", "a/b", "../etc", "über-user", "x" * 128, "index.sqlite3"])
+@pytest.mark.parametrize(
+    "good", ["ann", "...", "a.b", "%2F", "a?b#c", "über-user", "x" * 128, "index.sqlite3", "u-" + "0" * 64]
+)
 def test_odd_but_printable_ids_are_users_with_a_safe_folder(service, good):
     info = service.add(good, kind="ia3")
     assert (info.user_id, info.kind, info.history, info.current_version) == (good, "ia3", 0, None)

@@ -4,12 +4,16 @@ one object; a mistake is one line and exit code 2, never a traceback; a killed `
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
+import time
 
 import pytest
 from typer.testing import CliRunner
 
 from tailorlm.cli import app
-from tailorlm.store.store import ModuleStore
+from tailorlm.store.store import ModuleStore, folder_name
+from tailorlm.users.identity import cache_of
 from tailorlm.users.service import UserService
 
 runner = CliRunner()
@@ -84,6 +88,29 @@ def test_delete_asks_first(store):
     agreed = runner.invoke(app, ["users", "delete", "1", "--store", str(store)], input="y\n")
     assert agreed.exit_code == 0, agreed.output
     assert _json("users", "list", "--store", str(store))["users"] == []
+
+
+def test_delete_waits_for_a_reader_then_says_the_index_is_compacted(store):
+    """A reader holding the index (another process's read transaction) holds compaction up: the command
+    retries for a while and reports the outcome; ``show`` then says the user was forgotten."""
+    _imported(store, "1,2")
+    reader = sqlite3.connect(store / "index.sqlite3", isolation_level=None, check_same_thread=False)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM history").fetchone()
+
+    def release() -> None:
+        time.sleep(1.0)
+        reader.execute("COMMIT")
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    forgotten = _json("users", "delete", "1", "--yes", "--store", str(store))
+    releaser.join()
+    reader.close()
+    assert forgotten["compacted"] is True and forgotten["compaction"] is None and forgotten["history"] == 22
+    shown = runner.invoke(app, ["users", "show", "1", "--store", str(store)])
+    assert shown.exit_code != 0 and "forgotten at" in shown.output and "compacted away" in shown.output
+    assert "Traceback" not in shown.output
 
 
 def test_a_killed_train_resumes(store, monkeypatch):
@@ -213,10 +240,11 @@ def test_a_store_under_an_fsspec_url_with_its_index_in_postgres(postgres, monkey
     )  # fmt: skip
     assert payload["store"] == root and fs.isfile(f"{base}/.store.json")
     assert sorted(_json("users", "train", "--epochs", "1", "--store", root)["trained"]) == ["1", "2"]
-    assert fs.isfile(f"{base}/.cache/1/profile.json")  # the profile training writes, beside the modules
+    assert fs.isfile(f"{base}/{cache_of('1')}/profile.json")  # what training writes, beside the modules
     shown = _json("users", "show", "1", "--store", root)
     assert shown["current_version"] == 1 and fs.isdir(f"{base}/{shown['versions'][0]['folder']}")
     forgotten = _json("users", "delete", "1", "--yes", "--store", root)
     assert forgotten["versions"] == [1] and forgotten["cache"] is True
-    assert not fs.exists(f"{base}/1") and not fs.exists(f"{base}/.cache/1") and fs.exists(f"{base}/2")
+    assert not fs.exists(f"{base}/{folder_name('1')}") and not fs.exists(f"{base}/{cache_of('1')}")
+    assert fs.exists(f"{base}/{folder_name('2')}")
     assert [u["user"] for u in _json("users", "list", "--store", root)["users"]] == ["2"]

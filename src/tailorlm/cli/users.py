@@ -143,6 +143,12 @@ def import_command(
             f"{p['items_added']:,} history items added to {p['store']}",
             highlight=False,
         )
+        if p["forgotten"]:
+            console.out.print(
+                f"left out {len(p['forgotten']):,} forgotten user(s) "
+                f"({', '.join(map(repr, p['forgotten'][:5]))}); `tailorlm users add ID` creates one again",
+                highlight=False,
+            )
 
     console.emit(payload, as_json, render)
 
@@ -286,6 +292,9 @@ def rollback_command(
     )
 
 
+COMPACTION_WAIT = 10.0  # seconds ``users delete`` retries a compaction a reader held up
+
+
 @users_app.command("delete")
 def delete_command(
     user: str = typer.Argument(..., help="The user's id."),
@@ -300,6 +309,8 @@ def delete_command(
         if not yes:
             typer.confirm(f"forget user {user!r} and everything stored about them?", abort=True, err=True)
         forgotten = service.delete(user)
+        if not forgotten.compacted:  # a one-off command: give a reader a few seconds to finish
+            forgotten = service.await_compaction(forgotten, COMPACTION_WAIT)
 
     def render(p: dict) -> None:
         console.out.print(
@@ -307,6 +318,12 @@ def delete_command(
             f"items, {p['keys']} keys" + (", cached data" if p["cache"] else ""),
             highlight=False,
         )
+        if not p["compacted"]:
+            console.out.print(
+                f"the index is not compacted yet: {p['compaction']}; the next process to open the store "
+                "retries (`tailorlm users show ID` says when it is done)",
+                highlight=False,
+            )
 
     console.emit(asdict(forgotten), as_json, render)
 

@@ -126,6 +126,10 @@ class Replica:
                 self.server.scheduler.cancel(job)
 
     def forget(self, user_id: str) -> int:
+        self.served.pop(user_id, None)  # a forgotten user's request count goes with them
+        # Retrievers cache by history text, not by user: start afresh rather than keep a forgotten
+        # user's (the same as a single server's delete route does).
+        self.server.retrievers = type(self.server.retrievers)()
         return self.server.scheduler.forget(user_id)
 
     def stats(self) -> dict[str, Any]:

@@ -79,12 +79,15 @@ def train_on_worker(
     group: int,
     board: Any,
     threads: int,
+    incarnations: dict[str, float] | None = None,
 ) -> list[str]:
     """One group, inside a Ray task: ``base`` is the object store's copy (this task's own once
-    deserialized, so the engine may wrap it)."""
+    deserialized, so the engine may wrap it). ``incarnations``: the caller's ``ModuleStore.incarnations``,
+    so a user forgotten (and maybe created again) while the task trains gets no version from it."""
     settings.apply_threads(threads)
     engine = shape.build(base)
     store = ModuleStore(root)
+    store.incarnations.update(incarnations or {})
 
     def report(done: int, _total: int) -> None:
         board.report.remote(group, done)
@@ -149,7 +152,13 @@ class RayRunner:
                 while waiting and len(running) < window:
                     index, group = waiting.pop(0)
                     part = _part(work, group)
-                    running[task.remote(base, shape, part, str(store.root), index, board, threads)] = index
+                    incarnations = {
+                        u.user_id: store.incarnations[u.user_id]
+                        for u in group
+                        if u.user_id in store.incarnations
+                    }
+                    ref = task.remote(base, shape, part, str(store.root), index, board, threads, incarnations)
+                    running[ref] = index
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
                 for ref in ready:
                     index = running.pop(ref)

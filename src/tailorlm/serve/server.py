@@ -182,6 +182,7 @@ class Server:
             current=self._current_version,
             on_state=lambda state: self.metrics.training_jobs.labels(state).inc(),
             max_workers=config.training_workers,
+            forgotten=lambda user_id: self.store.index.tombstone(user_id) is not None,
         )
         self.url: str | None = None  # set once it answers (run.background)
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 
+from tailorlm.methods.retrieval import RetrieverCache
 from tailorlm.serve.protocol import ApiError
 from tailorlm.serve.server import Server
 from tailorlm.store.index import HistoryRecord
@@ -20,7 +21,7 @@ UserGuard = Callable[[Server, Request, str], KeyOwner]
 
 
 class NewUser(BaseModel):
-    user_id: str = Field(min_length=1, max_length=128)
+    user_id: str  # the id rule is the users layer's (``users.identity.check_user_id``): a 400 naming it
     kind: str | None = None
     issue_key: bool = True
 
@@ -74,19 +75,22 @@ def register(app: FastAPI, server: Server, admin: Guard, self_or_admin: UserGuar
     def delete_user(user_id: str, request: Request) -> dict:
         admin(server, request)
         try:
-            revoked = service.revoke_keys(user_id)  # first, so no new request of theirs gets in
+            # First, in one transaction: their rows and keys go and their tombstone is written, so from
+            # here no request, history post or finishing retrain of theirs can write anything again.
+            forgotten = service.delete(user_id)
         except UserError as error:
             raise _user_error(error) from None
-        server.jobs.cancel_user(user_id)
-        cleared = server.scheduler.forget(user_id)
-        forgotten = service.delete(user_id)
+        server.jobs.cancel_user(user_id)  # the worker stopped, its records dropped
+        cleared = server.scheduler.forget(user_id)  # their slots reset to the identity
+        # Retrievers cache what they computed from history text (embeddings by text), not by user: drop
+        # them all rather than keep anything derived from a forgotten user's history.
+        server.retrievers = RetrieverCache()
         return {
             "object": "user.deleted",
             "id": user_id,
             "deleted": True,
             "slots_cleared": cleared,
             **vars(forgotten),
-            "keys": revoked,
         }
 
     @app.post("/v1/users/{user_id}/keys", status_code=201)

@@ -4,11 +4,20 @@ and their API keys (as hashes). One interface (``StoreIndex``), two databases (`
 - SQLite, the default for one machine: one file beside the module folders, embedded (nothing to
   start), transactional, safe for several processes (the server and a training worker) with WAL and a
   busy timeout. Forgetting a user must leave nothing of them behind, so ``secure_delete`` overwrites
-  deleted rows in the file and the WAL is checkpointed and truncated after a delete.
-- PostgreSQL, for workers and replicas on several machines (a ``postgresql://`` URL): every write to a
-  user's versions or history holds that user's row lock, so concurrent writers never share a version
-  number; forgetting a user vacuums the tables it touched (see ``PostgresBackend.reclaim`` for what that
-  does and does not remove).
+  deleted rows in the file, and after a delete the file is vacuumed and the WAL checkpointed and
+  truncated (``compact``).
+- PostgreSQL, for workers and replicas on several machines (a ``postgresql://`` URL): every write of a
+  user holds that user's lock, so concurrent writers never share a version number; forgetting a user
+  vacuums the tables it touched (see ``PostgresBackend.reclaim`` for what that does and does not remove).
+
+Whether a user exists is decided here and nowhere else, inside the transaction of the write that depends
+on it. Every write for one user (creating them, a version, history, a key, their spec, forgetting them)
+first takes that user's lock (SQLite: the database's one write lock; PostgreSQL: an advisory lock keyed
+by the id, which also covers a user whose row does not exist yet), so "exists?" and the write are one
+step. Forgetting a user leaves a tombstone: an HMAC of the id under a salt kept in ``meta`` (the id
+itself is not kept). A write for a tombstoned id is refused (``ForgottenUserError``) until an explicit
+re-create (``add_user(..., revive=True)``) removes the tombstone: no retrain finishing late, history
+post racing the delete or worker of a killed server can bring a forgotten user back.
 
 Every statement below is written once, in the SQL both agree on.
 """
@@ -16,7 +25,11 @@ Every statement below is written once, in the SQL both agree on.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
+import logging
+import secrets
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,8 +39,15 @@ from typing import Any
 
 from tailorlm.store.index_backends import Backend, connect
 
+log = logging.getLogger(__name__)
+
 INDEX_FILE = "index.sqlite3"
-SCHEMA_VERSION = 2  # 2: users.spec (a user's own module spec)
+SCHEMA_VERSION = 3  # 2: users.spec (a user's own module spec); 3: tombstones
+SALT_KEY = "tombstone_salt"  # the meta row holding the salt of tombstones' HMACs
+# Compaction after a delete waits this long for a lock at most (seconds): a reader holding the index
+# makes it give up and retry in the background, never makes other requests wait behind it for long.
+COMPACT_WAIT = 0.2
+COMPACT_RETRY = (0.5, 30.0)  # first and longest pause between background retries, in seconds
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -71,11 +91,36 @@ CREATE TABLE IF NOT EXISTS keys (
     created DOUBLE PRECISION NOT NULL,
     label TEXT
 );
+CREATE TABLE IF NOT EXISTS tombstones (
+    id_hash TEXT PRIMARY KEY,
+    deleted DOUBLE PRECISION NOT NULL,
+    compacted DOUBLE PRECISION
+);
 """
 _ADD_USER = "INSERT INTO users(id, created) VALUES (?, ?) ON CONFLICT DO NOTHING"
 _UPSERT_META = (
     "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
 )
+
+
+class UnknownUserError(KeyError):
+    """A write names a user the index does not hold."""
+
+    def __str__(self) -> str:  # KeyError's own str() would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ForgottenUserError(UnknownUserError):
+    """A write names a user who was forgotten: refused until they are explicitly created again."""
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """What the index keeps of a forgotten user: when, and whether their deleted rows are compacted
+    away yet (None: not yet, ``StoreIndex.compact``)."""
+
+    deleted: float
+    compacted: float | None
 
 
 @dataclass(frozen=True)
@@ -154,9 +199,21 @@ class StoreIndex:
                         db.execute(statement)
                 db.migrate()
                 db.execute(_UPSERT_META, ("schema_version", str(SCHEMA_VERSION)))
+                db.execute(
+                    "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO NOTHING",
+                    (SALT_KEY, secrets.token_hex(32)),
+                )
+                salt = db.execute("SELECT value FROM meta WHERE key = ?", (SALT_KEY,)).fetchone()["value"]
+                pending = db.execute("SELECT 1 AS found FROM tombstones WHERE compacted IS NULL").fetchall()
         except BaseException:
             self._backend.close()
             raise
+        self._salt = bytes.fromhex(salt)
+        self._closed = threading.Event()
+        self._compactor: threading.Thread | None = None
+        self.compaction_blocked: str | None = None  # why the last compaction could not finish
+        if pending:  # a delete whose compaction a reader prevented, maybe in a process now gone
+            self._compact_later()
 
     @property
     def path(self) -> Path | None:
@@ -164,6 +221,7 @@ class StoreIndex:
         return getattr(self._backend, "path", None)
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
             self._backend.close()
 
@@ -185,20 +243,60 @@ class StoreIndex:
             return self._backend.execute(sql, args).fetchall()
 
     def _lock_user(self, db: Backend, user_id: str) -> None:
-        """Inside a transaction, after the user's row exists: hold it until the commit, where the
-        database does not already serialize every writer (``index_backends``)."""
+        """First thing inside a transaction that writes for ``user_id``: hold the user's lock until the
+        commit, where the database does not already serialize every writer (``index_backends``). The
+        lock is keyed by the id, so it holds for a user whose row does not exist (yet, or any more)."""
         if db.lock_user is not None:
-            db.execute(db.lock_user, (user_id,))
+            key = int.from_bytes(hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).digest()[:8], "big")
+            db.execute(db.lock_user, (key - (1 << 64) if key >= 1 << 63 else key,))
+
+    def _tombstone_of(self, user_id: str) -> str:
+        """The salted hash a forgotten user is remembered by (never the id itself)."""
+        return hmac.new(self._salt, user_id.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+
+    def _refuse_if_forgotten(self, db: Backend, user_id: str) -> None:
+        stone = (self._tombstone_of(user_id),)
+        if db.execute("SELECT 1 AS found FROM tombstones WHERE id_hash = ?", stone).fetchall():
+            raise ForgottenUserError(f"user {user_id!r} was forgotten; create them again to write for them")
+
+    def _writable(self, db: Backend, user_id: str, create: bool) -> None:
+        """Inside a transaction, under the user's lock: refuse a write for a forgotten user; create a
+        user that is not there when ``create`` (a module put into a plain store), else refuse it."""
+        self._lock_user(db, user_id)
+        self._refuse_if_forgotten(db, user_id)
+        if create:
+            db.execute(_ADD_USER, (user_id, time.time()))
+        elif not db.execute("SELECT 1 AS found FROM users WHERE id = ?", (user_id,)).fetchall():
+            raise UnknownUserError(f"no user {user_id!r} in this store")
 
     # ---- users -------------------------------------------------------------------------------------
 
-    def add_user(self, user_id: str) -> bool:
-        """Record ``user_id``; False when they were there already."""
+    def add_user(self, user_id: str, revive: bool = True) -> bool:
+        """Record ``user_id``; False when they were there already. A forgotten user is created again
+        (their tombstone removed) when ``revive``, else refused with ``ForgottenUserError``."""
         with self.transaction() as db:
+            self._lock_user(db, user_id)
+            if revive:
+                db.execute("DELETE FROM tombstones WHERE id_hash = ?", (self._tombstone_of(user_id),))
+            else:
+                self._refuse_if_forgotten(db, user_id)
             return db.execute(_ADD_USER, (user_id, time.time())).rowcount == 1
 
     def has_user(self, user_id: str) -> bool:
         return bool(self._rows("SELECT 1 AS found FROM users WHERE id = ?", user_id))
+
+    def incarnation(self, user_id: str) -> float | None:
+        """When ``user_id`` was created (None: not there): a user forgotten and created again is another
+        incarnation, which must receive nothing derived from the forgotten one's data."""
+        rows = self._rows("SELECT created FROM users WHERE id = ?", user_id)
+        return rows[0]["created"] if rows else None
+
+    def tombstone(self, user_id: str) -> Tombstone | None:
+        """When ``user_id`` was forgotten and whether it is compacted yet; None: not forgotten."""
+        rows = self._rows(
+            "SELECT deleted, compacted FROM tombstones WHERE id_hash = ?", self._tombstone_of(user_id)
+        )
+        return Tombstone(rows[0]["deleted"], rows[0]["compacted"]) if rows else None
 
     def user_ids(self) -> list[str]:
         """Every user id, in code point order (sorted here: PostgreSQL's ORDER BY follows the
@@ -209,8 +307,8 @@ class StoreIndex:
         """Record the module spec ``user_id`` trains with (None: the store's default)."""
         text = None if spec is None else json.dumps(dict(spec), sort_keys=True)
         with self.transaction() as db:
-            if not db.execute("UPDATE users SET spec = ? WHERE id = ?", (text, user_id)).rowcount:
-                raise KeyError(f"no user {user_id!r} in this store")
+            self._writable(db, user_id, create=False)
+            db.execute("UPDATE users SET spec = ? WHERE id = ?", (text, user_id))
 
     def user_spec(self, user_id: str) -> dict[str, Any] | None:
         rows = self._rows("SELECT spec FROM users WHERE id = ?", user_id)
@@ -234,33 +332,96 @@ class StoreIndex:
             return db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()["value"]
 
     def delete_user(self, user_id: str) -> list[VersionRecord]:
-        """Forget ``user_id``: every row of theirs (versions, history, keys) in one transaction, then
-        the deleted rows reclaimed (SQLite: the write-ahead log folded into the file and truncated, so no
-        copy of their rows stays in it; PostgreSQL: ``VACUUM``, see ``PostgresBackend.reclaim``).
-        Returns the versions whose folders the caller must now remove."""
+        """Forget ``user_id``: every row of theirs (versions, history, keys) deleted and their tombstone
+        written, in one transaction, so no later write brings them back. Returns the versions whose
+        folders the caller must now remove. The deleted rows are then compacted away (``compact``);
+        ``tombstone(user_id).compacted`` says when that is done."""
         with self.transaction() as db:
+            self._lock_user(db, user_id)
             versions = [
                 VersionRecord.from_row(row)
                 for row in db.execute("SELECT * FROM versions WHERE user_id = ?", (user_id,)).fetchall()
             ]
             db.execute("DELETE FROM users WHERE id = ?", (user_id,))  # cascades to every other table
-        self.checkpoint()
+            db.execute(
+                "INSERT INTO tombstones(id_hash, deleted, compacted) VALUES (?, ?, NULL) "
+                "ON CONFLICT(id_hash) DO UPDATE SET deleted = excluded.deleted, compacted = NULL",
+                (self._tombstone_of(user_id), time.time()),
+            )
+        if self.compact() is not None:
+            self._compact_later()
         return versions
 
-    def checkpoint(self) -> None:
-        """Make deleted rows go away from where the database keeps them (``Backend.reclaim``)."""
+    def compact(self, wait: float = COMPACT_WAIT) -> str | None:
+        """Make deleted rows go away from where the database keeps them (``Backend.reclaim``), waiting at
+        most ``wait`` seconds for a lock. Returns None when done (every tombstone so far is then marked
+        compacted), else why not: a reader that holds the index (logged, and kept in
+        ``compaction_blocked``)."""
         with self._lock:
-            self._backend.reclaim()
+            started = time.time()
+            pending = self._backend.execute(
+                "SELECT MIN(deleted) AS since FROM tombstones WHERE compacted IS NULL"
+            ).fetchone()["since"]
+            blocked = self._backend.reclaim(wait, pending if pending is not None else started)
+            if blocked is None:
+                self._backend.execute(
+                    "UPDATE tombstones SET compacted = ? WHERE compacted IS NULL AND deleted <= ?",
+                    (time.time(), started),
+                )
+        if blocked is not None and blocked != self.compaction_blocked:
+            log.warning(
+                "compacting the index %s after a delete is held up: %s; retrying", self.where, blocked
+            )
+        self.compaction_blocked = blocked
+        return blocked
+
+    def checkpoint(self) -> None:
+        """Compact now, waiting as long as the database's busy timeout (a test's or a command's
+        explicit wish); raises when a reader still prevents it."""
+        blocked = self.compact(wait=30.0)
+        if blocked is not None:
+            raise RuntimeError(f"the index at {self.where} could not be compacted: {blocked}")
+
+    def _compact_later(self) -> None:
+        """Retry ``compact`` in a background thread, with growing pauses, until it succeeds or the index
+        is closed."""
+        with self._lock:
+            if self._compactor is not None and self._compactor.is_alive():
+                return
+            self._compactor = threading.Thread(
+                target=self._retry_compaction, name="index-compaction", daemon=True
+            )
+            self._compactor.start()
+
+    def _retry_compaction(self) -> None:
+        pause, longest = COMPACT_RETRY
+        while not self._closed.wait(pause):
+            try:
+                if self.compact() is None:
+                    return
+            except Exception as error:  # a closed or lost connection: the next open retries
+                log.warning("compacting the index %s failed: %s", self.where, error)
+                if self._closed.is_set():
+                    return
+            pause = min(longest, pause * 2)
 
     # ---- module versions ---------------------------------------------------------------------------
 
-    def add_version(self, record: VersionRecord) -> VersionRecord:
+    def add_version(self, record: VersionRecord, incarnation: float | None = None) -> VersionRecord:
         """Record a new version of ``record.user_id`` and make it current, in one transaction. The module
         folder must be complete on disk before this is called: a row never points at a missing file.
-        ``record.version`` is ignored; the next number is assigned here, under the user's lock."""
+        ``record.version`` is ignored; the next number is assigned here, under the user's lock.
+        ``incarnation``: the user's ``incarnation`` when the version's training read their history; if
+        they were forgotten and created again since, the version is refused (``ForgottenUserError``): it
+        was trained on the forgotten user's data."""
         with self.transaction() as db:
-            db.execute(_ADD_USER, (record.user_id, time.time()))
-            self._lock_user(db, record.user_id)
+            self._writable(db, record.user_id, create=incarnation is None)
+            if incarnation is not None:
+                row = db.execute("SELECT created FROM users WHERE id = ?", (record.user_id,)).fetchone()
+                if row is None or row["created"] != incarnation:
+                    raise ForgottenUserError(
+                        f"user {record.user_id!r} was forgotten since this version was trained on their data"
+                    )
             latest = db.execute(
                 "SELECT COALESCE(MAX(version), 0) AS latest FROM versions WHERE user_id = ?",
                 (record.user_id,),
@@ -307,7 +468,7 @@ class StoreIndex:
     def set_current(self, user_id: str, version: int) -> VersionRecord:
         """Serve ``version`` of ``user_id`` from now on (a rollback, or a roll forward again)."""
         with self.transaction() as db:
-            self._lock_user(db, user_id)
+            self._writable(db, user_id, create=False)
             row = db.execute(
                 "SELECT * FROM versions WHERE user_id = ? AND version = ?", (user_id, version)
             ).fetchone()
@@ -347,23 +508,24 @@ class StoreIndex:
 
     # ---- history -----------------------------------------------------------------------------------
 
-    def add_history(self, user_id: str, items: Sequence[HistoryRecord]) -> int:
-        """Append items to ``user_id``'s history (creating the user); returns how many they now have."""
-        return self._append_history(user_id, items, skip_known=False)[1]
+    def add_history(self, user_id: str, items: Sequence[HistoryRecord], create: bool = True) -> int:
+        """Append items to ``user_id``'s history (creating the user unless ``create`` is False, never
+        a forgotten one); returns how many they now have."""
+        return self._append_history(user_id, items, skip_known=False, create=create)[1]
 
-    def add_unseen_history(self, user_id: str, items: Sequence[HistoryRecord]) -> int:
+    def add_unseen_history(self, user_id: str, items: Sequence[HistoryRecord], create: bool = True) -> int:
         """Append the items whose id ``user_id``'s history does not hold yet (a repeat within ``items``
-        counts once), creating the user; returns how many were added. Checked and written in one
-        transaction, so importing the same data twice, or a retried request, adds nothing."""
-        return self._append_history(user_id, items, skip_known=True)[0]
+        counts once), creating the user unless ``create`` is False (never a forgotten one); returns how
+        many were added. Checked and written in one transaction, so importing the same data twice, or a
+        retried request, adds nothing."""
+        return self._append_history(user_id, items, skip_known=True, create=create)[0]
 
     def _append_history(
-        self, user_id: str, items: Sequence[HistoryRecord], skip_known: bool
+        self, user_id: str, items: Sequence[HistoryRecord], skip_known: bool, create: bool
     ) -> tuple[int, int]:
         """(items added, items the user now has)."""
         with self.transaction() as db:
-            db.execute(_ADD_USER, (user_id, time.time()))
-            self._lock_user(db, user_id)
+            self._writable(db, user_id, create)
             count = db.execute(
                 "SELECT COUNT(*) AS count FROM history WHERE user_id = ?", (user_id,)
             ).fetchone()["count"]
@@ -401,8 +563,11 @@ class StoreIndex:
     # ---- API keys (hashes only) --------------------------------------------------------------------
 
     def add_key(self, key_hash: str, user_id: str | None, role: str, label: str | None = None) -> None:
-        """Record a key by its hash: ``user_id`` None for an admin key. The key itself is never stored."""
+        """Record a key by its hash: ``user_id`` None for an admin key. The key itself is never stored. A
+        user key needs the user to exist (``UnknownUserError``, ``ForgottenUserError``)."""
         with self.transaction() as db:
+            if user_id is not None:
+                self._writable(db, user_id, create=False)
             db.execute(
                 "INSERT INTO keys(key_hash, user_id, role, created, label) VALUES (?, ?, ?, ?, ?)",
                 (key_hash, user_id, role, time.time(), label),

@@ -7,14 +7,16 @@ what differs:
 
 - ``begin``: how a write transaction starts. SQLite's ``BEGIN IMMEDIATE`` takes the database's one
   write lock at once, so writers are serialized. PostgreSQL's plain ``BEGIN`` locks nothing, hence:
-- ``lock_user``: on PostgreSQL a write to one user's versions or history first takes that user's row
-  lock (``SELECT ... FOR UPDATE``). Two writers of the same user then run one after the other and never
-  compute the same next version number (the primary keys would refuse it anyway), while writers of
-  different users run side by side. None on SQLite.
+- ``lock_user``: on PostgreSQL every write for one user first takes a transaction-level advisory lock
+  keyed by a 64-bit hash of the id (a row lock would not exist for a user not created yet, nor hold
+  against one being deleted). Two writers of the same user then run one after the other: they never
+  compute the same next version number, and a write never decides "the user exists" while a delete of
+  them is under way. Writers of different users run side by side. None on SQLite.
 - ``prepare_schema``: PostgreSQL's ``CREATE TABLE IF NOT EXISTS`` is not safe when several processes
   open a new index at once, so its schema transaction first takes an advisory lock.
 - ``migrate``: schema 1 existed only in SQLite files.
-- ``reclaim``: what makes deleted rows go away after a user is forgotten.
+- ``reclaim``: what makes deleted rows go away after a user is forgotten, waiting a short while at most;
+  it says why it could not (a reader that holds them).
 
 ``connect(location)`` picks the backend: a ``postgresql://`` (or ``postgres://``) URL, else a SQLite
 file (a path, or a ``sqlite:///`` URL).
@@ -22,17 +24,22 @@ file (a path, or a ``sqlite:///`` URL).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from tailorlm.files import PRIVATE_FILE, private_folder
+
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 SQLITE_PREFIX = "sqlite:///"
 # Any fixed number: the advisory lock that serializes concurrent schema creation in one database.
 _SCHEMA_LOCK = 0x7A11_0121
+BUSY_TIMEOUT = 30.0  # seconds a SQLite write waits for another process's write to finish
 
 
 class StoreLocationError(ValueError):
@@ -84,10 +91,10 @@ class SqliteBackend:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.where = str(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _private_file(path)
         # isolation_level=None: transactions are explicit (``StoreIndex.transaction``), nothing is begun
         # implicitly.
-        self._db = sqlite3.connect(path, timeout=30.0, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -111,13 +118,43 @@ class SqliteBackend:
         if "spec" not in columns:  # schema 1 had no per-user spec
             self._db.execute("ALTER TABLE users ADD COLUMN spec TEXT")
 
-    def reclaim(self) -> None:
-        """Fold the write-ahead log into the file and truncate it; with ``secure_delete`` the deleted
-        rows' bytes are then overwritten everywhere the database keeps them."""
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    def reclaim(self, wait: float, since: float) -> str | None:
+        """``VACUUM`` the file, then fold the write-ahead log into it and truncate it; with
+        ``secure_delete`` the deleted rows' bytes are then gone from everywhere the database keeps them.
+        Waits at most ``wait`` seconds for a lock (not the 30 s of ordinary writes: this connection is
+        shared by the server's threads). Returns None when done, else why not: another connection's
+        read transaction keeps old pages in the log until it ends."""
+        self._db.execute(f"PRAGMA busy_timeout = {max(1, int(wait * 1000))}")
+        try:
+            try:
+                self._db.execute("VACUUM")
+            except sqlite3.OperationalError as error:
+                return f"VACUUM could not run ({error}): another connection holds the index"
+            busy, frames, _copied = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            wal = self.path.with_name(f"{self.path.name}-wal")
+            if busy or frames or (wal.exists() and wal.stat().st_size):
+                return (
+                    "a reader holds the index open, so the write-ahead log (which still holds the "
+                    "deleted rows) cannot be folded in and truncated"
+                )
+            return None
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
 
     def close(self) -> None:
         self._db.close()
+
+
+def _private_file(path: Path) -> None:
+    """Create the index file owner-only (0600) whatever the umask, before SQLite opens it: SQLite gives
+    its ``-wal`` and ``-shm`` files the database file's mode, so they follow. An index an older version
+    made readable to others is narrowed when its owner opens it; another account's file is left alone."""
+    private_folder(path.parent)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
+    for file in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+        with contextlib.suppress(OSError):  # absent, or not ours
+            if file.stat().st_uid == os.getuid() and file.stat().st_mode & 0o077:
+                os.chmod(file, PRIVATE_FILE)
 
 
 @functools.lru_cache(maxsize=256)
@@ -133,7 +170,7 @@ class PostgresBackend:
     (which refuses to run inside a transaction) can run after a user is forgotten."""
 
     begin = "BEGIN"
-    lock_user: str | None = "SELECT id FROM users WHERE id = ? FOR UPDATE"
+    lock_user: str | None = "SELECT pg_advisory_xact_lock(?::bigint)"
 
     def __init__(self, url: str) -> None:
         self.where = without_password(url)
@@ -245,9 +282,12 @@ class PostgresBackend:
     def migrate(self) -> None:
         """Nothing yet: every PostgreSQL index was created at schema 2 or later."""
 
-    def reclaim(self) -> None:
+    def reclaim(self, wait: float, since: float) -> str | None:
         """``VACUUM`` the tables a forgotten user had rows in, so their dead row versions are removed
-        from the tables and their indexes and the space is marked free for reuse.
+        from the tables and their indexes and the space is marked free for reuse. Returns None when
+        done, else why not: a transaction of another connection open since before the delete (at
+        ``since``, this machine's clock) still sees the rows, so ``VACUUM`` must keep them. Waits at most
+        ``wait`` seconds for the table locks (which only another ``VACUUM`` or a schema change holds).
 
         What this does not guarantee: plain ``VACUUM`` does not zero freed space, so deleted bytes can
         stay in the data files until new rows overwrite them (measured on PostgreSQL 15: a forgotten
@@ -258,10 +298,34 @@ class PostgresBackend:
         recycled, WAL archives, replicas' history, base backups, ``pg_dump`` files) are not touched.
         Those follow the database's own retention, which an operator must set to match what forgetting
         a user promises."""
-        self._db.execute("VACUUM (INDEX_CLEANUP ON) users, versions, history, keys")
+        blockers = self._db.execute(
+            "SELECT count(*) AS open FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+            "AND datname = current_database() AND backend_xmin IS NOT NULL "
+            "AND xact_start <= to_timestamp(%s)",
+            (since,),
+        ).fetchone()["open"]
+        self._db.execute(f"SET lock_timeout = {max(1, int(wait * 1000))}")
+        try:
+            self._db.execute("VACUUM (INDEX_CLEANUP ON) users, versions, history, keys")
+        except psycopg_errors().LockNotAvailable as error:
+            return f"VACUUM could not take its locks ({self._reason(error)})"
+        finally:
+            self._db.execute("SET lock_timeout = 0")
+        if blockers:
+            return (
+                f"{blockers} transaction(s) of other connections open since before the delete still see "
+                "the deleted rows, so VACUUM keeps them until they end"
+            )
+        return None
 
     def close(self) -> None:
         self._db.close()
+
+
+def psycopg_errors() -> Any:
+    import psycopg
+
+    return psycopg.errors
 
 
 Backend = SqliteBackend | PostgresBackend

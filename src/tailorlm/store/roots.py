@@ -2,9 +2,11 @@
 ``s3://``, ...) when the store's root is a URL. ``ModuleStore`` names every file by its path relative to
 the root (``ann/v18c...-1a2b3c4d/adapter_model.safetensors``) and reads and writes through one of these.
 
-``LocalRoot`` is the code path of a plain folder, unchanged: a module folder is written in place by
-``module_folder.write_module`` (staged, fsynced, renamed) and read in place. ``FsspecRoot`` writes a
-module folder on local disk first and uploads its files; reads download them into a temporary folder.
+``LocalRoot`` is the code path of a plain folder: a module folder is written in place by
+``module_folder.write_module`` (staged, fsynced, renamed) and read in place. Everything it creates is
+owner-only (folders 0700, files 0600) whatever the umask: a store holds users' history and modules.
+``FsspecRoot`` writes a module folder on local disk first and uploads its files; reads download them
+into a temporary folder.
 An upload is not atomic on an object store, and need not be: every version goes to a new folder, and the
 index row that names it is written after the upload, so no reader ever looks at a folder still being
 written (the index is the commit point). A failed upload removes what it wrote; what a killed one leaves
@@ -19,7 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from tailorlm.files import atomic_write_text
+from tailorlm.files import atomic_write_text, make_private, private_folder
 from tailorlm.store.index_backends import StoreLocationError
 
 
@@ -50,7 +52,10 @@ class LocalRoot:
     def new_folder(self, relative: str) -> Iterator[Path]:
         """A local folder to write a new folder's files into, published at ``relative`` when the block
         ends. Here that is the folder itself: its writer stages and renames it."""
-        yield self.local(relative)
+        folder = self.local(relative)
+        private_folder(folder.parent)
+        yield folder
+        make_private(folder)
 
     @contextlib.contextmanager
     def reading(self, relative: str) -> Iterator[Path]:
@@ -65,18 +70,25 @@ class LocalRoot:
 
     def folders(self, relative: str) -> list[str]:
         """Names of the folders in ``relative`` (none when it does not exist)."""
-        folder = self.local(relative)
-        return [child.name for child in folder.iterdir() if child.is_dir()] if folder.is_dir() else []
+        try:  # the folder may go while it is listed (its user forgotten meanwhile)
+            return [child.name for child in self.local(relative).iterdir() if child.is_dir()]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     def remove(self, relative: str) -> None:
         shutil.rmtree(self.local(relative), ignore_errors=True)
+
+    def remove_if_empty(self, relative: str) -> None:
+        """Remove the folder ``relative`` if nothing is in it (another process may be filling it)."""
+        with contextlib.suppress(OSError):
+            self.local(relative).rmdir()
 
     def read_text(self, relative: str) -> str | None:
         path = self.local(relative)
         return path.read_text(encoding="utf-8") if path.is_file() else None
 
     def write_text(self, relative: str, text: str) -> None:
-        atomic_write_text(self.local(relative), text)
+        atomic_write_text(self.local(relative), text, private=True)
 
 
 class FsspecRoot:
@@ -154,6 +166,12 @@ class FsspecRoot:
     def remove(self, relative: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self._path(relative), recursive=True)
+
+    def remove_if_empty(self, relative: str) -> None:
+        """Remove ``relative`` if it holds nothing (object stores have no empty folders to remove)."""
+        with contextlib.suppress(FileNotFoundError, OSError):
+            if not self.fs.ls(self._path(relative)):
+                self.fs.rmdir(self._path(relative))
 
     def read_text(self, relative: str) -> str | None:
         try:

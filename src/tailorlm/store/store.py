@@ -4,8 +4,11 @@ says). The one owner of folder naming, versions, completeness and atomic writes;
 benchmark setups and the server read and write modules only through it.
 
 Layout: ``root/index.sqlite3`` (or ``root/.store.json`` naming the index) and
-``root/<user folder>/<version folder>/`` (``store.module_folder``'s files). The root is a folder, or an
-fsspec URL whose files ``store.roots`` reaches. A put writes a new version folder under a fresh name
+``root/u-<sha256 of the user id>/<version folder>/`` (``store.module_folder``'s files; ``folder_name``).
+Stores written before that naming keep their old version folders where they are: the index names each
+version's folder, so they are read in place, and a user's next version goes to the new folder.
+The root is a folder, or an fsspec URL whose files ``store.roots`` reaches. A put writes a new version
+folder under a fresh name
 (staged, fsynced, renamed; or uploaded), then records it in one index transaction; a crash at any
 instant leaves the old version or the new one, never a row without its folder. A folder the index does
 not record (a put killed before its row) is not a module and is removed by a later put of that user,
@@ -19,7 +22,7 @@ import re
 import time
 import uuid
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -27,11 +30,12 @@ import torch
 from tailorlm import kinds
 from tailorlm.kinds import ModuleSpec
 from tailorlm.store import location, module_folder, roots
-from tailorlm.store.index import INDEX_FILE, StoreIndex, VersionRecord
+from tailorlm.store.index import INDEX_FILE, ForgottenUserError, StoreIndex, VersionRecord
 from tailorlm.store.module_folder import ModuleFileError, StoredModule
 
 DEFAULT_KEEP = 3  # versions kept per user; older ones are pruned (rollback reaches the kept ones)
-_HASHED = re.compile(r".*-[0-9a-f]{8}")  # how a name that got a hash ends
+USER_FOLDER_PREFIX = "u-"
+_HASHED = re.compile(r".*-[0-9a-f]{8}")  # how a legacy name that got a checksum ends
 # A version folder's name starts with when its put began (``v<time_ns hex>-``; its staging folder with
 # ``.v<time_ns hex>-``). One the index does not name is removed only this long after: until then it may
 # be a put of another process (a training worker, another machine) that has not recorded it yet.
@@ -40,13 +44,18 @@ UNRECORDED_GRACE = 3600.0  # seconds
 
 
 def folder_name(user_id: str) -> str:
-    """A filesystem-safe folder name per user id; ids that needed changing get a hash so they stay
-    distinct (``a/b`` and ``a_b`` do not share a folder), and no id can name a path outside the root.
+    """The folder of ``user_id``: ``u-`` and the full sha256 of the id (64 hex digits). One id, one
+    folder: two ids share a folder only if their sha256 collide. The name has one length and one case
+    whatever the id (a case-insensitive filesystem or a long id cannot merge two users), is never hidden
+    (staging and cache folders are), is never the index's files, and can name nothing outside the root."""
+    return USER_FOLDER_PREFIX + hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()
 
-    An id keeps its own name only when that is unambiguous: unchanged by the cleaning, not empty (that
-    would be the root itself), not hidden (staging folders are) and not spelled like a hashed name (which
-    could be another id's: ``a_b-07f4401c`` is where ``a/b`` lives), and not the index's own files
-    (``index.sqlite3`` and its ``-wal``/``-shm`` siblings share the root with the user folders)."""
+
+def legacy_folder_name(user_id: str) -> str:
+    """Where stores written before ``folder_name`` hashed every id kept ``user_id``'s folders: the id
+    cleaned and cut to 80 characters, plus a 32-bit checksum when it changed. Different ids can map to
+    the same name, so it is only ever read (an old version's folder, which the index names whole) or
+    removed when nothing of any user is left in it; nothing new is written there."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:80]
     reserved = safe.lower().startswith(INDEX_FILE)
     if safe != user_id or not safe or safe.startswith(".") or _HASHED.fullmatch(safe) or reserved:
@@ -75,6 +84,12 @@ class ModuleStore:
         self.keep = keep
         self._asked_index = index
         self._index: StoreIndex | None = None
+        # Called before each write is recorded: a training worker's check that the server that started
+        # it still runs (it raises or exits if not), so an orphan never writes.
+        self.write_guard: Callable[[], None] | None = None
+        # user id -> the incarnation (``StoreIndex.incarnation``) a training read their data from: a put
+        # for them is recorded only if they are still that incarnation (not forgotten, or created anew).
+        self.incarnations: dict[str, float] = {}
 
     @property
     def root(self) -> Path:
@@ -125,14 +140,53 @@ class ModuleStore:
     ) -> VersionRecord:
         """Store a new version of ``user_id``'s module and make it current; older versions beyond
         ``keep`` are removed after the index no longer names them."""
-        self._remove_unrecorded(user_id)
         # Unique, so it never replaces a folder; it starts with when the put began (``_STARTED``).
         relative = f"{folder_name(user_id)}/v{time.time_ns():x}-{uuid.uuid4().hex[:8]}"
         stored = StoredModule(spec, dict(tensors), {**(meta or {}), "user": user_id})
-        with self.files.new_folder(relative) as folder:
-            module_folder.write_module(stored, folder, model=model, base_name=base_name)
-            size, sha256 = module_folder.module_bytes(folder), sha256_of(folder / module_folder.WEIGHTS_FILE)
-        record = self.index.add_version(
+        try:
+            self._remove_unrecorded(user_id)
+            with self.files.new_folder(relative) as folder:
+                module_folder.write_module(stored, folder, model=model, base_name=base_name)
+                size = module_folder.module_bytes(folder)
+                sha256 = sha256_of(folder / module_folder.WEIGHTS_FILE)
+        except Exception:  # an OSError, or the writer's own error type (safetensors has its own)
+            # Forgetting the user removes their folder, a put's half-written version with it: then the
+            # put fails as any write for a forgotten user does.
+            self.files.remove(relative)
+            if self.exists() and self.index.tombstone(user_id) is not None:
+                raise ForgottenUserError(
+                    f"user {user_id!r} was forgotten while their module was written"
+                ) from None
+            raise
+        try:
+            if self.write_guard is not None:
+                self.write_guard()
+            record = self._record_version(
+                user_id, spec, base_name, meta, data_fingerprint, relative, size, sha256
+            )
+        except BaseException:
+            # Not recorded (the user was forgotten meanwhile, or the write was stopped): not a module.
+            self.files.remove(relative)
+            self.files.remove_if_empty(folder_name(user_id))
+            raise
+        for dropped in self.index.prune(user_id, self.keep):
+            self.files.remove(dropped.folder)
+        return record
+
+    def _record_version(
+        self,
+        user_id: str,
+        spec: ModuleSpec,
+        base_name: str | None,
+        meta: Mapping | None,
+        data_fingerprint: str | None,
+        relative: str,
+        size: int,
+        sha256: str,
+    ) -> VersionRecord:
+        """The index row of a version folder just written; ``UnknownUserError`` (``ForgottenUserError``)
+        when the user was forgotten."""
+        return self.index.add_version(
             VersionRecord(
                 user_id=user_id,
                 version=0,
@@ -148,11 +202,9 @@ class ModuleStore:
                     k: v for k, v in (meta or {}).items() if k in ("val_losses", "train_losses", "best_epoch")
                 },
                 folder=relative,
-            )
+            ),
+            incarnation=self.incarnations.get(user_id),
         )
-        for dropped in self.index.prune(user_id, self.keep):
-            self.files.remove(dropped.folder)
-        return record
 
     def get(self, user_id: str, version: int | None = None) -> StoredModule:
         """The current (or a given) version, its weights checked against the sha256 the index holds."""
@@ -216,12 +268,23 @@ class ModuleStore:
             return []
         return [user for user in self.index.user_ids() if self.index.current(user) is not None]
 
-    def delete(self, user_id: str) -> None:
-        """Forget ``user_id``: their index rows (reclaimed: ``StoreIndex.delete_user``) and every folder,
-        on whatever filesystem the root is."""
-        if self.exists():
-            self.index.delete_user(user_id)
+    def delete(self, user_id: str) -> str | None:
+        """Forget ``user_id``: their index rows (with a tombstone that refuses later writes for them, and
+        compacted: ``StoreIndex.delete_user``) and every folder, on whatever filesystem the root is. A
+        legacy folder (``legacy_folder_name``) may be shared with another user: only this user's versions
+        are removed from it, and it goes once it is empty. Returns None when the index is compacted
+        already, else why not yet (it is retried in the background)."""
+        if not self.exists():
+            self.files.remove(folder_name(user_id))
+            return None
+        versions = self.index.delete_user(user_id)
+        for record in versions:
+            self.files.remove(record.folder)
         self.files.remove(folder_name(user_id))
+        legacy = legacy_folder_name(user_id)
+        if not any(not name.startswith(".") for name in self.files.folders(legacy)):
+            self.files.remove(legacy)  # only staging leftovers (hidden) were left in it
+        return self.index.compaction_blocked
 
     def _remove_unrecorded(self, user_id: str) -> None:
         """Version folders of ``user_id`` the index does not name, left by a put killed before its row

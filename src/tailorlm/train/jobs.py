@@ -25,7 +25,7 @@ from tailorlm.engine.engine import Engine
 from tailorlm.kinds import ModuleSpec
 from tailorlm.models import BaseModel
 from tailorlm.progress import ProgressCallback
-from tailorlm.store.index import VersionRecord
+from tailorlm.store.index import UnknownUserError, VersionRecord
 from tailorlm.store.store import ModuleStore
 from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, UserData, UserResult
 
@@ -132,7 +132,10 @@ def train_group(
     trained: list[str] = []
 
     def keep(result: UserResult) -> None:
-        store_result(store, engine, result, work.fingerprint(result.user_id))
+        try:
+            store_result(store, engine, result, work.fingerprint(result.user_id))
+        except UnknownUserError:  # forgotten while training: the store refused the result, as it must
+            return
         trained.append(result.user_id)
         if on_stored is not None:
             on_stored(result.user_id)

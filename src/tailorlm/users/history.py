@@ -1,0 +1,92 @@
+"""A user's history: the records the index keeps, the task examples they stand for, and the fingerprint
+that says whether a module was trained on the history a user has now. Plain functions over records; who
+may write a history, and when, is ``users.lifecycle``'s to decide."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+
+from tailorlm.data.schema import Example, Task, User
+from tailorlm.store.index import HistoryRecord
+from tailorlm.users.errors import UserError
+
+HISTORY_SPLITS = ("train", "val")  # what a user's module trains on and picks its best epoch by
+
+UserSelection = Sequence[str] | int | None  # some users by id, the first N, or all of them
+
+
+def fingerprint(records: Iterable[HistoryRecord]) -> str:
+    """sha256 over history records in the order given (the store's order): every field counts, so any
+    edit, addition or move between splits changes it."""
+    digest = hashlib.sha256()
+    for record in records:
+        fields = [record.item_id, record.input, record.target, record.split, record.time, dict(record.fields)]
+        digest.update(json.dumps(fields, sort_keys=True).encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+def to_example(record: HistoryRecord) -> Example:
+    """A history record as the task example it was imported from (or would have been)."""
+    return Example(
+        id=record.item_id,
+        text=record.input,
+        target=record.target,
+        targets=(record.target,),
+        time=record.time,
+        fields=dict(record.fields),
+    )
+
+
+def to_record(example: Example, split: str) -> HistoryRecord:
+    return HistoryRecord(example.id, example.text, example.target, split, example.time, dict(example.fields))
+
+
+def checked_items(items: Sequence[HistoryRecord]) -> list[HistoryRecord]:
+    """``items`` if each is a well-formed history record (an id, text input and target, a known split,
+    JSON fields), else a ``UserError`` naming the first that is not."""
+    checked = []
+    for item in items:
+        if not isinstance(item, HistoryRecord):
+            raise UserError(f"a history item must be a HistoryRecord, got {type(item).__name__}")
+        if not isinstance(item.item_id, str) or not item.item_id:
+            raise UserError("every history item needs a non-empty string id")
+        if not isinstance(item.input, str) or not isinstance(item.target, str):
+            raise UserError(f"history item {item.item_id!r}: input and target must be text")
+        if item.split not in HISTORY_SPLITS:
+            raise UserError(
+                f"history item {item.item_id!r}: split {item.split!r} is not one of {HISTORY_SPLITS}"
+            )
+        try:
+            json.dumps(dict(item.fields))
+        except (TypeError, ValueError) as error:
+            raise UserError(f"history item {item.item_id!r}: fields are not JSON ({error})") from None
+        checked.append(item)
+    return checked
+
+
+def user_of(user_id: str, records: Sequence[HistoryRecord]) -> User:
+    """A data-model user with the train and validation examples of ``records`` (no history items)."""
+    return User(
+        id=user_id,
+        train=[to_example(r) for r in records if r.split == "train"],
+        val=[to_example(r) for r in records if r.split == "val"],
+    )
+
+
+def select(task: Task, users: UserSelection) -> list[User]:
+    """The users of ``task`` an import asked for: some by id, the first N, or all."""
+    if users is None:
+        return list(task.users)
+    if isinstance(users, str):  # one id, not a sequence of one-character ids
+        users = [users]
+    if isinstance(users, int):
+        if users < 1:
+            raise UserError(f"import at least one user, not {users}")
+        return list(task.users[:users])
+    wanted = list(dict.fromkeys(users))
+    missing = [u for u in wanted if u not in {user.id for user in task.users}]
+    if missing:
+        raise UserError(f"task {task.name} has no user(s) {', '.join(map(repr, missing[:5]))}")
+    return [task.user(u) for u in wanted]

@@ -1,0 +1,227 @@
+"""What a store's users share, and the store a service works on: the task their history came from
+(rendered into prompts with that task's templates), the base model their modules are for (with the OPPU
+task adapter merged in), and the module spec a user without their own has. Kept in the index's ``meta``
+table, so a worker process given only the store's root finds them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tailorlm import kinds
+from tailorlm.data import UnknownTaskError
+from tailorlm.data import build as data_build
+from tailorlm.data import specs as task_specs
+from tailorlm.data.schema import Task, User
+from tailorlm.files import atomic_folder
+from tailorlm.kinds import ModuleSpec, ModuleSpecError
+from tailorlm.methods import label_models
+from tailorlm.methods.deps import BaseLoader, base_loader
+from tailorlm.methods.setups import PERSONAL_KINDS
+from tailorlm.models import BaseModel
+from tailorlm.store import module_folder
+from tailorlm.store.index import StoreIndex
+from tailorlm.store.module_folder import ModuleFileError
+from tailorlm.store.store import ModuleStore
+from tailorlm.users.errors import UserError
+
+SETTINGS_KEY = "users.settings"  # the index meta row holding ServiceSettings as JSON
+DEFAULT_KIND = "lora"
+TASK_ADAPTER_FOLDER = ".task-adapter"  # hidden, so no user's module folder can take its name
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """What a store's users share: the task their history came from (rendered into prompts with that
+    task's templates), the base model their modules are for, and the spec a user without their own has."""
+
+    task: str | None = None
+    data_dir: str | None = None
+    split: str | None = None
+    seed: int = 0
+    labels: tuple[str, ...] | None = None  # PEFT-U and LaMP files may decide a task's labels
+    base_model: str | None = None  # a name models.load_base accepts; None: the project's default model
+    # OPPU: a non-personal task adapter merged into the base before users train and are served, kept in
+    # the store (TASK_ADAPTER_FOLDER) so a worker process or a server finds it; None: the plain base.
+    task_adapter: str | None = None
+    label_fit: str = "bias"  # how label-bias users are fitted: one of ``label_models.FITS``
+    spec: dict[str, Any] = field(default_factory=lambda: default_spec_dict(DEFAULT_KIND))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ServiceSettings:
+        # Settings a newer version wrote and this one does not know are left out, not an error.
+        values = {k: v for k, v in json.loads(text).items() if k in cls.__dataclass_fields__}
+        if values.get("labels") is not None:
+            values["labels"] = tuple(values["labels"])
+        return cls(**values)
+
+
+def check_label_fit(fit: str) -> str:
+    """``fit`` if label-bias users can be fitted that way (``label_models.FITS``)."""
+    if fit not in label_models.FITS:
+        raise UserError(f"label fit {fit!r} is not one of {', '.join(label_models.FITS)}")
+    return fit
+
+
+def default_spec_dict(kind: str) -> dict[str, Any]:
+    """The spec the benchmark's per-user method of ``kind`` uses (``methods.setups.PERSONAL_KINDS``)."""
+    return kinds.spec_to_dict(PERSONAL_KINDS[kind].spec)
+
+
+def resolve_spec(kind: str | ModuleSpec, labels: Sequence[str] | None = None) -> ModuleSpec:
+    """A module spec from a kind's name (its default settings) or a spec, checked by its kind; a kind over
+    a task's labels (a label bias) gets ``labels``, the store task's."""
+    try:
+        spec = kinds.validate(kinds.default_spec(kind) if isinstance(kind, str) else kind)
+        return kinds.for_labels(spec, labels)
+    except ModuleSpecError as error:
+        raise UserError(str(error)) from error
+
+
+class StoreSettings:
+    """The store a service works on and its store-wide settings. The service sets ``store``,
+    ``_load_base`` (None: the store's base model) and ``_placement`` (device, dtype)."""
+
+    store: ModuleStore
+    _load_base: BaseLoader | None
+    _placement: tuple[str | None, str | None]
+
+    @property
+    def root(self) -> Path:
+        """The store's folder on this machine (a store under a URL has none: ``location``)."""
+        return self.store.root
+
+    @property
+    def location(self) -> str:
+        """The store's root as given, a folder or a URL: how messages name it."""
+        return self.store.location
+
+    @property
+    def index(self) -> StoreIndex:
+        """The index, created on first use: only commands that add users call this on a new root."""
+        return self.store.index
+
+    def exists(self) -> bool:
+        return self.store.exists()
+
+    def _existing_index(self) -> StoreIndex:
+        """The index of a store that exists; reading a store that is not there is a mistake, not an
+        empty answer (a mistyped ``--store`` would otherwise look like a store with no users)."""
+        if not self.exists():
+            raise UserError(f"no user store at {self.location}: add or import users first")
+        return self.index
+
+    def settings(self) -> ServiceSettings:
+        text = self.index.meta(SETTINGS_KEY) if self.exists() else None
+        return ServiceSettings.from_json(text) if text else ServiceSettings()
+
+    def _save_settings(self, settings: ServiceSettings) -> ServiceSettings:
+        self.index.set_meta(SETTINGS_KEY, settings.to_json())
+        return settings
+
+    def configure(
+        self,
+        *,
+        task: str | None = None,
+        base_model: str | None = None,
+        kind: str | ModuleSpec | None = None,
+        task_adapter: str | Path | None = None,
+        label_fit: str | None = None,
+    ) -> ServiceSettings:
+        """Set store-wide settings; None leaves one as it is. The task and the base model are fixed once
+        users depend on them: a store holds one task's users and modules for one base model."""
+        settings = self.settings()
+        if task is not None:
+            self._check_task(settings, task, settings.seed)
+            if task != settings.task:
+                spec = self._task_spec(task)
+                settings = replace(settings, task=spec.name, labels=spec.labels)
+        if base_model is not None and base_model != settings.base_model:
+            if self.store.users():
+                raise UserError(
+                    f"the modules in {self.location} are for base model "
+                    f"{settings.base_model or 'the default'}; use another store for another base model"
+                )
+            settings = replace(settings, base_model=base_model)
+        if kind is not None:
+            settings = replace(settings, spec=kinds.spec_to_dict(resolve_spec(kind, settings.labels)))
+        if task_adapter is not None:
+            settings = replace(settings, task_adapter=self._keep_task_adapter(Path(task_adapter)))
+        if label_fit is not None:
+            settings = replace(settings, label_fit=check_label_fit(label_fit))
+        return self._save_settings(settings)
+
+    def _keep_task_adapter(self, folder: Path) -> str:
+        """Copy a task adapter's module folder into the store (users' modules depend on it, so it must not
+        change or vanish under them); returns its folder relative to the root."""
+        if self.store.users():
+            raise UserError(
+                f"the modules in {self.location} were trained without this task adapter; "
+                "use a new store for it"
+            )
+        try:
+            stored = module_folder.read_module(folder)
+        except ModuleFileError as error:
+            raise UserError(f"task adapter: {error}") from None
+        if not kinds.of(stored.spec).mergeable:
+            raise UserError(
+                f"a {stored.spec.kind} task adapter cannot be merged into the base; use LoRA or IA3"
+            )
+        with self.store.files.new_folder(TASK_ADAPTER_FOLDER) as target, atomic_folder(target) as staging:
+            for item in folder.iterdir():
+                if item.is_file():
+                    shutil.copy2(item, staging / item.name)
+        return TASK_ADAPTER_FOLDER
+
+    def with_task_adapter(self, base: BaseModel) -> BaseModel:
+        """``base`` with the store's task adapter merged into its weights (OPPU), or as it is."""
+        relative = self.settings().task_adapter
+        if relative is not None:
+            with self.store.files.reading(relative) as folder:
+                stored = module_folder.read_module(folder)
+            kinds.of(stored.spec).merge_into_base(stored.spec, base.model, stored.tensors)
+        return base
+
+    def _check_task(self, settings: ServiceSettings, task: str, seed: int) -> None:
+        if settings.task is not None and (settings.task, settings.seed) != (task, seed):
+            raise UserError(
+                f"{self.location} holds users of task {settings.task} (seed {settings.seed}); "
+                f"use another store for {task} (seed {seed})"
+            )
+
+    @staticmethod
+    def _task_spec(task: str) -> task_specs.TaskSpec:
+        try:
+            return task_specs.spec(task)
+        except UnknownTaskError as error:
+            raise UserError(str(error)) from error
+
+    def load_base(self) -> BaseLoader:
+        """How this service gets a fresh base model: the injected loader, or the store's base model; with
+        the store's task adapter merged in either way."""
+        load = self._load_base or base_loader(self.settings().base_model, *self._placement)
+        return lambda: self.with_task_adapter(load())
+
+    def task(self, users: Sequence[User] = ()) -> Task:
+        """The store's task, with ``users`` (none by default): what renders a user's examples into
+        prompts."""
+        settings = self.settings()
+        if settings.task is None:
+            raise UserError(
+                f"{self.location} has no task, so a user's history cannot be turned into prompts: "
+                "import users from a task first (tailorlm users import TASK)"
+            )
+        spec = self._task_spec(settings.task)
+        return data_build.task(
+            spec, list(users), source=self.location, chronological=False, labels=settings.labels
+        )
+
+    def close(self) -> None:
+        self.store.close()

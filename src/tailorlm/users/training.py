@@ -1,0 +1,287 @@
+"""Training a store's users: the out-of-date ones (no module, history or spec changed since), many users
+per step on one engine per module spec, each stored the moment they finish with the fingerprint of the
+history they saw, so a killed run resumes where it stopped; then each trained user's PAG profile. A user
+forgotten meanwhile is left out: the store refuses their version and their profile is not kept."""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tailorlm import kinds
+from tailorlm.data.schema import Task, User
+from tailorlm.engine.engine import Engine
+from tailorlm.kinds import ModuleSpec, ModuleSpecError
+from tailorlm.kinds.lora import LoraSpec
+from tailorlm.methods import label_models
+from tailorlm.methods.deps import MethodDeps, MethodSettings, base_loader
+from tailorlm.methods.profiles import ProfileWriter
+from tailorlm.methods.recipes import Recipe
+from tailorlm.methods.setups import personal_job
+from tailorlm.progress import ProgressCallback
+from tailorlm.store.index import VersionRecord
+from tailorlm.store.module_folder import ModuleFileError
+from tailorlm.store.roots import LocalRoot
+from tailorlm.train.jobs import TrainRunner, TrainWork
+from tailorlm.train.trainer import TrainConfig
+from tailorlm.users.errors import UserError
+from tailorlm.users.history import fingerprint, user_of
+from tailorlm.users.identity import cache_of
+from tailorlm.users.lifecycle import PROFILE_FILE, Lifecycle
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    trained: list[str]  # in the order they finished (and were stored)
+    skipped: dict[str, str]  # user id -> why they were not trained
+
+
+class Training(Lifecycle):
+    """Training users of the store. The service sets ``method_settings`` (the benchmark's training
+    defaults) and ``runner`` (where groups train)."""
+
+    method_settings: MethodSettings
+    runner: TrainRunner
+
+    def train(
+        self,
+        user_ids: Sequence[str] | None = None,
+        *,
+        changed_only: bool = True,
+        config: TrainConfig | None = None,
+        on_progress: ProgressCallback | None = None,
+        on_user: Callable[[VersionRecord], None] | None = None,
+        start_from_current: bool = False,
+    ) -> TrainOutcome:
+        """Train ``user_ids`` (default: every user), skipping those whose module is up to date unless
+        ``changed_only`` is False. Users sharing a module spec train together, many per step, on one
+        engine; each is stored the moment they finish (``on_user`` gets the new version), so a killed
+        run resumes where it stopped. ``start_from_current`` continues from each user's current module
+        (a retrain after new history) instead of a fresh one. ``config`` None: each kind's learning rate
+        with ``method_settings``' epochs, batch size and users per step."""
+        chosen = self._chosen(user_ids)
+        try:
+            return self._train(
+                chosen, user_ids is not None, changed_only, config, on_progress, on_user, start_from_current
+            )
+        finally:  # a later put of these users (not this training's) is no longer tied to what it read
+            for user_id in chosen:
+                self.store.incarnations.pop(user_id, None)
+
+    def _train(
+        self,
+        chosen: list[str],
+        explicit: bool,
+        changed_only: bool,
+        config: TrainConfig | None,
+        on_progress: ProgressCallback | None,
+        on_user: Callable[[VersionRecord], None] | None,
+        start_from_current: bool,
+    ) -> TrainOutcome:
+        task = self.task()
+        skipped: dict[str, str] = {}
+        groups: dict[str, tuple[ModuleSpec, list[tuple[User, str]]]] = {}
+        for user_id in chosen:
+            # Before the history is read: a version or profile from it is kept only for this incarnation.
+            incarnation = self.index.incarnation(user_id)
+            if incarnation is not None:
+                self.store.incarnations[user_id] = incarnation
+            records = self.index.history(user_id)
+            if not records and not self.index.has_user(user_id):
+                skipped[user_id] = "forgotten"  # since the list of users was read
+                continue
+            user = user_of(user_id, records)
+            spec = self.spec_of(user_id)
+            data = fingerprint(records)
+            if changed_only and self._stale(user_id, data, spec) is None:
+                skipped[user_id] = "up to date"
+            elif not task.training_examples(user):
+                if explicit:
+                    raise UserError(f"user {user_id!r} has no training items in their history")
+                skipped[user_id] = "no training items"
+            else:
+                key = json.dumps(kinds.spec_to_dict(spec), sort_keys=True)
+                groups.setdefault(key, (spec, []))[1].append((user, data))
+        plans = [(spec, members, config or self._default_config(spec)) for spec, members in groups.values()]
+        progress = _Progress(on_progress, [sum(_steps(task, u, c) for u, _ in m) for _, m, c in plans])
+        trained: list[str] = []
+        for spec, members, group_config in plans:
+            trained += self._train_group(
+                task, spec, members, group_config, progress, on_user, start_from_current
+            )
+            gc.collect()  # the group's engine held a whole base model: free it before the next loads one
+        self.write_profiles(trained)  # a new module means new behaviour: the profile follows it
+        progress.finish()
+        return TrainOutcome(trained, skipped)
+
+    def write_profiles(self, user_ids: Sequence[str]) -> list[str]:
+        """PAG: each user's profile, written by the plain base model (as the benchmark's are) from a
+        seeded sample of their whole history, kept in their cache folder so forgetting removes it."""
+        if not user_ids:
+            return []
+        settings = self.method_settings
+        load = self._load_base or base_loader(self.settings().base_model, *self._placement)
+        writer = ProfileWriter(
+            Engine(load(), LoraSpec(), slots=2),  # every row in slot 0: the base model alone
+            self.task(),
+            items=settings.profile_items,
+            seed=settings.seed,
+            max_new_tokens=settings.profile_tokens,
+        )
+        users = []
+        for user_id in user_ids:
+            try:
+                users.append(self.data_user(user_id))
+            except UserError:  # forgotten since they trained
+                continue
+        written = writer.profiles(users, split=None)
+        kept = []
+        for user_id, profile in written.items():
+            if self.store.write_guard is not None:
+                self.store.write_guard()
+            relative = f"{cache_of(user_id)}/{PROFILE_FILE}"
+            self.store.files.write_text(relative, json.dumps(asdict(profile)))
+            # A delete that came before the write above removes nothing of it; after, it removes it. So
+            # look again: a user forgotten by now must not keep a profile (the delete itself writes the
+            # tombstone before removing the cache, so one of the two always sees the other).
+            expected = self.store.incarnations.get(user_id)
+            now = self.index.incarnation(user_id)
+            if now is None or (expected is not None and now != expected):
+                self.store.files.remove(cache_of(user_id))
+                continue
+            kept.append(user_id)
+        return kept
+
+    def _chosen(self, user_ids: Sequence[str] | None) -> list[str]:
+        known = self._existing_index().user_ids()
+        if user_ids is None:
+            if not known:
+                raise UserError(f"no users in {self.location}: add or import users first")
+            return known
+        wanted = list(dict.fromkeys(user_ids))
+        unknown = sorted(set(wanted) - set(known))
+        if unknown:
+            raise UserError(f"no user(s) {', '.join(map(repr, unknown))} in {self.location}")
+        return wanted
+
+    def _default_config(self, spec: ModuleSpec) -> TrainConfig:
+        settings = self.method_settings
+        return TrainConfig(
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            learning_rate=kinds.of(spec).learning_rate,
+            seed=settings.seed,
+            users_per_step=settings.users_per_step,
+        )
+
+    def _train_group(
+        self,
+        task: Task,
+        spec: ModuleSpec,
+        members: list[tuple[User, str]],
+        config: TrainConfig,
+        progress: _Progress,
+        on_user: Callable[[VersionRecord], None] | None,
+        start_from_current: bool,
+    ) -> list[str]:
+        """One engine for the users of one spec: a slot per user trained together, plus slot 0. A kind
+        that acts on label scores only is fitted against the shared model instead (``label_models``)."""
+        # Personal jobs never open a setup's own store under ``MethodDeps.modules``; a store under a URL
+        # has no folder on this machine to name there.
+        modules = self.root if isinstance(self.store.files, LocalRoot) else Path.cwd()
+        fitted_not_trained = not kinds.of(spec).acts_on_model
+        label_fit = self.settings().label_fit
+        if fitted_not_trained and label_fit != "bias":
+            # A label part's prior (fusion, choice) is smoothed toward every user's labels, as the
+            # benchmark's is: the fit sees the store's whole population, though it fits only ``members``.
+            task = self.task([user_of(uid, self.history(uid)) for uid in self.index.user_ids()])
+        deps = MethodDeps(task, self.load_base(), modules, settings=self.method_settings)
+        if fitted_not_trained:
+            fitted = label_models.fit_and_store(
+                deps,
+                deps.engine(spec, slots=2),
+                self.store,
+                [user for user, _ in members],
+                f"{spec.kind}",
+                fingerprints={user.id: data for user, data in members},
+                fit=label_fit,
+            )
+            for record in fitted.values():
+                if on_user is not None:
+                    on_user(record)
+            return list(fitted)
+        width = min(len(members), config.users_per_step or self.method_settings.users_per_step)
+        engine = deps.engine(spec, slots=width + 1)
+        builder = deps.builder(Recipe(), engine.tokenizer)
+        fingerprints = {user.id: data for user, data in members}
+        jobs = []
+        for user, _ in members:
+            # The method name only labels traced prompts: these are the benchmark's peft-KIND modules.
+            job = personal_job(deps, builder, f"peft-{spec.kind}", user)
+            if start_from_current:
+                job.init = self._current_module(engine, user.id)
+            jobs.append(job)
+
+        def stored(user_id: str) -> None:
+            record = self.store.current(user_id)
+            if on_user is not None and record is not None:  # None: forgotten since it was stored
+                on_user(record)
+
+        return self.runner.train(
+            engine,
+            TrainWork(config, jobs, fingerprints),
+            self.store,
+            fresh_base=self.load_base(),
+            on_progress=progress.next_group(),
+            on_stored=stored,
+        )
+
+    def _current_module(self, engine: Engine, user_id: str) -> dict | None:
+        """``user_id``'s current module in ``engine``'s layout, or None to start fresh: when they have
+        none, or it is of another layout or base model, or it fails its checksum (a retrain is how a
+        damaged module gets replaced)."""
+        current = self.store.current(user_id)
+        if current is None or current.base_model != engine.base.name:
+            return None
+        try:
+            if not kinds.same_layout(kinds.spec_from_dict(current.spec), engine.spec):
+                return None
+            return self.store.loader(engine.spec)(user_id)
+        except (ModuleFileError, ModuleSpecError):
+            return None
+
+
+def _steps(task: Task, user: User, config: TrainConfig) -> int:
+    """Optimizer steps ``user`` takes, as ``MultiUserTrainer`` counts them."""
+    return config.steps(len(task.training_examples(user)))
+
+
+class _Progress:
+    """One progress count over every spec group (each group's trainer counts from zero), given the
+    steps each group will take."""
+
+    def __init__(self, callback: ProgressCallback | None, group_steps: Sequence[int]) -> None:
+        self.callback = callback
+        self.group_steps = list(group_steps)
+        self.total = sum(self.group_steps)
+        self.groups_started = 0
+        self.reported = 0
+
+    def next_group(self) -> ProgressCallback:
+        offset = sum(self.group_steps[: self.groups_started])
+        self.groups_started += 1
+
+        def report(done: int, total: int) -> None:
+            self.reported = offset + done
+            if self.callback is not None:
+                self.callback(self.reported, self.total)
+
+        return report
+
+    def finish(self) -> None:
+        """The last report says done == total even when users stopped early (patience)."""
+        if self.callback is not None and self.total and self.reported < self.total:
+            self.callback(self.total, self.total)
