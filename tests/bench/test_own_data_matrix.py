@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import httpx
@@ -160,25 +161,8 @@ def test_own_file_from_data_show_to_report_and_import(tmp_path, case, fmt):
     assert [u["user"] for u in listed["users"]] == ["p0", "p1"] and listed["settings"]["labels"] == labels
 
 
-# users/service.py records a store's task by its name alone (UserService.import_task saves loaded.name,
-# "table:<name>") and finds its spec again with data.specs.spec(name) (UserService._task_spec), which knows
-# only the bundled tasks: a task file's spec cannot be found from its name. So `users train` of a store
-# imported from your own file fails with "unknown task 'table:...'", and so would a label request's prompt
-# (Server.task_prompt -> UserService.task). The fix belongs to the users service (keep the task file's path,
-# or its spec, with the store's settings); users/ is another owner's. With that lookup patched in, every
-# case below passes (checked by hand).
-
-
-class StoreLostItsTaskFile(AssertionError):
-    """`users train` said "unknown task 'table:...'": the bug above, and no other failure."""
-
-
-STORE_FORGETS_TASK_FILE = pytest.mark.xfail(
-    strict=True,
-    raises=StoreLostItsTaskFile,
-    reason="UserService._task_spec cannot find a task file's spec from the name it stored ('table:...'): "
-    "users train and label prompts of an own-data store fail with 'unknown task'",
-)
+# A store imported from your own task file keeps the task's whole spec (ServiceSettings.task_spec), so its
+# users train and their label requests are asked in the task's prompt without the file.
 SERVED_USER = {fmt: f"p{i}" for i, fmt in enumerate(FORMATS)}  # each format's file gives one user
 
 
@@ -203,8 +187,6 @@ class Served:
             ]
             self.imported[fmt] = cli(*args, "--model", "tiny")
         train = runner.invoke(app, ["users", "train", "--epochs", "1", "--store", str(store), "--json"])
-        if train.exit_code != 0 and "unknown task 'table:" in train.output:
-            raise StoreLostItsTaskFile(train.output)
         assert train.exit_code == 0, train.output
         trained = json.loads(train.stdout)
         assert sorted(trained["trained"]) == sorted(SERVED_USER.values()), trained
@@ -238,7 +220,6 @@ def served(tmp_path_factory):
         left.close()
 
 
-@STORE_FORGETS_TASK_FILE
 @pytest.mark.parametrize(("case", "fmt"), MATRIX)
 def test_own_file_user_trained_and_served(served, case, fmt):
     kind = served(case)
@@ -260,3 +241,27 @@ def test_own_file_user_trained_and_served(served, case, fmt):
         assert choice["text"] in labels and set(choice["label_scores"]) == set(labels)
     else:
         assert isinstance(choice["text"], str) and answer.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_a_store_keeps_its_task_without_the_task_file(tmp_path):
+    """The store keeps a task file's whole spec: moving or deleting the file (and the table) afterwards
+    leaves the store's users trainable and their prompts the task's."""
+    task_file, data = write_files(tmp_path / "files", "rating-text", "csv")
+    store = str(tmp_path / "store")
+    cli(
+        "users",
+        "import",
+        str(task_file),
+        "--data",
+        str(data),
+        "--users",
+        "p0",
+        "--store",
+        store,
+        "--model",
+        "tiny",
+    )
+    shutil.rmtree(tmp_path / "files")
+    trained = runner.invoke(app, ["users", "train", "--epochs", "1", "--store", store, "--json"])
+    assert trained.exit_code == 0, trained.output
+    assert json.loads(trained.stdout)["trained"] == ["p0"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -44,6 +44,19 @@ class TaskSpec:
             return self.templates[name]
         except KeyError:
             raise KeyError(f"task {self.name} has no {name!r} template") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as JSON-ready data (``from_dict`` reads it back): what a store keeps of a task that is
+        not bundled (your own task file), so the store does not depend on the file staying where it was."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TaskSpec:
+        values = dict(values)
+        for name in ("labels", "metrics"):
+            if values.get(name) is not None:
+                values[name] = tuple(values[name])
+        return cls(**values)
 
 
 def _resource_text(family: str) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 from tailorlm import kinds
 from tailorlm.data import DataError, UnknownTaskError, load_task
 from tailorlm.data import build as data_build
+from tailorlm.data import specs as task_specs
 from tailorlm.data.schema import User
 from tailorlm.kinds import ModuleSpec, ModuleSpecError
 from tailorlm.methods.profiles import UserProfile
@@ -178,6 +179,7 @@ class Lifecycle(StoreSettings):
                 split=split,
                 seed=seed,
                 labels=loaded.labels,
+                task_spec=None if _bundled(loaded.name) else loaded.spec.to_dict(),
             )
         )
         new_users = added = 0
@@ -325,3 +327,12 @@ class Lifecycle(StoreSettings):
     def resolve_key(self, presented: object) -> keys.KeyOwner | None:
         """Whom a presented key belongs to; None for anything else (and for a store that does not exist)."""
         return keys.resolve_key(self.index, presented) if self.exists() else None
+
+
+def _bundled(task: str) -> bool:
+    """Whether ``task`` is a bundled task, found again by its name (else the store keeps its spec)."""
+    try:
+        task_specs.spec(task)
+    except UnknownTaskError:
+        return False
+    return True

@@ -49,6 +49,9 @@ class ServiceSettings:
     # the store (TASK_ADAPTER_FOLDER) so a worker process or a server finds it; None: the plain base.
     task_adapter: str | None = None
     label_fit: str = "bias"  # how label-bias users are fitted: one of ``label_models.FITS``
+    # The whole spec of a task that is not bundled (your own task file, ``TaskSpec.to_dict``): the store
+    # renders prompts from it without the file; None for a bundled task, found by its name.
+    task_spec: dict[str, Any] | None = None
     spec: dict[str, Any] = field(default_factory=lambda: default_spec_dict(DEFAULT_KIND))
 
     def to_json(self) -> str:
@@ -197,7 +200,10 @@ class StoreSettings:
             )
 
     @staticmethod
-    def _task_spec(task: str) -> task_specs.TaskSpec:
+    def _task_spec(task: str, kept: dict[str, Any] | None = None) -> task_specs.TaskSpec:
+        """A task's spec: the one the store kept (a task file's), else the bundled task of that name."""
+        if kept is not None:
+            return task_specs.TaskSpec.from_dict(kept)
         try:
             return task_specs.spec(task)
         except UnknownTaskError as error:
@@ -218,7 +224,7 @@ class StoreSettings:
                 f"{self.location} has no task, so a user's history cannot be turned into prompts: "
                 "import users from a task first (tailorlm users import TASK)"
             )
-        spec = self._task_spec(settings.task)
+        spec = self._task_spec(settings.task, settings.task_spec)
         return data_build.task(
             spec, list(users), source=self.location, chronological=False, labels=settings.labels
         )
