@@ -150,7 +150,11 @@ def _private_file(path: Path) -> None:
     its ``-wal`` and ``-shm`` files the database file's mode, so they follow. An index an older version
     made readable to others is narrowed when its owner opens it; another account's file is left alone."""
     private_folder(path.parent)
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
+    # Only a file that does not exist yet is opened here: closing a descriptor of a database this process
+    # already has open would drop every POSIX lock SQLite holds on it (they are per process, not per
+    # descriptor), and the connections using them would then corrupt each other's view ("disk I/O error").
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))
     for file in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
         with contextlib.suppress(OSError):  # absent, or not ours
             if file.stat().st_uid == os.getuid() and file.stat().st_mode & 0o077:
