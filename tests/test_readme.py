@@ -36,7 +36,11 @@ def test_readme_python_example_runs(tokenizer, monkeypatch, tmp_path, capsys):
     printed = capsys.readouterr().out.strip().splitlines()
     answers = ast.literal_eval(printed[0])  # the printed list of three generated strings
     assert isinstance(answers, list) and len(answers) == 3
-    assert {p.name for p in (tmp_path / "modules").iterdir() if p.is_dir()} == {"ann", "bob"}
+    from tailorlm.store.store import ModuleStore
+
+    stored = ModuleStore(tmp_path / "modules")
+    assert set(stored.users()) == {"ann", "bob"}  # their folders are named by their ids' hashes
+    stored.close()
     results = json.loads((tmp_path / "runs" / "mine" / "results.json").read_text())
     assert set(results["methods"]) == {"user-majority", "zero-shot", "peft-lora"}
 
