@@ -150,9 +150,14 @@ class SqliteBackend:
 def _private_file(path: Path) -> None:
     """Create the index file owner-only (0600) whatever the umask, before SQLite opens it: SQLite gives
     its ``-wal`` and ``-shm`` files the database file's mode, so they follow. An index an older version
-    made readable to others is narrowed when its owner opens it; another account's file is left alone."""
+    made readable to others is narrowed when its owner opens it; another account's file is left alone.
+
+    An existing file is never opened here: closing any descriptor of a file drops every POSIX lock this
+    process holds on it, SQLite's included (another connection of this process would lose its locks, and
+    a third would then delete the write-ahead log under it). Only a missing file is created, exclusively."""
     private_folder(path.parent)
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))
     for file in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
         with contextlib.suppress(OSError):  # absent, or not ours
             if file.stat().st_uid == os.getuid() and file.stat().st_mode & 0o077:
