@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tailorlm import models
+from tailorlm.store.store import folder_name
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -36,11 +37,8 @@ def test_readme_python_example_runs(tokenizer, monkeypatch, tmp_path, capsys):
     printed = capsys.readouterr().out.strip().splitlines()
     answers = ast.literal_eval(printed[0])  # the printed list of three generated strings
     assert isinstance(answers, list) and len(answers) == 3
-    from tailorlm.store.store import ModuleStore
-
-    stored = ModuleStore(tmp_path / "modules")
-    assert set(stored.users()) == {"ann", "bob"}  # their folders are named by their ids' hashes
-    stored.close()
+    folders = {p.name for p in (tmp_path / "modules").iterdir() if p.is_dir()}
+    assert folders == {folder_name("ann"), folder_name("bob")}  # one folder per user, named by the id's hash
     results = json.loads((tmp_path / "runs" / "mine" / "results.json").read_text())
     assert set(results["methods"]) == {"user-majority", "zero-shot", "peft-lora"}
 

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import os
+import random
 import time
 
 import httpx
@@ -123,6 +127,51 @@ def test_a_retrain_of_a_forgotten_user_is_cancelled_and_discarded(own_store, tin
         )
         assert served.status_code == 404
     assert not any(USER in str(p) for p in own_store.root.rglob("*"))
+    service = UserService(own_store.root)
+    service.index.checkpoint()
+    service.close()
+    assert files_holding(own_store.root, CANARY.encode()) == []
+
+
+HTTP_TRIALS = int(os.environ.get("HTTP_RACE_TRIALS", 150))
+
+
+def test_history_posts_racing_an_admin_delete_never_bring_the_user_back(own_store, tiny):
+    """The reported race, over HTTP: a user's history posts (their own key) against the admin's DELETE of
+    them, in seeded trials. Before tombstones a post landing after the delete put the user back with their
+    history (2 of these 150 trials on the old code); now every trial ends with the user gone."""
+    admin = {"Authorization": f"Bearer {own_store.admin}"}
+    rng = random.Random(19)
+    came_back = []
+    seen: collections.Counter[int] = collections.Counter()
+    with (
+        background(serve_config(own_store.root, retrain=False), base=fresh(tiny)) as server,
+        httpx.Client(base_url=server.url, timeout=60) as http,
+        concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool,
+    ):
+        for trial in range(HTTP_TRIALS):
+            user_id = f"raced-{trial}"
+            made = http.post("/v1/users", json={"user_id": user_id}, headers=admin)
+            assert made.status_code == 201, made.text
+            mine = {"Authorization": f"Bearer {made.json()['api_key']}"}
+
+            def post(n: int, user_id=user_id, mine=mine) -> int:
+                time.sleep(rng.uniform(0, 0.01))
+                items = [{"input": f"{CANARY} {n}", "target": "yes", "item_id": f"i{n}"}]
+                body = {"items": items, "retrain": False}
+                return http.post(f"/v1/users/{user_id}/history", json=body, headers=mine).status_code
+
+            posts = [pool.submit(post, n) for n in range(8)]
+            time.sleep(rng.uniform(0, 0.01))
+            gone = http.delete(f"/v1/users/{user_id}", headers=admin)
+            assert gone.status_code == 200, gone.text
+            codes = [future.result() for future in posts]
+            assert set(codes) <= {202, 401, 404}, codes  # before the delete, or refused after it
+            seen.update(codes)
+            if server.store.index.has_user(user_id) or server.store.index.history(user_id):
+                came_back.append(user_id)
+        assert came_back == [], f"{len(came_back)} of {HTTP_TRIALS} users came back"
+        assert seen[202] and seen[401] + seen[404], seen  # posts landed on both sides of the delete
     service = UserService(own_store.root)
     service.index.checkpoint()
     service.close()

@@ -5,7 +5,10 @@ an index that cannot be opened."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 
 import psycopg
@@ -337,3 +340,21 @@ def test_a_dropped_connection_is_reopened_and_a_lost_write_is_one_clear_error(po
 )
 def test_a_password_is_never_shown(url, shown):
     assert without_password(url) == shown
+
+
+def test_opening_the_index_again_in_a_process_never_blinds_a_connection_it_holds(tmp_path):
+    """A second ``StoreIndex`` of the same file opened and closed in this process (as a CLI command
+    run in-process, or a worker's store, does) must leave the first one's SQLite locks alone: a
+    descriptor of the file opened and closed beside SQLite drops them, the second connection's close
+    then deletes the write-ahead log, and the first goes on reading a stale snapshot."""
+    path = tmp_path / "index.sqlite3"
+    held = StoreIndex(path)
+    held.add_user("ann")
+    for _ in range(2):
+        StoreIndex(path).close()
+    write = "import sys\nfrom tailorlm.store.index import StoreIndex\n"
+    write += "StoreIndex(sys.argv[1]).add_user(sys.argv[2])"
+    for user in ("bob", "cid"):  # other processes, each the last to close its connection
+        subprocess.run([sys.executable, "-c", write, str(path), user], check=True, env=os.environ)
+        assert held.has_user(user), f"the held connection no longer sees other processes' writes ({user})"
+    held.close()

@@ -357,16 +357,19 @@ class StoreIndex:
         most ``wait`` seconds for a lock. Returns None when done (every tombstone so far is then marked
         compacted), else why not: a reader that holds the index (logged, and kept in
         ``compaction_blocked``)."""
-        with self._lock:
-            started = time.time()
-            pending = self._backend.execute(
-                "SELECT MIN(deleted) AS since FROM tombstones WHERE compacted IS NULL"
-            ).fetchone()["since"]
-            blocked = self._backend.reclaim(wait, pending if pending is not None else started)
-            if blocked is None:
-                self._backend.execute(
-                    "UPDATE tombstones SET compacted = ? WHERE compacted IS NULL AND deleted <= ?",
-                    (time.time(), started),
+        # The deletes committed before the compaction starts are the ones it compacts (a later one's rows
+        # may still be there): only those are marked compacted.
+        pending = self._rows("SELECT id_hash, deleted FROM tombstones WHERE compacted IS NULL")
+        since = min((row["deleted"] for row in pending), default=time.time())
+        # Not under ``_lock``: the backend compacts on a connection of its own, so this process's
+        # other threads keep reading and writing on the shared one meanwhile.
+        blocked = self._backend.reclaim(wait, since)
+        if blocked is None and pending:
+            done = time.time()
+            with self.transaction() as db:
+                db.executemany(
+                    "UPDATE tombstones SET compacted = ? WHERE id_hash = ? AND compacted IS NULL",
+                    [(done, row["id_hash"]) for row in pending],
                 )
         if blocked is not None and blocked != self.compaction_blocked:
             log.warning(

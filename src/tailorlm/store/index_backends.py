@@ -121,16 +121,18 @@ class SqliteBackend:
     def reclaim(self, wait: float, since: float) -> str | None:
         """``VACUUM`` the file, then fold the write-ahead log into it and truncate it; with
         ``secure_delete`` the deleted rows' bytes are then gone from everywhere the database keeps them.
-        Waits at most ``wait`` seconds for a lock (not the 30 s of ordinary writes: this connection is
-        shared by the server's threads). Returns None when done, else why not: another connection's
-        read transaction keeps old pages in the log until it ends."""
-        self._db.execute(f"PRAGMA busy_timeout = {max(1, int(wait * 1000))}")
+        Runs on a connection of its own, so the threads sharing this one (a server's requests) read on
+        meanwhile, and waits at most ``wait`` seconds for a lock (not the 30 s of ordinary writes).
+        Returns None when done, else why not: another connection's read transaction keeps old pages in
+        the log until it ends. (``since`` is PostgreSQL's concern.)"""
+        own = sqlite3.connect(self.path, timeout=wait, isolation_level=None)
         try:
+            own.execute("PRAGMA secure_delete=ON")
             try:
-                self._db.execute("VACUUM")
+                own.execute("VACUUM")
             except sqlite3.OperationalError as error:
                 return f"VACUUM could not run ({error}): another connection holds the index"
-            busy, frames, _copied = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            busy, frames, _copied = own.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             wal = self.path.with_name(f"{self.path.name}-wal")
             if busy or frames or (wal.exists() and wal.stat().st_size):
                 return (
@@ -139,7 +141,7 @@ class SqliteBackend:
                 )
             return None
         finally:
-            self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+            own.close()
 
     def close(self) -> None:
         self._db.close()
@@ -148,11 +150,12 @@ class SqliteBackend:
 def _private_file(path: Path) -> None:
     """Create the index file owner-only (0600) whatever the umask, before SQLite opens it: SQLite gives
     its ``-wal`` and ``-shm`` files the database file's mode, so they follow. An index an older version
-    made readable to others is narrowed when its owner opens it; another account's file is left alone."""
+    made readable to others is narrowed when its owner opens it; another account's file is left alone.
+
+    An existing file is never opened here: closing any descriptor of a file drops every POSIX lock this
+    process holds on it, SQLite's included (another connection of this process would lose its locks, and
+    a third would then delete the write-ahead log under it). Only a missing file is created, exclusively."""
     private_folder(path.parent)
-    # Only a file that does not exist yet is opened here: closing a descriptor of a database this process
-    # already has open would drop every POSIX lock SQLite holds on it (they are per process, not per
-    # descriptor), and the connections using them would then corrupt each other's view ("disk I/O error").
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))
     for file in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
@@ -302,19 +305,32 @@ class PostgresBackend:
         recycled, WAL archives, replicas' history, base backups, ``pg_dump`` files) are not touched.
         Those follow the database's own retention, which an operator must set to match what forgetting
         a user promises."""
-        blockers = self._db.execute(
+        import psycopg
+
+        # A connection of its own: the threads sharing this one go on meanwhile.
+        try:
+            own = psycopg.connect(
+                self._url, autocommit=True, row_factory=dict_row_factory(), connect_timeout=10
+            )
+        except psycopg.Error as error:
+            return f"could not connect to compact ({self._reason(error)})"
+        with own:
+            return self._vacuum(own, wait, since)
+
+    def _vacuum(self, own: Any, wait: float, since: float) -> str | None:
+        import psycopg
+
+        blockers = own.execute(
             "SELECT count(*) AS open FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
             "AND datname = current_database() AND backend_xmin IS NOT NULL "
             "AND xact_start <= to_timestamp(%s)",
             (since,),
         ).fetchone()["open"]
-        self._db.execute(f"SET lock_timeout = {max(1, int(wait * 1000))}")
+        own.execute(f"SET lock_timeout = {max(1, int(wait * 1000))}")
         try:
-            self._db.execute("VACUUM (INDEX_CLEANUP ON) users, versions, history, keys")
-        except psycopg_errors().LockNotAvailable as error:
+            own.execute("VACUUM (INDEX_CLEANUP ON) users, versions, history, keys")
+        except psycopg.errors.LockNotAvailable as error:
             return f"VACUUM could not take its locks ({self._reason(error)})"
-        finally:
-            self._db.execute("SET lock_timeout = 0")
         if blockers:
             return (
                 f"{blockers} transaction(s) of other connections open since before the delete still see "
@@ -326,10 +342,10 @@ class PostgresBackend:
         self._db.close()
 
 
-def psycopg_errors() -> Any:
-    import psycopg
+def dict_row_factory() -> Any:
+    from psycopg.rows import dict_row
 
-    return psycopg.errors
+    return dict_row
 
 
 Backend = SqliteBackend | PostgresBackend
