@@ -36,8 +36,14 @@ def ask(server, key: str, **fields) -> dict:
 def test_label_requests_are_asked_as_the_benchmark_asks(store_users, tiny, recipe):
     key = store_users.keys[USER]
     with background(serve_config(store_users.root, retrain=False, recipe=recipe), base=fresh(tiny)) as server:
+        built = []
+        task = server.service.task
+        server.service.task = lambda *users: built.append(1) or task(*users)
         templated = ask(server, key)
         raw = ask(server, key, raw_prompt=True)
+        again = ask(server, key)
+        assert again["choices"] == templated["choices"]
+        assert len(built) == 1  # the task and the prompt builder are made once per server, not per request
     service = UserService(store_users.root)
     retriever = BM25Retriever() if recipe == "bm25" else None
     builder = PromptBuilder(service.task(), tiny.tokenizer, recipe_from_name(recipe), retriever=retriever)

@@ -27,6 +27,7 @@ from tailorlm.serve.protocol import ApiError, ChatRequest, CompletionRequest
 from tailorlm.serve.scheduler import Event, Job, JobError
 from tailorlm.serve.server import Server
 from tailorlm.store.index_backends import StoreLocationError
+from tailorlm.users.errors import UserError
 from tailorlm.users.keys import KeyOwner
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,11 @@ def _errors(app: FastAPI, server: Server) -> None:
     async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "unknown_route", 405: "method_not_allowed"}.get(error.status_code)
         return _error_response(ApiError(error.status_code, str(error.detail), code=code))
+
+    @app.exception_handler(UserError)
+    async def user_mistake(_request: Request, error: UserError) -> JSONResponse:
+        # e.g. a user forgotten between the key check and reading their history
+        return _error_response(users_api.user_error(error))
 
     @app.exception_handler(JobError)
     async def job_refused(_request: Request, error: JobError) -> JSONResponse:

@@ -177,6 +177,8 @@ class Server:
         self.auth_failures = TokenBuckets(config.auth_failure_rate, config.auth_failure_burst)
         self.retrievers = RetrieverCache()
         self.recipe = recipe_from_name(config.recipe)  # label requests' recipe; None: prompts as sent
+        self._builder: PromptBuilder | None = None  # label requests' prompts (``_prompt_builder``)
+        self._builder_lock = threading.Lock()
         self.jobs = TrainingJobs(
             self.store.location,
             current=self._current_version,
@@ -258,23 +260,38 @@ class Server:
         """``item`` as the benchmark asks it of ``user_id``: the store's task template under the server's
         recipe (retrieved history, shots), in the chat template; None when the server sends prompts as
         they are (recipe "none", or a store without a task)."""
-        recipe = self.recipe
-        if recipe is None or self.service.settings().task is None:
+        builder = self._prompt_builder()
+        if builder is None:
             return None
-        task = self.service.task()
-        retriever = self.retrievers(recipe.retrieval) if recipe.retrieval else None
-        builder = PromptBuilder(
-            task, self.prompt_tokenizer, recipe, retriever=retriever, profiles=StoredProfiles(self.service)
-        )
         asked = Example(id="request", text=item, target="", targets=())
         return builder.build(self.service.data_user(user_id), asked).text
+
+    def _prompt_builder(self) -> PromptBuilder | None:
+        """The label requests' prompt builder, made once (the store's task, the recipe, the retriever and
+        the stored profiles do not change while serving); None while the store has no task yet (not kept:
+        users imported later bring one)."""
+        if self.recipe is None:
+            return None
+        with self._builder_lock:
+            if self._builder is None:
+                if self.service.settings().task is None:
+                    return None
+                recipe = self.recipe
+                self._builder = PromptBuilder(
+                    self.service.task(),
+                    self.prompt_tokenizer,
+                    recipe,
+                    retriever=self.retrievers(recipe.retrieval) if recipe.retrieval else None,
+                    profiles=StoredProfiles(self.service),
+                )
+            return self._builder
 
     def with_history(self, user_id: str, query: str) -> str | None:
         """The recipe's retrieval: the user's most relevant history items, as lines to put before the
         prompt (None when retrieval is off or the user has no history)."""
         if not self.config.retrieve:
             return None
-        records = self.store.index.history(user_id)
+        records = self.service.history(user_id)
         items = [HistoryItem(r.item_id, f"{r.input} -> {r.target}") for r in records]
         chosen = self.retrievers("bm25").top_k(query, items, self.config.retrieve)
         if not chosen:

@@ -38,7 +38,8 @@ class HistoryIn(BaseModel):
     retrain: bool = True
 
 
-def _user_error(error: UserError, status: int = 400) -> ApiError:
+def user_error(error: UserError, status: int = 400) -> ApiError:
+    """A users-layer mistake as an HTTP answer: 404 for a user that does not exist (or no longer does)."""
     message = str(error)
     if message.startswith("no user "):
         status = 404
@@ -55,7 +56,7 @@ def register(app: FastAPI, server: Server, admin: Guard, self_or_admin: UserGuar
             info = service.add(body.user_id, body.kind)
             key = service.issue_key(body.user_id) if body.issue_key else None
         except UserError as error:
-            raise _user_error(error, 409 if "already exists" in str(error) else 400) from None
+            raise user_error(error, 409 if "already exists" in str(error) else 400) from None
         return {"object": "user", **info.to_dict(), "api_key": key}
 
     @app.get("/v1/users")
@@ -69,7 +70,7 @@ def register(app: FastAPI, server: Server, admin: Guard, self_or_admin: UserGuar
         try:
             return {"object": "user", **service.show(user_id).to_dict()}
         except UserError as error:
-            raise _user_error(error) from None
+            raise user_error(error) from None
 
     @app.delete("/v1/users/{user_id}")
     def delete_user(user_id: str, request: Request) -> dict:
@@ -79,7 +80,7 @@ def register(app: FastAPI, server: Server, admin: Guard, self_or_admin: UserGuar
             # here no request, history post or finishing retrain of theirs can write anything again.
             forgotten = service.delete(user_id)
         except UserError as error:
-            raise _user_error(error) from None
+            raise user_error(error) from None
         server.jobs.cancel_user(user_id)  # the worker stopped, its records dropped
         cleared = server.scheduler.forget(user_id)  # their slots reset to the identity
         # Retrievers cache what they computed from history text (embeddings by text), not by user: drop
@@ -99,7 +100,7 @@ def register(app: FastAPI, server: Server, admin: Guard, self_or_admin: UserGuar
         try:
             return {"object": "api_key", "user_id": user_id, "api_key": service.issue_key(user_id)}
         except UserError as error:
-            raise _user_error(error) from None
+            raise user_error(error) from None
 
     @app.delete("/v1/users/{user_id}/keys")
     def revoke_keys(user_id: str, request: Request) -> dict:
@@ -107,7 +108,7 @@ def register(app: FastAPI, server: Server, admin: Guard, self_or_admin: UserGuar
         try:
             return {"object": "api_key.revoked", "user_id": user_id, "revoked": service.revoke_keys(user_id)}
         except UserError as error:
-            raise _user_error(error) from None
+            raise user_error(error) from None
 
     @app.post("/v1/users/{user_id}/history", status_code=202)
     def add_history(user_id: str, body: HistoryIn, request: Request) -> dict:
@@ -119,7 +120,7 @@ def register(app: FastAPI, server: Server, admin: Guard, self_or_admin: UserGuar
         try:
             added = service.add_history(user_id, items)
         except UserError as error:
-            raise _user_error(error) from None
+            raise user_error(error) from None
         job = server.jobs.start(user_id) if body.retrain and server.config.retrain and added else None
         return {
             "object": "history.added",
