@@ -14,6 +14,7 @@ from tailorlm.data.schema import Example
 from tailorlm.engine.engine import Engine
 from tailorlm.methods.recipes import PromptBuilder, Recipe
 from tailorlm.methods.retrieval import BM25Retriever
+from tailorlm.serve import server as server_module
 from tailorlm.serve.config import recipe_from_name
 from tailorlm.serve.run import background
 from tailorlm.store.store import ModuleStore
@@ -33,17 +34,18 @@ def ask(server, key: str, **fields) -> dict:
 
 
 @pytest.mark.parametrize("recipe", ["plain", "bm25"])
-def test_label_requests_are_asked_as_the_benchmark_asks(store_users, tiny, recipe):
+def test_label_requests_are_asked_as_the_benchmark_asks(store_users, tiny, recipe, monkeypatch):
     key = store_users.keys[USER]
     with background(serve_config(store_users.root, retrain=False, recipe=recipe), base=fresh(tiny)) as server:
         built = []
-        task = server.service.task
-        server.service.task = lambda *users: built.append(1) or task(*users)
+        monkeypatch.setattr(
+            server_module, "PromptBuilder", lambda *a, **o: built.append(1) or PromptBuilder(*a, **o)
+        )
         templated = ask(server, key)
         raw = ask(server, key, raw_prompt=True)
         again = ask(server, key)
         assert again["choices"] == templated["choices"]
-        assert len(built) == 1  # the task and the prompt builder are made once per server, not per request
+        assert len(built) == 1  # the prompt builder (the task, the retriever) is made once per server
     service = UserService(store_users.root)
     retriever = BM25Retriever() if recipe == "bm25" else None
     builder = PromptBuilder(service.task(), tiny.tokenizer, recipe_from_name(recipe), retriever=retriever)

@@ -264,7 +264,7 @@ class Server:
         if builder is None:
             return None
         asked = Example(id="request", text=item, target="", targets=())
-        return builder.build(self.service.data_user(user_id), asked).text
+        return builder.build(self.service.data_user(user_id, builder.task), asked).text
 
     def _prompt_builder(self) -> PromptBuilder | None:
         """The label requests' prompt builder, made once (the store's task, the recipe, the retriever and

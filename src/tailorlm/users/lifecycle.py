@@ -21,7 +21,7 @@ from tailorlm import kinds
 from tailorlm.data import DataError, UnknownTaskError, load_task
 from tailorlm.data import build as data_build
 from tailorlm.data import specs as task_specs
-from tailorlm.data.schema import User
+from tailorlm.data.schema import Task, User
 from tailorlm.kinds import ModuleSpec, ModuleSpecError
 from tailorlm.methods.profiles import UserProfile
 from tailorlm.store.index import HistoryRecord, UnknownUserError, VersionRecord
@@ -202,10 +202,11 @@ class Lifecycle(StoreSettings):
         self._require_user(user_id)
         return self.index.history(user_id)
 
-    def data_user(self, user_id: str) -> User:
+    def data_user(self, user_id: str, task: Task | None = None) -> User:
         """``user_id`` as the task's data model: their train and validation examples, and (for retrieval
-        and profiles) their train examples as history items, rendered with the task's document template."""
-        task = self.task()
+        and profiles) their train examples as history items, rendered with the task's document template.
+        ``task``: the store's task when the caller has it already (a server keeps it), else read."""
+        task = task or self.task()
         user = user_of(user_id, self.history(user_id))
         user.history = [data_build.to_history(task.spec, e) for e in user.train]
         return user
