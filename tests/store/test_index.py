@@ -93,10 +93,10 @@ def test_keys_are_looked_up_by_hash_and_revoked(index):
     index.add_user("ann")
     index.add_key("hash-ann", "ann", "user")
     index.add_key("hash-admin", None, "admin")
-    assert index.key("hash-ann") == ("ann", "user")
-    assert index.key("hash-admin") == (None, "admin")
-    assert index.key("nope") is None
-    assert index.revoke_keys("ann") == 1 and index.key("hash-ann") is None
+    assert (index.find_key("hash-ann").user_id, index.find_key("hash-ann").role) == ("ann", "user")
+    assert (index.find_key("hash-admin").user_id, index.find_key("hash-admin").role) == (None, "admin")
+    assert index.find_key("nope") is None
+    assert index.revoke_keys("ann") == 1 and index.find_key("hash-ann") is None
     with pytest.raises(UnknownUserError, match="no user 'nobody'"):
         index.add_key("hash-ghost", "nobody", "user")  # a key of a user the store does not have
 
@@ -117,7 +117,7 @@ def test_forgetting_a_user_leaves_no_trace_in_the_files(index, index_url, tmp_pa
     index.add_key(f"hash-{CANARY}", "ann", "user")
     gone = index.delete_user("ann")
     assert [v.version for v in gone] == [1]
-    assert not index.has_user("ann") and index.key(f"hash-{CANARY}") is None
+    assert not index.has_user("ann") and index.find_key(f"hash-{CANARY}") is None
     assert [i.input for i in index.history("bob")] == ["bob's own"]
     if index_url is not None:  # PostgreSQL: the delete was vacuumed, no dead row version is left
         assert dead_tuples(index_url) == {"users": 0, "versions": 0, "history": 0, "keys": 0}

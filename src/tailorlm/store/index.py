@@ -55,7 +55,6 @@ CREATE TABLE IF NOT EXISTS users (
     id TEXT PRIMARY KEY,
     created DOUBLE PRECISION NOT NULL,
     current_version INTEGER,
-    data_fingerprint TEXT,
     spec TEXT
 );
 CREATE TABLE IF NOT EXISTS versions (
@@ -450,8 +449,8 @@ class StoreIndex:
                 ),
             )
             db.execute(
-                "UPDATE users SET current_version = ?, data_fingerprint = ? WHERE id = ?",
-                (stored.version, stored.data_fingerprint, stored.user_id),
+                "UPDATE users SET current_version = ? WHERE id = ?",
+                (stored.version, stored.user_id),
             )
         return stored
 
@@ -485,8 +484,8 @@ class StoreIndex:
                 raise KeyError(f"user {user_id!r} has no version {version}; stored versions: {known}")
             record = VersionRecord.from_row(row)
             db.execute(
-                "UPDATE users SET current_version = ?, data_fingerprint = ? WHERE id = ?",
-                (version, record.data_fingerprint, user_id),
+                "UPDATE users SET current_version = ? WHERE id = ?",
+                (version, user_id),
             )
         return record
 
@@ -575,11 +574,6 @@ class StoreIndex:
                 "INSERT INTO keys(key_hash, user_id, role, created, label) VALUES (?, ?, ?, ?, ?)",
                 (key_hash, user_id, role, time.time(), label),
             )
-
-    def key(self, key_hash: str) -> tuple[str | None, str] | None:
-        """(user id, role) of a key hash, or None for an unknown or revoked key."""
-        rows = self._rows("SELECT user_id, role FROM keys WHERE key_hash = ?", key_hash)
-        return (rows[0]["user_id"], rows[0]["role"]) if rows else None
 
     def revoke_keys(self, user_id: str) -> int:
         with self.transaction() as db:
