@@ -176,3 +176,29 @@ def test_history_posts_racing_an_admin_delete_never_bring_the_user_back(own_stor
     service.index.checkpoint()
     service.close()
     assert files_holding(own_store.root, CANARY.encode()) == []
+
+
+def test_a_user_forgotten_by_another_process_leaves_the_servers_memory(own_store, tiny):
+    """``tailorlm users delete`` beside a running server: the server's sweep resets the slot that held
+    the user's module and drops the caches derived from history text, within a few sweeps."""
+    user = "lora-user-1"
+    config = serve_config(own_store.root, retrain=False, recipe="bm25", forget_sweep_seconds=0.2)
+    with background(config, base=fresh(tiny)) as server:
+        headers = {"Authorization": f"Bearer {own_store.keys[user]}"}
+        body = {"model": user, "prompt": "I would shout.", "labels": ["yes", "no"]}
+        assert (
+            httpx.post(f"{server.url}/v1/completions", json=body, headers=headers, timeout=60).status_code
+            == 200
+        )
+        resident = [key for manager in server.managers for key in manager.resident()]
+        assert any(key.endswith(f":{user}") for key in resident) and server._builder is not None
+        other = UserService(own_store.root)  # another process's view of the store
+        other.delete(user)
+        other.close()
+        deadline = time.monotonic() + 10
+        while any(k.endswith(f":{user}") for m in server.managers for k in m.resident()):
+            assert time.monotonic() < deadline, "the forgotten user's module stayed in memory"
+            time.sleep(0.05)
+        assert server._builder is None  # its retriever had read the user's history
+        again = httpx.post(f"{server.url}/v1/completions", json=body, headers=headers, timeout=60)
+        assert again.status_code == 401  # their keys went with them

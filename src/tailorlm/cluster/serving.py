@@ -127,10 +127,7 @@ class Replica:
 
     def forget(self, user_id: str) -> int:
         self.served.pop(user_id, None)  # a forgotten user's request count goes with them
-        # Retrievers cache by history text, not by user: start afresh rather than keep a forgotten
-        # user's (the same as a single server's delete route does).
-        self.server.retrievers = type(self.server.retrievers)()
-        return self.server.scheduler.forget(user_id)
+        return self.server.forget_in_memory(user_id)
 
     def stats(self) -> dict[str, Any]:
         """Whom this replica served, and how many rows its decode steps held on average (above 1: users'

@@ -67,6 +67,8 @@ class ServeConfig:
     # training wrote), or joined with "+"); "none": as sent.
     recipe: str = "plain"
     retrain: bool = True  # POST .../history retrains the user in a worker process
+    # How often the server looks for users another process forgot, to drop their modules from memory.
+    forget_sweep_seconds: float = 5.0
     training_workers: int = 1  # worker processes at once (each loads a base model); others queue
 
     def __post_init__(self) -> None:
@@ -78,7 +80,7 @@ class ServeConfig:
             raise ValueError("rate_limit must be positive (or None for no limit)")
         if not (self.auth_failure_rate > 0 and self.auth_failure_burst >= 1):
             raise ValueError("auth_failure_rate must be positive and auth_failure_burst at least 1")
-        for name in ("header_timeout", "body_timeout", "keep_alive"):
+        for name in ("header_timeout", "body_timeout", "keep_alive", "forget_sweep_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds")
         if not 1 <= self.max_connections_per_client <= self.max_connections:

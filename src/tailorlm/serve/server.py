@@ -5,6 +5,7 @@ from the store on demand, the scheduler thread, and the retraining jobs."""
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -25,10 +26,13 @@ from tailorlm.serve.metrics import ServeMetrics
 from tailorlm.serve.protocol import ApiError, invalid_key, model_not_found
 from tailorlm.serve.scheduler import Scheduler, key_user
 from tailorlm.serve.training import TrainingJobs
+from tailorlm.store.index_backends import StoreLocationError
 from tailorlm.store.module_folder import ModuleFileError
 from tailorlm.store.store import ModuleStore
 from tailorlm.users.keys import KeyOwner, key_hash
 from tailorlm.users.service import UserService
+
+log = logging.getLogger(__name__)
 
 
 def served_specs(store: ModuleStore, extra_kinds: tuple[str, ...]) -> list[ModuleSpec]:
@@ -179,6 +183,8 @@ class Server:
         self.recipe = recipe_from_name(config.recipe)  # label requests' recipe; None: prompts as sent
         self._builder: PromptBuilder | None = None  # label requests' prompts (``_prompt_builder``)
         self._builder_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep, name="tailorlm-forget-sweep", daemon=True)
         self.jobs = TrainingJobs(
             self.store.location,
             current=self._current_version,
@@ -190,11 +196,44 @@ class Server:
 
     def start(self) -> None:
         self.scheduler.start()
+        if self.managers:  # a front of remote replicas holds no module: its replicas sweep their own
+            self._sweeper.start()
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self._sweeper.is_alive():
+            self._sweeper.join(timeout=10)
         self.jobs.stop()
         self.scheduler.stop()
         self.store.close()
+
+    def forget_in_memory(self, user_id: str) -> int:
+        """Drop all this process holds of a forgotten user: a retrain of theirs (stopped, its records
+        dropped), every slot holding a version of their module (reset to the identity), and the caches
+        derived from history text (the retrievers cache by text, not by user, so all of them, and the
+        label requests' prompt builder that holds one). Returns how many slots were cleared."""
+        self.jobs.cancel_user(user_id)
+        cleared = self.scheduler.forget(user_id)
+        with self._builder_lock:
+            self.retrievers = RetrieverCache()
+            self._builder = None
+        return cleared
+
+    def _sweep(self) -> None:
+        """Forget in memory the users another process forgot (``tailorlm users delete`` beside a running
+        server): every ``forget_sweep_seconds``, a resident module whose user no longer exists goes."""
+        while not self._stopping.wait(self.config.forget_sweep_seconds):
+            resident = {key_user(key)[0] for manager in self.managers for key in manager.resident()}
+            try:
+                gone = [user_id for user_id in resident if not self.store.index.has_user(user_id)]
+            except StoreLocationError as error:  # the index is down: try again at the next sweep
+                log.warning("could not check resident users against the index: %s", error)
+                continue
+            for user_id in gone:
+                try:
+                    self.forget_in_memory(user_id)
+                except Exception:  # e.g. the scheduler stopping under it; the next sweep tries again
+                    log.exception("forgetting %r in memory failed", user_id)
 
     def _current_version(self, user_id: str) -> tuple[int, float] | None:
         record = self.store.current(user_id)

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 
-from tailorlm.methods.retrieval import RetrieverCache
 from tailorlm.serve.protocol import ApiError
 from tailorlm.serve.server import Server
 from tailorlm.store.index import HistoryRecord
@@ -81,11 +80,7 @@ def register(app: FastAPI, server: Server, admin: Guard, self_or_admin: UserGuar
             forgotten = service.delete(user_id)
         except UserError as error:
             raise user_error(error) from None
-        server.jobs.cancel_user(user_id)  # the worker stopped, its records dropped
-        cleared = server.scheduler.forget(user_id)  # their slots reset to the identity
-        # Retrievers cache what they computed from history text (embeddings by text), not by user: drop
-        # them all rather than keep anything derived from a forgotten user's history.
-        server.retrievers = RetrieverCache()
+        cleared = server.forget_in_memory(user_id)  # their retrain, slots and history-derived caches
         return {
             "object": "user.deleted",
             "id": user_id,
