@@ -340,9 +340,9 @@ class Scheduler(JobQueue):
         """The job's row in the running batch, or None when it cannot have one (the job is answered)."""
         try:
             job.row = DecodeRow(job.prompt_ids, job.slot, job.sampling)
-        except Exception as error:
+        except Exception:
             log.exception("the row of a %s request could not be made", job.user_id)
-            self._finish(job, Event(error=_failed(error)))
+            self._finish(job, Event(error=_failed()))
             return None
         self._jobs[id(job.row)] = job
         return job.row
@@ -352,10 +352,10 @@ class Scheduler(JobQueue):
         rows that fail alone are answered with an error (a failed prefill joins nothing)."""
         try:
             produced = self.running.add(rows)
-        except Exception as error:
+        except Exception:
             if len(rows) == 1:
                 log.exception("prefilling a row failed")
-                self._finish(self._jobs[id(rows[0])], Event(error=_failed(error)))
+                self._finish(self._jobs[id(rows[0])], Event(error=_failed()))
                 return
             for row in rows:
                 self._prefill([row])
@@ -373,9 +373,6 @@ class Scheduler(JobQueue):
                 self._pin(job)
             except SlotsFullError:
                 blocked.append(job)  # its user waits for a slot; others go ahead
-                continue
-            except JobError as error:
-                _emit(job, Event(error=error))
                 continue
             except Exception:
                 log.exception("loading %s failed", job.slot_key)
@@ -410,10 +407,10 @@ class Scheduler(JobQueue):
             scores = self.engine.score_choices(
                 [job.prompt_text for job in group], [job.slot for job in group], labels
             )
-        except Exception as error:
+        except Exception:
             if len(group) == 1:
                 log.exception("scoring labels failed")
-                self._finish(group[0], Event(error=_failed(error)))
+                self._finish(group[0], Event(error=_failed()))
             else:
                 for job in group:
                     self._score_group(labels, [job])
@@ -442,7 +439,7 @@ class Scheduler(JobQueue):
                 continue
             if row.finish_reason == "error":  # this row alone failed (the batch goes on without it)
                 log.error("decoding a %s request failed: %r", job.user_id, row.error)
-                self._finish(job, Event(error=_failed(row.error)))
+                self._finish(job, Event(error=_failed()))
                 continue
             if job.first_token is None:
                 job.first_token = now
@@ -525,7 +522,7 @@ class Scheduler(JobQueue):
         for row in list(self.running.rows):
             job = self._jobs.get(id(row))
             if job is not None:
-                self._finish(job, Event(error=_failed(None)))
+                self._finish(job, Event(error=_failed()))
         self._jobs.clear()
         self.running = RunningBatch(self.engine)
 
@@ -551,11 +548,9 @@ def _module_error(job: Job) -> JobError:
     )
 
 
-def _failed(error: Exception | None) -> JobError:
+def _failed() -> JobError:
     """Why a job whose work failed on the server's side is not answered: only that it failed (the detail,
-    which may name files or internals, is in the log)."""
-    if isinstance(error, JobError):
-        return error
+    which may name files or internals, is logged where it happened)."""
     return JobError("failed", "the server failed to answer this request; it was logged")
 
 
