@@ -96,7 +96,7 @@ def bench_command(
 ) -> None:
     """Benchmark personalization methods on one task; resumes an interrupted run in the same --out."""
     from tailorlm.bench import runner
-    from tailorlm.bench.report.tables import failed_methods
+    from tailorlm.bench.report.tables import failed_methods, timing_rows
     from tailorlm.bench.results import ReportError
     from tailorlm.bench.run_folder import RunFolderError
     from tailorlm.cli.report_table import console_table
@@ -140,6 +140,9 @@ def bench_command(
 
     def render(_: dict) -> None:
         console.out.print(console_table(results))
+        headers, rows = timing_rows(results)
+        if rows:
+            console.out.print(console.table("time: estimate against actual", headers, rows))
         console.out.print(f"report: {out / 'report.html'}", highlight=False)
 
     console.emit(results, as_json, render)
