@@ -12,8 +12,9 @@ import pytest
 
 from tailorlm.data import load_task
 from tailorlm.methods.deps import MethodDeps, base_loader
+from tailorlm.methods.personal import PersonalSetup
 from tailorlm.methods.recipes import Recipe
-from tailorlm.methods.setups import OPPU_PERSONAL, PersonalSetup, TaskAdapterSetup
+from tailorlm.methods.setups import OPPU_PERSONAL, TaskAdapterSetup
 from test_import_graph import import_graph
 
 # Runs in a fresh interpreter, so ``sys.modules`` shows what answering one question really imports.

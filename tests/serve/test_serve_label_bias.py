@@ -14,7 +14,7 @@ from tailorlm.data.schema import Example
 from tailorlm.engine.engine import Engine
 from tailorlm.kinds.label_bias import BIAS, WEIGHT, LabelBiasSpec
 from tailorlm.methods.baselines import LabelPrior
-from tailorlm.methods.label_models import SHRINKAGE_KEY, WEIGHT_KEY
+from tailorlm.methods.label_parts import SHRINKAGE_KEY, WEIGHT_KEY
 from tailorlm.methods.recipes import PromptBuilder, Recipe
 from tailorlm.serve.run import background
 from tailorlm.store.index import HistoryRecord

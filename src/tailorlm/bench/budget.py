@@ -28,9 +28,10 @@ from tailorlm.engine.engine import Engine
 from tailorlm.engine.generation import DecodeConfig
 from tailorlm.methods import label_models
 from tailorlm.methods.deps import MethodDeps
+from tailorlm.methods.personal import PersonalSetup
 from tailorlm.methods.recipes import PromptBuilder, Recipe
 from tailorlm.methods.registry import Method
-from tailorlm.methods.setups import TASK_ADAPTER, BaseSetup, PersonalSetup, TaskAdapterSetup
+from tailorlm.methods.setups import TASK_ADAPTER, BaseSetup, TaskAdapterSetup
 
 # Caps tried on each test user's training items, largest first; and the fewest test users a capped run
 # keeps (below this the confidence intervals say little).

@@ -53,6 +53,11 @@ class ModuleKind:
     # trains it and every contract test over logits applies. A kind that only adjusts label scores
     # (``label_shapes``, ``adjust_label_scores``) sets this False.
     acts_on_model: ClassVar[bool] = True
+    # How a user's own part of this kind is made from their data (``methods.personal.train_personal``
+    # dispatches on it, so no generic code names a kind): "loss", trained by the language-model loss over
+    # their examples, many users per step; "label-fit", fitted against the frozen shared model's label
+    # scores on their labelled items (``methods.label_parts``).
+    made_by: ClassVar[str] = "loss"
 
     # ---- the spec ----------------------------------------------------------------------------------
 

@@ -2,13 +2,13 @@
 shared model's label scores (HuBi-Simple's per-annotator bias, Kocon et al.), with the weight the user
 gives the shared model. It changes no layer of the model: only the scores of ``Engine.score_labels``, so
 it is served from a slot like any module and mixes with other users in one batch, but it cannot be
-trained by the language-model loss (``methods.label_models`` fits it, a convex problem) and leaves free
+trained by the language-model loss (``methods.label_parts`` fits it, a convex problem) and leaves free
 generation as the shared model answers.
 
 A user's label scores are ``weight * s + bias``, ``s`` ``[labels]`` the shared model's. Per user two
 tensors: ``label_bias`` ``[len(labels)]`` in the order of ``spec.labels`` (a candidate label outside them
 gets no bias), and ``label_weight`` ``[1]``. The identity is bias 0 and weight 1. The weight is what lets
-one kind hold every personal label part of ``label_models``: a bias fitted against the shared model
+one kind hold every personal label part of ``label_parts``: a bias fitted against the shared model
 (weight 1), the user's own label prior alone (weight 0, bias its log), or the two fused (weight ``weight``,
 bias ``(1 - weight)`` times the log prior). Files written before the weight existed load with weight 1;
 files that call it ``label_scale`` (its earlier name) load under its name now.
@@ -41,6 +41,7 @@ class LabelBias(ModuleKind):
     name = "label-bias"
     spec_type = LabelBiasSpec
     acts_on_model = False
+    made_by = "label-fit"
 
     def validate(self, spec: LabelBiasSpec) -> None:
         if len(set(spec.labels)) != len(spec.labels) or not all(isinstance(x, str) for x in spec.labels):

@@ -12,9 +12,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from tailorlm.data.schema import Task, User
-from tailorlm.methods import baselines, label_models
+from tailorlm.methods import baselines, label_models, label_parts
 from tailorlm.methods.decoding import UserAnswers
 from tailorlm.methods.deps import MethodDeps
+from tailorlm.methods.personal import PersonalSetup
 from tailorlm.methods.recipes import Recipe
 from tailorlm.methods.setups import (
     OPPU_PERSONAL,
@@ -22,7 +23,6 @@ from tailorlm.methods.setups import (
     PERSONAL_KINDS,
     Answerer,
     BaseSetup,
-    PersonalSetup,
     Setup,
     TaskAdapterSetup,
     answer_users,
@@ -143,7 +143,7 @@ MODEL_METHODS: list[Method] = [
     ),
 ]
 
-# Shared model plus a tiny personal part, for tasks with one label per item (``label_models.applies_to``).
+# Shared model plus a tiny personal part, for tasks with one label per item (``label_parts.applies_to``).
 LABEL_MODEL_METHODS: list[Method] = [
     Method(
         "task-adapter+bias",
@@ -210,7 +210,7 @@ DEFAULT_METHODS = (
 def methods_for(task: Task) -> dict[str, Method]:
     """Every method that applies to ``task``, by name."""
     found = {m.name: m for m in MODEL_METHODS}
-    if label_models.applies_to(task):
+    if label_parts.applies_to(task):
         found.update({m.name: m for m in LABEL_MODEL_METHODS})
     for name in baselines.applicable(task):
         found[name] = Method(
