@@ -1,6 +1,6 @@
-"""The shared-plus-personal label methods: the fusion and its tuning, a per-user choice made on the user's
+"""The shared-plus-personal label methods: the fusion and its tuning, a per-user selection made on the user's
 own validation items, the joint shared model, and the visibility rules on the prompts a real run builds
-(tiny model). The bias fit itself is tested in ``tests/train/test_choice.py``."""
+(tiny model). The bias fit itself is tested in ``tests/train/test_joint.py``."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _example(user: str, item: str, target: str) -> Example:
 
 @pytest.fixture
 def three_users() -> Task:
-    spec = TaskSpec("toy", "offline", "toy", "classification", LABELS, ("accuracy",), "choice tests")
+    spec = TaskSpec("toy", "offline", "toy", "classification", LABELS, ("accuracy",), "label-model tests")
     users = [
         User(u, train=[_example(u, "t", "yes")], val=[_example(u, f"v{i}", t) for i, t in enumerate(vals)])
         for u, vals in (("ann", ["yes", "yes"]), ("bob", ["no", "no"]), ("cid", ["perhaps", "perhaps"]))
@@ -75,7 +75,7 @@ def test_tuning_keeps_the_best_setting_and_ties_go_to_the_safest(three_users):
 def _choose(task: Task, sources) -> dict[str, str]:
     val = label_models.queries_of(task.users, "val", task)
     predictions = {o: label_models.decide(task, source(val, "validate")) for o, source in sources.items()}
-    return label_models.choose_per_user(task, task.users, val, predictions)
+    return label_models.select_per_user(task, task.users, val, predictions)
 
 
 def test_each_user_gets_the_option_best_on_their_own_validation_items(three_users):
@@ -123,7 +123,7 @@ def test_label_methods_keep_to_the_visibility_rules(tmp_path):
     only what its user may see; each user's bias and module is fitted on that user's data only; the
     stored biases are label-bias modules over the task's labels, one per test user."""
     uses: list[PromptUse] = []
-    methods = ["task-adapter+bias", "task-adapter+choice", "fusion", "oppu-choice"]
+    methods = ["task-adapter+bias", "task-adapter+select", "fusion", "oppu-select"]
     progress = Heard()
     runner.run("verbagg", tmp_path, methods, SMALL, trace=uses.append, reporter=progress)
     # Fitting the biases reports its progress, user by user, to the end.
@@ -138,11 +138,11 @@ def test_label_methods_keep_to_the_visibility_rules(tmp_path):
         fitted_on = {u.prompt.example for u in uses if u.purpose == "train" and u.module == user}
         own = {e.id for e in run.task.training_examples(run.task.user(user))}
         assert fitted_on and fitted_on <= own
-    chosen = ModuleStore(tmp_path / "modules" / "task-adapter+choice-plain")
+    chosen = ModuleStore(tmp_path / "modules" / "task-adapter+select-plain")
     assert set(chosen.users()) == run.test_ids
     for user in run.test_ids:
         meta = chosen.get(user).meta
-        assert meta["fit"] == "choice" and meta["option"] in label_models.LABEL_OPTIONS
+        assert meta["fit"] == "select" and meta["option"] in label_models.OPTIONS
     tuned = {(u.method, u.prompt.user) for u in uses if u.purpose == "validate"}
     assert {("fusion", user) for user in run.test_ids} <= tuned
     for method in methods:
@@ -184,7 +184,7 @@ def test_label_methods_are_offered_for_label_tasks_only(tmp_path):
     from tailorlm.methods.registry import default_methods, methods_for
 
     verbagg = load_task("verbagg", seed=0)
-    label_rows = {"task-adapter+bias", "task-adapter+choice", "joint+bias", "fusion", "oppu-choice"}
+    label_rows = {"task-adapter+bias", "task-adapter+select", "joint+bias", "fusion", "oppu-select"}
     assert label_rows <= set(methods_for(verbagg))
     assert {"task-adapter+bias", "fusion"} <= set(default_methods(verbagg))
     fixture = Path(__file__).parents[1] / "data" / "fixtures" / "lamp" / "lamp7"

@@ -38,7 +38,7 @@ deps = MethodDeps(
     trace=uses.append,
 )
 answerer = methods_for(task)["peft-lora"].prepare(deps, [user])
-[answer] = answerer.answer([(user, user.test[0])], "choice")
+[answer] = answerer.answer([(user, user.test[0])], "likelihood")
 print(json.dumps({
     "answer": answer,
     "labels": list(task.labels),

@@ -1,7 +1,7 @@
 """Personal methods that decide among a task's labels by combining a shared model with a tiny personal
 part: a per-user bias over the labels fitted against the frozen shared model, the fusion of the shared
-model's label distribution with the user's (and item's) label prior, and a choice per user among their
-own module, their bias and their prior.
+model's label distribution with the user's (and item's) label prior, and a selection per user among
+their own module, their bias and their prior.
 
 Why these exist: with about twenty labelled items per user, a module per user cannot beat what a
 statistician does with the same labels (the user's prior times the item's, ``baselines.LabelPrior``). The
@@ -10,7 +10,7 @@ et al., 2022, "Dealing with Disagreements", TACL): the shared model knows the it
 knows the user.
 
 Every distribution here is a ``[rows, labels]`` tensor of log-probabilities over ``task.labels``. Whatever
-is tuned (the bias's shrinkage, the fusion weight, a user's choice) is chosen on validation items, never on
+is tuned (the bias's shrinkage, the fusion weight, a user's option) is chosen on validation items, never on
 a test item; the prompts that fit or tune anything are traced like every other method's, so the leakage
 test holds these methods to the same rules.
 """
@@ -42,7 +42,7 @@ from tailorlm.methods.setups import (
 from tailorlm.progress import ProgressCallback
 from tailorlm.store.index import VersionRecord
 from tailorlm.store.store import ModuleStore
-from tailorlm.train.choice import ChoiceExample, JointChoiceTrainer, fit_bias
+from tailorlm.train.joint import JointTrainer, LabelExample, fit_bias
 
 # L2 strengths of a user's bias, in units of one training example's loss; the benchmark picks one on the
 # validation items of the users it answers. Large values pull every user back to the shared model.
@@ -115,7 +115,7 @@ def shared_distribution(
                     [queries[i] for i in rows],
                     module,
                 )
-                scores = answerer.engine.score_choices(prompts, [slot_of.get(user.id, 0)] * len(rows), labels)
+                scores = answerer.engine.score_labels(prompts, [slot_of.get(user.id, 0)] * len(rows), labels)
                 out[rows] = torch.log_softmax(torch.tensor(scores, dtype=torch.float32), dim=-1)
                 done += 1
                 if on_progress is not None:
@@ -158,10 +158,10 @@ class LabelAnswerer:
     group_size: int
 
     def answer(self, queries: Sequence[Query], decoding: str) -> list[str]:
-        if decoding not in ("choice", "median"):
+        if decoding not in ("likelihood", "median"):
             raise ValueError(
-                f"label-distribution methods answer under the task's metric ('choice'); {decoding!r} does "
-                "not apply to them"
+                f"label-distribution methods answer under the task's metric ('likelihood'); {decoding!r} "
+                "does not apply to them"
             )
         return decide(self.task, self.distribution_of(queries)) if queries else []
 
@@ -189,16 +189,16 @@ def _by_user(queries: Sequence[Query]) -> dict[str, list[int]]:
     return rows
 
 
-Part = tuple[torch.Tensor, float]  # one user's (bias [labels], scale): ``kinds.label_bias``'s two tensors
+Part = tuple[torch.Tensor, float]  # one user's (bias [labels], weight): ``kinds.label_bias``'s two tensors
 
 
 @dataclass
 class UserParts:
-    """Each user's label part against one shared model: ``(bias [labels], scale)``, the user's scores being
-    ``scale * log p_shared + bias`` (``kinds.label_bias``), with what each was fitted as."""
+    """Each user's label part against one shared model: ``(bias [labels], weight)``, the user's scores
+    being ``weight * log p_shared + bias`` (``kinds.label_bias``), with the option each answers by."""
 
     parts: dict[str, Part]
-    options: dict[str, str]  # user -> "prior", "bias" or "fusion"
+    options: dict[str, str]  # user -> one of ``OPTIONS``: "prior", "bias" or "fusion"
     shrinkage: float | None = None  # the biases' penalty, when a bias was fitted
     weight: float | None = None  # the fusion's weight on the shared model, when one was chosen
 
@@ -206,15 +206,17 @@ class UserParts:
         if not queries:
             return distribution
         bias = torch.stack([self.parts[user.id][0] for user, _ in queries])
-        scale = torch.tensor([[self.parts[user.id][1]] for user, _ in queries])
-        return torch.log_softmax(scale * distribution + bias, dim=-1)
+        weight = torch.tensor([[self.parts[user.id][1]] for user, _ in queries])
+        return torch.log_softmax(weight * distribution + bias, dim=-1)
 
 
-# What a user's served label part is fitted as (``fit_user_parts``): a bias against the shared model, the
-# shared model fused with the user's own label prior, or per user the best of those two and the prior
-# alone on the user's own validation items.
-FITS = ("bias", "fusion", "choice")
-LABEL_OPTIONS = ("prior", "bias", "fusion")  # simplest first: ties go this way
+# What a user may be answered by, simplest first (ties go this way): their own label prior alone, their
+# bias against the shared model, the shared model fused with their prior, or their own module.
+OPTIONS = ("prior", "bias", "fusion", "module")
+# How a user's served label part is fitted (``fit_user_parts``): as one option for every user, or
+# "select": per user, the option of "prior", "bias" and "fusion" best on their own validation items.
+FITS = ("bias", "fusion", "select")
+FORMER_FITS = {"choice": "select"}  # earlier names, which a store's settings may still hold
 
 
 def fit_user_parts(
@@ -228,7 +230,7 @@ def fit_user_parts(
     """Fit every user's label part against the frozen ``shared`` model (rows in slot 0), from their own
     training items only. A bias's ``shrinkage`` and a fusion's ``weight``, when not given, are chosen on
     these users' validation items (pooled), from ``SHRINKAGE_GRID`` and ``FUSION_WEIGHTS``; with ``fit``
-    "choice" each user then takes whichever of their prior, their bias and the fusion did best on their
+    "select" each user then takes whichever of their prior, their bias and the fusion did best on their
     own validation items. The prior is the user's own training labels' frequencies smoothed toward every
     user's (``LabelPrior.user``): a served request names no item, so no item prior enters."""
     if fit not in FITS:
@@ -237,7 +239,7 @@ def fit_user_parts(
     golds = _golds(val)
     val_dist = None
     if val and (
-        fit == "choice" or (fit == "bias" and shrinkage is None) or (fit == "fusion" and weight is None)
+        fit == "select" or (fit == "bias" and shrinkage is None) or (fit == "fusion" and weight is None)
     ):
         val_dist = shared_distribution(shared, val, "validate")
 
@@ -245,22 +247,24 @@ def fit_user_parts(
         return decide(task, UserParts(parts, {}).apply(val_dist, val))
 
     candidates: dict[str, dict[str, Part]] = {}
-    if fit in ("fusion", "choice"):
+    if fit in ("fusion", "select"):
         prior = LabelPrior(task)
         log_prior = {u.id: torch.log(torch.tensor(prior.user(u), dtype=torch.float32)) for u in users}
         candidates["prior"] = {u.id: (log_prior[u.id], 0.0) for u in users}
-    if fit in ("bias", "choice"):
+    if fit in ("bias", "select"):
         biases = _bias_fitter(task, shared, users)
         if shrinkage is None:  # best_setting takes the first, safest, value when there are no golds
             shrinkage, _ = best_setting(task, SHRINKAGE_GRID, golds, lambda s: predict(biases(s)))
         candidates["bias"] = biases(shrinkage)
-    if fit in ("fusion", "choice"):
+    if fit in ("fusion", "select"):
         if weight is None:
-            weight, _ = best_setting(task, FUSION_WEIGHTS, golds, lambda w: predict(_fused(log_prior, w)))
+            weight, _ = best_setting(
+                task, FUSION_WEIGHTS, golds, lambda value: predict(_fused(log_prior, value))
+            )
         candidates["fusion"] = _fused(log_prior, weight)
-    if fit == "choice":
+    if fit == "select":
         predictions = {option: predict(parts) if val else [] for option, parts in candidates.items()}
-        options = choose_per_user(task, users, val, predictions)
+        options = select_per_user(task, users, val, predictions)
     else:
         options = {u.id: fit for u in users}
     parts = {u.id: candidates[options[u.id]][u.id] for u in users}
@@ -268,13 +272,13 @@ def fit_user_parts(
 
 
 def _fused(log_prior: Mapping[str, torch.Tensor], weight: float) -> dict[str, Part]:
-    """``fuse`` as a label part: scale ``weight``, bias ``(1 - weight)`` times the log prior (the shared
+    """``fuse`` as a label part: weight ``weight``, bias ``(1 - weight)`` times the log prior (the shared
     model's log-normaliser is one constant per row, which a softmax ignores)."""
     return {user: ((1 - weight) * logs, weight) for user, logs in log_prior.items()}
 
 
 def _bias_fitter(task: Task, shared: Answerer, users: Sequence[User]) -> Callable[[float], dict[str, Part]]:
-    """Every user's bias on their own training items at a given shrinkage (scale 1), remembered per
+    """Every user's bias on their own training items at a given shrinkage (weight 1), remembered per
     shrinkage; the training items are scored against ``shared`` once, here."""
     train = queries_of(users, "train", task)
     progress = shared.deps.reporter.progress(f"{shared.method}: scoring training items")
@@ -300,11 +304,11 @@ def _bias_fitter(task: Task, shared: Answerer, users: Sequence[User]) -> Callabl
     return fitted
 
 
-def choose_per_user(
+def select_per_user(
     task: Task, users: Sequence[User], val: Sequence[Query], predictions: Mapping[str, Sequence[str]]
 ) -> dict[str, str]:
-    """Each user's option (a key of ``predictions``, listed simplest first): the one whose predictions on
-    ``val`` score best on the user's own validation items. Ties, and users without validation items, go
+    """Each user's option (a key of ``predictions``, in the order of ``OPTIONS``): the one whose predictions
+    on ``val`` score best on the user's own validation items. Ties, and users without validation items, go
     to the option best over every user's items, and between equals to the simpler."""
     golds = _golds(val)
     overall = {o: validation_value(task, golds, p) for o, p in predictions.items()} if val else {}
@@ -357,7 +361,7 @@ def fit_and_store(
             store.index.set_meta(key, repr(value))
     records = {}
     for user in users:
-        bias, scale = fitted.parts[user.id]
+        bias, weight = fitted.parts[user.id]
         meta = {
             "fit": fit,
             "option": fitted.options[user.id],
@@ -368,13 +372,13 @@ def fit_and_store(
         records[user.id] = store.put(
             user.id,
             engine.spec,
-            label_part(bias, scale),
+            label_part(bias, weight),
             model=engine.model,
             base_name=engine.base.name,
             meta=meta,
             data_fingerprint=(fingerprints or {}).get(user.id),
         )
-    counts = {o: sum(1 for x in fitted.options.values() if x == o) for o in LABEL_OPTIONS}
+    counts = {o: sum(1 for x in fitted.options.values() if x == o) for o in OPTIONS}
     settings = [
         f"{name} {value:g}" + (" (the store's)" if known[key] is not None else "")
         for name, key, value in (
@@ -397,7 +401,7 @@ JOINT_SHRINKAGE = 3.0
 
 
 class JointSharedSetup(TaskAdapterSetup):
-    """The shared model trained jointly with a bias per training user (``train.choice``): one LoRA on the
+    """The shared model trained jointly with a bias per training user (``train.joint``): one LoRA on the
     same pooled examples of the same other users as the task adapter, but trained to choose among the
     task's labels with each user's leaning (their bias, shrunk toward zero) taken out. Stored as the
     task adapter is, and merged into the base the same way."""
@@ -413,10 +417,10 @@ class JointSharedSetup(TaskAdapterSetup):
         builder = deps.builder(recipe, engine.tokenizer)
         name = self.store_name(recipe)
 
-        def examples(queries: list[Query], purpose: Purpose) -> list[ChoiceExample]:
+        def examples(queries: list[Query], purpose: Purpose) -> list[LabelExample]:
             prompts = prompts_for(deps, builder, name, purpose, queries, self.USER)
             return [
-                ChoiceExample(user.id, prompt, metrics.label_index(example.targets[0], task.labels))
+                LabelExample(user.id, prompt, metrics.label_index(example.targets[0], task.labels))
                 for prompt, (user, example) in zip(prompts, queries, strict=True)
             ]
 
@@ -425,7 +429,7 @@ class JointSharedSetup(TaskAdapterSetup):
             f"training the joint shared model ({recipe.tag}) on {len(train)} examples of "
             f"{len({u.id for u, _ in train})} other users, a bias each (shrinkage {JOINT_SHRINKAGE:g})"
         )
-        trainer = JointChoiceTrainer(engine, task.labels, config, JOINT_SHRINKAGE)
+        trainer = JointTrainer(engine, task.labels, config, JOINT_SHRINKAGE)
         result = trainer.run(
             self.USER,
             examples(train, "train"),
@@ -450,7 +454,7 @@ def labelled_queries(task: Task, queries: Sequence[Query]) -> list[Query]:
 class BiasSetup:
     """A shared model (the task adapter, or the joint shared model) merged into the base, with a
     label-bias module per user (``kinds.label_bias``) fitted against it frozen (a bias shrunk toward zero,
-    or with ``fit`` "choice" the best of that, the user's prior and their fusion), stored like any user's
+    or with ``fit`` "select" the best of that, the user's prior and their fusion), stored like any user's
     module and served from a slot. A new user fits only their own bias: nothing shared changes.
 
     The shrinkage is chosen once per store, on the validation items of the users fitted first, and kept
@@ -501,7 +505,10 @@ class FusionSetup:
         val = queries_of(users, "val", task)
         val_shared, val_prior = shared_distribution(shared, val, "validate"), prior_distribution(prior, val)
         weight, _ = best_setting(
-            task, FUSION_WEIGHTS, _golds(val), lambda w: decide(task, fuse(val_shared, val_prior, w))
+            task,
+            FUSION_WEIGHTS,
+            _golds(val),
+            lambda value: decide(task, fuse(val_shared, val_prior, value)),
         )
         deps.reporter.log(f"{method}: weight {weight:g} on the shared model, chosen on validation items")
 
@@ -513,11 +520,8 @@ class FusionSetup:
         return LabelAnswerer(task, distribution_of, shared.group_size)
 
 
-CHOICES = ("prior", "bias", "module")  # what oppu-choice may answer a user with, simplest first
-
-
-class ChoiceSetup:
-    """OPPU with shrinkage and a choice per user: each user is answered by whichever of their own module
+class SelectSetup:
+    """OPPU with shrinkage and a selection per user: each user is answered by whichever of their own module
     (OPPU, shrunk toward the task adapter), their bias on the task adapter, or their prior did best on
     their own validation items. Ties go to the option that did best over every user's validation items."""
 
@@ -537,13 +541,13 @@ class ChoiceSetup:
         }
         val = queries_of(users, "val", task)
         predictions = {option: decide(task, source(val, "validate")) for option, source in sources.items()}
-        chosen = choose_per_user(task, users, val, predictions)
-        counts = {option: sum(1 for c in chosen.values() if c == option) for option in CHOICES}
+        chosen = select_per_user(task, users, val, predictions)
+        counts = {option: sum(1 for c in chosen.values() if c == option) for option in sources}
         deps.reporter.log(f"{method}: users answered by " + ", ".join(f"{o} {n}" for o, n in counts.items()))
 
         def distribution_of(queries: Sequence[Query]) -> Distribution:
             out = torch.empty(len(queries), len(task.labels))
-            for option in CHOICES:
+            for option in sources:
                 rows = [i for i, (user, _) in enumerate(queries) if chosen.get(user.id, "prior") == option]
                 if rows:
                     out[rows] = sources[option]([queries[i] for i in rows], "answer")

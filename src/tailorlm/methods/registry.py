@@ -152,11 +152,11 @@ LABEL_MODEL_METHODS: list[Method] = [
         label_models.BiasSetup(),
     ),
     Method(
-        "task-adapter+choice",
+        "task-adapter+select",
         "shared-personal",
         "per user the best of their label prior, their bias and the task adapter fused with their prior, on "
         "their own validation items; each served as one label-bias module",
-        label_models.BiasSetup(store="task-adapter+choice", fit="choice"),
+        label_models.BiasSetup(store="task-adapter+select", fit="select"),
     ),
     Method(
         "joint+bias",
@@ -172,10 +172,10 @@ LABEL_MODEL_METHODS: list[Method] = [
         label_models.FusionSetup(),
     ),
     Method(
-        "oppu-choice",
+        "oppu-select",
         "oppu",
         "per user the best of their shrunk OPPU module, their bias and their prior on their validation items",
-        label_models.ChoiceSetup(),
+        label_models.SelectSetup(),
     ),
 ]
 

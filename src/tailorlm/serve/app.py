@@ -375,7 +375,7 @@ def _check_size(
             param="labels" if body.labels and worst - prompt > limit // 2 else param,
         )
     if body.labels and server.engine is not None:
-        need = server.engine.choice_memory(1, prompt, len(body.labels), width)
+        need = server.engine.label_memory(1, prompt, len(body.labels), width)
         if need > server.config.max_request_bytes:
             raise ApiError(
                 400,

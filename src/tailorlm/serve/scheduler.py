@@ -440,7 +440,7 @@ class Scheduler(JobQueue):
         """One engine call for jobs with the same labels; when it fails, each job alone, so only the jobs
         that fail alone are answered with an error."""
         try:
-            scores = self.engine.score_choices(
+            scores = self.engine.score_labels(
                 [job.prompt_text for job in group], [job.slot for job in group], labels
             )
         except Exception:

@@ -63,11 +63,14 @@ class ServiceSettings:
         values = {k: v for k, v in json.loads(text).items() if k in cls.__dataclass_fields__}
         if values.get("labels") is not None:
             values["labels"] = tuple(values["labels"])
+        if "label_fit" in values:  # a store configured under a fit's earlier name
+            values["label_fit"] = label_models.FORMER_FITS.get(values["label_fit"], values["label_fit"])
         return cls(**values)
 
 
 def check_label_fit(fit: str) -> str:
-    """``fit`` if label-bias users can be fitted that way (``label_models.FITS``)."""
+    """``fit`` under its current name, if label-bias users can be fitted that way (``label_models.FITS``)."""
+    fit = label_models.FORMER_FITS.get(fit, fit)
     if fit not in label_models.FITS:
         raise UserError(f"label fit {fit!r} is not one of {', '.join(label_models.FITS)}")
     return fit

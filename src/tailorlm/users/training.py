@@ -195,7 +195,7 @@ class Training(Lifecycle):
         fitted_not_trained = not kinds.of(spec).acts_on_model
         label_fit = self.settings().label_fit
         if fitted_not_trained and label_fit != "bias":
-            # A label part's prior (fusion, choice) is smoothed toward every user's labels, as the
+            # A label part's prior (fusion, select) is smoothed toward every user's labels, as the
             # benchmark's is: the fit sees the store's whole population, though it fits only ``members``.
             task = self.task([user_of(uid, self.history(uid)) for uid in self.index.user_ids()])
         deps = MethodDeps(task, self.load_base(), modules, settings=self.method_settings)
