@@ -259,8 +259,7 @@ def _self_or_admin(server: Server, request: Request, user_id: str) -> KeyOwner:
 def _inference_routes(app: FastAPI, server: Server) -> None:
     @app.get("/health")
     async def health() -> JSONResponse:
-        # A front of remote replicas has no engine loop of its own to watch.
-        stalled = getattr(server.scheduler, "stalled_for", lambda: 0.0)()
+        stalled = server.scheduler.stalled_for()
         limit = server.config.scheduler.watchdog_seconds
         body = {
             "status": "stalled" if stalled > limit else "ok",
