@@ -59,3 +59,41 @@ def test_a_front_serves_through_the_scheduler_it_is_given(tmp_path, tiny):
         assert gone.status_code == 200, gone.text
         assert gone.json()["slots_cleared"] == 1  # the scheduler reset the slot that held the module
         assert not any(key.endswith(f":{USER}") for m in front.scheduler.managers for key in m.resident())
+
+
+def test_every_role_refuses_a_label_request_over_its_memory_bound(tmp_path, tiny):
+    """A label request whose scoring would take more than ``max_request_bytes`` is a 400 before any work,
+    from a local server (its engine's bound) and from a front whose engines are elsewhere (the same bound
+    from the base model's config, fp32): the Ray front's replicas submit straight to their scheduler, so
+    the front is where it is checked. A cheap request passes both."""
+    users = build_store(tmp_path / "store", tiny, per_kind=1)
+    config = serve_config(users.root, retrain=False, max_context=1024, max_request_bytes=64 << 20)
+    headers = {"Authorization": f"Bearer {users.keys[USER]}"}
+    cheap = {"model": USER, "prompt": "Is it", "labels": ["yes", "no"], "raw_prompt": True}
+    # 40 labels of a few tokens after a long prompt: about 260 MiB by the bound (tiny model, fp32).
+    labels = [f"answer number {i} of many" for i in range(40)]
+    costly = {"model": USER, "prompt": "word " * 100, "labels": labels, "raw_prompt": True}
+
+    def statuses(server: Server) -> tuple[int, int, dict]:
+        url = f"{server.url}/v1/completions"
+        ok = httpx.post(url, json=cheap, headers=headers, timeout=60)
+        refused = httpx.post(url, json=costly, headers=headers, timeout=60)
+        return ok.status_code, refused.status_code, refused.json()
+
+    with answering(LocalServer(config, base=fresh(tiny))) as local:
+        assert local.label_memory(100, 40, 7) > config.max_request_bytes
+        ok, refused, body = statuses(local)
+        assert (ok, refused) == (200, 400) and body["error"]["code"] == "request_too_expensive", body
+        assert local.scheduler.pending() == 0
+
+    def own_engine(server: Server) -> Scheduler:
+        engine = Engine(fresh(tiny), server.specs, slots=config.slots + 1, max_length=config.max_context)
+        managers = [SlotManager(bank, module_loader(server.store, bank.spec)) for bank in engine.banks]
+        return Scheduler(engine, managers, server.config.scheduler, server.metrics)
+
+    front = Server(config, own_engine)
+    with answering(front):
+        assert front.engine is None
+        ok, refused, body = statuses(front)
+        assert (ok, refused) == (200, 400) and body["error"]["code"] == "request_too_expensive", body
+        assert front.label_memory(100, 40, 7) == local.label_memory(100, 40, 7)  # the same bound, fp32

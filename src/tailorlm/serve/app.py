@@ -374,8 +374,8 @@ def _check_size(
             code="context_length_exceeded",
             param="labels" if body.labels and worst - prompt > limit // 2 else param,
         )
-    if body.labels and server.engine is not None:
-        need = server.engine.label_memory(1, prompt, len(body.labels), width)
+    if body.labels:  # on every server, a front of engines elsewhere too (``Server.label_memory``)
+        need = server.label_memory(prompt, len(body.labels), width)
         if need > server.config.max_request_bytes:
             raise ApiError(
                 400,

@@ -19,7 +19,7 @@ import torch
 
 from tailorlm import kinds, models
 from tailorlm.data.schema import Example, HistoryItem, User
-from tailorlm.engine.engine import Engine
+from tailorlm.engine.engine import Engine, label_memory
 from tailorlm.engine.slots import SlotManager
 from tailorlm.kinds import ModuleSpec
 from tailorlm.methods.profiles import UserProfile
@@ -160,7 +160,7 @@ class Server:
     tokenizer (default: the base model's, loaded by name). ``engines``: how many engines serve behind this
     front, each with ``config.slots`` slots per module layout (``capacity``)."""
 
-    engine: Engine | None = None  # a local server's (label requests' memory is checked against it)
+    engine: Engine | None = None  # a local server's
 
     def __init__(
         self,
@@ -178,6 +178,8 @@ class Server:
         self.prompt_tokenizer = prompt_tokenizer or models.load_tokenizer(
             None if served.base_name == models.TINY_MODEL else served.base_name
         )
+        self.base_name = served.base_name
+        self._model_config: Any = None  # the base model's, read when a label request first needs it
         self.capacity = config.slots * len(self.specs) * engines  # resident modules in all
         self.metrics = ServeMetrics()
         # Requests per key (a user's two keys, and every admin key, each have their own bucket); failed
@@ -199,6 +201,14 @@ class Server:
         )
         self.scheduler: JobScheduler = scheduler(self)
         self.url: str | None = None  # set once it answers (``run.answering``)
+
+    def label_memory(self, prompt_tokens: int, count: int, width: int) -> int:
+        """An upper bound, in bytes, of what scoring ``count`` labels of at most ``width`` tokens after a
+        prompt of ``prompt_tokens`` takes on an engine behind this front (``engine.label_memory``): from
+        the base model's config, in fp32, the widest dtype an engine serves in."""
+        if self._model_config is None:
+            self._model_config = models.load_config(self.base_name)
+        return label_memory(self._model_config, torch.float32, 1, prompt_tokens, count, width)
 
     def start(self) -> None:
         self.scheduler.start()
@@ -357,6 +367,9 @@ class LocalServer(Server):
         # The request threads' own tokenizer: a fast tokenizer's settings are not safe to share with the
         # scheduler thread, whose scoring truncates (a shared one can fail with "Already borrowed").
         super().__init__(config, scheduler, served, prompt_tokenizer=copy.deepcopy(self.base.tokenizer))
+
+    def label_memory(self, prompt_tokens: int, count: int, width: int) -> int:
+        return self.engine.label_memory(1, prompt_tokens, count, width)
 
     def start(self) -> None:
         super().start()
