@@ -58,15 +58,22 @@ def test_tuning_keeps_the_best_setting_and_ties_go_to_the_safest(three_users):
     assert tie == 0.0
 
 
-def _select(task: Task, sources) -> dict[str, str]:
+def _select(task: Task, sources, min_items: int = 1) -> dict[str, str]:
     val = label_parts.queries_of(task.users, "val", task)
     predictions = {o: label_parts.decide(task, source(val, "validate")) for o, source in sources.items()}
-    return label_parts.select_per_user(task, task.users, val, predictions)
+    return label_parts.select_per_user(task, task.users, val, predictions, min_items)
 
 
 def test_each_user_gets_the_option_best_on_their_own_validation_items(three_users):
     sources = {"prior": _always("perhaps"), "bias": _always("no"), "module": _always("yes")}  # simplest first
     assert _select(three_users, sources) == {"ann": "module", "bob": "bias", "cid": "prior"}
+    # Below the stated minimum of validation items a user's own selection would be noise: every user then
+    # gets the option best over all users' items (here a tie of all three, so the simplest).
+    assert max(len(u.val) for u in three_users.users) < label_parts.MIN_SELECT_ITEMS
+    assert _select(three_users, sources, label_parts.MIN_SELECT_ITEMS) == dict.fromkeys(
+        ["ann", "bob", "cid"], "prior"
+    )
+    assert _select(three_users, sources, len(three_users.user("ann").val)) == _select(three_users, sources)
     # cid's items now split between the module's answer and the bias's: a tie on cid's own items goes to
     # the option best over every user's items, and between equals (here 3 of 6 each) to the simpler.
     cid = three_users.user("cid")

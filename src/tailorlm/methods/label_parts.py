@@ -271,12 +271,24 @@ def _bias_fitter(task: Task, shared: Answerer, users: Sequence[User]) -> Callabl
     return fitted
 
 
+# The fewest validation items on which a user's own option is selected. Below it, one item moves a user's
+# accuracy by more than 0.1, more than the options differ by over all users (docs/benchmark-results.md:
+# gaps of 0.02-0.05), so a selection on so few items is mostly noise (measured: with 2 items each, the
+# users moved off the prior gained nothing); such a user gets the option best over all users.
+MIN_SELECT_ITEMS = 10
+
+
 def select_per_user(
-    task: Task, users: Sequence[User], val: Sequence[Query], predictions: Mapping[str, Sequence[str]]
+    task: Task,
+    users: Sequence[User],
+    val: Sequence[Query],
+    predictions: Mapping[str, Sequence[str]],
+    min_items: int = MIN_SELECT_ITEMS,
 ) -> dict[str, str]:
     """Each user's option (a key of ``predictions``, in the order of ``OPTIONS``): the one whose predictions
-    on ``val`` score best on the user's own validation items. Ties, and users without validation items, go
-    to the option best over every user's items, and between equals to the simpler."""
+    on ``val`` score best on the user's own validation items, when they have at least ``min_items`` of
+    them. Ties, and users with fewer, go to the option best over every user's items, and between equals to
+    the simpler."""
     golds = golds_of(val)
     overall = {o: validation_value(task, golds, p) for o, p in predictions.items()} if val else {}
     order = sorted(predictions, key=lambda o: -overall.get(o, 0.0))  # stable: equals stay simplest first
@@ -284,7 +296,7 @@ def select_per_user(
     chosen = {}
     for user in users:
         rows = rows_of.get(user.id, [])
-        if not rows:
+        if len(rows) < max(1, min_items):
             chosen[user.id] = order[0]
             continue
         mine = [golds[i] for i in rows]
