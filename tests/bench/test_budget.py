@@ -26,7 +26,7 @@ from tailorlm.progress import Reporter
 PLAIN = Recipe()
 RATES = budget.Rates(
     load_s=2.0,
-    answer_s={"plain:choice": 0.05},
+    answer_s={budget.answer_key(PLAIN, "likelihood"): 0.05},
     label_s={"plain:answer": 0.07, "plain:fit": 0.03},
     train_s={"personal:plain": 0.1, "adapter:plain": 0.2},
     validate_s={"plain": 0.04},
@@ -160,18 +160,19 @@ def test_measuring_scores_every_label_of_the_task(monkeypatch):
     longer too) measures slower."""
     task = load_task("verbagg", seed=0)
     seen: list[int] = []
-    score = Engine.score_choices
+    score = Engine.score_labels
 
-    def spy(self, prompts, slots, choices, **kwargs):
-        seen.append(len(choices))
-        return score(self, prompts, slots, choices, **kwargs)
+    def spy(self, prompts, slots, labels, **kwargs):
+        seen.append(len(labels))
+        return score(self, prompts, slots, labels, **kwargs)
 
-    monkeypatch.setattr(Engine, "score_choices", spy)
+    monkeypatch.setattr(Engine, "score_labels", spy)
     config = replace(CONFIG, test_users=8)
-    few = _rates(task, ["zero-shot"], config).answer_s["plain:choice"]
+    key = budget.answer_key(PLAIN, "likelihood")
+    few = _rates(task, ["zero-shot"], config).answer_s[key]
     many_labels = [f"answer number {i} of a long list of possible answers" for i in range(36)]
     monkeypatch.setattr(task, "labels", many_labels)
-    many = _rates(task, ["zero-shot"], config).answer_s["plain:choice"]
+    many = _rates(task, ["zero-shot"], config).answer_s[key]
     assert len(task.labels) in seen and 3 in seen
     assert many > 2 * few, (few, many)
 

@@ -6,7 +6,7 @@ this machine with this base model (``measure``, a few seconds on a short-prompt 
 
 - answering: ``setups.answer_examples`` with each method's own prompt builder (its shots, retrieved items
   or profile) and decoding, so label scoring with all the task's labels and generation up to its real
-  stopping point are what is timed; the label-model methods' ``label_models.shared_distribution``, which
+  stopping point are what is timed; the label-model methods' ``label_parts.shared_distribution``, which
   scores a user at a time;
 - training: ``MultiUserTrainer`` steps on a user's real rows as each method builds them (several users
   per step for a per-user module, pooled rows for the task adapter), and its validation loss;
@@ -36,8 +36,9 @@ from dataclasses import dataclass, field, replace
 from tailorlm.bench.config import BenchConfig, split_users
 from tailorlm.data.schema import Example, Task, User
 from tailorlm.engine.engine import Engine
-from tailorlm.methods import label_models
+from tailorlm.methods import label_models, label_parts
 from tailorlm.methods.deps import MethodDeps
+from tailorlm.methods.personal import PersonalSetup
 from tailorlm.methods.profiles import Profiles
 from tailorlm.methods.recipes import Recipe
 from tailorlm.methods.registry import Method
@@ -46,7 +47,6 @@ from tailorlm.methods.setups import (
     TASK_ADAPTER,
     Answerer,
     BaseSetup,
-    PersonalSetup,
     TaskAdapterSetup,
     answer_examples,
     personal_job,
@@ -76,7 +76,7 @@ class Rates:
     """Seconds measured on this machine through the methods' own calls.
 
     ``answer_s``: per answered item, by ``answer_key(recipe, decoding)``; ``label_s``: per item scored
-    through ``label_models.shared_distribution``, by ``label_key(recipe, purpose)`` ("answer" items come
+    through ``label_parts.shared_distribution``, by ``label_key(recipe, purpose)`` ("answer" items come
     a user's few test items at a time, "fit" items a user's training items at once); ``train_s``: per
     training row of one epoch, by ``train_key(part, recipe)`` (part "personal" or "adapter");
     ``validate_s``: per validation row of one epoch, by recipe tag; ``profile_s``: per PAG profile;
@@ -180,12 +180,15 @@ def needs(plan: Iterable[PlanEntry]) -> Needs:
         if isinstance(setup, LABEL_SETUPS):
             found.labels.add(recipe)
             found.adapter.add(recipe)
-            if isinstance(setup, label_models.ChoiceSetup):
+            if isinstance(setup, label_models.SelectSetup):
                 found.personal.add(recipe)
+        if not isinstance(setup, KNOWN_SETUPS):  # counted by its answers alone (``method_seconds``)
+            found.answers.add((recipe, decoding))
     return found
 
 
-LABEL_SETUPS = (label_models.BiasSetup, label_models.FusionSetup, label_models.ChoiceSetup)
+LABEL_SETUPS = (label_models.BiasSetup, label_models.FusionSetup, label_models.SelectSetup)
+KNOWN_SETUPS = (BaseSetup, TaskAdapterSetup, PersonalSetup, *LABEL_SETUPS)
 
 
 # ---- measuring ----------------------------------------------------------------------------------------
@@ -296,7 +299,7 @@ def _measure_labels(
         )
         asked = label_models.labelled_queries(deps.task, _test_queries(pilot, PILOT_ANSWERS))
         if asked:
-            seconds = _seconds(lambda a=answerer, q=asked: label_models.shared_distribution(a, q, "answer"))
+            seconds = _seconds(lambda a=answerer, q=asked: label_parts.shared_distribution(a, q, "answer"))
             rates[label_key(recipe, "answer")] = seconds / len(asked)
         # A user's training items are scored in one call: two users' worth of a pilot batch.
         fitted = [
@@ -306,7 +309,7 @@ def _measure_labels(
         ]
         fitted = label_models.labelled_queries(deps.task, fitted)
         if fitted:
-            seconds = _seconds(lambda a=answerer, q=fitted: label_models.shared_distribution(a, q, "train"))
+            seconds = _seconds(lambda a=answerer, q=fitted: label_parts.shared_distribution(a, q, "train"))
             rates[label_key(recipe, "fit")] = seconds / len(fitted)
         rates.setdefault(label_key(recipe, "fit"), rates.get(label_key(recipe, "answer"), 0.0))
         rates.setdefault(label_key(recipe, "answer"), rates[label_key(recipe, "fit")])
@@ -454,12 +457,14 @@ def method_seconds(
     elif isinstance(setup, label_models.FusionSetup):
         adapter(TaskAdapterSetup())
         total += rates.load_s + (val + answers) * label_answer
-    elif isinstance(setup, label_models.ChoiceSetup):
+    elif isinstance(setup, label_models.SelectSetup):
         adapter(TaskAdapterSetup())
         personal(f"personal:{setup.MODULE_METHOD}")
         biases(label_models.BiasSetup().store)
         # two engines (its modules' and its biases'), both scored on validation, each user answered once
         total += 2 * rates.load_s + (2 * val + answers) * label_answer
+    else:  # a setup this estimate does not know (the blend): its engine and its answers at least
+        total += rates.load_s + answers * rates.answer_s.get(answer_key(recipe, decoding), 0.0)
     return total
 
 
