@@ -217,6 +217,8 @@ def test_a_capped_run_records_caps_and_times_says_so_in_rows_and_keeps_them_when
     assert note in users_cell(lora) and note not in users_cell(results["methods"]["zero-shot"])
     markdown = render_markdown(results, {})
     assert "## Time: estimate against actual" in markdown and note in markdown
+    page = (tmp_path / "report.html").read_text()
+    assert "Time: estimate against actual" in page and note in page
     assert [row[0] for row in timing_rows(results)[1]] == ["zero-shot", "peft-lora", "whole run"]
     # Resumed with a roomy budget: the same users and caps, nothing run again.
     again = Lines()

@@ -85,8 +85,9 @@ def bench_command(
         "--budget",
         min=0,
         help=f"Minutes a run may take on this machine (quick runs: {QUICK_BUDGET_MINUTES:g} unless given; "
-        "--full: none unless given; 0: none). The work is estimated first; over the budget, each test "
-        "user's training items and then the test users are capped, and the report says so.",
+        "--full: none unless given; 0: none). The work is estimated first by timing the methods' own calls; "
+        "over the budget, the test users are cut first, then each test user's training items, then the task "
+        "adapter's examples, and the report says so in the rows they touch.",
     ),
     backend: str = BACKEND_OPTION,
     workers: int | None = WORKERS_OPTION,

@@ -20,6 +20,7 @@ from tailorlm.bench.report.tables import (
     notes,
     sense,
     setting_rows,
+    timing_rows,
 )
 from tailorlm.bench.results import ALPHA
 
@@ -64,6 +65,8 @@ def render_html(results: Results, pngs: Mapping[str, bytes]) -> str:
     )
     title = html.escape(f"Benchmark report: {results['task']['name']}")
     items = "".join(f"<li>{html.escape(n)}</li>" for n in notes(results))
+    timing_headers, timing = timing_rows(results)
+    times = "<h2>Time: estimate against actual</h2>" + _html_table(timing_headers, timing) if timing else ""
     return (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         f"<style>{_CSS}</style></head><body>"
@@ -75,7 +78,7 @@ def render_html(results: Results, pngs: Mapping[str, bytes]) -> str:
         f"<h2>Against the references</h2><p>One-sided paired bootstrap over the users both methods have; "
         f"delta = method - reference; significant at p &lt; {ALPHA}.</p>"
         f"{_html_table(*comparison_rows(results), partial=partial)}"
-        f"<h2>Plots</h2>{figures}"
+        f"<h2>Plots</h2>{figures}{times}"
         f"<h2>Task and configuration</h2>{_html_table(['setting', 'value'], setting_rows(results))}"
         f"<h2>Notes</h2><ul>{items}</ul>"
         "</body></html>\n"
