@@ -280,12 +280,14 @@ def _measure_answers(
     answer_examples(deps, "estimate", engine, plain, queries[:1], [0], first)
     for recipe, decoding in sorted(wanted.answers, key=lambda pair: (pair[0].tag, pair[1])):
         builder = deps.builder(recipe, engine.tokenizer)
+        # A profile prompt of a user without one would write it inside the timing: only profiled users.
+        asked = _test_queries(pilot[:PILOT_PROFILES], PILOT_ANSWERS) if recipe.profile else queries
         seconds = _seconds(
-            lambda b=builder, d=decoding: answer_examples(
-                deps, "estimate", engine, b, queries, [0] * len(queries), d
+            lambda b=builder, d=decoding, q=asked: answer_examples(
+                deps, "estimate", engine, b, q, [0] * len(q), d
             )
         )
-        rates[answer_key(recipe, decoding)] = seconds / len(queries)
+        rates[answer_key(recipe, decoding)] = seconds / len(asked)
     return rates
 
 
