@@ -100,7 +100,7 @@ def flat_rates(plan, seconds: float = 0.01):
     trained = wanted.personal | wanted.adapter
     return budget.Rates(
         load_s=seconds,
-        answer_s={budget.answer_key(recipe, decoding): seconds for recipe, decoding in wanted.answers},
+        answer_s={budget.answer_key(*answered): seconds for answered in wanted.answers},
         label_s={budget.label_key(r, p): seconds for r in wanted.labels for p in ("answer", "fit")},
         train_s={budget.train_key(part, r): seconds for part in ("personal", "adapter") for r in trained},
         validate_s={r.tag: seconds for r in trained},

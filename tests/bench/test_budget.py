@@ -26,7 +26,7 @@ from tailorlm.progress import Reporter
 PLAIN = Recipe()
 RATES = budget.Rates(
     load_s=2.0,
-    answer_s={budget.answer_key(PLAIN, "likelihood"): 0.05},
+    answer_s={budget.answer_key(PLAIN, "likelihood", bare): 0.05 for bare in (True, False)},
     label_s={"plain:answer": 0.07, "plain:fit": 0.03},
     train_s={"personal:plain": 0.1, "adapter:plain": 0.2},
     validate_s={"plain": 0.04},
@@ -151,7 +151,7 @@ def test_measuring_generates_as_the_methods_do_with_the_runs_token_limit(monkeyp
     monkeypatch.setattr(Engine, "generate", spy)
     config = replace(CONFIG, test_users=8, max_new_tokens=7)
     rates = _rates(task, ["zero-shot"], config)
-    assert rates.answer_s["plain:generate"] > 0
+    assert rates.answer_s[budget.answer_key(PLAIN, "generate", bare=True)] > 0
     assert (7, ("\n",), budget.PILOT_ANSWERS) in seen
 
 
@@ -168,7 +168,7 @@ def test_measuring_scores_every_label_of_the_task(monkeypatch):
 
     monkeypatch.setattr(Engine, "score_labels", spy)
     config = replace(CONFIG, test_users=8)
-    key = budget.answer_key(PLAIN, "likelihood")
+    key = budget.answer_key(PLAIN, "likelihood", bare=True)
     few = _rates(task, ["zero-shot"], config).answer_s[key]
     many_labels = [f"answer number {i} of a long list of possible answers" for i in range(36)]
     monkeypatch.setattr(task, "labels", many_labels)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from tailorlm.bench.config import BenchConfig, split_users
 from tailorlm.data.schema import Example, Task, User
 from tailorlm.engine.engine import Engine
+from tailorlm.kinds.lora import LoraSpec
 from tailorlm.methods import label_models, label_parts
 from tailorlm.methods.deps import MethodDeps
 from tailorlm.methods.personal import PersonalSetup
@@ -99,8 +100,9 @@ class Rates:
         return rates[key]
 
 
-def answer_key(recipe: Recipe, decoding: str) -> str:
-    return f"{recipe.tag}:{decoding}"
+def answer_key(recipe: Recipe, decoding: str, bare: bool = False) -> str:
+    """``bare``: answered by the bare base model's engine (no module bank to run), not a module's."""
+    return f"{'bare' if bare else 'module'}:{recipe.tag}:{decoding}"
 
 
 def label_key(recipe: Recipe, purpose: str) -> str:
@@ -155,7 +157,7 @@ def cuts(asked: BenchConfig, fitted: BenchConfig) -> dict[str, list[int | None]]
 class Needs:
     """The rates a plan's estimate reads."""
 
-    answers: set[tuple[Recipe, str]] = field(default_factory=set)  # (recipe, decoding)
+    answers: set[tuple[Recipe, str, bool]] = field(default_factory=set)  # (recipe, decoding, bare)
     labels: set[Recipe] = field(default_factory=set)  # label-model methods' scoring
     personal: set[Recipe] = field(default_factory=set)  # per-user module training
     adapter: set[Recipe] = field(default_factory=set)  # task adapter training
@@ -170,7 +172,7 @@ def needs(plan: Iterable[PlanEntry]) -> Needs:
             continue
         found.profiles |= recipe.profile
         if isinstance(setup, BaseSetup | TaskAdapterSetup | PersonalSetup):
-            found.answers.add((recipe, decoding))
+            found.answers.add((recipe, decoding, isinstance(setup, BaseSetup)))
         if isinstance(setup, TaskAdapterSetup):
             found.adapter.add(recipe)
         if isinstance(setup, PersonalSetup):
@@ -183,7 +185,7 @@ def needs(plan: Iterable[PlanEntry]) -> Needs:
             if isinstance(setup, label_models.SelectSetup):
                 found.personal.add(recipe)
         if not isinstance(setup, KNOWN_SETUPS):  # counted by its answers alone (``method_seconds``)
-            found.answers.add((recipe, decoding))
+            found.answers.add((recipe, decoding, False))
     return found
 
 
@@ -270,24 +272,33 @@ def _test_queries(users: Sequence[User], count: int) -> list[tuple[User, Example
 def _measure_answers(
     deps: MethodDeps, engine: Engine, wanted: Needs, pilot: Sequence[User]
 ) -> dict[str, float]:
+    """Per-item seconds of ``answer_examples`` for each (recipe, decoding, engine) the plan answers with:
+    the bare base's engine for the prompt-side methods (as ``deps.bare_engine`` builds it: no module
+    bank, about half the time of an engine with one on this machine), ``engine`` (a LoRA bank) for the
+    rest. Each engine first answers the pilot once, which pays what a method's first batch pays once
+    (allocations, kernel choice for the batch's shapes)."""
     queries = _test_queries(pilot, PILOT_ANSWERS)
     rates: dict[str, float] = {}
     if not queries or not wanted.answers:
         return rates
-    # One call first pays what a method's first call pays once (allocations, kernel choice).
+    used = {bare for _, _, bare in wanted.answers}
+    engines = {False: engine} if False in used else {}
+    if True in used:
+        engines[True] = Engine(deps.load_base(), LoraSpec(), slots=2, max_length=deps.settings.max_length)
     plain = deps.builder(Recipe(), engine.tokenizer)
-    first = next(iter(wanted.answers))[1]
-    answer_examples(deps, "estimate", engine, plain, queries[:1], [0], first)
-    for recipe, decoding in sorted(wanted.answers, key=lambda pair: (pair[0].tag, pair[1])):
+    for bare, answering in engines.items():
+        first = next(d for _, d, b in wanted.answers if b == bare)
+        answer_examples(deps, "estimate", answering, plain, queries, [0] * len(queries), first)
+    for recipe, decoding, bare in sorted(wanted.answers, key=lambda a: (a[0].tag, a[1], a[2])):
         builder = deps.builder(recipe, engine.tokenizer)
         # A profile prompt of a user without one would write it inside the timing: only profiled users.
         asked = _test_queries(pilot[:PILOT_PROFILES], PILOT_ANSWERS) if recipe.profile else queries
         seconds = _seconds(
-            lambda b=builder, d=decoding, q=asked: answer_examples(
-                deps, "estimate", engine, b, q, [0] * len(q), d
+            lambda b=builder, d=decoding, q=asked, e=engines[bare]: answer_examples(
+                deps, "estimate", e, b, q, [0] * len(q), d
             )
         )
-        rates[answer_key(recipe, decoding)] = seconds / len(asked)
+        rates[answer_key(recipe, decoding, bare)] = seconds / len(asked)
     return rates
 
 
@@ -441,7 +452,7 @@ def method_seconds(
     if isinstance(setup, BaseSetup):
         once("bare", rates.load_s)
         profiles("test", len(users))
-        total += answers * rates.get("answer_s", answer_key(recipe, decoding))
+        total += answers * rates.get("answer_s", answer_key(recipe, decoding, bare=True))
     elif isinstance(setup, TaskAdapterSetup):
         adapter(setup)
         profiles("test", len(users))
