@@ -152,7 +152,7 @@ def test_measuring_generates_as_the_methods_do_with_the_runs_token_limit(monkeyp
     config = replace(CONFIG, test_users=8, max_new_tokens=7)
     rates = _rates(task, ["zero-shot"], config)
     assert rates.answer_s[budget.answer_key(PLAIN, "generate", bare=True)] > 0
-    assert (7, ("\n",), budget.PILOT_ANSWERS) in seen
+    assert (7, ("\n",), budget.PILOT_GENERATIONS) in seen
 
 
 def test_measuring_scores_every_label_of_the_task(monkeypatch):

@@ -61,13 +61,15 @@ from tailorlm.train.trainer import MultiUserTrainer, TrainConfig
 MIN_TEST_USERS = 8
 USER_ITEM_CAPS = (128, 96, 64, 48, 32, 24, 16, 12, 8)
 ADAPTER_EXAMPLE_CAPS = (128, 64)
-# The pilot: users of a training step (2 users x 4 rows, half a micro-batch), answers timed per recipe
-# (half a batch of ``decoding.answer``, from up to ``answer_group`` users as the answerer groups them)
-# and profiles written (half the writer's batch). Smaller than the run's batches, to keep measuring short
-# (the run's budget pays for it): a half batch costs a little more per item, so the estimate leans long.
+# The pilot: users of a training step (2 users x 4 rows, half a micro-batch); answers timed per recipe
+# (half a batch of ``decoding.answer`` when scoring labels, whose cost per item hardly depends on the batch;
+# a full batch when generating, whose steps cost about the same for 8 rows as for 16); and profiles
+# written (a full batch of the writer, for the same reason). Smaller pilots keep measuring short, which
+# the run's budget pays for.
 PILOT_USERS = 2
 PILOT_ANSWERS = 8
-PILOT_PROFILES = 4
+PILOT_GENERATIONS = 16
+PILOT_PROFILES = 8
 
 PlanEntry = tuple[str, Method, str]  # (the run's key for the method, the method, its decoding)
 
@@ -277,7 +279,7 @@ def _measure_answers(
     bank, about half the time of an engine with one on this machine), ``engine`` (a LoRA bank) for the
     rest. Each engine first answers the pilot once, which pays what a method's first batch pays once
     (allocations, kernel choice for the batch's shapes)."""
-    queries = _test_queries(pilot, PILOT_ANSWERS)
+    queries = _test_queries(pilot, PILOT_ANSWERS if deps.task.labels else PILOT_GENERATIONS)
     rates: dict[str, float] = {}
     if not queries or not wanted.answers:
         return rates
@@ -292,7 +294,7 @@ def _measure_answers(
     for recipe, decoding, bare in sorted(wanted.answers, key=lambda a: (a[0].tag, a[1], a[2])):
         builder = deps.builder(recipe, engine.tokenizer)
         # A profile prompt of a user without one would write it inside the timing: only profiled users.
-        asked = _test_queries(pilot[:PILOT_PROFILES], PILOT_ANSWERS) if recipe.profile else queries
+        asked = _test_queries(pilot[:PILOT_PROFILES], len(queries)) if recipe.profile else queries
         seconds = _seconds(
             lambda b=builder, d=decoding, q=asked, e=engines[bare]: answer_examples(
                 deps, "estimate", e, b, q, [0] * len(q), d
