@@ -14,6 +14,7 @@ from tailorlm.bench.report.activity import (
     MAX_BINS,
     MISSING_NOTE,
     activity_bins,
+    activity_caption,
     activity_rows,
     bin_rule,
     by_activity,
@@ -31,19 +32,23 @@ TRAIN = [2, 2, 3, 3, 5, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 60]
 BIN_LABELS = ["2-3", "5-8", "10-20", "25-60"]
 PEFT_CORRECT = [3, 5, 7, 8]  # of 10, per bin: behind zero-shot's 5, level, then ahead
 OPPU_MISSING = {"u03", "u15"}  # oppu has 3 of the first bin's users and 3 of the last's
+FEW_SHOT_USERS = 8  # few-shot stopped after the users of the first two bins
 
 
 def active_run(root: Path) -> Path:
     """zero-shot right on 5 of 10 for everyone; peft-lora's accuracy rises with the user's training items;
-    oppu right on 4-7 of 10 (by user index mod 4), without two users."""
+    oppu right on 4-7 of 10 (by user index mod 4), without two users; few-shot like zero-shot, on the first
+    8 users only."""
     users = {f"u{i:02d}": {"history": n, "train": n, "val": 1, "test": 10} for i, n in enumerate(TRAIN)}
-    methods = {name: METHODS[name] for name in ("zero-shot", "peft-lora", "oppu")}
+    methods = {name: METHODS[name] for name in ("zero-shot", "peft-lora", "oppu", "few-shot")}
     lines: dict[str, list[dict | str]] = {name: [] for name in methods}
     rng = np.random.default_rng(3)
     for index, user in enumerate(users):
         golds = [str(x) for x in rng.choice(["no", "perhaps", "yes"], 10)]
         lines["zero-shot"].append(line(user, golds, answers(golds, 5)))
         lines["peft-lora"].append(line(user, golds, answers(golds, PEFT_CORRECT[index // 4])))
+        if index < FEW_SHOT_USERS:
+            lines["few-shot"].append(line(user, golds, answers(golds, 5)))
         if user not in OPPU_MISSING:
             lines["oppu"].append(line(user, golds, answers(golds, 4 + index % 4)))
     return write_run(root, CLASSIFICATION, methods, users, lines)
@@ -147,6 +152,9 @@ def test_means_are_per_bin_means_and_deltas_are_against_the_reference(active):
     assert found.n_users["oppu"] == [3, 4, 4, 3]
     assert found.means["oppu"] == pytest.approx([0.5, 0.55, 0.55, 0.5])
     assert found.gains("oppu", lower_is_better=True) == pytest.approx([0.0, -0.05, -0.05, 0.0])
+    # few-shot has none of the last two bins' users: no mean there, and no difference.
+    assert found.means["few-shot"] == [pytest.approx(0.5), pytest.approx(0.5), None, None]
+    assert found.n_users["few-shot"] == [4, 4, 0, 0] and found.deltas["few-shot"][2:] == [None, None]
     assert found.uncounted == 0
 
 
@@ -155,7 +163,7 @@ def test_table_rows_show_mean_delta_and_a_partial_bin(active):
     headers, rows = activity_rows(found, active)
     assert headers == ["method", "family", *(f"{label} items (4 users)" for label in BIN_LABELS)]
     by_name = {row[0]: row for row in rows}
-    assert [row[0] for row in rows] == ["peft-lora", "oppu (partial)", "zero-shot"]  # best first
+    assert [row[0] for row in rows] == ["peft-lora", "oppu (partial)", "few-shot (partial)", "zero-shot"]
     assert by_name["peft-lora"][2:] == [
         "0.300 (-0.200)",
         "0.500 (+0.000)",
@@ -164,6 +172,7 @@ def test_table_rows_show_mean_delta_and_a_partial_bin(active):
     ]
     assert by_name["oppu (partial)"][2] == "0.500 (+0.000), 3 users"
     assert by_name["zero-shot"][2:] == ["0.500"] * 4
+    assert by_name["few-shot (partial)"][2:] == ["0.500 (+0.000)", "0.500 (+0.000)", "-", "-"]
 
 
 def test_reading_says_where_the_best_personal_method_is_ahead(active):
@@ -173,7 +182,7 @@ def test_reading_says_where_the_best_personal_method_is_ahead(active):
         in text
     )
     assert "it is ahead in every bin from 10-20 items on, not in the 5-8 one" in text
-    assert "personal methods ahead of zero-shot: 0 of 2 in the least active bin, 1 of 2 in the most" in text
+    assert "personal methods ahead of zero-shot: 0 of 3 in the least active bin, 1 of 2 in the most" in text
 
 
 @pytest.mark.parametrize(
@@ -226,6 +235,13 @@ def test_the_section_and_the_plot_are_in_both_reports(active):
         and "0.800 (+0.300)" in page
         and html.escape(PLOTS["activity"][0]) in page
     )
+
+
+def test_a_scored_user_without_a_count_is_left_out_and_said_so(active):
+    users = {**active["users"], "u00": {"history": 2}}  # u00's count lost
+    found = by_activity({**active, "users": users})
+    assert found.uncounted == 1 and found.bins[0].users == ("u01", "u02", "u03")
+    assert "1 scored user(s) without a recorded number are left out" in activity_caption(found, active)
 
 
 def test_old_results_leave_the_section_out_with_a_note(active, tmp_path):

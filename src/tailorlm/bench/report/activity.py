@@ -22,8 +22,9 @@ from tailorlm.bench.report.tables import Results, method_label, num, scored_meth
 MAX_BINS = 4
 
 MISSING_NOTE = (
-    "No table by activity: these results hold no user's number of training items (a results.json written "
-    "before it was recorded); `tailorlm report RUN` recomputes it from run.json."
+    "No table by activity: these results hold no user's number of training items (a results.json from "
+    "before it was recorded, or a run.json without it); `tailorlm report RUN` recomputes results.json from "
+    "run.json."
 )
 
 
