@@ -26,19 +26,19 @@ from tailorlm.bench.report.plots import PLOTS, plot_activity
 from tailorlm.bench.report.reading import _where_ahead, reading
 from tailorlm.bench.results import summarize
 
-# 16 users, 13 distinct counts: the quartiles (method "higher") of these are 5, 10 and 25, so the bins are
-# 2-3, 5-8, 10-20 and 25-60 items with 4 users each.
-TRAIN = [2, 2, 3, 3, 5, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 60]
+# 20 users, 15 distinct counts: the quartiles (method "higher") of these are 5, 10 and 25, so the bins are
+# 2-3, 5-8, 10-20 and 25-60 items with 5 users each.
+TRAIN = [2, 2, 3, 3, 3, 5, 5, 6, 7, 8, 10, 12, 15, 18, 20, 25, 30, 40, 50, 60]
 BIN_LABELS = ["2-3", "5-8", "10-20", "25-60"]
 PEFT_CORRECT = [3, 5, 7, 8]  # of 10, per bin: behind zero-shot's 5, level, then ahead
-OPPU_MISSING = {"u03", "u15"}  # oppu has 3 of the first bin's users and 3 of the last's
-FEW_SHOT_USERS = 8  # few-shot stopped after the users of the first two bins
+OPPU_MISSING = {"u03", "u19"}  # oppu has 4 of the first bin's users and 4 of the last's
+FEW_SHOT_USERS = 10  # few-shot stopped after the users of the first two bins
 
 
 def active_run(root: Path) -> Path:
     """zero-shot right on 5 of 10 for everyone; peft-lora's accuracy rises with the user's training items;
     oppu right on 4-7 of 10 (by user index mod 4), without two users; few-shot like zero-shot, on the first
-    8 users only."""
+    10 users only."""
     users = {f"u{i:02d}": {"history": n, "train": n, "val": 1, "test": 10} for i, n in enumerate(TRAIN)}
     methods = {name: METHODS[name] for name in ("zero-shot", "peft-lora", "oppu", "few-shot")}
     lines: dict[str, list[dict | str]] = {name: [] for name in methods}
@@ -46,7 +46,7 @@ def active_run(root: Path) -> Path:
     for index, user in enumerate(users):
         golds = [str(x) for x in rng.choice(["no", "perhaps", "yes"], 10)]
         lines["zero-shot"].append(line(user, golds, answers(golds, 5)))
-        lines["peft-lora"].append(line(user, golds, answers(golds, PEFT_CORRECT[index // 4])))
+        lines["peft-lora"].append(line(user, golds, answers(golds, PEFT_CORRECT[index // 5])))
         if index < FEW_SHOT_USERS:
             lines["few-shot"].append(line(user, golds, answers(golds, 5)))
         if user not in OPPU_MISSING:
@@ -68,10 +68,10 @@ def _ranges(counts: dict[str, int], max_bins: int = MAX_BINS) -> list[tuple[int,
 
 def test_bins_are_quartiles_of_the_counts():
     assert _ranges({f"u{i}": n for i, n in enumerate(TRAIN)}) == [
-        (2, 3, 4),
-        (5, 8, 4),
-        (10, 20, 4),
-        (25, 60, 4),
+        (2, 3, 5),
+        (5, 8, 5),
+        (10, 20, 5),
+        (25, 60, 5),
     ]
     assert _ranges({f"u{i}": i for i in range(1, 101)}) == [
         (1, 25, 25),
@@ -100,6 +100,7 @@ def test_few_distinct_counts_get_a_bin_each():
 def test_one_count_or_one_user_is_one_bin_and_the_rule_says_why():
     same = {f"u{i}": 16 for i in range(12)}
     assert _ranges(same) == [(16, 16, 12)] and _ranges({"only": 7}) == [(7, 7, 1)]
+    assert bin_rule(activity_bins({"only": 1}), {}) == "every user has 1 training item, so there is one bin"
     assert (
         bin_rule(activity_bins(same), {"config": {}})
         == "every user has 16 training items, so there is one bin"
@@ -148,20 +149,21 @@ def test_means_are_per_bin_means_and_deltas_are_against_the_reference(active):
     assert found.means["peft-lora"] == pytest.approx([0.3, 0.5, 0.7, 0.8])
     assert found.deltas["peft-lora"] == pytest.approx([-0.2, 0.0, 0.2, 0.3])
     assert found.deltas["zero-shot"] == [None] * 4
-    # oppu: 4 + index % 4 right; u03 and u15 missing, so its first and last bins have users 0-2 and 12-14.
-    assert found.n_users["oppu"] == [3, 4, 4, 3]
-    assert found.means["oppu"] == pytest.approx([0.5, 0.55, 0.55, 0.5])
-    assert found.gains("oppu", lower_is_better=True) == pytest.approx([0.0, -0.05, -0.05, 0.0])
+    # oppu: 4 + index % 4 right of 10; without u03 and u19. Bin 1: users 0, 1, 2, 4 -> 4, 5, 6, 4 right;
+    # bin 2: 5-9 -> 5, 6, 7, 4, 5; bin 3: 10-14 -> 6, 7, 4, 5, 6; bin 4: 15-18 -> 7, 4, 5, 6.
+    assert found.n_users["oppu"] == [4, 5, 5, 4]
+    assert found.means["oppu"] == pytest.approx([0.475, 0.54, 0.56, 0.55])
+    assert found.gains("oppu", lower_is_better=True) == pytest.approx([0.025, -0.04, -0.06, -0.05])
     # few-shot has none of the last two bins' users: no mean there, and no difference.
     assert found.means["few-shot"] == [pytest.approx(0.5), pytest.approx(0.5), None, None]
-    assert found.n_users["few-shot"] == [4, 4, 0, 0] and found.deltas["few-shot"][2:] == [None, None]
+    assert found.n_users["few-shot"] == [5, 5, 0, 0] and found.deltas["few-shot"][2:] == [None, None]
     assert found.uncounted == 0
 
 
 def test_table_rows_show_mean_delta_and_a_partial_bin(active):
     found = by_activity(active)
     headers, rows = activity_rows(found, active)
-    assert headers == ["method", "family", *(f"{label} items (4 users)" for label in BIN_LABELS)]
+    assert headers == ["method", "family", *(f"{label} items (5 users)" for label in BIN_LABELS)]
     by_name = {row[0]: row for row in rows}
     assert [row[0] for row in rows] == ["peft-lora", "oppu (partial)", "few-shot (partial)", "zero-shot"]
     assert by_name["peft-lora"][2:] == [
@@ -170,7 +172,7 @@ def test_table_rows_show_mean_delta_and_a_partial_bin(active):
         "0.700 (+0.200)",
         "0.800 (+0.300)",
     ]
-    assert by_name["oppu (partial)"][2] == "0.500 (+0.000), 3 users"
+    assert by_name["oppu (partial)"][2] == "0.475 (-0.025), 4 users"
     assert by_name["zero-shot"][2:] == ["0.500"] * 4
     assert by_name["few-shot (partial)"][2:] == ["0.500 (+0.000)", "0.500 (+0.000)", "-", "-"]
 
@@ -182,7 +184,21 @@ def test_reading_says_where_the_best_personal_method_is_ahead(active):
         in text
     )
     assert "it is ahead in every bin from 10-20 items on, not in the 5-8 one" in text
-    assert "personal methods ahead of zero-shot: 0 of 3 in the least active bin, 1 of 2 in the most" in text
+    assert "personal methods ahead of zero-shot: 0 of 3 in the least active bin, 2 of 2 in the most" in text
+
+
+def test_reading_speaks_only_of_bins_with_enough_users(active):
+    # u00 alone at 1 item, u01-u09 at 2, u10-u19 at 3: three bins, the first of one user.
+    users = {
+        u: {**entry, "train": 1 if u == "u00" else 2 if u < "u10" else 3}
+        for u, entry in active["users"].items()
+    }
+    text = reading({**active, "users": users})
+    assert "(2 of its 3 bins, those of at least 5 users)" in text
+    # peft-lora right on 3 of 10 for u01-u04 and 5 for u05-u09: mean 0.411, so -0.089 against 0.5.
+    assert "is -0.089 in the least active bin (2 items, 9 users) and +0.250 in the most active" in text
+    headers, _ = activity_rows(by_activity({**active, "users": users}), active)
+    assert headers[2:] == ["1 item (1 user)", "2 items (9 users)", "3 items (10 users)"]
 
 
 @pytest.mark.parametrize(
@@ -200,7 +216,7 @@ def test_where_ahead_says_only_what_the_bins_show(active, gains, says):
 
 def test_a_lower_is_better_metric_reads_its_gains_the_right_way(tmp_path):
     # MAE: zero-shot one off for everyone; peft-lora two off for the users with 3 items, exact with 30.
-    users = {f"r{i}": {"history": 1, "train": 3 if i < 4 else 30, "val": 0, "test": 2} for i in range(8)}
+    users = {f"r{i}": {"history": 1, "train": 3 if i < 5 else 30, "val": 0, "test": 2} for i in range(10)}
     methods = {name: METHODS[name] for name in ("zero-shot", "peft-lora")}
     lines: dict[str, list[dict | str]] = {
         "zero-shot": [line(u, ["3", "3"], ["4", "4"]) for u in users],
@@ -212,7 +228,7 @@ def test_a_lower_is_better_metric_reads_its_gains_the_right_way(tmp_path):
     _, rows = activity_rows(by_activity(results), results)
     assert rows[0] == ["peft-lora", "parameter-personal", "2.000 (+1.000)", "0.000 (-1.000)"]
     assert "negative is better" in render_markdown(results, {})
-    assert "over zero-shot is -1.000 in the least active bin (3 items, 4 users) and +1.000" in reading(
+    assert "over zero-shot is -1.000 in the least active bin (3 items, 5 users) and +1.000" in reading(
         results
     )
     assert "ahead in every bin from 30 items on, not in the 3 one" in reading(results)
@@ -240,7 +256,7 @@ def test_the_section_and_the_plot_are_in_both_reports(active):
 def test_a_scored_user_without_a_count_is_left_out_and_said_so(active):
     users = {**active["users"], "u00": {"history": 2}}  # u00's count lost
     found = by_activity({**active, "users": users})
-    assert found.uncounted == 1 and found.bins[0].users == ("u01", "u02", "u03")
+    assert found.uncounted == 1 and found.bins[0].users == ("u01", "u02", "u03", "u04")
     assert "1 scored user(s) without a recorded number are left out" in activity_caption(found, active)
 
 

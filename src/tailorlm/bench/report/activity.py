@@ -41,6 +41,11 @@ class ActivityBin:
         """The range as a table header shows it: "8" or "8-12"."""
         return str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
 
+    @property
+    def items(self) -> str:
+        """The range in words: "1 item", "8 items" or "8-12 items"."""
+        return "1 item" if self.high == 1 and self.low == 1 else f"{self.label} items"
+
 
 @dataclass(frozen=True)
 class Activity:
@@ -58,6 +63,11 @@ class Activity:
         """A method's deltas turned so that positive means better than the reference."""
         sign = -1.0 if lower_is_better else 1.0
         return [None if d is None else sign * d for d in self.deltas[name]]
+
+
+def users_text(count: int) -> str:
+    """A number of users in words: "1 user", "4 users"."""
+    return f"{count} user" if count == 1 else f"{count} users"
 
 
 def training_counts(results: Results) -> dict[str, int]:
@@ -105,7 +115,8 @@ def bin_rule(bins: Sequence[ActivityBin], results: Results, max_bins: int = MAX_
     if len(bins) == 1:
         cap = results.get("config", {}).get("user_examples")
         why = " (the run's cap, config.user_examples)" if cap == bins[0].low else ""
-        return f"every user has {bins[0].label} training items{why}, so there is one bin"
+        items = "1 training item" if bins[0].low == 1 else f"{bins[0].low} training items"
+        return f"every user has {items}{why}, so there is one bin"
     if all(b.low == b.high for b in bins):
         return f"one bin per number of training items (the run has {len(bins)} distinct numbers)"
     quantiles = "quartiles" if max_bins == 4 else f"{max_bins}-quantiles"
@@ -172,13 +183,13 @@ def _cell(mean: float | None, delta: float | None, users: int, bin_users: int) -
     if mean is None:
         return "-"
     text = num(mean) + ("" if delta is None else f" ({signed(delta)})")
-    return text if users == bin_users else f"{text}, {users} users"
+    return text if users == bin_users else f"{text}, {users_text(users)}"
 
 
 def activity_rows(activity: Activity, results: Results) -> tuple[list[str], list[list[str]]]:
     """Per method (best first): its family and one cell per bin, "mean (delta)", plus the number of users
     when it has results for fewer than the bin holds."""
-    headers = ["method", "family"] + [f"{b.label} items ({len(b.users)} users)" for b in activity.bins]
+    headers = ["method", "family"] + [f"{b.items} ({users_text(len(b.users))})" for b in activity.bins]
     rows = []
     for name, means in activity.means.items():
         cells = [

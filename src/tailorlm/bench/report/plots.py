@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tailorlm.bench.report.activity import by_activity
+from tailorlm.bench.report.activity import by_activity, users_text
 from tailorlm.bench.report.tables import Results, method_label, scored_methods, sense
 from tailorlm.bench.results import LEVEL
 
@@ -189,7 +189,7 @@ def plot_activity(results: Results) -> bytes:
             lw=2.4 if name == activity.reference else 1.3,
             label=method_label(results, name),
         )
-    axes.set_xticks(positions, [f"{b.label}\n({len(b.users)} users)" for b in activity.bins])
+    axes.set_xticks(positions, [f"{b.label}\n({users_text(len(b.users))})" for b in activity.bins])
     axes.set_xlabel("training items of the user (bins)")
     axes.set_ylabel(f"{results['primary_metric']}, mean over the bin's users ({sense(results)})")
     axes.set_title(f"{results['task']['name']}: methods by the user's number of training items")

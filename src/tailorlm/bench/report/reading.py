@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tailorlm.bench.report.activity import Activity, by_activity
+from tailorlm.bench.report.activity import Activity, by_activity, users_text
 from tailorlm.bench.report.tables import (
     REFERENCE_TITLES,
     Results,
@@ -25,6 +25,9 @@ from tailorlm.bench.report.tables import (
 from tailorlm.bench.results import ALPHA, LEVEL, REFERENCES
 
 _LISTED = 8  # names spelled out in a sentence before "and N more"
+# The activity sentence speaks only of bins with at least this many users: a bin of one or two users (a run
+# where nearly everyone has the same number of items has such bins) shows those users, not a level.
+MIN_BIN_USERS = 5
 
 
 def _series(names: Sequence[str], limit: int = _LISTED) -> str:
@@ -93,14 +96,15 @@ def _reference_sentence(results: Results, scored: list[str], key: str) -> str:
 
 def _activity_sentence(results: Results) -> str:
     """Where the best personal method is ahead of the non-personal reference, by the user's number of
-    training items; nothing when there are fewer than two bins to set side by side."""
+    training items; nothing when there are fewer than two bins of ``MIN_BIN_USERS`` to set side by side."""
     activity = by_activity(results)
     if activity is None or activity.reference is None:
         return ""
+    usable = {i for i, b in enumerate(activity.bins) if len(b.users) >= MIN_BIN_USERS}
     lower, methods = results["lower_is_better"], results["methods"]
-    # Per personal method: (bin index, gain over the reference) for each bin where the two share users.
+    # Per personal method: (bin index, gain over the reference) for each usable bin where the two share users.
     gains = {
-        name: [(i, g) for i, g in enumerate(activity.gains(name, lower)) if g is not None]
+        name: [(i, g) for i, g in enumerate(activity.gains(name, lower)) if g is not None and i in usable]
         for name in activity.means
         if methods[name]["personal"]
     }
@@ -110,8 +114,13 @@ def _activity_sentence(results: Results) -> str:
     best = next(iter(gains))  # activity.means runs best first
     pairs = gains[best]
     (first, low), (last, high) = pairs[0], pairs[-1]
+    bins = (
+        f"{len(activity.bins)} bins"
+        if len(usable) == len(activity.bins)
+        else f"{len(usable)} of its {len(activity.bins)} bins, those of at least {MIN_BIN_USERS} users"
+    )
     text = (
-        f"By the user's number of training items ({len(activity.bins)} bins), the gain of {best}, the best "
+        f"By the user's number of training items ({bins}), the gain of {best}, the best "
         f"personal method, over {activity.reference} is {signed(low)} in the least active bin "
         f"({_bin_text(activity, first)}) and {signed(high)} in the most active "
         f"({_bin_text(activity, last)}); {_where_ahead(activity, pairs)}"
@@ -137,7 +146,7 @@ def _ahead(gain: float) -> bool:
 
 def _bin_text(activity: Activity, index: int) -> str:
     found = activity.bins[index]
-    return f"{found.label} items, {len(found.users)} users"
+    return f"{found.items}, {users_text(len(found.users))}"
 
 
 def _where_ahead(activity: Activity, pairs: Sequence[tuple[int, float]]) -> str:
@@ -151,7 +160,7 @@ def _where_ahead(activity: Activity, pairs: Sequence[tuple[int, float]]) -> str:
     if ahead[-1]:
         start = max(i for i, flag in enumerate(ahead) if not flag) + 1
         return (
-            f"it is ahead in every bin from {activity.bins[pairs[start][0]].label} items on, "
+            f"it is ahead in every bin from {activity.bins[pairs[start][0]].items} on, "
             f"not in the {activity.bins[pairs[start - 1][0]].label} one"
         )
     return f"it is ahead in {sum(ahead)} of {len(ahead)} bins, not in the most active one"
