@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from tailorlm.data.schema import Task, User
-from tailorlm.methods import baselines, label_models, label_parts
+from tailorlm.methods import baselines, blend, label_models, label_parts
 from tailorlm.methods.decoding import UserAnswers
 from tailorlm.methods.deps import MethodDeps
 from tailorlm.methods.personal import PersonalSetup
@@ -179,6 +179,24 @@ LABEL_MODEL_METHODS: list[Method] = [
     ),
 ]
 
+# The stacked blend, and the same blend without the model (the reference its model part has to beat), for
+# label tasks whose items are shared between users (``blend``).
+BLEND_METHODS: list[Method] = [
+    Method(
+        "blend",
+        "shared-personal",
+        "the user-item prior, damped biases and matrix factorisation stacked with the task adapter's label "
+        "distribution, each weighed by how many training answers the item has (fitted on validation answers)",
+        blend.BlendSetup(),
+    ),
+    Method(
+        "blend-stats",
+        "simple-baseline",
+        "the same blend without the model: the prior, damped biases and matrix factorisation stacked",
+        blend.BlendSetup(with_model=False),
+    ),
+]
+
 BASELINE_DESCRIPTIONS = {
     "user-majority": "the user's most frequent training label",
     "user-mean": "the user's mean training rating, rounded to the nearest label",
@@ -210,9 +228,12 @@ DEFAULT_METHODS = (
 def methods_for(task: Task) -> dict[str, Method]:
     """Every method that applies to ``task``, by name."""
     found = {m.name: m for m in MODEL_METHODS}
+    simple = baselines.applicable(task)
     if label_parts.applies_to(task):
         found.update({m.name: m for m in LABEL_MODEL_METHODS})
-    for name in baselines.applicable(task):
+        if "user-item-prior" in simple:  # items shared between users: statistics to stack
+            found.update({m.name: m for m in BLEND_METHODS})
+    for name in simple:
         found[name] = Method(
             name, "simple-baseline", BASELINE_DESCRIPTIONS[name], personal=name != "item-majority"
         )
