@@ -21,6 +21,11 @@ _TESTS = str(Path(__file__).parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
+# The suite's tolerances are fp32's (bf16 has its own tests, which ask for it), and a test must not depend
+# on this machine's measured choice nor on a measurement cached by an earlier run: every model a test
+# loads without naming a dtype is fp32. tests/test_precision.py measures ``auto`` in a temporary folder.
+os.environ[settings.DTYPE_ENV] = "fp32"
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # Each xdist worker takes its share of the cores; two workers at 2 threads each ran 3.5x slower here.
