@@ -54,10 +54,12 @@ def make_base(tiny) -> Callable[[], models.BaseModel]:
     projections, PEFT injects its layers, a merge rewrites weights). A deep copy is bit-identical to
     ``models.tiny_model(seed=0)`` and ten times faster to make."""
 
-    def build() -> models.BaseModel:
-        return models.BaseModel(
-            model=copy.deepcopy(tiny.model), tokenizer=tiny.tokenizer, name=tiny.name, path=None
-        )
+    def build(dtype: str = "fp32") -> models.BaseModel:
+        """``dtype``: what the copy computes in (``device.DTYPES``); the weights are ``tiny``'s, rounded."""
+        from tailorlm.device import DTYPES
+
+        model = copy.deepcopy(tiny.model).to(DTYPES[dtype])
+        return models.BaseModel(model=model, tokenizer=tiny.tokenizer, name=tiny.name, path=None)
 
     return build
 
@@ -69,8 +71,8 @@ def make_engine(make_base):
     from tailorlm import kinds
     from tailorlm.engine.engine import Engine
 
-    def build(kind: str, slots: int = 5, **engine_options) -> Engine:
-        return Engine(make_base(), kinds.default_spec(kind), slots=slots, **engine_options)
+    def build(kind: str, slots: int = 5, dtype: str = "fp32", **engine_options) -> Engine:
+        return Engine(make_base(dtype), kinds.default_spec(kind), slots=slots, **engine_options)
 
     return build
 

@@ -160,7 +160,8 @@ def mlp_pair(hidden: int, intermediate: int, device: torch.device, dtype: str) -
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         pair = torch.nn.Sequential(
-            torch.nn.Linear(hidden, intermediate, bias=False), torch.nn.Linear(intermediate, hidden, bias=False)
+            torch.nn.Linear(hidden, intermediate, bias=False),
+            torch.nn.Linear(intermediate, hidden, bias=False),
         ).eval()
     if dtype == INT8:
         with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice; it still works
@@ -232,9 +233,7 @@ def model_widths(config: object) -> tuple[int, int]:
     return hidden, int(getattr(config, "intermediate_size", None) or 4 * hidden)
 
 
-def choose(
-    config: object, device: torch.device, phase: str = BATCHED, folder: Path | None = None
-) -> Choice:
+def choose(config: object, device: torch.device, phase: str = BATCHED, folder: Path | None = None) -> Choice:
     """``auto``'s choice for a model of ``config`` on ``device`` in ``phase``."""
     hidden, intermediate = model_widths(config)
     return measured(device, hidden, intermediate, folder)[0].choice(phase)

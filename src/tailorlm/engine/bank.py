@@ -15,7 +15,6 @@ from tailorlm import kinds
 from tailorlm.kinds import ModuleKind, ModuleSpec, ModuleSpecError
 from tailorlm.kinds.kind import base_linear
 
-
 MODULE_DTYPE = torch.float32  # every user's tensors in the bank, whatever the base's dtype
 
 
