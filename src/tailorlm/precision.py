@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -43,25 +42,27 @@ PHASES = (BATCHED, DECODE)
 INT8 = "int8"  # weight-only int8 (dynamic activation quantization), decoding on the CPU only
 BATCHED_ROWS = 512
 DECODE_ROWS = 1
-_REPEATS = 3  # timed batches per candidate; the median is kept
-_BATCH_SECONDS = 0.01  # one timed batch repeats the pair at least this long
-_FORMAT = 1  # bump when what is measured changes, so old cache files are not read
+_ROUNDS = 5  # timed batches per candidate, interleaved; the fastest is kept
+_BATCH_SECONDS = 0.005  # one timed batch repeats the pair at least this long
+_FORMAT = 2  # bump when what is measured changes, so old cache files are not read
 
 
 @dataclass(frozen=True)
 class Choice:
-    """What ``auto`` picked for one phase, and the measured microseconds per MLP pair it picked from."""
+    """What ``auto`` picked for one phase, and the measured microseconds per MLP pair it picked from
+    (the fastest of interleaved rounds)."""
 
     phase: str
     dtype: str  # what the engine runs: fp32 or bf16
     fastest: str  # the fastest measured, int8 included
-    micros: dict[str, float]  # candidate -> median microseconds of one pair
+    micros: dict[str, float]  # candidate -> microseconds of one pair (fastest round)
     rows: int
 
     @property
     def reason(self) -> str:
         figures = ", ".join(f"{name} {value:.0f} us" for name, value in self.micros.items())
-        text = f"{self.phase} ({self.rows} rows through one MLP pair): {figures} -> {self.dtype}"
+        rows = f"{self.rows} row{'' if self.rows == 1 else 's'}"
+        text = f"{self.phase} ({rows} through one MLP pair): {figures} -> {self.dtype}"
         if self.fastest != self.dtype:
             text += (
                 f" ({self.fastest} is faster but not exact in mixed batches, so the engine does not use it)"
@@ -130,28 +131,37 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_micros(run: Callable[[], object], device: torch.device) -> float:
-    """Median microseconds of one call: calls double until a batch lasts ``_BATCH_SECONDS``."""
+def _calls_lasting(run: Callable[[], object], device: torch.device) -> int:
+    """Calls of ``run`` that last about ``_BATCH_SECONDS`` (doubling from one, after a warm call)."""
     run()
     calls = 1
-    while True:
-        _synchronize(device)
-        started = time.perf_counter()
-        for _ in range(calls):
-            run()
-        _synchronize(device)
-        if time.perf_counter() - started >= _BATCH_SECONDS or calls >= 4096:
+    while calls < 4096:
+        if _batch_micros(run, calls, device) * calls >= _BATCH_SECONDS * 1e6:
             break
         calls *= 2
-    times = []
-    for _ in range(_REPEATS):
-        _synchronize(device)
-        started = time.perf_counter()
-        for _ in range(calls):
-            run()
-        _synchronize(device)
-        times.append((time.perf_counter() - started) / calls * 1e6)
-    return statistics.median(times)
+    return calls
+
+
+def _batch_micros(run: Callable[[], object], calls: int, device: torch.device) -> float:
+    """Microseconds per call over ``calls`` calls."""
+    _synchronize(device)
+    started = time.perf_counter()
+    for _ in range(calls):
+        run()
+    _synchronize(device)
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+def _fastest_micros(runs: dict[str, Callable[[], object]], device: torch.device) -> dict[str, float]:
+    """Microseconds per call of each candidate: ``_ROUNDS`` rounds, each timing every candidate in turn
+    (interleaved, so a slow spell of a shared machine falls on all of them), and the fastest round kept:
+    another process can only slow a kernel down, so the minimum is the least disturbed figure."""
+    calls = {name: _calls_lasting(run, device) for name, run in runs.items()}
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(_ROUNDS):
+        for name, run in runs.items():
+            best[name] = min(best[name], _batch_micros(run, calls[name], device))
+    return best
 
 
 def mlp_pair(hidden: int, intermediate: int, device: torch.device, dtype: str) -> torch.nn.Module:
@@ -185,14 +195,13 @@ def measure(device: torch.device, hidden: int, intermediate: int) -> Measurement
     """Time every candidate of every phase at the model's widths (a few tenths of a second here)."""
     choices = {}
     for phase, rows in ((BATCHED, BATCHED_ROWS), (DECODE, DECODE_ROWS)):
-        micros = {}
+        runs = {}
         for name in candidates(device, phase):
             pair = mlp_pair(hidden, intermediate, device, name)
             activation = DTYPES["fp32" if name == INT8 else name]
             x = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(1))
-            x = x.to(device=device, dtype=activation)
-            with torch.inference_mode():
-                micros[name] = _median_micros(lambda pair=pair, x=x: pair(x), device)
+            runs[name] = _inference(pair, x.to(device=device, dtype=activation))
+        micros = _fastest_micros(runs, device)
         exact = {name: value for name, value in micros.items() if name != INT8}
         choices[phase] = Choice(
             phase=phase,
@@ -202,6 +211,14 @@ def measure(device: torch.device, hidden: int, intermediate: int) -> Measurement
             rows=rows,
         )
     return Measurement(machine_key(device, hidden, intermediate), choices)
+
+
+def _inference(pair: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.inference_mode():
+            return pair(x)
+
+    return run
 
 
 def measured(
@@ -221,7 +238,7 @@ def measured(
     result = measure(device, hidden, intermediate)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(result.to_dict(), indent=2, sort_keys=True))
+        atomic_write_text(path, json.dumps(result.to_dict(), indent=2))
     except OSError:
         pass  # a read-only cache folder costs a measurement per run, nothing else
     return result, False

@@ -93,7 +93,8 @@ def render(payload: dict, out: Console | None = None) -> None:
     if out is None:
         out = console.out if console.out.is_terminal else Console(width=160, soft_wrap=True)
     out.print(
-        f"tailorlm perf engine: model {payload['model']}, {payload['threads']} torch threads on "
+        f"tailorlm perf engine: model {payload['model']} on {payload.get('device', 'cpu')}, "
+        f"dtypes {', '.join(payload.get('dtypes', []))}, {payload['threads']} torch threads on "
         f"{payload['cores']} cores, torch {payload['torch']}",
         highlight=False,
     )
