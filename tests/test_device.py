@@ -121,3 +121,39 @@ def test_ask_takes_device_and_dtype_and_names_a_bad_one():
     result = runner.invoke(app, ["ask", "Hello?", "--model", "tiny", "--device", "tpu"])
     assert result.exit_code == 2 and "unknown device 'tpu'" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (--device cuda --dtype bf16)")
+def test_a_bf16_engine_on_the_gpu_scores_and_trains_like_fp32_on_the_cpu(tokenizer):
+    """``--device cuda --dtype bf16``: the base in bf16 on the GPU, users' modules and optimizer state fp32
+    there too; scores agree with the fp32 CPU engine within bf16's precision (as on the CPU above) and a
+    short training run learns what the CPU run learns."""
+    spec = kinds.default_spec("lora")
+    engines = {
+        where: Engine(
+            models.tiny_model(seed=0, tokenizer=tokenizer, device=where, dtype=dtype), spec, slots=3
+        )
+        for where, dtype in (("cpu", "fp32"), ("cuda", "bf16"))
+    }
+    gpu = engines["cuda"]
+    assert gpu.model.dtype == torch.bfloat16 and gpu.device.type == "cuda"
+    assert all(t.dtype == torch.float32 and t.device.type == "cuda" for t in gpu.bank.tensors.values())
+    generator = torch.Generator().manual_seed(3)
+    engines["cpu"].bank.reset(1, generator)
+    module = {
+        n: t + 0.05 * torch.randn(t.shape, generator=generator)
+        for n, t in engines["cpu"].bank.read(1).items()
+    }
+    for engine in engines.values():
+        engine.bank.write(1, module)
+    rows = [Row(PROMPT, "yes", 1), Row(PROMPT, "perhaps", 0)]
+    cpu, cuda = (torch.tensor(engines[where].score(rows)) for where in ("cpu", "cuda"))
+    torch.testing.assert_close(cuda, cpu, rtol=0.02, atol=0.05)
+    user = UserData("ann", [(PROMPT, "yes")] * 4)
+    config = TrainConfig(epochs=3, learning_rate=1e-2, batch_size=2)
+    losses = {
+        where: MultiUserTrainer(engine, config).run([user])[0].train_losses
+        for where, engine in engines.items()
+    }
+    assert losses["cuda"] == pytest.approx(losses["cpu"], rel=0.02)
+    assert losses["cuda"][-1] < losses["cuda"][0]
