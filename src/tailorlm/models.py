@@ -170,6 +170,20 @@ def load_tokenizer(name: str | None = None):
     return _prepare_tokenizer(tokenizer)
 
 
+def load_config(name: str | None = None):
+    """The transformers config of a base model, without its weights (a front that serves no model itself
+    still bounds what a request costs the engines behind it)."""
+    if name == TINY_MODEL:
+        return tiny_model().model.config
+    from transformers import AutoConfig
+
+    label, source = resolve(name)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except OSError as err:
+        raise ModelNotFoundError(f"cannot load the config of {label!r}: {err}") from err
+
+
 def _prepare_tokenizer(tokenizer):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -27,11 +27,11 @@ RATING = {
     "source": "synthetic",
 }
 METHODS = {
-    "zero-shot": {"family": "non-personal", "description": "base model", "decoding": "choice"},
+    "zero-shot": {"family": "non-personal", "description": "base model", "decoding": "likelihood"},
     "user-majority": {"family": "simple-baseline", "description": "user's majority", "decoding": "rule"},
-    "peft-lora": {"family": "parameter-personal", "description": "LoRA per user", "decoding": "choice"},
-    "few-shot": {"family": "prompt-personal", "description": "3 shots", "decoding": "choice"},
-    "oppu": {"family": "oppu", "description": "task LoRA + user LoRA", "decoding": "choice"},
+    "peft-lora": {"family": "parameter-personal", "description": "LoRA per user", "decoding": "likelihood"},
+    "few-shot": {"family": "prompt-personal", "description": "3 shots", "decoding": "likelihood"},
+    "oppu": {"family": "oppu", "description": "task LoRA + user LoRA", "decoding": "likelihood"},
 }
 N_USERS, PER_USER, PARTIAL_USERS = 30, 10, 20
 

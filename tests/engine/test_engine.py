@@ -1,4 +1,4 @@
-"""The engine over every registered kind: token losses, scoring, choices and generation of mixed-user
+"""The engine over every registered kind: token losses, scoring, candidates and generation of mixed-user
 batches give each row what that row gives alone. (Row-by-row equality of logits, with stock PEFT and with
 the bare model in slot 0, is the kinds' contract: tests/kinds/test_contract.py.)"""
 
@@ -61,48 +61,48 @@ def test_score_prefers_the_likelier_continuation(make_engine):
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
-def test_score_choices_equals_scoring_each_choice_as_a_row(kind, make_engine):
+def test_score_labels_equals_scoring_each_label_as_a_row(kind, make_engine):
     engine = make_engine(kind)
     personalize(engine, [1, 2])
     prompts = [p for p, _ in PROMPTS]
     slots = [1, 0, 2, 1]
-    choices = ["yes", "no", "perhaps not", "a much longer answer"]
-    shared = engine.score_choices(prompts, slots, choices, batch_size=3)
+    candidates = ["yes", "no", "perhaps not", "a much longer answer"]
+    shared = engine.score_labels(prompts, slots, candidates, batch_size=3)
     for i, (prompt, slot) in enumerate(zip(prompts, slots, strict=True)):
-        alone = engine.score([Row(prompt, choice, slot) for choice in choices])
+        alone = engine.score([Row(prompt, candidate, slot) for candidate in candidates])
         assert shared[i] == pytest.approx(alone, abs=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["lora", "prompt", "label-bias"])
-def test_choices_scored_in_parts_equal_scored_at_once(kind, make_engine, monkeypatch):
-    """Parts of one choice each (the smallest budget) and logits a few tokens at a time give every
-    choice the score the single pass gives (tolerance 1e-5: the same arithmetic, other batch shapes)."""
+def test_labels_scored_in_parts_equal_scored_at_once(kind, make_engine, monkeypatch):
+    """Parts of one candidate each (the smallest budget) and logits a few tokens at a time give every
+    candidate the score the single pass gives (tolerance 1e-5: the same arithmetic, other batch shapes)."""
     from tailorlm.engine import engine as engine_module
 
     engine = make_engine(kind)
     personalize(engine, [1, 2])
     prompts = [p for p, _ in PROMPTS]
     slots = [1, 0, 2, 1]
-    choices = ["yes", "no", "perhaps not", "a much longer answer", "x"]
-    whole = engine.score_choices(prompts, slots, choices, batch_size=3)
-    monkeypatch.setattr(engine_module, "CHOICE_POSITIONS", 1)
+    candidates = ["yes", "no", "perhaps not", "a much longer answer", "x"]
+    whole = engine.score_labels(prompts, slots, candidates, batch_size=3)
+    monkeypatch.setattr(engine_module, "LABEL_POSITIONS", 1)
     monkeypatch.setattr(engine_module, "LOGIT_ROWS", 3)
-    assert engine_module.choices_per_part(3, 40, 5) == 1
-    parts = engine.score_choices(prompts, slots, choices, batch_size=3)
+    assert engine_module.labels_per_part(3, 40, 5) == 1
+    parts = engine.score_labels(prompts, slots, candidates, batch_size=3)
     for got, want in zip(parts, whole, strict=True):
         assert got == pytest.approx(want, abs=1e-5)
 
 
-def test_choice_memory_grows_with_the_request_and_is_capped_by_the_parts(make_engine):
+def test_label_memory_grows_with_the_request_and_is_capped_by_the_parts(make_engine):
     engine = make_engine("lora")
-    one = engine.choice_memory(1, 100, 2, 3)
-    assert engine.choice_memory(1, 200, 2, 3) > one  # a longer prompt
-    assert engine.choice_memory(1, 100, 2, 30) > one  # longer choices
-    # More choices than fit in one part cost no more than one part's worth.
-    from tailorlm.engine.engine import choices_per_part
+    one = engine.label_memory(1, 100, 2, 3)
+    assert engine.label_memory(1, 200, 2, 3) > one  # a longer prompt
+    assert engine.label_memory(1, 100, 2, 30) > one  # longer candidates
+    # More candidates than fit in one part cost no more than one part's worth.
+    from tailorlm.engine.engine import labels_per_part
 
-    most = choices_per_part(1, 100, 3)
-    assert engine.choice_memory(1, 100, most * 10, 3) == engine.choice_memory(1, 100, most, 3)
+    most = labels_per_part(1, 100, 3)
+    assert engine.label_memory(1, 100, most * 10, 3) == engine.label_memory(1, 100, most, 3)
 
 
 def test_bad_slots_and_batches_are_named_errors(make_engine):
@@ -114,6 +114,6 @@ def test_bad_slots_and_batches_are_named_errors(make_engine):
     with pytest.raises(EngineError, match="2 prompts but 1 slots"):
         engine.generate(["a", "b"], [0])
     with pytest.raises(EngineError, match="2 prompts but 1 slots"):
-        engine.score_choices(["a", "b"], [0], ["yes"])
-    with pytest.raises(EngineError, match="no choices"):
-        engine.score_choices(["a"], [0], [])
+        engine.score_labels(["a", "b"], [0], ["yes"])
+    with pytest.raises(EngineError, match="no labels to score"):
+        engine.score_labels(["a"], [0], [])

@@ -1,5 +1,5 @@
 """Shared prompt prefixes: rows of one slot run their common start once, with the same losses, gradients,
-trained modules and choice scores as running every row whole.
+trained modules and candidate scores as running every row whole.
 
 Tolerances (fp32, tiny 2-layer model): the shared and plain paths do the same arithmetic on differently
 shaped tensors (a prefix pass plus a suffix pass instead of one pass), so they differ only by float
@@ -166,22 +166,22 @@ def test_training_with_shared_prefixes_equals_training_without(kind, tokenizer):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_score_choices_with_shared_prefixes_equal_without(kind, tokenizer):
+def test_score_labels_with_shared_prefixes_equal_without(kind, tokenizer):
     engine = _engine(tokenizer, kind)
     # one user's items interleaved with others': scoring batches them by user so their prompts share
     prompts = [_prompt(tokenizer, item) for item in ITEMS] * 2
     slots = [1, 2, 1, 0, 3, 1, 2, 2, 1, 0, 1, 3, 2, 1]
-    choices = ["yes", "no", "perhaps not"]
+    candidates = ["yes", "no", "perhaps not"]
     engine.positions_run = 0
-    shared = engine.score_choices(prompts, slots, choices, batch_size=6)
+    shared = engine.score_labels(prompts, slots, candidates, batch_size=6)
     shared_positions = engine.positions_run
-    scored = engine.score([Row(p, " " + choices[1], s) for p, s in zip(prompts, slots, strict=True)])
+    scored = engine.score([Row(p, " " + candidates[1], s) for p, s in zip(prompts, slots, strict=True)])
     engine.share_prefix = False
     engine.positions_run = 0
-    plain = engine.score_choices(prompts, slots, choices, batch_size=6)
+    plain = engine.score_labels(prompts, slots, candidates, batch_size=6)
     plain_positions = engine.positions_run
     torch.testing.assert_close(torch.tensor(shared), torch.tensor(plain), atol=1e-5, rtol=1e-5)
-    rows = [Row(p, " " + choices[1], s) for p, s in zip(prompts, slots, strict=True)]
+    rows = [Row(p, " " + candidates[1], s) for p, s in zip(prompts, slots, strict=True)]
     torch.testing.assert_close(torch.tensor(scored), torch.tensor(engine.score(rows)), atol=1e-5, rtol=1e-5)
     assert shared_positions < 0.7 * plain_positions
 
@@ -209,7 +209,7 @@ def test_a_prompt_that_is_the_start_of_another_keeps_its_last_token():
     rows = [[*short, 7, 8], short + list(range(200, 210)) + [9]]
     plan = plan_prefixes(rows, [30, 40], [2, 2], min_saved=1)
     assert plan.lengths == (29,)
-    # rows without a target keep their last token out of the prefix too (choices continue from it)
+    # rows without a target keep their last token out of the prefix too (candidates continue from it)
     assert plan_prefixes([short, short], [30, 30], [0, 0], min_saved=1).lengths == (29,)
 
 

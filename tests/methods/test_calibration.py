@@ -13,7 +13,7 @@ import pytest
 from tailorlm.bench import runner
 from tailorlm.bench.config import BenchConfig
 from tailorlm.data import load_task, render
-from tailorlm.methods.decoding import answer, check_decoding, choose_calibrated, choose_median
+from tailorlm.methods.decoding import answer, check_decoding, decode_calibrated, decode_median
 from tailorlm.methods.recipes import PromptBuilder, Recipe
 
 FIXTURES = Path(__file__).parents[1] / "data" / "fixtures"
@@ -25,7 +25,7 @@ class FixedScores:
     def __init__(self, by_prompt: dict[str, list[float]]) -> None:
         self.by_prompt = by_prompt
 
-    def score_choices(self, prompts, slots, labels, batch_size=16):
+    def score_labels(self, prompts, slots, labels, batch_size=16):
         return [self.by_prompt[p] for p in prompts]
 
 
@@ -39,9 +39,9 @@ def test_calibration_subtracts_the_content_free_prior():
             "cf2": [-1.0, -2.0, -3.0],  # no gain anywhere: ties keep the first label
         }
     )
-    assert choose_calibrated(engine, labels, ["q1", "q2"], ["cf1", "cf2"], [0, 0]) == ["no", "no"]
+    assert decode_calibrated(engine, labels, ["q1", "q2"], ["cf1", "cf2"], [0, 0]) == ["no", "no"]
     task = load_task("verbagg")
-    assert answer(engine, task, ["q1"], [0], "choice") == ["yes"]
+    assert answer(engine, task, ["q1"], [0], "likelihood") == ["yes"]
     with pytest.raises(ValueError, match="content-free prompt"):
         answer(engine, task, ["q1"], [0], "calibrated")
 
@@ -75,12 +75,12 @@ def test_content_free_lamp_question_keeps_its_wording(task_name, folder, split, 
     assert blank.id == example.id
 
 
-def test_bench_runs_calibrated_choice_and_says_so(tmp_path):
+def test_bench_runs_calibrated_likelihood_and_says_so(tmp_path):
     config = BenchConfig(model="tiny", test_users=3, adapter_users=2, adapter_examples=8, epochs=1)
     runner.run("verbagg", tmp_path, ["few-shot@calibrated", "zero-shot"], config)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["methods"]["few-shot@calibrated"]["decoding"] == "calibrated"
-    assert results["methods"]["zero-shot"]["decoding"] == "choice"
+    assert results["methods"]["zero-shot"]["decoding"] == "likelihood"
     lines = (tmp_path / "predictions" / "few-shot@calibrated.jsonl").read_text().splitlines()
     predictions = {e["prediction"] for line in lines for e in json.loads(line)["examples"]}
     assert predictions <= {"no", "perhaps", "yes"}
@@ -107,11 +107,11 @@ def test_median_takes_the_middle_of_the_mass_not_its_peak():
         }
     )
     prompts = ["split", "top", "low", "unnormalised"]
-    assert choose_median(engine, labels, prompts, [0] * 4) == ["3", "5", "1", "4"]
+    assert decode_median(engine, labels, prompts, [0] * 4) == ["3", "5", "1", "4"]
     movielens = load_task("movielens")
-    assert answer(engine, movielens, ["split"], [0], "choice") == ["1"]
+    assert answer(engine, movielens, ["split"], [0], "likelihood") == ["1"]
     assert answer(engine, movielens, ["split"], [0], "median") == ["3"]
-    assert choose_median(engine, labels, [], []) == []
+    assert decode_median(engine, labels, [], []) == []
 
 
 def test_median_needs_ordered_labels():
@@ -119,3 +119,11 @@ def test_median_needs_ordered_labels():
     tags = load_task("lamp:2", data_dir=FIXTURES / "lamp" / "lamp2", split="dev")
     with pytest.raises(ValueError, match="no order"):
         check_decoding(tags, "median")
+
+
+def test_a_decodings_former_name_is_its_current_one():
+    """``choice`` was likelihood decoding's name: a run configured with it still means the same."""
+    verbagg = load_task("verbagg")
+    assert check_decoding(verbagg, "choice") == "likelihood"
+    with pytest.raises(ValueError, match="unknown decoding 'chosen'"):
+        check_decoding(verbagg, "chosen")

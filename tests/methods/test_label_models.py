@@ -1,14 +1,12 @@
-"""The shared-plus-personal label methods: the fusion and its tuning, a per-user choice made on the user's
-own validation items, the joint shared model, and the visibility rules on the prompts a real run builds
-(tiny model). The bias fit itself is tested in ``tests/train/test_choice.py``."""
+"""The shared-plus-personal label methods: the joint shared model, the methods offered for label tasks
+only, and the visibility rules on the prompts a real run builds (tiny model). Each user's part is tested
+in ``test_label_parts.py``."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import pytest
 import torch
 from test_methods_leakage import (
     SMALL,
@@ -19,93 +17,13 @@ from test_methods_leakage import (
 
 from tailorlm.bench import runner
 from tailorlm.data import load_task
-from tailorlm.data.schema import Example, Task, User
-from tailorlm.data.specs import TaskSpec
 from tailorlm.kinds.label_bias import LabelBiasSpec
-from tailorlm.methods import label_models
+from tailorlm.methods import label_models, label_parts
 from tailorlm.methods.recipes import PromptUse
 from tailorlm.progress import Reporter
 from tailorlm.store.store import ModuleStore
 
 LABELS = ("yes", "perhaps", "no")
-
-
-def test_fusion_weight_zero_is_the_prior_and_one_the_shared_model():
-    shared = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0]]), -1)
-    prior = torch.log(torch.tensor([[0.2, 0.3, 0.5]]))
-    torch.testing.assert_close(label_models.fuse(shared, prior, 0.0), prior, atol=1e-6, rtol=0)
-    torch.testing.assert_close(label_models.fuse(shared, prior, 1.0), shared, atol=1e-6, rtol=0)
-    half = label_models.fuse(shared, prior, 0.5).exp()
-    expected = (shared.exp() * prior.exp()).sqrt()
-    torch.testing.assert_close(half, expected / expected.sum(), atol=1e-6, rtol=0)
-
-
-def _example(user: str, item: str, target: str) -> Example:
-    return Example(f"{user}/{item}", f"item {item}", target, (target,), item_key=item)
-
-
-@pytest.fixture
-def three_users() -> Task:
-    spec = TaskSpec("toy", "offline", "toy", "classification", LABELS, ("accuracy",), "choice tests")
-    users = [
-        User(u, train=[_example(u, "t", "yes")], val=[_example(u, f"v{i}", t) for i, t in enumerate(vals)])
-        for u, vals in (("ann", ["yes", "yes"]), ("bob", ["no", "no"]), ("cid", ["perhaps", "perhaps"]))
-    ]
-    return Task("toy", "classification", LABELS, ("accuracy",), users, spec)
-
-
-def _always(label: str):
-    def source(queries, purpose):
-        row = torch.log(torch.tensor([0.8 if x == label else 0.1 for x in LABELS]))
-        return row.expand(len(queries), -1)
-
-    return source
-
-
-def test_tuning_keeps_the_best_setting_and_ties_go_to_the_safest(three_users):
-    golds = ["yes", "no", "no"]
-    chosen, values = label_models.best_setting(
-        three_users, (0.0, 0.5, 1.0), golds, lambda w: ["yes", "no", "no"] if w == 0.5 else ["no"] * 3
-    )
-    assert chosen == 0.5 and values[0.5] == 1.0 and math.isclose(values[0.0], 2 / 3)
-    tie, _ = label_models.best_setting(three_users, (0.0, 0.5, 1.0), golds, lambda w: ["no"] * 3)
-    assert tie == 0.0
-
-
-def _choose(task: Task, sources) -> dict[str, str]:
-    val = label_models.queries_of(task.users, "val", task)
-    predictions = {o: label_models.decide(task, source(val, "validate")) for o, source in sources.items()}
-    return label_models.choose_per_user(task, task.users, val, predictions)
-
-
-def test_each_user_gets_the_option_best_on_their_own_validation_items(three_users):
-    sources = {"prior": _always("perhaps"), "bias": _always("no"), "module": _always("yes")}  # simplest first
-    assert _choose(three_users, sources) == {"ann": "module", "bob": "bias", "cid": "prior"}
-    # cid's items now split between the module's answer and the bias's: a tie on cid's own items goes to
-    # the option best over every user's items, and between equals (here 3 of 6 each) to the simpler.
-    cid = three_users.user("cid")
-    cid.val[:] = [_example("cid", "v0", "yes"), _example("cid", "v1", "no")]
-    assert _choose(three_users, sources) == {"ann": "module", "bob": "bias", "cid": "bias"}
-
-
-def test_label_parts_as_scale_and_bias_give_the_prior_the_fusion_and_the_bias(three_users):
-    """``UserParts.apply`` is the label-bias kind's arithmetic: scale 0 and the log prior answer the prior,
-    scale w and (1 - w) log prior answer ``fuse``, scale 1 and b answer the shared distribution plus b,
-    renormalised."""
-    shared = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]]), -1)
-    queries = [(three_users.user("ann"), None), (three_users.user("bob"), None)]
-    log_prior = {
-        "ann": torch.log(torch.tensor([0.2, 0.3, 0.5])),
-        "bob": torch.log(torch.tensor([0.6, 0.3, 0.1])),
-    }
-    prior = torch.stack([log_prior["ann"], log_prior["bob"]])
-    as_prior = label_models.UserParts({u: (p, 0.0) for u, p in log_prior.items()}, {}).apply(shared, queries)
-    torch.testing.assert_close(as_prior, prior, atol=1e-6, rtol=0)
-    fused = label_models.UserParts(label_models._fused(log_prior, 0.3), {}).apply(shared, queries)
-    torch.testing.assert_close(fused, label_models.fuse(shared, prior, 0.3), atol=1e-6, rtol=0)
-    bias = torch.tensor([0.5, -0.5, 0.0])
-    biased = label_models.UserParts({"ann": (bias, 1.0), "bob": (bias, 1.0)}, {}).apply(shared, queries)
-    torch.testing.assert_close(biased, torch.log_softmax(shared + bias, dim=-1), atol=1e-6, rtol=0)
 
 
 class Heard(Reporter):
@@ -123,7 +41,7 @@ def test_label_methods_keep_to_the_visibility_rules(tmp_path):
     only what its user may see; each user's bias and module is fitted on that user's data only; the
     stored biases are label-bias modules over the task's labels, one per test user."""
     uses: list[PromptUse] = []
-    methods = ["task-adapter+bias", "task-adapter+choice", "fusion", "oppu-choice"]
+    methods = ["task-adapter+bias", "task-adapter+select", "fusion", "oppu-select"]
     progress = Heard()
     runner.run("verbagg", tmp_path, methods, SMALL, trace=uses.append, reporter=progress)
     # Fitting the biases reports its progress, user by user, to the end.
@@ -138,11 +56,11 @@ def test_label_methods_keep_to_the_visibility_rules(tmp_path):
         fitted_on = {u.prompt.example for u in uses if u.purpose == "train" and u.module == user}
         own = {e.id for e in run.task.training_examples(run.task.user(user))}
         assert fitted_on and fitted_on <= own
-    chosen = ModuleStore(tmp_path / "modules" / "task-adapter+choice-plain")
+    chosen = ModuleStore(tmp_path / "modules" / "task-adapter+select-plain")
     assert set(chosen.users()) == run.test_ids
     for user in run.test_ids:
         meta = chosen.get(user).meta
-        assert meta["fit"] == "choice" and meta["option"] in label_models.LABEL_OPTIONS
+        assert meta["fit"] == "select" and meta["option"] in label_parts.OPTIONS
     tuned = {(u.method, u.prompt.user) for u in uses if u.purpose == "validate"}
     assert {("fusion", user) for user in run.test_ids} <= tuned
     for method in methods:
@@ -184,11 +102,11 @@ def test_label_methods_are_offered_for_label_tasks_only(tmp_path):
     from tailorlm.methods.registry import default_methods, methods_for
 
     verbagg = load_task("verbagg", seed=0)
-    label_rows = {"task-adapter+bias", "task-adapter+choice", "joint+bias", "fusion", "oppu-choice"}
+    label_rows = {"task-adapter+bias", "task-adapter+select", "joint+bias", "fusion", "oppu-select"}
     assert label_rows <= set(methods_for(verbagg))
     assert {"task-adapter+bias", "fusion"} <= set(default_methods(verbagg))
     fixture = Path(__file__).parents[1] / "data" / "fixtures" / "lamp" / "lamp7"
     tweets = load_task("lamp:7", data_dir=fixture, split="train")
-    assert not label_models.applies_to(tweets)
+    assert not label_parts.applies_to(tweets)
     assert not label_rows & set(methods_for(tweets))
     assert "fusion" not in default_methods(tweets) and "oppu" in default_methods(tweets)

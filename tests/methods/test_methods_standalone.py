@@ -12,8 +12,9 @@ import pytest
 
 from tailorlm.data import load_task
 from tailorlm.methods.deps import MethodDeps, base_loader
+from tailorlm.methods.personal import PersonalSetup
 from tailorlm.methods.recipes import Recipe
-from tailorlm.methods.setups import OPPU_PERSONAL, PersonalSetup, TaskAdapterSetup
+from tailorlm.methods.setups import OPPU_PERSONAL, TaskAdapterSetup
 from test_import_graph import import_graph
 
 # Runs in a fresh interpreter, so ``sys.modules`` shows what answering one question really imports.
@@ -38,7 +39,7 @@ deps = MethodDeps(
     trace=uses.append,
 )
 answerer = methods_for(task)["peft-lora"].prepare(deps, [user])
-[answer] = answerer.answer([(user, user.test[0])], "choice")
+[answer] = answerer.answer([(user, user.test[0])], "likelihood")
 print(json.dumps({
     "answer": answer,
     "labels": list(task.labels),

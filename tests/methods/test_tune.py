@@ -23,7 +23,7 @@ def test_tune_uses_validation_of_users_neither_tested_nor_in_the_task_adapter():
     assert all(0.0 <= row["val_metric"] <= 1.0 and row["users"] == 3 for row in rows)
     best = max(rows, key=lambda r: (r["val_metric"], -r["val_loss"]))
     assert result["best_learning_rate"] == best["learning_rate"]
-    assert result["metric"] == "accuracy" and result["decoding"] == "choice"
+    assert result["metric"] == "accuracy" and result["decoding"] == "likelihood"
 
 
 def test_tune_can_select_by_validation_loss():

@@ -1,5 +1,6 @@
-"""``perf serve``'s parts on the tiny model: the workload, the load driver against a live server, and the
-stock-PEFT contender answering exactly what tailorlm answers for the same user."""
+"""``perf serve``'s parts on the tiny model: the workload, the load driver against live servers of every
+contender, the stock-PEFT contender answering exactly what tailorlm answers for the same user, and the
+bare base model answering every user alike."""
 
 from __future__ import annotations
 
@@ -11,20 +12,23 @@ import numpy as np
 
 from tailorlm import models
 from tailorlm.perf.serve import (
+    BARE,
+    PEFT,
     SINGLE,
     SKEWED,
+    TAILORLM,
     UNIFORM,
     ServeLoadConfig,
     build_store,
+    contender_server,
     drive,
     plan,
     precision_runs,
+    server_config,
     user_name,
 )
-from tailorlm.perf.serve_peft import PeftScheduler
-from tailorlm.serve.config import ServeConfig
-from tailorlm.serve.run import background, free_port
-from tailorlm.serve.scheduler import SchedulerConfig
+from tailorlm.serve.run import answering, free_port
+from tailorlm.serve.scheduler import JobScheduler
 
 
 def fresh(tiny: models.BaseModel) -> models.BaseModel:
@@ -49,27 +53,39 @@ def test_plans_follow_the_workload(tiny):
     assert plan(config, 200, UNIFORM, None, seed=1) == uniform  # seeded
 
 
-def test_driver_and_peft_contender_against_live_servers(tmp_path, tiny, monkeypatch):
+def test_driver_and_contenders_against_live_servers(tmp_path, tiny, monkeypatch):
+    """Each contender's server as ``perf serve`` builds it (its scheduler through the one protocol):
+    tailorlm and stock PEFT give every user the same greedy answer; the bare base model gives every user
+    the base model's, and loads no module."""
     monkeypatch.setattr(models, "load_base", lambda name=None, device=None, dtype=None: fresh(tiny))
     key = build_store(tmp_path, 6, models.TINY_MODEL, seed=0)
-    config = ServeLoadConfig(requests=8, clients=3, seconds=60, new_tokens=(4, 8), prompt_tokens=(8, 16))
-    scheduler = SchedulerConfig(max_batch=4, wait_ms=2.0, max_queue=32)
-
-    def serve_config() -> ServeConfig:
-        return ServeConfig(store=tmp_path, port=free_port(), slots=2, scheduler=scheduler, retrain=False)
-
-    def peft(server):
-        return PeftScheduler(fresh(tiny), server.store, 2, scheduler, server.metrics)
-
+    config = ServeLoadConfig(
+        model=models.TINY_MODEL,
+        requests=8,
+        clients=3,
+        seconds=60,
+        new_tokens=(4, 8),
+        prompt_tokens=(8, 16),
+        slots=2,
+        max_batch=4,
+        wait_ms=2.0,
+    )
     answers = {}
-    for name, options in (("tailorlm", {}), ("peft", {"scheduler_factory": peft})):
-        with background(serve_config(), base=fresh(tiny), **options) as server:
+    for contender in (TAILORLM, PEFT, BARE):
+        server = contender_server(contender, server_config(tmp_path, free_port(), config), config)
+        assert isinstance(server.scheduler, JobScheduler)
+        with answering(server):
             outcomes, seconds = asyncio.run(drive(server.url, key, plan(config, 6, UNIFORM, None, 0), 3, 60))
             assert [o.status for o in outcomes] == [200] * 8 and seconds > 0
             assert all(o.ttft is not None and o.ttft <= o.latency for o in outcomes)
-            if name == "tailorlm":  # it streams token by token (the PEFT contender sends its text at once)
+            assert sorted(o.tokens for o in outcomes) == sorted(
+                p.max_tokens for p in plan(config, 6, UNIFORM, None, 0)
+            )
+            if (
+                contender != PEFT
+            ):  # tailorlm streams token by token (the PEFT contender sends its text at once)
                 assert all(len(o.gaps) == o.tokens - 1 and 0 <= sum(o.gaps) <= o.latency for o in outcomes)
-            answers[name] = [
+            answers[contender] = [
                 httpx.post(
                     f"{server.url}/v1/completions",
                     json={
@@ -83,8 +99,11 @@ def test_driver_and_peft_contender_against_live_servers(tmp_path, tiny, monkeypa
                 ).json()["choices"][0]["text"]
                 for u in range(6)
             ]
-    assert answers["tailorlm"] == answers["peft"]
-    assert len(set(answers["tailorlm"])) > 1  # users' modules differ, so their answers do
+            loads = server.metrics.registry.get_sample_value("tailorlm_slot_misses_total")
+            assert (loads == 0) == (contender == BARE), (contender, loads)
+    assert answers[TAILORLM] == answers[PEFT]
+    assert len(set(answers[TAILORLM])) > 1  # users' modules differ, so their answers do
+    assert len(set(answers[BARE])) == 1 and answers[BARE][0] not in answers[TAILORLM]
 
 
 def test_precision_runs_are_each_dtype_then_one_client_in_the_default_and_fp32():

@@ -58,7 +58,7 @@ def test_a_failing_request_fails_alone(isolated, store_users, labels):
     alone = {user: post(isolated, keys, user, f"hello {user}", **extra).json() for user in USERS}
     if labels:
         poison_ids = None
-        restore = poisoned(isolated, "score_choices", lambda prompts: any(POISON in p for p in prompts))
+        restore = poisoned(isolated, "score_labels", lambda prompts: any(POISON in p for p in prompts))
     else:
         poison_ids = isolated.prompt_tokenizer(POISON, add_special_tokens=False)["input_ids"]
         restore = poisoned(isolated, "add", lambda rows: any(r.prompt_ids == poison_ids for r in rows))

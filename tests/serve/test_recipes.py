@@ -1,6 +1,6 @@
 """The server's recipe: a label request's prompt is the task's item, written into the benchmark's prompt
 (the store's task template, the user's retrieved history under a retrieval recipe), and its label scores
-equal the engine's choice scores for that prompt and that user's module alone."""
+equal the engine's label scores for that prompt and that user's module alone."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_label_requests_are_asked_as_the_benchmark_asks(store_users, tiny, recip
     stored = ModuleStore(store_users.root).get(USER)
     engine = Engine(fresh(tiny), stored.spec, slots=2)
     engine.bank.write(1, stored.tensors)
-    expected = dict(zip(LABELS, engine.score_choices([prompt], [1], LABELS)[0], strict=True))
+    expected = dict(zip(LABELS, engine.score_labels([prompt], [1], LABELS)[0], strict=True))
     got = templated["choices"][0]["label_scores"]
     assert got == pytest.approx(expected, abs=1e-4)
     assert templated["usage"]["prompt_tokens"] == len(

@@ -12,9 +12,9 @@ from serve_helpers import fresh, serve_config
 from tailorlm import models
 from tailorlm.data.schema import Example
 from tailorlm.engine.engine import Engine
-from tailorlm.kinds.label_bias import BIAS, SCALE, LabelBiasSpec
+from tailorlm.kinds.label_bias import BIAS, WEIGHT, LabelBiasSpec
 from tailorlm.methods.baselines import LabelPrior
-from tailorlm.methods.label_models import SHRINKAGE_KEY, WEIGHT_KEY
+from tailorlm.methods.label_parts import SHRINKAGE_KEY, WEIGHT_KEY
 from tailorlm.methods.recipes import PromptBuilder, Recipe
 from tailorlm.serve.run import background
 from tailorlm.store.index import HistoryRecord
@@ -86,7 +86,7 @@ def test_the_server_adds_the_users_bias_to_the_shared_models_label_scores(biased
     builder = PromptBuilder(biased.task(), tiny.tokenizer, Recipe())
     prompt = builder.build(biased.data_user("2"), Example("request", item, "", ())).text
     engine = Engine(fresh(tiny), LabelBiasSpec(tuple(labels)), slots=2)
-    shared = torch.tensor(engine.score_choices([prompt], [0], labels)[0])
+    shared = torch.tensor(engine.score_labels([prompt], [0], labels)[0])
     bias = biased.store.get("2").tensors[BIAS]
     got = labelled.json()["choices"][0]["label_scores"]
     assert [got[label] for label in labels] == pytest.approx((shared + bias).tolist(), abs=1e-4)
@@ -96,13 +96,13 @@ def test_the_server_adds_the_users_bias_to_the_shared_models_label_scores(biased
     )
 
 
-def test_users_fitted_by_choice_are_served_their_prior_their_bias_or_their_fusion(tmp_path, tiny):
-    """A store whose label users are fitted as ``choice``: each user's stored part is the option their own
-    validation items chose, its scale says which (the prior alone is scale 0), and the server answers
-    ``scale * shared + bias`` for every user in one run."""
+def test_users_fitted_by_select_are_served_their_prior_their_bias_or_their_fusion(tmp_path, tiny):
+    """A store whose label users are fitted as ``select``: each user's stored part is the option their own
+    validation items chose, its weight says which (the prior alone is weight 0), and the server answers
+    ``weight * shared + bias`` for every user in one run."""
     users = [str(i) for i in range(1, 7)]
     service = UserService(tmp_path / "store", load_base=lambda: fresh(tiny))
-    service.configure(task="verbagg", base_model=models.TINY_MODEL, label_fit="choice")
+    service.configure(task="verbagg", base_model=models.TINY_MODEL, label_fit="select")
     service.import_task("verbagg", users=users, kind="label-bias")
     assert sorted(service.train().trained) == users
     weight = float(service.store.index.meta(WEIGHT_KEY))
@@ -124,13 +124,13 @@ def test_users_fitted_by_choice_are_served_their_prior_their_bias_or_their_fusio
     options = set()
     for user in users:
         stored = service.store.get(user)
-        option, scale = stored.meta["option"], float(stored.tensors[SCALE])
+        option, weight_of = stored.meta["option"], float(stored.tensors[WEIGHT])
         options.add(option)
-        assert stored.meta["fit"] == "choice"
-        assert scale == pytest.approx({"prior": 0.0, "bias": 1.0, "fusion": weight}[option], abs=1e-3)
+        assert stored.meta["fit"] == "select"
+        assert weight_of == pytest.approx({"prior": 0.0, "bias": 1.0, "fusion": weight}[option], abs=1e-3)
         prompt = builder.build(service.data_user(user), Example("request", item, "", ())).text
-        shared = torch.tensor(engine.score_choices([prompt], [0], labels)[0])
-        expected = scale * shared + stored.tensors[BIAS]
+        shared = torch.tensor(engine.score_labels([prompt], [0], labels)[0])
+        expected = weight_of * shared + stored.tensors[BIAS]
         got = answers[user].json()["choices"][0]["label_scores"]
         assert [got[label] for label in labels] == pytest.approx(expected.tolist(), abs=1e-4)
     assert options <= {"prior", "bias", "fusion"} and options
@@ -139,13 +139,13 @@ def test_users_fitted_by_choice_are_served_their_prior_their_bias_or_their_fusio
 
 def test_an_unknown_label_fit_is_refused(tmp_path, tiny):
     service = UserService(tmp_path / "store", load_base=lambda: fresh(tiny))
-    with pytest.raises(UserError, match="label fit 'median' is not one of bias, fusion, choice"):
+    with pytest.raises(UserError, match="label fit 'median' is not one of bias, fusion, select"):
         service.configure(label_fit="median")
     service.close()
 
 
 def test_a_fused_users_prior_is_smoothed_toward_the_whole_store(tmp_path, tiny):
-    """``--label-fit fusion``: each user's part is scale ``w`` and bias ``(1 - w)`` times the log of their
+    """``--label-fit fusion``: each user's part is weight ``w`` and bias ``(1 - w)`` times the log of their
     label prior, smoothed toward every user's labels in the store (as the benchmark smooths it), not toward
     uniform: fitting one user must not forget the others."""
     users = [str(i) for i in range(1, 6)]
@@ -159,7 +159,7 @@ def test_a_fused_users_prior_is_smoothed_toward_the_whole_store(tmp_path, tiny):
     stored = service.store.get("2")
     expected = (1 - weight) * torch.log(torch.tensor(LabelPrior(population).user(population.user("2"))))
     lonely = (1 - weight) * torch.log(torch.tensor(LabelPrior(alone).user(alone.user("2"))))
-    assert float(stored.tensors[SCALE]) == pytest.approx(weight, abs=1e-3)
+    assert float(stored.tensors[WEIGHT]) == pytest.approx(weight, abs=1e-3)
     assert stored.meta["option"] == "fusion"
     torch.testing.assert_close(stored.tensors[BIAS].float(), expected, atol=2e-3, rtol=0)
     if weight < 1:

@@ -115,10 +115,10 @@ def test_an_engine_of_several_kinds_is_refused(make_base):
     """Training takes one kind: an engine of several would leave every bank but its first untrained."""
     from kind_helpers import SPECS
     from tailorlm.engine.engine import Engine
-    from tailorlm.train.choice import JointChoiceTrainer
+    from tailorlm.train.joint import JointTrainer
 
     engine = Engine(make_base(), [SPECS["lora"], SPECS["ia3"]], slots=3)
     with pytest.raises(EngineError, match=r"2 kinds \(lora, ia3\)"):
         MultiUserTrainer(engine, TrainConfig())
     with pytest.raises(EngineError, match="2 kinds"):
-        JointChoiceTrainer(engine, ["yes", "no"], TrainConfig(), shrinkage=1.0)
+        JointTrainer(engine, ["yes", "no"], TrainConfig(), shrinkage=1.0)

@@ -28,9 +28,10 @@ from tailorlm.engine.engine import Engine
 from tailorlm.engine.generation import DecodeConfig
 from tailorlm.methods import label_models
 from tailorlm.methods.deps import MethodDeps
+from tailorlm.methods.personal import PersonalSetup
 from tailorlm.methods.recipes import PromptBuilder, Recipe
 from tailorlm.methods.registry import Method
-from tailorlm.methods.setups import TASK_ADAPTER, BaseSetup, PersonalSetup, TaskAdapterSetup
+from tailorlm.methods.setups import TASK_ADAPTER, BaseSetup, TaskAdapterSetup
 
 # Caps tried on each test user's training items, largest first; and the fewest test users a capped run
 # keeps (below this the confidence intervals say little).
@@ -133,7 +134,7 @@ def measure(deps: MethodDeps, users: Sequence[User]) -> Rates:
 
     train_s = _timed(step) / len(rows)
     if task.labels is not None:
-        score_s = _timed(lambda: engine.score_choices(prompts, slots, task.labels)) / len(rows)
+        score_s = _timed(lambda: engine.score_labels(prompts, slots, task.labels)) / len(rows)
     else:
         score_s = _timed(lambda: engine.score(rows)) / len(rows)
     generate_s = score_s
@@ -219,14 +220,14 @@ def method_work(
             adapter(TaskAdapterSetup())
         personal(f"personal:{method.name}")
         work.add(_answers(task, users, factor))
-    elif isinstance(setup, label_models.BiasSetup | label_models.FusionSetup | label_models.ChoiceSetup):
-        # Fusion and oppu-choice stand on the plain task adapter and its biases (``BiasSetup()``).
+    elif isinstance(setup, label_models.BiasSetup | label_models.FusionSetup | label_models.SelectSetup):
+        # Fusion and oppu-select stand on the plain task adapter and its biases (``BiasSetup()``).
         biased = setup if isinstance(setup, label_models.BiasSetup) else label_models.BiasSetup()
         adapter(biased.shared)
         fit = sum(min(len(task.training_examples(u)), config.user_examples or 10**9) for u in users)
         val = sum(len(u.val) for u in users)
         once(f"biases:{biased.store}:{recipe.tag}", Work(score=fit + val))
-        if isinstance(setup, label_models.ChoiceSetup):
+        if isinstance(setup, label_models.SelectSetup):
             personal(f"personal:{setup.MODULE_METHOD}")
             work.add(Work(score=2 * val))
         work.add(_answers(task, users, factor))

@@ -24,7 +24,7 @@ class BenchConfig:
     adapter_users: int | None = 64  # other users the task adapter trains on; None: all of them
     adapter_examples: int | None = 256  # cap on the task adapter's training examples
     k: int = 3  # retrieved history items
-    decoding: str | None = None  # None: choice for label tasks, generation otherwise
+    decoding: str | None = None  # None: likelihood for label tasks, generation otherwise
     max_new_tokens: int = 24
     max_length: int = 384  # tokens per row (prompt + target)
     users_per_step: int = 8

@@ -22,9 +22,10 @@ from tailorlm.engine.engine import Engine
 from tailorlm.engine.slots import SlotManager
 from tailorlm.methods.decoding import check_decoding, default_decoding
 from tailorlm.methods.deps import MethodDeps, base_loader
+from tailorlm.methods.personal import PersonalSetup
 from tailorlm.methods.recipes import PromptBuilder
 from tailorlm.methods.registry import methods_for
-from tailorlm.methods.setups import PersonalSetup, answer_examples, personal_job
+from tailorlm.methods.setups import answer_examples, personal_job
 from tailorlm.progress import Reporter
 from tailorlm.train.jobs import LocalRunner, TrainRunner, TrainWork
 from tailorlm.train.trainer import TrainConfig

@@ -65,9 +65,9 @@ def bench_command(
     decoding: str | None = typer.Option(
         None,
         "--decoding",
-        help="choice, calibrated (choice against the label prior of the prompt with the query "
-        "blanked), median (of the label distribution; ordered labels) or generate (default: choice "
-        "for label tasks).",
+        help="likelihood (the label of the highest log-likelihood), calibrated (likelihood against the "
+        "label prior of the prompt with the query blanked), median (of the label distribution; ordered "
+        "labels) or generate (default: likelihood for label tasks; 'choice' is likelihood's former name).",
     ),
     epochs: int = typer.Option(QUICK.epochs, "--epochs", min=1, help="Epochs of each per-user module."),
     k: int = typer.Option(QUICK.k, "--k", min=1, help="History items retrieved into the prompt."),
@@ -203,7 +203,7 @@ def tune_command(
         "metric", "--select-by", help="metric (the task's first metric on validation items) or loss."
     ),
     decoding: str | None = typer.Option(
-        None, "--decoding", help="As in bench: choice, calibrated, median, generate."
+        None, "--decoding", help="As in bench: likelihood, calibrated, median, generate."
     ),
     model: str | None = MODEL_OPTION,
     device: str | None = DEVICE_OPTION,

@@ -113,7 +113,7 @@ def import_command(
         None,
         "--label-fit",
         help="How label-bias users are fitted against the shared model: bias (a shrunk bias), fusion (the "
-        "model fused with the user's label prior) or choice (per user the best of those and the prior "
+        "model fused with the user's label prior) or select (per user the best of those and the prior "
         "alone, on their own validation items). Default: bias.",
     ),
     store: str | None = STORE_OPTION,

@@ -24,23 +24,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import asdict
 from typing import Any
 
 from tailorlm import settings
 from tailorlm.cluster.session import connected, import_ray
-from tailorlm.engine.continuous import Sampling
 from tailorlm.serve.config import ServeConfig
 from tailorlm.serve.scheduler import Event, Job, JobError
-from tailorlm.serve.server import Server
+from tailorlm.serve.server import LocalServer, Server
 
 APP_NAME = "tailorlm"
 FRONT = "tailorlm-front"
-JOB_FIELDS = tuple(name for name in Job.request_fields() if name != "sampling")  # sampling: a dict of its own
+# An event's fields but its error, which crosses as its own fields (``event_message``).
+EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(Event) if f.name != "error")
 
 
 def replica_names(count: int) -> list[str]:
@@ -54,28 +54,25 @@ def home_replica(user_id: str, replicas: Sequence[str]) -> str:
     return max(replicas, key=lambda name: hashlib.sha256(f"{name}\n{user_id}".encode()).digest())
 
 
-# ---- what crosses between front and replica: plain dicts ---------------------------------------------
+# ---- what crosses between front and replica ---------------------------------------------------------
+# Ray Serve pickles what crosses (its default serialization, which ``deploy`` keeps): a job's request fields
+# (those ``Job`` marks) cross as they are, an event's too, and its ``JobError`` as its fields (an
+# exception's pickle keeps only its message).
 
 
 def job_message(job: Job) -> dict[str, Any]:
-    return {**{name: getattr(job, name) for name in JOB_FIELDS}, "sampling": asdict(job.sampling)}
+    return {name: getattr(job, name) for name in Job.request_fields()}
 
 
 def job_from(message: dict[str, Any], emit: Callable[[Event], None]) -> Job:
     """The job ``job_message`` sent, on the replica, with its events going to ``emit``."""
-    fields = {name: message[name] for name in JOB_FIELDS}
-    fields["stops"] = tuple(fields["stops"])
-    fields["labels"] = tuple(fields["labels"]) if fields["labels"] is not None else None
-    return Job(**fields, sampling=Sampling(**message["sampling"]), emit=emit)
+    return Job(**message, emit=emit)
 
 
 def event_message(event: Event) -> dict[str, Any]:
-    message = {
-        name: getattr(event, name) for name in ("text", "finish", "prompt_tokens", "completion_tokens")
-    }
-    message["scores"] = event.scores
-    if event.error is not None:
-        error = event.error
+    message = {name: getattr(event, name) for name in EVENT_FIELDS}
+    error = event.error
+    if error is not None:
         message["error"] = {
             "reason": error.reason,
             "message": error.message,
@@ -86,7 +83,7 @@ def event_message(event: Event) -> dict[str, Any]:
 
 def event_from(message: dict[str, Any]) -> Event:
     error = message.get("error")
-    fields = {k: v for k, v in message.items() if k != "error"}
+    fields = {name: message[name] for name in EVENT_FIELDS}
     return Event(**fields, error=JobError(**error) if error else None)
 
 
@@ -94,13 +91,13 @@ def event_from(message: dict[str, Any]) -> Event:
 
 
 class Replica:
-    """One engine replica: a whole server (base model, a bank per module layout, slots loading modules
-    from the store, the scheduler thread) without an HTTP front of its own."""
+    """One engine replica: a whole local server (base model, a bank per module layout, slots loading
+    modules from the store, the scheduler thread, the forget sweep) without an HTTP front of its own."""
 
     def __init__(self, config: ServeConfig, name: str, threads: int) -> None:
         settings.apply_threads(threads)
         self.name = name
-        self.server = Server(config)
+        self.server = LocalServer(config)
         self.server.start()
         self.served: Counter[str] = Counter()  # requests per user, to show affinity
 
@@ -151,8 +148,7 @@ class Replica:
 
 
 class RemoteScheduler:
-    """The front's scheduler: each job goes to its user's home replica and its events come back. Offers
-    what the HTTP routes use of a scheduler (submit, cancel, pending, forget, start, stop)."""
+    """The front's ``JobScheduler``: each job goes to its user's home replica and its events come back."""
 
     def __init__(self, replicas: dict[str, Any]) -> None:
         self.replicas = replicas  # name -> Serve deployment handle
@@ -195,6 +191,10 @@ class RemoteScheduler:
         """Clear the user's slots on every replica (a route's worker thread may block here)."""
         return sum(handle.forget.remote(user_id).result() for handle in self.replicas.values())
 
+    def stalled_for(self) -> float:
+        """0: the front has no engine loop of its own to watch (each replica's watchdog counts its own)."""
+        return 0.0
+
     def start(self) -> None:
         return None
 
@@ -204,15 +204,12 @@ class RemoteScheduler:
 
 
 class Front:
-    """The HTTP front: tailorlm's FastAPI app over a server without an engine, routing to replicas."""
+    """The HTTP front: tailorlm's FastAPI app over a server without an engine, its scheduler routing each
+    job to a replica (``replicas``: their Serve deployment handles)."""
 
     def __init__(self, config: ServeConfig, *replicas: Any) -> None:
-        names = replica_names(len(replicas))
-        self.server = Server(
-            config,
-            scheduler_factory=lambda _server: RemoteScheduler(dict(zip(names, replicas, strict=True))),
-            replicas=len(replicas),
-        )
+        routes = dict(zip(replica_names(len(replicas)), replicas, strict=True))
+        self.server = Server(config, lambda _server: RemoteScheduler(routes), engines=len(replicas))
 
     def __serve_build_asgi_app__(self) -> Any:
         from tailorlm.serve.app import create_app  # FastAPI loads only where the front runs

@@ -108,9 +108,9 @@ class SlotBank:
         for name, shape in self.kind.input_shapes(spec, model).items():
             self._add(name, name, shape)
         self.input_stack = {name: self.tensors[name] for name in self.kind.input_shapes(spec, model)}
-        for name, shape in self.kind.choice_shapes(spec).items():
+        for name, shape in self.kind.label_shapes(spec).items():
             self._add(name, name, shape)
-        self.choice_stack = {name: self.tensors[name] for name in self.kind.choice_shapes(spec)}
+        self.label_stack = {name: self.tensors[name] for name in self.kind.label_shapes(spec)}
         self._wrap_linears(model, router)
 
     def _add(self, name: str, suffix: str, shape: tuple[int, ...]) -> nn.Parameter:

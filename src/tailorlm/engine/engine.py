@@ -34,23 +34,23 @@ class _Run:
     cache: Cache | None  # keys and values of every position run (None unless asked for)
 
 
-# Scoring choices: the key/value positions a part of the choices may hold at once ([rows * part, heads,
-# prompt + width, dim] per layer), and the token positions whose vocabulary logits exist at once.
-CHOICE_POSITIONS = 4096
+# Scoring candidate labels: the key/value positions a part of the labels may hold at once ([rows * part,
+# heads, prompt + width, dim] per layer), and the token positions whose vocabulary logits exist at once.
+LABEL_POSITIONS = 4096
 LOGIT_ROWS = 256
 
 
-def choices_per_part(rows: int, prompt_columns: int, width: int) -> int:
-    """How many choices continue ``rows`` prompts of ``prompt_columns`` cached columns together."""
-    return max(1, CHOICE_POSITIONS // (rows * (prompt_columns + width)))
+def labels_per_part(rows: int, prompt_columns: int, width: int) -> int:
+    """How many labels continue ``rows`` prompts of ``prompt_columns`` cached columns together."""
+    return max(1, LABEL_POSITIONS // (rows * (prompt_columns + width)))
 
 
-def choice_memory(config, dtype: torch.dtype, rows: int, prompt_tokens: int, choices: int, width: int) -> int:
-    """An upper bound, in bytes, of the tensors scoring ``choices`` choices of at most ``width`` tokens
+def label_memory(config, dtype: torch.dtype, rows: int, prompt_tokens: int, count: int, width: int) -> int:
+    """An upper bound, in bytes, of the tensors scoring ``count`` labels of at most ``width`` tokens
     after ``rows`` prompts of at most ``prompt_tokens`` tokens allocates beyond the model's weights, for a
     decoder of ``config`` (a transformers config) in ``dtype``. Counted: the prompts' pass (its keys and
-    values, and the widest layer's activations), one part of the choices (its copy of the keys and values,
-    its activations and attention scores, as ``choices_per_part`` sizes it), and one piece of logits.
+    values, and the widest layer's activations), one part of the labels (its copy of the keys and values,
+    its activations and attention scores, as ``labels_per_part`` sizes it), and one piece of logits.
     Doubled for what the allocator holds beside (freed blocks not yet reused, temporaries of one op)."""
     size = torch.finfo(dtype).bits // 8
     layers = config.num_hidden_layers
@@ -60,7 +60,7 @@ def choice_memory(config, dtype: torch.dtype, rows: int, prompt_tokens: int, cho
     kv_position = layers * 2 * kv_heads * head_dim * size  # bytes of keys and values per position
     widest = max(config.hidden_size * 4, config.intermediate_size * 3) * size  # per position, one layer
     prompt = rows * prompt_tokens * (kv_position + widest)
-    part = min(choices, choices_per_part(rows, prompt_tokens, width))
+    part = min(count, labels_per_part(rows, prompt_tokens, width))
     sequences = rows * part
     columns = prompt_tokens + width
     tail = sequences * (
@@ -215,7 +215,7 @@ class Engine:
         group_slots = batch.slot_ids[torch.tensor(plan.representatives, device=self.device)]  # [groups]
         # The prefix goes through the kind's inputs, so inserted positions (prompt tuning's virtual
         # tokens) sit in front of it once per group; the suffix tokens continue the sequence as plain
-        # ids, as choices and generated tokens do.
+        # ids, as labels and generated tokens do.
         inputs, _ = self._model_inputs(prefix_ids, prefix_mask, group_slots)
         group_mask = inputs["attention_mask"]  # [groups, inserted + width]
         prefix = self._decode(group_slots, **inputs, position_ids=position_ids(group_mask), use_cache=True)
@@ -274,117 +274,117 @@ class Engine:
         return scores
 
     @torch.inference_mode()
-    def score_choices(
-        self, prompts: Sequence[str], slots: Sequence[int], choices: Sequence[str], batch_size: int = 16
+    def score_labels(
+        self, prompts: Sequence[str], slots: Sequence[int], labels: Sequence[str], batch_size: int = 16
     ) -> list[list[float]]:
-        """For each prompt, the summed log-probability of every choice (end-of-sequence included, as in
-        ``score``). The prompt runs once; every choice continues from its cached keys and values, so
+        """For each prompt, the summed log-probability of every label (end-of-sequence included, as in
+        ``score``). The prompt runs once; every label continues from its cached keys and values, so
         choosing among n labels costs about one forward pass instead of n. With ``share_prefix`` the
         prompts of one slot are batched together and their common start runs once too: a prefix per
-        user, then each prompt's own tokens, then the choices."""
+        user, then each prompt's own tokens, then the labels."""
         if len(prompts) != len(slots):
             raise EngineError(f"{len(prompts)} prompts but {len(slots)} slots")
-        continuation = self._continuations(choices)  # tokenized once for every batch
+        continuation = self._continuations(labels)  # tokenized once for every batch
         order = self._by_slot(slots)
         scores: list[list[float]] = [[] for _ in prompts]
         for start in range(0, len(prompts), batch_size):
             chunk = order[start : start + batch_size]
-            totals = self._choice_scores(
-                [prompts[i] for i in chunk], [slots[i] for i in chunk], choices, continuation
+            totals = self._label_scores(
+                [prompts[i] for i in chunk], [slots[i] for i in chunk], labels, continuation
             )
             for i, values in zip(chunk, totals.tolist(), strict=True):
                 scores[i] = values
         return scores
 
-    def choice_scores(
-        self, prompts: Sequence[str], slots: Sequence[int], choices: Sequence[str]
+    def label_scores(
+        self, prompts: Sequence[str], slots: Sequence[int], labels: Sequence[str]
     ) -> torch.Tensor:
-        """``score_choices`` of one batch as a tensor ``[prompts, choices]`` that keeps its graph: inside
+        """``score_labels`` of one batch as a tensor ``[prompts, labels]`` that keeps its graph: inside
         ``training()`` the gradient of a loss over label scores reaches the rows' slots (a model trained
-        to choose among labels, ``train.choice``)."""
-        return self._choice_scores(prompts, slots, choices, self._continuations(choices))
+        to choose among labels, ``train.joint``)."""
+        return self._label_scores(prompts, slots, labels, self._continuations(labels))
 
-    def _continuations(self, choices: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The choices' token ids (end-of-sequence appended when targets end with it), right padded, and
-        their mask: two ``[choices, longest]`` tensors."""
-        if not choices:
-            raise EngineError("no choices to score")
+    def _continuations(self, labels: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The labels' token ids (end-of-sequence appended when targets end with it), right padded, and
+        their mask: two ``[labels, longest]`` tensors."""
+        if not labels:
+            raise EngineError("no labels to score")
         eos = [self.tokenizer.eos_token_id] if self.end_target_with_eos else []
-        choice_ids = [ids + eos for ids in self._token_ids(list(choices))]
-        width = max(len(ids) for ids in choice_ids)
+        label_ids = [ids + eos for ids in self._token_ids(list(labels))]
+        width = max(len(ids) for ids in label_ids)
         pad = self.tokenizer.pad_token_id
         continuation = torch.tensor(
-            [ids + [pad] * (width - len(ids)) for ids in choice_ids], device=self.device
+            [ids + [pad] * (width - len(ids)) for ids in label_ids], device=self.device
         )
         continuation_mask = torch.tensor(
-            [[1] * len(ids) + [0] * (width - len(ids)) for ids in choice_ids], device=self.device
+            [[1] * len(ids) + [0] * (width - len(ids)) for ids in label_ids], device=self.device
         )
         return continuation, continuation_mask
 
-    def _choice_scores(
+    def _label_scores(
         self,
         prompts: Sequence[str],
         slots: Sequence[int],
-        choices: Sequence[str],
+        labels: Sequence[str],
         continuation: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         batch = self.encode([Row(prompt, "", slot) for prompt, slot in zip(prompts, slots, strict=True)])
         totals = self._score_continuations(batch, *continuation)
-        return self._adjust_choices(choices, totals.view(len(prompts), len(choices)), batch.slot_ids)
+        return self._adjust_label_scores(labels, totals.view(len(prompts), len(labels)), batch.slot_ids)
 
-    def _adjust_choices(
-        self, choices: Sequence[str], scores: torch.Tensor, slot_ids: torch.Tensor
+    def _adjust_label_scores(
+        self, labels: Sequence[str], scores: torch.Tensor, slot_ids: torch.Tensor
     ) -> torch.Tensor:
-        """``scores`` ``[rows, choices]`` after the kinds that act on label scores (a label bias): each
+        """``scores`` ``[rows, labels]`` after the kinds that act on label scores (a label bias): each
         row's term from its own bank only."""
         for index, bank in enumerate(self.banks):
-            if bank.choice_stack:
+            if bank.label_stack:
                 local = self.space.local_ids(index, slot_ids)
-                scores = bank.kind.adjust_choices(bank.spec, choices, scores, bank.choice_stack, local)
+                scores = bank.kind.adjust_label_scores(bank.spec, labels, scores, bank.label_stack, local)
         return scores
 
     def _score_continuations(
         self, batch: Batch, continuation: torch.Tensor, continuation_mask: torch.Tensor
     ) -> torch.Tensor:
-        """[rows * choices] summed log-probabilities, row b * choices + j continuing prompt b with choice
-        j. The prompts run once; the choices run in parts of at most ``CHOICE_POSITIONS`` cached
-        positions, so memory stays bounded however many choices a prompt has (each choice continues from
+        """[rows * count] summed log-probabilities, row b * count + j continuing prompt b with label
+        j. The prompts run once; the labels run in parts of at most ``LABEL_POSITIONS`` cached
+        positions, so memory stays bounded however many labels a prompt has (each label continues from
         its own copy of the prompt's keys and values)."""
-        choices, width = continuation.shape
+        count, width = continuation.shape
         rows = len(batch)
         run = self._run(batch, use_cache=True)
         prompt_cache = [(layer.keys, layer.values) for layer in run.cache.layers]
-        step = choices_per_part(rows, run.mask.shape[1], width)
+        step = labels_per_part(rows, run.mask.shape[1], width)
         parts = []
-        for start in range(0, choices, step):
+        for start in range(0, count, step):
             for layer, (keys, values) in zip(run.cache.layers, prompt_cache, strict=True):
                 layer.keys, layer.values = keys, values  # the prompt's own, before the last part's tail
             part = slice(start, start + step)
             scores = self._score_part(run, batch.slot_ids, continuation[part], continuation_mask[part])
             parts.append(scores.view(rows, -1))
-        return torch.cat(parts, dim=1).reshape(rows * choices)
+        return torch.cat(parts, dim=1).reshape(rows * count)
 
     def _score_part(
         self, run: _Run, slot_ids: torch.Tensor, continuation: torch.Tensor, continuation_mask: torch.Tensor
     ) -> torch.Tensor:
-        choices, width = continuation.shape
+        count, width = continuation.shape
         rows = len(slot_ids)
         mask = run.mask  # [rows, cached]: everything the prompts' keys and values cover
         cache = run.cache
-        cache.batch_repeat_interleave(choices)  # row b * choices + j continues prompt b with choice j
-        expanded_slots = slot_ids.repeat_interleave(choices)
+        cache.batch_repeat_interleave(count)  # row b * count + j continues prompt b with label j
+        expanded_slots = slot_ids.repeat_interleave(count)
         token_mask = continuation_mask.repeat(rows, 1)
-        positions = mask.sum(1).repeat_interleave(choices)[:, None] + torch.arange(width, device=self.device)
+        positions = mask.sum(1).repeat_interleave(count)[:, None] + torch.arange(width, device=self.device)
         tail = self._decode(
             expanded_slots,
             input_ids=continuation.repeat(rows, 1),
-            attention_mask=torch.cat([mask.repeat_interleave(choices, 0), token_mask], dim=1),
+            attention_mask=torch.cat([mask.repeat_interleave(count, 0), token_mask], dim=1),
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
         )
-        # Token k of a choice is predicted by the prompt's last state (k = 0) or the choice's token k - 1.
-        last = run.hidden[:, -1].repeat_interleave(choices, 0)[:, None]
+        # Token k of a label is predicted by the prompt's last state (k = 0) or the label's token k - 1.
+        last = run.hidden[:, -1].repeat_interleave(count, 0)[:, None]
         predicting = torch.cat([last, tail.last_hidden_state[:, :-1]], dim=1)
         row_index, column = token_mask.nonzero(as_tuple=True)
         targets = continuation.repeat(rows, 1)[row_index, column]
@@ -399,13 +399,13 @@ class Engine:
                 for i in range(0, len(states), LOGIT_ROWS)
             ]
         )
-        return log_probs.new_zeros(rows * choices).index_add(0, row_index, log_probs)
+        return log_probs.new_zeros(rows * count).index_add(0, row_index, log_probs)
 
-    def choice_memory(self, rows: int, prompt_tokens: int, choices: int, width: int) -> int:
-        """An upper bound, in bytes, of what ``score_choices`` allocates for ``rows`` prompts of at most
-        ``prompt_tokens`` tokens with ``choices`` choices of at most ``width`` tokens (end token
-        included): see ``choice_memory``."""
-        return choice_memory(self.model.config, self.model.dtype, rows, prompt_tokens, choices, width)
+    def label_memory(self, rows: int, prompt_tokens: int, count: int, width: int) -> int:
+        """An upper bound, in bytes, of what ``score_labels`` allocates for ``rows`` prompts of at most
+        ``prompt_tokens`` tokens with ``count`` labels of at most ``width`` tokens (end token
+        included): see ``label_memory``."""
+        return label_memory(self.model.config, self.model.dtype, rows, prompt_tokens, count, width)
 
     # ---- generation ------------------------------------------------------------------------------
 

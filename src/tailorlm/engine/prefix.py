@@ -32,7 +32,7 @@ class PrefixPlan:
 
     A group is the rows of one slot; its prefix is their common leading tokens, at most up to (but not
     including) each row's last prompt token, so every position that predicts a target token, and the
-    last prompt position that choices continue from, runs in the suffix pass. Rows are left padded in
+    last prompt position that candidate labels continue from, runs in the suffix pass. Rows are left padded in
     both passes: the prefix pass is ``len(groups) x width`` positions, the suffix pass
     ``rows x suffix_width``.
     """
@@ -91,7 +91,7 @@ def plan_prefixes(
     for key in keys:
         mine = [rows[r] for r in members[key]]
         # The last prompt token must stay in the suffix: it predicts the first target token (or is the
-        # state a choice continues from); so must everything after it.
+        # state a candidate label continues from); so must everything after it.
         last_prompt = min(max(0, min(prompt_lengths[r], len(rows[r])) - 1) for r in members[key])
         caps.append(min(common_prefix_length(mine), last_prompt))
     width = max(len(row) for row in rows)

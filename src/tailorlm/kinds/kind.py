@@ -51,8 +51,13 @@ class ModuleKind:
     starts_as_identity: ClassVar[bool] = True
     # Whether the kind changes the model's outputs (its layers or inputs), so the language-model loss
     # trains it and every contract test over logits applies. A kind that only adjusts label scores
-    # (``choice_shapes``, ``adjust_choices``) sets this False.
+    # (``label_shapes``, ``adjust_label_scores``) sets this False.
     acts_on_model: ClassVar[bool] = True
+    # How a user's own part of this kind is made from their data (``methods.personal.train_personal``
+    # dispatches on it, so no generic code names a kind): "loss", trained by the language-model loss over
+    # their examples, many users per step; "label-fit", fitted against the frozen shared model's label
+    # scores on their labelled items (``methods.label_parts``).
+    made_by: ClassVar[str] = "loss"
 
     # ---- the spec ----------------------------------------------------------------------------------
 
@@ -82,8 +87,9 @@ class ModuleKind:
         """Per-slot shapes of tensors that act on the model's inputs, by name (empty: none)."""
         return {}
 
-    def choice_shapes(self, spec: Any) -> dict[str, tuple[int, ...]]:
-        """Per-slot shapes of tensors that act on label scores (``adjust_choices``), by name (empty: none)."""
+    def label_shapes(self, spec: Any) -> dict[str, tuple[int, ...]]:
+        """Per-slot shapes of tensors that act on label scores (``adjust_label_scores``), by name (empty:
+        none)."""
         return {}
 
     def tensor_name(self, spec: Any, path: str, suffix: str) -> str:
@@ -130,16 +136,16 @@ class ModuleKind:
         (dropped again from the outputs). By default the token ids as they are."""
         return {"input_ids": input_ids, "attention_mask": attention_mask}, 0
 
-    def adjust_choices(
+    def adjust_label_scores(
         self,
         spec: Any,
-        choices: Sequence[str],
+        labels: Sequence[str],
         scores: torch.Tensor,
         stack: Mapping[str, torch.Tensor],
         slot_ids: torch.Tensor,
     ) -> torch.Tensor:
-        """The summed log-probabilities ``scores`` ``[rows, choices]`` as row ``b``'s user (slot
-        ``slot_ids[b]`` of ``stack``) adjusts them. By default unchanged."""
+        """The summed log-probabilities ``scores`` ``[rows, labels]`` of the candidate ``labels`` as row
+        ``b``'s user (slot ``slot_ids[b]`` of ``stack``) adjusts them. By default unchanged."""
         return scores
 
     def exact_when_shared(self, spec: Any) -> bool:

@@ -165,7 +165,7 @@ def user_item_prior(task: Task, users: Sequence[User]) -> Iterator[UserAnswers]:
         yield user, [suited_label(task, prior.distribution(user, e)) for e in user.test], 0.0
 
 
-def _surprise_fit(task: Task, algorithm):
+def fit_surprise(task: Task, algorithm):
     """``algorithm`` fitted on every user's training answers to shared items, as label positions."""
     import pandas as pd
     from surprise import Dataset, Reader
@@ -183,7 +183,7 @@ def _surprise_fit(task: Task, algorithm):
 
 
 def _surprise_answers(task: Task, users: Sequence[User], algorithm) -> Iterator[UserAnswers]:
-    fitted = _surprise_fit(task, algorithm)
+    fitted = fit_surprise(task, algorithm)
     for user in users:
         predictions = [_nearest_label(task, fitted.predict(user.id, e.item_key).est) for e in user.test]
         yield user, predictions, 0.0

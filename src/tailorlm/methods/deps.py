@@ -101,6 +101,7 @@ class MethodDeps:
                 items=self.settings.profile_items,
                 seed=self.settings.seed,
                 max_new_tokens=self.settings.profile_tokens,
+                progress=self.reporter.progress,
             )
 
     def bare_engine(self) -> Engine:

@@ -1,7 +1,7 @@
 """Personal methods that decide among a task's labels by combining a shared model with a tiny personal
 part: a per-user bias over the labels fitted against the frozen shared model, the fusion of the shared
-model's label distribution with the user's (and item's) label prior, and a choice per user among their
-own module, their bias and their prior.
+model's label distribution with the user's (and item's) label prior, and a selection per user among
+their own module, their bias and their prior.
 
 Why these exist: with about twenty labelled items per user, a module per user cannot beat what a
 statistician does with the same labels (the user's prior times the item's, ``baselines.LabelPrior``). The
@@ -9,143 +9,48 @@ annotator-modelling literature's answer is a shared text model plus a few number
 et al., 2022, "Dealing with Disagreements", TACL): the shared model knows the items, the user's part
 knows the user.
 
-Every distribution here is a ``[rows, labels]`` tensor of log-probabilities over ``task.labels``. Whatever
-is tuned (the bias's shrinkage, the fusion weight, a user's choice) is chosen on validation items, never on
-a test item; the prompts that fit or tune anything are traced like every other method's, so the leakage
-test holds these methods to the same rules.
+Each user's fitted part is ``label_parts``'s; these are the setups that train the shared model, fit what
+is missing and answer. The leakage test holds them to the rules every method keeps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from tailorlm import metrics
-from tailorlm.data.schema import Example, Task, User
-from tailorlm.engine.engine import Engine
+from tailorlm.data.schema import Task, User
 from tailorlm.engine.slots import SlotManager
-from tailorlm.kinds.label_bias import LabelBiasSpec, label_part
-from tailorlm.methods.baselines import LabelPrior, suited_label
+from tailorlm.kinds.label_bias import LabelBiasSpec
+from tailorlm.methods.baselines import LabelPrior
 from tailorlm.methods.deps import MethodDeps
-from tailorlm.methods.recipes import PromptBuilder, Purpose, Recipe
+from tailorlm.methods.label_parts import (
+    FUSION_WEIGHTS,
+    Distribution,
+    best_setting,
+    decide,
+    fuse,
+    golds_of,
+    has_label,
+    prior_distribution,
+    queries_of,
+    select_per_user,
+    shared_distribution,
+)
+from tailorlm.methods.personal import PersonalSetup, PersonalTraining, train_personal
+from tailorlm.methods.recipes import Purpose, Recipe
 from tailorlm.methods.setups import (
     OPPU_SHRUNK,
     TASK_ADAPTER,
     Answerer,
-    PersonalSetup,
     Query,
     TaskAdapterSetup,
     prompts_for,
 )
-from tailorlm.progress import ProgressCallback
-from tailorlm.store.index import VersionRecord
 from tailorlm.store.store import ModuleStore
-from tailorlm.train.choice import ChoiceExample, JointChoiceTrainer, fit_bias
-
-# L2 strengths of a user's bias, in units of one training example's loss; the benchmark picks one on the
-# validation items of the users it answers. Large values pull every user back to the shared model.
-SHRINKAGE_GRID = (100.0, 30.0, 10.0, 3.0, 1.0, 0.3)  # safest (closest to the shared model) first
-# Weights of the shared model in the fusion; 0 is the prior alone, so the tuned fusion is never worse
-# than the prior on the items it was tuned on.
-FUSION_WEIGHTS = tuple(i / 10 for i in range(11))
-
-Distribution = torch.Tensor  # [rows, labels] log-probabilities over task.labels
-
-
-def applies_to(task: Task) -> bool:
-    """Label-distribution methods need one label per item from a fixed set."""
-    return task.labels is not None and task.kind in ("classification", "rating")
-
-
-def has_label(task: Task, example: Example) -> bool:
-    """Whether ``example``'s target is one of ``task.labels``."""
-    return bool(example.targets) and metrics.label_index(example.targets[0], task.labels) >= 0
-
-
-def labelled(task: Task, examples: Sequence[Example]) -> list[Example]:
-    """The examples whose target is one of ``task.labels``."""
-    return [e for e in examples if has_label(task, e)]
-
-
-def decide(task: Task, distribution: Distribution) -> list[str]:
-    """The label each row answers under the task's first metric (median for MAE, mean for RMSE, the most
-    likely label otherwise), as the simple baselines answer."""
-    return [suited_label(task, row) for row in distribution.exp().tolist()]
-
-
-def validation_value(task: Task, golds: Sequence[str], predictions: Sequence[str]) -> float:
-    """The task's first metric on pooled items, signed so that higher is better."""
-    primary = task.metrics[0] if task.metrics else "accuracy"
-    value = metrics.score([primary], golds, predictions, ["u"] * len(golds), task.labels)["pooled"][primary]
-    return -value if primary in metrics.LOWER_IS_BETTER else value
-
-
-# ---- the shared model's distributions ---------------------------------------------------------------
-
-
-def shared_distribution(
-    answerer: Answerer,
-    queries: Sequence[Query],
-    purpose: Purpose,
-    on_progress: ProgressCallback | None = None,
-) -> Distribution:
-    """The shared model's label distribution for each (user, example), ``[len(queries), labels]``;
-    ``on_progress`` hears (users done, users) after each user.
-
-    Prompts for fitting (``train``) or tuning (``validate``) are traced as the user's own module's, so the
-    leakage rules see them as that user's data; ``answer`` prompts as answers."""
-    labels = answerer.deps.task.labels
-    out = torch.empty(len(queries), len(labels))
-    users = list({user.id: user for user, _ in queries}.values())
-    rows_of = _by_user(queries)
-    done = 0
-    for start in range(0, len(users), answerer.group_size):
-        group = users[start : start + answerer.group_size]
-        with answerer.placed(group) as slot_of:
-            for user in group:
-                rows = rows_of[user.id]
-                module = None if purpose == "answer" else user.id
-                prompts = prompts_for(
-                    answerer.deps,
-                    answerer.builder,
-                    answerer.method,
-                    purpose,
-                    [queries[i] for i in rows],
-                    module,
-                )
-                scores = answerer.engine.score_choices(prompts, [slot_of.get(user.id, 0)] * len(rows), labels)
-                out[rows] = torch.log_softmax(torch.tensor(scores, dtype=torch.float32), dim=-1)
-                done += 1
-                if on_progress is not None:
-                    on_progress(done, len(users))
-    return out
-
-
-# ---- the user's prior and its fusion with the shared model -------------------------------------------
-
-
-def prior_distribution(prior: LabelPrior, queries: Sequence[Query]) -> Distribution:
-    rows = [prior.distribution(user, example) for user, example in queries]
-    return torch.log(torch.tensor(rows, dtype=torch.float32).clamp_min(1e-12))
-
-
-def fuse(shared: Distribution, prior: Distribution, weight: float) -> Distribution:
-    """``weight * log p_shared + (1 - weight) * log p_prior``, renormalised: a product of experts whose
-    weight 0 is the prior alone and 1 the shared model alone."""
-    return torch.log_softmax(weight * shared + (1 - weight) * prior, dim=-1)
-
-
-def best_setting(
-    task: Task, settings: Sequence[float], golds: Sequence[str], predict: Callable[[float], list[str]]
-) -> tuple[float, dict[float, float]]:
-    """The setting whose predictions score best on ``golds`` (validation items), and every setting's
-    value; ties go to the earliest setting (the grids list the safest first)."""
-    if not golds:
-        return settings[0], {}
-    values = {s: validation_value(task, golds, predict(s)) for s in settings}
-    return max(settings, key=values.__getitem__), values  # max keeps the first of equals
+from tailorlm.train.joint import JointTrainer, LabelExample
 
 
 @dataclass
@@ -158,236 +63,12 @@ class LabelAnswerer:
     group_size: int
 
     def answer(self, queries: Sequence[Query], decoding: str) -> list[str]:
-        if decoding not in ("choice", "median"):
+        if decoding not in ("likelihood", "median"):
             raise ValueError(
-                f"label-distribution methods answer under the task's metric ('choice'); {decoding!r} does "
-                "not apply to them"
+                f"label-distribution methods answer under the task's metric ('likelihood'); {decoding!r} "
+                "does not apply to them"
             )
         return decide(self.task, self.distribution_of(queries)) if queries else []
-
-
-def queries_of(users: Sequence[User], split: str, task: Task) -> list[Query]:
-    """Every (user, example) of ``split`` (``train``: what a module may train on) with a known label."""
-    found: list[Query] = []
-    for user in users:
-        examples = task.training_examples(user) if split == "train" else getattr(user, split)
-        found += [(user, e) for e in labelled(task, examples)]
-    return found
-
-
-# ---- the setups ---------------------------------------------------------------------------------------
-
-
-def _golds(queries: Sequence[Query]) -> list[str]:
-    return [example.targets[0] for _, example in queries]
-
-
-def _by_user(queries: Sequence[Query]) -> dict[str, list[int]]:
-    rows: dict[str, list[int]] = {}
-    for i, (user, _) in enumerate(queries):
-        rows.setdefault(user.id, []).append(i)
-    return rows
-
-
-Part = tuple[torch.Tensor, float]  # one user's (bias [labels], scale): ``kinds.label_bias``'s two tensors
-
-
-@dataclass
-class UserParts:
-    """Each user's label part against one shared model: ``(bias [labels], scale)``, the user's scores being
-    ``scale * log p_shared + bias`` (``kinds.label_bias``), with what each was fitted as."""
-
-    parts: dict[str, Part]
-    options: dict[str, str]  # user -> "prior", "bias" or "fusion"
-    shrinkage: float | None = None  # the biases' penalty, when a bias was fitted
-    weight: float | None = None  # the fusion's weight on the shared model, when one was chosen
-
-    def apply(self, distribution: Distribution, queries: Sequence[Query]) -> Distribution:
-        if not queries:
-            return distribution
-        bias = torch.stack([self.parts[user.id][0] for user, _ in queries])
-        scale = torch.tensor([[self.parts[user.id][1]] for user, _ in queries])
-        return torch.log_softmax(scale * distribution + bias, dim=-1)
-
-
-# What a user's served label part is fitted as (``fit_user_parts``): a bias against the shared model, the
-# shared model fused with the user's own label prior, or per user the best of those two and the prior
-# alone on the user's own validation items.
-FITS = ("bias", "fusion", "choice")
-LABEL_OPTIONS = ("prior", "bias", "fusion")  # simplest first: ties go this way
-
-
-def fit_user_parts(
-    task: Task,
-    shared: Answerer,
-    users: Sequence[User],
-    fit: str = "bias",
-    shrinkage: float | None = None,
-    weight: float | None = None,
-) -> UserParts:
-    """Fit every user's label part against the frozen ``shared`` model (rows in slot 0), from their own
-    training items only. A bias's ``shrinkage`` and a fusion's ``weight``, when not given, are chosen on
-    these users' validation items (pooled), from ``SHRINKAGE_GRID`` and ``FUSION_WEIGHTS``; with ``fit``
-    "choice" each user then takes whichever of their prior, their bias and the fusion did best on their
-    own validation items. The prior is the user's own training labels' frequencies smoothed toward every
-    user's (``LabelPrior.user``): a served request names no item, so no item prior enters."""
-    if fit not in FITS:
-        raise ValueError(f"a label part is fitted as one of {', '.join(FITS)}, not {fit!r}")
-    val = queries_of(users, "val", task)
-    golds = _golds(val)
-    val_dist = None
-    if val and (
-        fit == "choice" or (fit == "bias" and shrinkage is None) or (fit == "fusion" and weight is None)
-    ):
-        val_dist = shared_distribution(shared, val, "validate")
-
-    def predict(parts: dict[str, Part]) -> list[str]:
-        return decide(task, UserParts(parts, {}).apply(val_dist, val))
-
-    candidates: dict[str, dict[str, Part]] = {}
-    if fit in ("fusion", "choice"):
-        prior = LabelPrior(task)
-        log_prior = {u.id: torch.log(torch.tensor(prior.user(u), dtype=torch.float32)) for u in users}
-        candidates["prior"] = {u.id: (log_prior[u.id], 0.0) for u in users}
-    if fit in ("bias", "choice"):
-        biases = _bias_fitter(task, shared, users)
-        if shrinkage is None:  # best_setting takes the first, safest, value when there are no golds
-            shrinkage, _ = best_setting(task, SHRINKAGE_GRID, golds, lambda s: predict(biases(s)))
-        candidates["bias"] = biases(shrinkage)
-    if fit in ("fusion", "choice"):
-        if weight is None:
-            weight, _ = best_setting(task, FUSION_WEIGHTS, golds, lambda w: predict(_fused(log_prior, w)))
-        candidates["fusion"] = _fused(log_prior, weight)
-    if fit == "choice":
-        predictions = {option: predict(parts) if val else [] for option, parts in candidates.items()}
-        options = choose_per_user(task, users, val, predictions)
-    else:
-        options = {u.id: fit for u in users}
-    parts = {u.id: candidates[options[u.id]][u.id] for u in users}
-    return UserParts(parts, options, shrinkage, weight)
-
-
-def _fused(log_prior: Mapping[str, torch.Tensor], weight: float) -> dict[str, Part]:
-    """``fuse`` as a label part: scale ``weight``, bias ``(1 - weight)`` times the log prior (the shared
-    model's log-normaliser is one constant per row, which a softmax ignores)."""
-    return {user: ((1 - weight) * logs, weight) for user, logs in log_prior.items()}
-
-
-def _bias_fitter(task: Task, shared: Answerer, users: Sequence[User]) -> Callable[[float], dict[str, Part]]:
-    """Every user's bias on their own training items at a given shrinkage (scale 1), remembered per
-    shrinkage; the training items are scored against ``shared`` once, here."""
-    train = queries_of(users, "train", task)
-    progress = shared.deps.reporter.progress(f"{shared.method}: scoring training items")
-    train_dist = shared_distribution(shared, train, "train", progress)
-    train_rows = _by_user(train)
-    targets = {
-        u: [metrics.label_index(train[i][1].targets[0], task.labels) for i in rows]
-        for u, rows in train_rows.items()
-    }
-    fits: dict[float, dict[str, Part]] = {}
-
-    def fitted(strength: float) -> dict[str, Part]:
-        if strength not in fits:
-            fits[strength] = {
-                user.id: (
-                    fit_bias(train_dist[train_rows.get(user.id, [])], targets.get(user.id, []), strength),
-                    1.0,
-                )
-                for user in users
-            }
-        return fits[strength]
-
-    return fitted
-
-
-def choose_per_user(
-    task: Task, users: Sequence[User], val: Sequence[Query], predictions: Mapping[str, Sequence[str]]
-) -> dict[str, str]:
-    """Each user's option (a key of ``predictions``, listed simplest first): the one whose predictions on
-    ``val`` score best on the user's own validation items. Ties, and users without validation items, go
-    to the option best over every user's items, and between equals to the simpler."""
-    golds = _golds(val)
-    overall = {o: validation_value(task, golds, p) for o, p in predictions.items()} if val else {}
-    order = sorted(predictions, key=lambda o: -overall.get(o, 0.0))  # stable: equals stay simplest first
-    rows_of = _by_user(val)
-    chosen = {}
-    for user in users:
-        rows = rows_of.get(user.id, [])
-        if not rows:
-            chosen[user.id] = order[0]
-            continue
-        mine = [golds[i] for i in rows]
-        value = {o: validation_value(task, mine, [predictions[o][i] for i in rows]) for o in order}
-        chosen[user.id] = max(order, key=value.__getitem__)
-    return chosen
-
-
-SHRINKAGE_KEY = "label-bias-shrinkage"  # the store index's record of the shrinkage its biases use
-WEIGHT_KEY = "label-fusion-weight"  # and of the weight its fusions give the shared model
-
-
-def fit_and_store(
-    deps: MethodDeps,
-    engine: Engine,
-    store: ModuleStore,
-    users: Sequence[User],
-    method: str,
-    builder: PromptBuilder | None = None,
-    fingerprints: Mapping[str, str] | None = None,
-    fit: str = "bias",
-) -> dict[str, VersionRecord]:
-    """Fit ``users``' label parts (``fit_user_parts``) against ``engine``'s shared model (slot 0) and store
-    each as a new version of their module (``engine.spec``, a label-bias spec). A shrinkage or fusion
-    weight is chosen on these users' validation items the first time and kept in the store's index, so
-    users fitted later (a resumed run, a retrain of one user) get the same one."""
-    stored_before = bool(store.users())
-    known = {key: store.index.meta(key) if stored_before else None for key in (SHRINKAGE_KEY, WEIGHT_KEY)}
-    builder = builder or deps.builder(Recipe(), engine.tokenizer)
-    shared = Answerer(deps, method, engine, builder, deps.settings.answer_group)  # every row in slot 0
-    fitted = fit_user_parts(
-        deps.task,
-        shared,
-        users,
-        fit,
-        None if known[SHRINKAGE_KEY] is None else float(known[SHRINKAGE_KEY]),
-        None if known[WEIGHT_KEY] is None else float(known[WEIGHT_KEY]),
-    )
-    for key, value in ((SHRINKAGE_KEY, fitted.shrinkage), (WEIGHT_KEY, fitted.weight)):
-        if value is not None:
-            store.index.set_meta(key, repr(value))
-    records = {}
-    for user in users:
-        bias, scale = fitted.parts[user.id]
-        meta = {
-            "fit": fit,
-            "option": fitted.options[user.id],
-            "shrinkage": fitted.shrinkage,
-            "weight": fitted.weight,
-            "examples": len(deps.task.training_examples(user)),
-        }
-        records[user.id] = store.put(
-            user.id,
-            engine.spec,
-            label_part(bias, scale),
-            model=engine.model,
-            base_name=engine.base.name,
-            meta=meta,
-            data_fingerprint=(fingerprints or {}).get(user.id),
-        )
-    counts = {o: sum(1 for x in fitted.options.values() if x == o) for o in LABEL_OPTIONS}
-    settings = [
-        f"{name} {value:g}" + (" (the store's)" if known[key] is not None else "")
-        for name, key, value in (
-            ("shrinkage", SHRINKAGE_KEY, fitted.shrinkage),
-            ("weight", WEIGHT_KEY, fitted.weight),
-        )
-        if value is not None
-    ]
-    answered = ", ".join(f"{o} {n}" for o, n in counts.items() if n)
-    deps.reporter.log(
-        f"{method}: {len(users)} users' label parts fitted as {fit} ({answered}; {', '.join(settings)})"
-    )
-    return records
 
 
 # The joint shared model's penalty on its training users' biases, in units of one example's loss (as
@@ -397,7 +78,7 @@ JOINT_SHRINKAGE = 3.0
 
 
 class JointSharedSetup(TaskAdapterSetup):
-    """The shared model trained jointly with a bias per training user (``train.choice``): one LoRA on the
+    """The shared model trained jointly with a bias per training user (``train.joint``): one LoRA on the
     same pooled examples of the same other users as the task adapter, but trained to choose among the
     task's labels with each user's leaning (their bias, shrunk toward zero) taken out. Stored as the
     task adapter is, and merged into the base the same way."""
@@ -413,10 +94,10 @@ class JointSharedSetup(TaskAdapterSetup):
         builder = deps.builder(recipe, engine.tokenizer)
         name = self.store_name(recipe)
 
-        def examples(queries: list[Query], purpose: Purpose) -> list[ChoiceExample]:
+        def examples(queries: list[Query], purpose: Purpose) -> list[LabelExample]:
             prompts = prompts_for(deps, builder, name, purpose, queries, self.USER)
             return [
-                ChoiceExample(user.id, prompt, metrics.label_index(example.targets[0], task.labels))
+                LabelExample(user.id, prompt, metrics.label_index(example.targets[0], task.labels))
                 for prompt, (user, example) in zip(prompts, queries, strict=True)
             ]
 
@@ -425,7 +106,7 @@ class JointSharedSetup(TaskAdapterSetup):
             f"training the joint shared model ({recipe.tag}) on {len(train)} examples of "
             f"{len({u.id for u, _ in train})} other users, a bias each (shrinkage {JOINT_SHRINKAGE:g})"
         )
-        trainer = JointChoiceTrainer(engine, task.labels, config, JOINT_SHRINKAGE)
+        trainer = JointTrainer(engine, task.labels, config, JOINT_SHRINKAGE)
         result = trainer.run(
             self.USER,
             examples(train, "train"),
@@ -450,7 +131,7 @@ def labelled_queries(task: Task, queries: Sequence[Query]) -> list[Query]:
 class BiasSetup:
     """A shared model (the task adapter, or the joint shared model) merged into the base, with a
     label-bias module per user (``kinds.label_bias``) fitted against it frozen (a bias shrunk toward zero,
-    or with ``fit`` "choice" the best of that, the user's prior and their fusion), stored like any user's
+    or with ``fit`` "select" the best of that, the user's prior and their fusion), stored like any user's
     module and served from a slot. A new user fits only their own bias: nothing shared changes.
 
     The shrinkage is chosen once per store, on the validation items of the users fitted first, and kept
@@ -484,8 +165,7 @@ class BiasSetup:
         builder = deps.builder(recipe, engine.tokenizer)
         store = deps.store(self.store_name(recipe))
         missing = [u for u in users if not store.has(u.id)]
-        if missing:
-            fit_and_store(deps, engine, store, missing, method, builder=builder, fit=self.fit)
+        train_personal(deps, engine, store, missing, PersonalTraining(method, builder, fit=self.fit))
         slots = SlotManager(engine.bank, store.loader(spec))
         return Answerer(deps, method, engine, builder, slots.capacity, slots=slots)
 
@@ -501,7 +181,10 @@ class FusionSetup:
         val = queries_of(users, "val", task)
         val_shared, val_prior = shared_distribution(shared, val, "validate"), prior_distribution(prior, val)
         weight, _ = best_setting(
-            task, FUSION_WEIGHTS, _golds(val), lambda w: decide(task, fuse(val_shared, val_prior, w))
+            task,
+            FUSION_WEIGHTS,
+            golds_of(val),
+            lambda value: decide(task, fuse(val_shared, val_prior, value)),
         )
         deps.reporter.log(f"{method}: weight {weight:g} on the shared model, chosen on validation items")
 
@@ -513,11 +196,8 @@ class FusionSetup:
         return LabelAnswerer(task, distribution_of, shared.group_size)
 
 
-CHOICES = ("prior", "bias", "module")  # what oppu-choice may answer a user with, simplest first
-
-
-class ChoiceSetup:
-    """OPPU with shrinkage and a choice per user: each user is answered by whichever of their own module
+class SelectSetup:
+    """OPPU with shrinkage and a selection per user: each user is answered by whichever of their own module
     (OPPU, shrunk toward the task adapter), their bias on the task adapter, or their prior did best on
     their own validation items. Ties go to the option that did best over every user's validation items."""
 
@@ -537,13 +217,13 @@ class ChoiceSetup:
         }
         val = queries_of(users, "val", task)
         predictions = {option: decide(task, source(val, "validate")) for option, source in sources.items()}
-        chosen = choose_per_user(task, users, val, predictions)
-        counts = {option: sum(1 for c in chosen.values() if c == option) for option in CHOICES}
+        chosen = select_per_user(task, users, val, predictions)
+        counts = {option: sum(1 for c in chosen.values() if c == option) for option in sources}
         deps.reporter.log(f"{method}: users answered by " + ", ".join(f"{o} {n}" for o, n in counts.items()))
 
         def distribution_of(queries: Sequence[Query]) -> Distribution:
             out = torch.empty(len(queries), len(task.labels))
-            for option in CHOICES:
+            for option in sources:
                 rows = [i for i, (user, _) in enumerate(queries) if chosen.get(user.id, "prior") == option]
                 if rows:
                     out[rows] = sources[option]([queries[i] for i in rows], "answer")

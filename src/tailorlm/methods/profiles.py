@@ -17,6 +17,7 @@ from tailorlm.data.schema import HistoryItem, Task, User
 from tailorlm.engine.engine import Engine
 from tailorlm.engine.generation import DecodeConfig
 from tailorlm.files import atomic_write_text
+from tailorlm.progress import ProgressCallback
 
 PROFILE_INSTRUCTION = (
     "Here is what one person did or answered before:\n{items}\n\n"
@@ -90,9 +91,14 @@ class ProfileWriter:
         return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
 
     def profiles(
-        self, users: Sequence[User], split: str | None = "test", batch_size: int = 8
+        self,
+        users: Sequence[User],
+        split: str | None = "test",
+        batch_size: int = 8,
+        on_progress: ProgressCallback | None = None,
     ) -> dict[str, UserProfile]:
-        """Profiles of ``users``, generating only those not cached."""
+        """Profiles of ``users``, generating only those not cached; ``on_progress`` hears (written,
+        missing) after each batch (a few seconds each on a CPU: a run writes them for minutes)."""
         wanted: dict[str, tuple[str, list[HistoryItem]]] = {}
         for user in users:
             sample = self._sample(user, visible_to_all(self.task, user, split))
@@ -110,6 +116,8 @@ class ProfileWriter:
             for (_, key, _), text in zip(chunk, texts, strict=True):
                 self._cache[key] = " ".join(text.split())
             self._save()
+            if on_progress is not None:
+                on_progress(start + len(chunk), len(missing))
         return {
             uid: UserProfile(uid, self._cache[key], tuple(item.id for item in sample))
             for uid, (key, sample) in wanted.items()
@@ -136,6 +144,7 @@ class Profiles:
         items: int = 10,
         seed: int = 0,
         max_new_tokens: int = 60,
+        progress: Callable[[str], ProgressCallback] | None = None,
     ) -> None:
         # The writer (and its engine) is built on first need; until then this is all it takes to build it.
         self._make_writer = lambda: ProfileWriter(
@@ -143,6 +152,7 @@ class Profiles:
         )
         self._writer: ProfileWriter | None = None
         self._profiles: dict[str, UserProfile] = {}
+        self._progress = progress  # a label -> a callback that shows progress under it (``Reporter``)
 
     def ensure(self, users: Sequence[User]) -> None:
         missing = [u for u in users if u.id not in self._profiles]
@@ -150,7 +160,8 @@ class Profiles:
             return
         if self._writer is None:
             self._writer = self._make_writer()
-        self._profiles.update(self._writer.profiles(missing))
+        shown = self._progress(f"profiles of {len(missing)} users") if self._progress else None
+        self._profiles.update(self._writer.profiles(missing, on_progress=shown))
 
     def profile(self, user: User) -> UserProfile:
         if user.id not in self._profiles:

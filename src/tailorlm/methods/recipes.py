@@ -94,7 +94,7 @@ PromptTrace = Callable[[PromptUse], None]
 
 
 def few_shot(task: Task, user: User, example: Example, max_shots: int = 3, seed: int = 0) -> list[Example]:
-    """PEFT-U's few-shot choice: the user's own train examples, at most one per label, never the item
+    """PEFT-U's few-shot examples: the user's own train examples, at most one per label, never the item
     being asked (PEFT-U's code compared a list to a string there and could show the asked item)."""
     pool = [
         e

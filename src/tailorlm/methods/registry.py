@@ -12,9 +12,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from tailorlm.data.schema import Task, User
-from tailorlm.methods import baselines, label_models
+from tailorlm.methods import baselines, blend, label_models, label_parts
 from tailorlm.methods.decoding import UserAnswers
 from tailorlm.methods.deps import MethodDeps
+from tailorlm.methods.personal import PersonalSetup
 from tailorlm.methods.recipes import Recipe
 from tailorlm.methods.setups import (
     OPPU_PERSONAL,
@@ -22,7 +23,6 @@ from tailorlm.methods.setups import (
     PERSONAL_KINDS,
     Answerer,
     BaseSetup,
-    PersonalSetup,
     Setup,
     TaskAdapterSetup,
     answer_users,
@@ -143,7 +143,7 @@ MODEL_METHODS: list[Method] = [
     ),
 ]
 
-# Shared model plus a tiny personal part, for tasks with one label per item (``label_models.applies_to``).
+# Shared model plus a tiny personal part, for tasks with one label per item (``label_parts.applies_to``).
 LABEL_MODEL_METHODS: list[Method] = [
     Method(
         "task-adapter+bias",
@@ -152,11 +152,11 @@ LABEL_MODEL_METHODS: list[Method] = [
         label_models.BiasSetup(),
     ),
     Method(
-        "task-adapter+choice",
+        "task-adapter+select",
         "shared-personal",
         "per user the best of their label prior, their bias and the task adapter fused with their prior, on "
         "their own validation items; each served as one label-bias module",
-        label_models.BiasSetup(store="task-adapter+choice", fit="choice"),
+        label_models.BiasSetup(store="task-adapter+select", fit="select"),
     ),
     Method(
         "joint+bias",
@@ -172,10 +172,28 @@ LABEL_MODEL_METHODS: list[Method] = [
         label_models.FusionSetup(),
     ),
     Method(
-        "oppu-choice",
+        "oppu-select",
         "oppu",
         "per user the best of their shrunk OPPU module, their bias and their prior on their validation items",
-        label_models.ChoiceSetup(),
+        label_models.SelectSetup(),
+    ),
+]
+
+# The stacked blend, and the same blend without the model (the reference its model part has to beat), for
+# label tasks whose items are shared between users (``blend``).
+BLEND_METHODS: list[Method] = [
+    Method(
+        "blend",
+        "shared-personal",
+        "the user-item prior, damped biases and matrix factorisation stacked with the task adapter's label "
+        "distribution, each weighed by how many training answers the item has (fitted on validation answers)",
+        blend.BlendSetup(),
+    ),
+    Method(
+        "blend-stats",
+        "simple-baseline",
+        "the same blend without the model: the prior, damped biases and matrix factorisation stacked",
+        blend.BlendSetup(with_model=False),
     ),
 ]
 
@@ -210,9 +228,12 @@ DEFAULT_METHODS = (
 def methods_for(task: Task) -> dict[str, Method]:
     """Every method that applies to ``task``, by name."""
     found = {m.name: m for m in MODEL_METHODS}
-    if label_models.applies_to(task):
+    simple = baselines.applicable(task)
+    if label_parts.applies_to(task):
         found.update({m.name: m for m in LABEL_MODEL_METHODS})
-    for name in baselines.applicable(task):
+        if "user-item-prior" in simple:  # items shared between users: statistics to stack
+            found.update({m.name: m for m in BLEND_METHODS})
+    for name in simple:
         found[name] = Method(
             name, "simple-baseline", BASELINE_DESCRIPTIONS[name], personal=name != "item-majority"
         )

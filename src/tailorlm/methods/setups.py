@@ -1,6 +1,7 @@
-"""Which model answers a method's prompts: the bare base, one shared task adapter (OPPU stage 1), a module
-per user trained from the bare base (PEFT-U), or a module per user on top of the merged task adapter
-(OPPU stage 2).
+"""Which model answers a method's prompts: the bare base, or one shared task adapter (OPPU stage 1); a
+module per user, from the bare base (PEFT-U) or on the merged task adapter (OPPU stage 2), is
+``personal.PersonalSetup``'s. Also what every setup shares: prompts traced as they are built, the
+training job of a user's own data, and the ``Answerer`` that puts users in slots and asks the engine.
 
 A setup is prepared for the users it will be asked about (``prepare`` trains what its module store lacks)
 and returns an ``Answerer`` that answers any of their examples in mixed-user batches through the engine.
@@ -26,7 +27,6 @@ from tailorlm.kinds.lora import LoraSpec
 from tailorlm.methods.decoding import UserAnswers, answer
 from tailorlm.methods.deps import MethodDeps
 from tailorlm.methods.recipes import PromptBuilder, PromptUse, Purpose, Recipe
-from tailorlm.models import BaseModel
 from tailorlm.store.store import ModuleStore
 from tailorlm.train.jobs import train_job
 from tailorlm.train.trainer import TrainConfig, UserData
@@ -210,7 +210,7 @@ class Setup(Protocol):
         """Train whatever ``users`` need that the store lacks; return an answerer for them."""
 
 
-def _refuse_adapter_users(deps: MethodDeps, users: Sequence[User]) -> None:
+def refuse_adapter_users(deps: MethodDeps, users: Sequence[User]) -> None:
     """The task adapter is non-personal: a user it trained on must not be answered through it."""
     trained_on = {u.id for u in deps.adapter_users}
     overlap = sorted(u.id for u in users if u.id in trained_on)
@@ -309,7 +309,7 @@ class TaskAdapterSetup:
         return base
 
     def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> Answerer:
-        _refuse_adapter_users(deps, users)
+        refuse_adapter_users(deps, users)
         store = self.ensure_trained(deps, recipe)
         engine = deps.engine(TASK_ADAPTER.spec, slots=2)
         slots = SlotManager(engine.bank, store.loader(engine.spec))
@@ -319,57 +319,3 @@ class TaskAdapterSetup:
         return Answerer(
             deps, method, engine, builder, deps.settings.answer_group, slots=slots, shared=self.USER
         )
-
-
-class PersonalSetup:
-    """A module per user, trained on that user's own examples only, many users per step."""
-
-    def __init__(self, recipe: ModuleRecipe, on_task_adapter: bool = False) -> None:
-        self.recipe = recipe
-        self.on_task_adapter = on_task_adapter
-
-    def build_base(self, deps: MethodDeps, prompt_recipe: Recipe) -> BaseModel:
-        """A fresh base, with the task adapter merged into it for OPPU."""
-        if self.on_task_adapter:
-            return TaskAdapterSetup().merged_base(deps, prompt_recipe)
-        return deps.load_base()
-
-    def build_engine(self, deps: MethodDeps, prompt_recipe: Recipe) -> Engine:
-        """An engine on a fresh base (``build_base``) with a slot per user of a step."""
-        base = self.build_base(deps, prompt_recipe)
-        return deps.engine(self.recipe.spec, slots=deps.settings.users_per_step + 1, base=base)
-
-    def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> Answerer:
-        if self.on_task_adapter:
-            _refuse_adapter_users(deps, users)
-        settings = deps.settings
-        engine = self.build_engine(deps, recipe)
-        if recipe.profile:
-            deps.profiles.ensure(users)
-        builder = deps.builder(recipe, engine.tokenizer)
-        store = deps.store(method)
-        # Only users the store lacks are built and trained: a resumed run keeps the modules it has.
-        jobs = [personal_job(deps, builder, method, u) for u in users if not store.has(u.id)]
-        if jobs:
-            config = TrainConfig(
-                epochs=settings.epochs,
-                batch_size=settings.batch_size,
-                learning_rate=self.recipe.learning_rate,
-                weight_decay=self.recipe.weight_decay,
-                seed=settings.seed,
-                users_per_step=settings.users_per_step,
-            )
-            deps.reporter.log(
-                f"{method}: training {len(jobs)} users' modules, {settings.users_per_step} per step"
-            )
-            train_job(
-                engine,
-                jobs,
-                config,
-                store,
-                on_progress=deps.reporter.progress(f"{method}: training"),
-                runner=deps.runner,
-                fresh_base=lambda: self.build_base(deps, recipe),
-            )
-        slots = SlotManager(engine.bank, store.loader(engine.spec))
-        return Answerer(deps, method, engine, builder, slots.capacity, slots=slots)

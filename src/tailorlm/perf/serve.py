@@ -35,7 +35,8 @@ from tailorlm.engine.engine import Engine
 from tailorlm.perf.harness import status_kib
 from tailorlm.serve.config import ServeConfig
 from tailorlm.serve.run import free_port, wait_healthy
-from tailorlm.serve.scheduler import SchedulerConfig
+from tailorlm.serve.scheduler import Job, Scheduler, SchedulerConfig
+from tailorlm.serve.server import LocalServer, Server
 from tailorlm.users.service import UserService
 
 TAILORLM, PEFT, BARE = "tailorlm", "peft", "bare"
@@ -296,31 +297,43 @@ def server_config(root: Path, port: int, config: ServeLoadConfig) -> ServeConfig
     )
 
 
+class BareScheduler(Scheduler):
+    """tailorlm's scheduler with every job on the bare base model (bank -1: no module), the upper bound."""
+
+    def submit(self, job: Job) -> None:
+        job.bank = -1
+        super().submit(job)
+
+
+def contender_server(contender: str, serve_config: ServeConfig, config: ServeLoadConfig) -> Server:
+    """A contender's server, built (not started): its scheduler behind the same HTTP front."""
+    if contender == PEFT:
+        from tailorlm.perf.serve_peft import PeftScheduler
+
+        base = models.load_base(config.model)
+
+        def peft(server: Server) -> PeftScheduler:
+            return PeftScheduler(base, server.store, config.slots, serve_config.scheduler, server.metrics)
+
+        return Server(serve_config, peft)
+    if contender == BARE:
+        return LocalServer(
+            serve_config,
+            scheduler=lambda server: BareScheduler(
+                server.engine, server.managers, serve_config.scheduler, server.metrics
+            ),
+        )
+    return LocalServer(serve_config)
+
+
 def _serve(contender: str, root: str, port: int, config: ServeLoadConfig) -> None:
     """A contender's server process (spawned): serves until terminated."""
-    from tailorlm.serve.run import serve_forever
+    from tailorlm.serve.run import run_forever
 
     if config.dtype:  # the server and the PEFT contender load their base in the default dtype
         os.environ[settings.DTYPE_ENV] = config.dtype
     settings.apply_threads()
-    serve_config = server_config(Path(root), port, config)
-    options: dict = {}
-    if contender == BARE:
-        options["bare"] = True
-    elif contender == PEFT:
-        from tailorlm.perf.serve_peft import PeftScheduler
-
-        def peft(server):
-            return PeftScheduler(
-                models.load_base(config.model),
-                server.store,
-                config.slots,
-                serve_config.scheduler,
-                server.metrics,
-            )
-
-        options["scheduler_factory"] = peft
-    serve_forever(serve_config, **options)
+    run_forever(contender_server(contender, server_config(Path(root), port, config), config))
 
 
 class ServerProcess:

@@ -259,8 +259,7 @@ def _self_or_admin(server: Server, request: Request, user_id: str) -> KeyOwner:
 def _inference_routes(app: FastAPI, server: Server) -> None:
     @app.get("/health")
     async def health() -> JSONResponse:
-        # A front of remote replicas has no engine loop of its own to watch.
-        stalled = getattr(server.scheduler, "stalled_for", lambda: 0.0)()
+        stalled = server.scheduler.stalled_for()
         limit = server.config.scheduler.watchdog_seconds
         body = {
             "status": "stalled" if stalled > limit else "ok",
@@ -375,8 +374,8 @@ def _check_size(
             code="context_length_exceeded",
             param="labels" if body.labels and worst - prompt > limit // 2 else param,
         )
-    if body.labels and server.engine is not None:
-        need = server.engine.choice_memory(1, prompt, len(body.labels), width)
+    if body.labels:  # on every server, a front of engines elsewhere too (``Server.label_memory``)
+        need = server.label_memory(prompt, len(body.labels), width)
         if need > server.config.max_request_bytes:
             raise ApiError(
                 400,

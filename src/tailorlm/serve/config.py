@@ -58,7 +58,7 @@ class ServeConfig:
     keep_alive: float = 5.0
     max_connections: int = 512
     max_connections_per_client: int = 64
-    # A request whose worst-case working memory (label scoring, ``Engine.choice_memory``) is above this
+    # A request whose worst-case working memory (label scoring, ``Engine.label_memory``) is above this
     # many bytes is refused with a 400 before any work.
     max_request_bytes: int = 1 << 30
     retrieve: int = 0  # free-form prompts: this many of the user's history items put before the prompt

@@ -2,7 +2,7 @@
 
 Requests accept fields they do not use (the client sends some by default) but a known field of the
 wrong type or out of range is a 400 naming it. ``labels`` is tailorlm's own field: restrict the answer to
-one of the given strings (the benchmark's choice decoding) and get every label's log-probability; the
+one of the given strings (the benchmark's likelihood decoding) and get every label's log-probability; the
 prompt is then the task's item, written into the benchmark's prompt under the server's recipe, unless
 ``raw_prompt`` is set;
 ``ignore_eos`` (as in vLLM) generates ``max_tokens`` tokens whatever the model says, for load tests.

@@ -1,5 +1,6 @@
-"""Running a server: in the foreground (``tailorlm serve``) or in a background thread of this process
-(tests and ``tailorlm perf serve``), always on the configured address, loopback by default."""
+"""Running a server of any role (``server.Server``): in the foreground (``tailorlm serve``, ``tailorlm perf
+serve``'s server processes) or from a thread of this process (tests), always on the configured address,
+loopback by default."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TypeVar
 
 import httpx
 import uvicorn
@@ -18,7 +19,9 @@ from tailorlm import models
 from tailorlm.serve.app import create_app
 from tailorlm.serve.config import ServeConfig
 from tailorlm.serve.connections import ensure_file_limit, protocol_class
-from tailorlm.serve.server import Server
+from tailorlm.serve.server import LocalServer, Server
+
+ServerT = TypeVar("ServerT", bound=Server)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -70,10 +73,13 @@ def _uvicorn(server: Server) -> uvicorn.Server:
     return uvicorn.Server(config)
 
 
-def serve_forever(config: ServeConfig, base: models.BaseModel | None = None, **server_options: Any) -> None:
-    """Build the server and serve until interrupted (Ctrl-C or SIGTERM). ``server_options`` go to
-    ``Server`` (load tests' contenders)."""
-    server = Server(config, base, **server_options)
+def serve_forever(config: ServeConfig, base: models.BaseModel | None = None) -> None:
+    """``tailorlm serve``: a local server on ``config``'s address until interrupted."""
+    run_forever(LocalServer(config, base))
+
+
+def run_forever(server: Server) -> None:
+    """Serve ``server`` (any role, built but not started) until interrupted (Ctrl-C or SIGTERM)."""
     server.start()
     try:
         _uvicorn(server).run()
@@ -83,11 +89,20 @@ def serve_forever(config: ServeConfig, base: models.BaseModel | None = None, **s
 
 @contextlib.contextmanager
 def background(
-    config: ServeConfig, base: models.BaseModel | None = None, timeout: float = 60.0, **server_options: Any
-) -> Iterator[Server]:
-    """A server answering on ``config``'s address from a thread of this process until the block ends.
-    Yields the ``Server`` (its ``url`` attribute is set); ``server_options`` go to ``Server``."""
-    server = Server(config, base, **server_options)
+    config: ServeConfig, base: models.BaseModel | None = None, timeout: float = 60.0
+) -> Iterator[LocalServer]:
+    """A local server answering on ``config``'s address from a thread of this process until the block
+    ends (``answering``)."""
+    with answering(LocalServer(config, base), timeout) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def answering(server: ServerT, timeout: float = 60.0) -> Iterator[ServerT]:
+    """``server`` (any role, built but not started) answering on its configured address from a thread of
+    this process until the block ends; yields it with its ``url`` set. It is stopped at the end, or when
+    it does not start within ``timeout`` seconds."""
+    config = server.config
     server.start()
     front = _uvicorn(server)
     thread = threading.Thread(target=front.run, name="tailorlm-http", daemon=True)

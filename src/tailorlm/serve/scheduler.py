@@ -23,6 +23,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from typing import Protocol, runtime_checkable
 
 from tailorlm.engine.continuous import DecodeRow, RunningBatch, Sampling
 from tailorlm.engine.engine import Engine
@@ -53,7 +54,7 @@ class SchedulerConfig:
 
 class JobError(Exception):
     """Why a job was not answered, in the scheduler's own terms (the HTTP front maps a ``reason`` to a
-    status: ``protocol.job_error``). ``retry_after`` (seconds): the job may succeed if sent again then."""
+    status: ``app._job_error``). ``retry_after`` (seconds): the job may succeed if sent again then."""
 
     REASONS = (
         "queue_full",  # too many requests waiting
@@ -138,10 +139,45 @@ def key_user(key: str) -> tuple[str, int]:
     return user_id, int(version)
 
 
+@runtime_checkable
+class JobScheduler(Protocol):
+    """What the HTTP front (``serve.app``, ``serve.users_api``, ``serve.server``) calls on whatever runs its
+    jobs: tailorlm's ``Scheduler``, the Ray front's ``cluster.serving.RemoteScheduler``, and the load
+    tests' baselines (``perf.serve``). ``submit`` and ``cancel`` are called on the front's event loop, the
+    others from any thread. A job that is not answered hears why as a ``JobError`` event; ``submit``
+    raises one for a job refused outright (a full queue)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None:
+        """Stop serving, let go of the threads (tailorlm's answers the jobs left: ``shutting_down``)."""
+        ...
+
+    def submit(self, job: Job) -> None: ...
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: stop working on ``job`` (it hears ``cancelled`` or nothing)."""
+        ...
+
+    def pending(self) -> int:
+        """Jobs submitted and not yet answered."""
+        ...
+
+    def forget(self, user_id: str) -> int:
+        """Answer the user's jobs with ``deleted`` and reset every slot holding their module; returns how
+        many slots were cleared (a ``JobError`` ``unsupported`` from a scheduler that cannot)."""
+        ...
+
+    def stalled_for(self) -> float:
+        """Seconds the engine loop has not advanced with work pending (0: idle, advancing, or no loop of
+        its own to watch); ``/health`` reports a stall past ``SchedulerConfig.watchdog_seconds``."""
+        ...
+
+
 class JobQueue:
-    """The waiting requests and the one thread that serves them: what every scheduler behind the HTTP
-    front shares (``submit`` from request threads, ``start`` / ``stop``, the queue limit). Subclasses
-    implement ``_loop``."""
+    """The waiting requests and the one thread that serves them: what every scheduler of this process
+    shares (``submit`` from request threads, ``start`` / ``stop``, the queue limit, the watchdog).
+    Subclasses implement ``_loop`` and ``forget``, and then are a ``JobScheduler``."""
 
     thread_name = "tailorlm-scheduler"
 
@@ -404,7 +440,7 @@ class Scheduler(JobQueue):
         """One engine call for jobs with the same labels; when it fails, each job alone, so only the jobs
         that fail alone are answered with an error."""
         try:
-            scores = self.engine.score_choices(
+            scores = self.engine.score_labels(
                 [job.prompt_text for job in group], [job.slot for job in group], labels
             )
         except Exception:

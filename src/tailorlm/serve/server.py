@@ -1,6 +1,8 @@
-"""The serving process's parts, built from a ``ServeConfig``: one base model, an engine with a bank per
-module spec in the store (a batch mixes users of every kind), a slot manager per bank loading modules
-from the store on demand, the scheduler thread, and the retraining jobs."""
+"""The serving process's parts, built from a ``ServeConfig``. ``Server``: what every server has in front of
+its scheduler (the store and users service, keys and limits, metrics, retraining jobs, label requests'
+prompts), whatever ``JobScheduler`` runs the jobs. ``LocalServer``: one that runs them here, with one base
+model, an engine with a bank per module layout in the store (a batch mixes users of every kind), a slot
+manager per bank loading modules from the store on demand, and the scheduler thread."""
 
 from __future__ import annotations
 
@@ -10,12 +12,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from tailorlm import kinds, models
 from tailorlm.data.schema import Example, HistoryItem, User
-from tailorlm.engine.engine import Engine
+from tailorlm.engine.engine import Engine, label_memory
 from tailorlm.engine.slots import SlotManager
 from tailorlm.kinds import ModuleSpec
 from tailorlm.methods.profiles import UserProfile
@@ -24,7 +28,7 @@ from tailorlm.methods.retrieval import RetrieverCache
 from tailorlm.serve.config import ServeConfig, recipe_from_name
 from tailorlm.serve.metrics import ServeMetrics
 from tailorlm.serve.protocol import ApiError, invalid_key, model_not_found
-from tailorlm.serve.scheduler import Scheduler, key_user
+from tailorlm.serve.scheduler import JobScheduler, Scheduler, key_user
 from tailorlm.serve.training import TrainingJobs
 from tailorlm.store.index_backends import StoreLocationError
 from tailorlm.store.module_folder import ModuleFileError
@@ -125,54 +129,59 @@ def auth_throttled(wait: float) -> ApiError:
     )
 
 
+SchedulerFactory = Callable[["Server"], JobScheduler]  # a server's scheduler, made from its other parts
+
+
+@dataclass(frozen=True)
+class ServedStore:
+    """A store as a server serves it: the users service over it, the base model its users trained on,
+    and the module layouts served, one bank each, in this order in every engine serving the store (a job
+    names its bank by index, so a front and its replicas agree on the index)."""
+
+    service: UserService
+    base_name: str | None
+    specs: list[ModuleSpec]
+
+    @classmethod
+    def open(cls, config: ServeConfig) -> ServedStore:
+        service = UserService(ModuleStore(config.store), device=config.device, dtype=config.dtype)
+        base_name = config.base_model or service.settings().base_model
+        return cls(service, base_name, served_specs(service.store, config.kinds))
+
+
 class Server:
+    """The part of a serving process that is the same whatever runs its jobs: the store and the users
+    service, keys and rate limits, metrics, retraining jobs, and the label requests' prompts, over one
+    ``JobScheduler`` (``scheduler``, which the ``scheduler`` factory makes once the rest is built).
+    Alone, it is a front without an engine: the Ray front (``cluster.serving``) and the load tests'
+    stock-PEFT baseline (``perf.serve``). ``LocalServer`` adds an engine in this process.
+
+    ``served``: the store, opened (default: opened here). ``prompt_tokenizer``: the request threads' own
+    tokenizer (default: the base model's, loaded by name). ``engines``: how many engines serve behind this
+    front, each with ``config.slots`` slots per module layout (``capacity``)."""
+
+    engine: Engine | None = None  # a local server's
+
     def __init__(
         self,
         config: ServeConfig,
-        base: models.BaseModel | None = None,
-        scheduler_factory: Callable[[Server], Scheduler] | None = None,
-        bare: bool = False,
-        replicas: int = 0,
+        scheduler: SchedulerFactory,
+        served: ServedStore | None = None,
+        prompt_tokenizer: Any = None,
+        engines: int = 1,
     ) -> None:
-        """``scheduler_factory`` and ``bare`` are for load tests: another scheduler behind the same HTTP
-        front (a stock-PEFT baseline), or every request on the bare base model (the upper bound).
-        ``replicas`` > 0: this process is only the HTTP front of that many engine replicas elsewhere
-        (``cluster.serving``): no base model or engine here, and ``scheduler_factory`` routes each job
-        to a replica."""
+        served = served or ServedStore.open(config)
         self.config = config
-        self.store = ModuleStore(config.store)
-        self.service = UserService(self.store, device=config.device, dtype=config.dtype)
-        base_name = config.base_model or self.service.settings().base_model
-        # One bank per module layout, in this order, in every engine serving this store: a job names its
-        # bank by index, so a front and its replicas agree on the index.
-        self.specs = served_specs(self.store, config.kinds)
-        self.engine: Engine | None = None
-        self.managers: list[SlotManager] = []
-        if replicas:
-            self.base = None
-            self.prompt_tokenizer = models.load_tokenizer(
-                None if base_name == models.TINY_MODEL else base_name
-            )
-        else:
-            # The store's users trained on the base with its task adapter merged (OPPU): so are they served.
-            self.base = self.service.with_task_adapter(
-                base or models.load_base(base_name, config.device, config.dtype)
-            )
-            # The request threads' own tokenizer: a fast tokenizer's settings are not safe to share with
-            # the scheduler thread, whose scoring truncates (a shared one can fail with "Already borrowed").
-            self.prompt_tokenizer = copy.deepcopy(self.base.tokenizer)
-            self.engine = Engine(self.base, self.specs, slots=config.slots + 1, max_length=config.max_context)
-            self.managers = [SlotManager(bank, self._loader(bank.spec)) for bank in self.engine.banks]
-        self.capacity = config.slots * len(self.specs) * max(1, replicas)  # resident modules in all
-        self.metrics = ServeMetrics()
-        self.bare = bare
-        if scheduler_factory is None and replicas:
-            raise ValueError("a front of remote replicas needs the scheduler that routes to them")
-        self.scheduler = (
-            scheduler_factory(self)
-            if scheduler_factory
-            else Scheduler(self.engine, self.managers, config.scheduler, self.metrics)
+        self.service = served.service
+        self.store = served.service.store
+        self.specs = served.specs
+        self.prompt_tokenizer = prompt_tokenizer or models.load_tokenizer(
+            None if served.base_name == models.TINY_MODEL else served.base_name
         )
+        self.base_name = served.base_name
+        self._model_config: Any = None  # the base model's, read when a label request first needs it
+        self.capacity = config.slots * len(self.specs) * engines  # resident modules in all
+        self.metrics = ServeMetrics()
         # Requests per key (a user's two keys, and every admin key, each have their own bucket); failed
         # authentications per client address, checked before the key is looked up.
         self.limiter = (
@@ -183,8 +192,6 @@ class Server:
         self.recipe = recipe_from_name(config.recipe)  # label requests' recipe; None: prompts as sent
         self._builder: PromptBuilder | None = None  # label requests' prompts (``_prompt_builder``)
         self._builder_lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._sweeper = threading.Thread(target=self._sweep, name="tailorlm-forget-sweep", daemon=True)
         self.jobs = TrainingJobs(
             self.store.location,
             current=self._current_version,
@@ -192,26 +199,31 @@ class Server:
             max_workers=config.training_workers,
             forgotten=lambda user_id: self.store.index.tombstone(user_id) is not None,
         )
-        self.url: str | None = None  # set once it answers (run.background)
+        self.scheduler: JobScheduler = scheduler(self)
+        self.url: str | None = None  # set once it answers (``run.answering``)
+
+    def label_memory(self, prompt_tokens: int, count: int, width: int) -> int:
+        """An upper bound, in bytes, of what scoring ``count`` labels of at most ``width`` tokens after a
+        prompt of ``prompt_tokens`` takes on an engine behind this front (``engine.label_memory``): from
+        the base model's config, in fp32, the widest dtype an engine serves in."""
+        if self._model_config is None:
+            self._model_config = models.load_config(self.base_name)
+        return label_memory(self._model_config, torch.float32, 1, prompt_tokens, count, width)
 
     def start(self) -> None:
         self.scheduler.start()
-        if self.managers:  # a front of remote replicas holds no module: its replicas sweep their own
-            self._sweeper.start()
 
     def stop(self) -> None:
-        self._stopping.set()
-        if self._sweeper.is_alive():
-            self._sweeper.join(timeout=10)
         self.jobs.stop()
         self.scheduler.stop()
         self.store.close()
 
     def forget_in_memory(self, user_id: str) -> int:
         """Drop all this process holds of a forgotten user: a retrain of theirs (stopped, its records
-        dropped), every slot holding a version of their module (reset to the identity), and the caches
-        derived from history text (the retrievers cache by text, not by user, so all of them, and the
-        label requests' prompt builder that holds one). Returns how many slots were cleared."""
+        dropped), every slot holding a version of their module (the scheduler resets each to the
+        identity, here or on every replica), and the caches derived from history text (the retrievers
+        cache by text, not by user, so all of them, and the label requests' prompt builder that holds
+        one). Returns how many slots were cleared."""
         self.jobs.cancel_user(user_id)
         cleared = self.scheduler.forget(user_id)
         with self._builder_lock:
@@ -219,39 +231,11 @@ class Server:
             self._builder = None
         return cleared
 
-    def _sweep(self) -> None:
-        """Forget in memory the users another process forgot (``tailorlm users delete`` beside a running
-        server): every ``forget_sweep_seconds``, a resident module whose user no longer exists goes."""
-        while not self._stopping.wait(self.config.forget_sweep_seconds):
-            resident = {key_user(key)[0] for manager in self.managers for key in manager.resident()}
-            try:
-                gone = [user_id for user_id in resident if not self.store.index.has_user(user_id)]
-            except StoreLocationError as error:  # the index is down: try again at the next sweep
-                log.warning("could not check resident users against the index: %s", error)
-                continue
-            for user_id in gone:
-                try:
-                    self.forget_in_memory(user_id)
-                except Exception:  # e.g. the scheduler stopping under it; the next sweep tries again
-                    log.exception("forgetting %r in memory failed", user_id)
-
     def _current_version(self, user_id: str) -> tuple[int, float] | None:
         record = self.store.current(user_id)
         return None if record is None else (record.version, record.created)
 
     # ---- users and their modules -------------------------------------------------------------------
-
-    def _loader(self, spec: ModuleSpec):
-        def load(key: str) -> Mapping[str, torch.Tensor]:
-            user_id, version = key_user(key)
-            stored = self.store.get(user_id, version)  # checks the sha256 the index holds
-            if not kinds.same_layout(stored.spec, spec):
-                raise ModuleFileError(
-                    f"user {user_id!r} version {version} does not fit the bank it was routed to"
-                )
-            return kinds.of(spec).normalize_names(stored.tensors)
-
-        return load
 
     def owner(self, authorization: str | None, client: str) -> KeyOwner:
         """Whose key the request carries: 401 for none or a bad one, 429 when ``client`` (an address) has
@@ -281,8 +265,6 @@ class Server:
         record = self.store.current(model)
         if record is None:
             raise model_not_found(model)
-        if self.bare:
-            return record.version, -1
         spec = kinds.spec_from_dict(record.spec)
         for index, served in enumerate(self.specs):
             if kinds.same_layout(served, spec):
@@ -336,3 +318,81 @@ class Server:
         if not chosen:
             return None
         return "Earlier items of this user:\n" + "\n".join(f"- {item.text}" for item in chosen)
+
+
+def module_loader(store: ModuleStore, spec: ModuleSpec) -> Callable[[str], Mapping[str, torch.Tensor]]:
+    """How the slot manager of a bank of ``spec``'s layout reads the module a slot key names."""
+
+    def load(key: str) -> Mapping[str, torch.Tensor]:
+        user_id, version = key_user(key)
+        stored = store.get(user_id, version)  # checks the sha256 the index holds
+        if not kinds.same_layout(stored.spec, spec):
+            raise ModuleFileError(
+                f"user {user_id!r} version {version} does not fit the bank it was routed to"
+            )
+        return kinds.of(spec).normalize_names(stored.tensors)
+
+    return load
+
+
+def engine_scheduler(server: LocalServer) -> Scheduler:
+    """tailorlm's continuous-batching scheduler over a local server's engine and slots."""
+    return Scheduler(server.engine, server.managers, server.config.scheduler, server.metrics)
+
+
+class LocalServer(Server):
+    """A server whose jobs run in this process: the base model (with the store's task adapter merged), an
+    engine with a bank per served module layout, a slot manager per bank loading modules from the store
+    on demand, and the scheduler the ``scheduler`` factory makes over them (tailorlm's own by default;
+    the load tests' bare-base upper bound is another, ``perf.serve``). A thread sweeps out of memory the
+    users another process forgot. ``tailorlm serve`` runs one, and so does each Ray replica."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        base: models.BaseModel | None = None,
+        scheduler: Callable[[LocalServer], JobScheduler] = engine_scheduler,
+    ) -> None:
+        served = ServedStore.open(config)
+        # The store's users trained on the base with its task adapter merged (OPPU): so are they served.
+        self.base = served.service.with_task_adapter(
+            base or models.load_base(served.base_name, config.device, config.dtype)
+        )
+        self.engine = Engine(self.base, served.specs, slots=config.slots + 1, max_length=config.max_context)
+        self.managers = [
+            SlotManager(bank, module_loader(served.service.store, bank.spec)) for bank in self.engine.banks
+        ]
+        self._stopping = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep, name="tailorlm-forget-sweep", daemon=True)
+        # The request threads' own tokenizer: a fast tokenizer's settings are not safe to share with the
+        # scheduler thread, whose scoring truncates (a shared one can fail with "Already borrowed").
+        super().__init__(config, scheduler, served, prompt_tokenizer=copy.deepcopy(self.base.tokenizer))
+
+    def label_memory(self, prompt_tokens: int, count: int, width: int) -> int:
+        return self.engine.label_memory(1, prompt_tokens, count, width)
+
+    def start(self) -> None:
+        super().start()
+        self._sweeper.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._sweeper.is_alive():
+            self._sweeper.join(timeout=10)
+        super().stop()
+
+    def _sweep(self) -> None:
+        """Forget in memory the users another process forgot (``tailorlm users delete`` beside a running
+        server): every ``forget_sweep_seconds``, a resident module whose user no longer exists goes."""
+        while not self._stopping.wait(self.config.forget_sweep_seconds):
+            resident = {key_user(key)[0] for manager in self.managers for key in manager.resident()}
+            try:
+                gone = [user_id for user_id in resident if not self.store.index.has_user(user_id)]
+            except StoreLocationError as error:  # the index is down: try again at the next sweep
+                log.warning("could not check resident users against the index: %s", error)
+                continue
+            for user_id in gone:
+                try:
+                    self.forget_in_memory(user_id)
+                except Exception:  # e.g. the scheduler stopping under it; the next sweep tries again
+                    log.exception("forgetting %r in memory failed", user_id)

@@ -19,7 +19,7 @@ from tailorlm.data import specs as task_specs
 from tailorlm.data.schema import Task, User
 from tailorlm.files import atomic_folder
 from tailorlm.kinds import ModuleSpec, ModuleSpecError
-from tailorlm.methods import label_models
+from tailorlm.methods import label_parts
 from tailorlm.methods.deps import BaseLoader, base_loader
 from tailorlm.methods.setups import PERSONAL_KINDS
 from tailorlm.models import BaseModel
@@ -48,7 +48,7 @@ class ServiceSettings:
     # OPPU: a non-personal task adapter merged into the base before users train and are served, kept in
     # the store (TASK_ADAPTER_FOLDER) so a worker process or a server finds it; None: the plain base.
     task_adapter: str | None = None
-    label_fit: str = "bias"  # how label-bias users are fitted: one of ``label_models.FITS``
+    label_fit: str = "bias"  # how label-bias users are fitted: one of ``label_parts.FITS``
     # The whole spec of a task that is not bundled (your own task file, ``TaskSpec.to_dict``): the store
     # renders prompts from it without the file; None for a bundled task, found by its name.
     task_spec: dict[str, Any] | None = None
@@ -63,13 +63,16 @@ class ServiceSettings:
         values = {k: v for k, v in json.loads(text).items() if k in cls.__dataclass_fields__}
         if values.get("labels") is not None:
             values["labels"] = tuple(values["labels"])
+        if "label_fit" in values:  # a store configured under a fit's earlier name
+            values["label_fit"] = label_parts.FORMER_FITS.get(values["label_fit"], values["label_fit"])
         return cls(**values)
 
 
 def check_label_fit(fit: str) -> str:
-    """``fit`` if label-bias users can be fitted that way (``label_models.FITS``)."""
-    if fit not in label_models.FITS:
-        raise UserError(f"label fit {fit!r} is not one of {', '.join(label_models.FITS)}")
+    """``fit`` under its current name, if label-bias users can be fitted that way (``label_parts.FITS``)."""
+    fit = label_parts.FORMER_FITS.get(fit, fit)
+    if fit not in label_parts.FITS:
+        raise UserError(f"label fit {fit!r} is not one of {', '.join(label_parts.FITS)}")
     return fit
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,16 +16,15 @@ from tailorlm.data.schema import Task, User
 from tailorlm.engine.engine import Engine
 from tailorlm.kinds import ModuleSpec, ModuleSpecError
 from tailorlm.kinds.lora import LoraSpec
-from tailorlm.methods import label_models
 from tailorlm.methods.deps import MethodDeps, MethodSettings, base_loader
+from tailorlm.methods.personal import PersonalTraining, personal_config, train_personal, work_units
 from tailorlm.methods.profiles import ProfileWriter
 from tailorlm.methods.recipes import Recipe
-from tailorlm.methods.setups import personal_job
 from tailorlm.progress import ProgressCallback
 from tailorlm.store.index import VersionRecord
 from tailorlm.store.module_folder import ModuleFileError
 from tailorlm.store.roots import LocalRoot
-from tailorlm.train.jobs import TrainRunner, TrainWork
+from tailorlm.train.jobs import TrainRunner
 from tailorlm.train.trainer import TrainConfig
 from tailorlm.users.errors import UserError
 from tailorlm.users.history import fingerprint, user_of
@@ -105,8 +104,11 @@ class Training(Lifecycle):
             else:
                 key = json.dumps(kinds.spec_to_dict(spec), sort_keys=True)
                 groups.setdefault(key, (spec, []))[1].append((user, data))
-        plans = [(spec, members, config or self._default_config(spec)) for spec, members in groups.values()]
-        progress = _Progress(on_progress, [sum(_steps(task, u, c) for u, _ in m) for _, m, c in plans])
+        plans = [
+            (spec, members, config or personal_config(self.method_settings, kinds.of(spec).learning_rate))
+            for spec, members in groups.values()
+        ]
+        progress = _Progress(on_progress, [work_units(s, task, [u for u, _ in m], c) for s, m, c in plans])
         trained: list[str] = []
         for spec, members, group_config in plans:
             trained += self._train_group(
@@ -167,16 +169,6 @@ class Training(Lifecycle):
             raise UserError(f"no user(s) {', '.join(map(repr, unknown))} in {self.location}")
         return wanted
 
-    def _default_config(self, spec: ModuleSpec) -> TrainConfig:
-        settings = self.method_settings
-        return TrainConfig(
-            epochs=settings.epochs,
-            batch_size=settings.batch_size,
-            learning_rate=kinds.of(spec).learning_rate,
-            seed=settings.seed,
-            users_per_step=settings.users_per_step,
-        )
-
     def _train_group(
         self,
         task: Task,
@@ -187,57 +179,41 @@ class Training(Lifecycle):
         on_user: Callable[[VersionRecord], None] | None,
         start_from_current: bool,
     ) -> list[str]:
-        """One engine for the users of one spec: a slot per user trained together, plus slot 0. A kind
-        that acts on label scores only is fitted against the shared model instead (``label_models``)."""
+        """One engine for the users of one spec, slot 0 the shared model: each user's part made as its
+        kind says (``train_personal``: by the loss, a slot per user trained together; or fitted)."""
         # Personal jobs never open a setup's own store under ``MethodDeps.modules``; a store under a URL
         # has no folder on this machine to name there.
         modules = self.root if isinstance(self.store.files, LocalRoot) else Path.cwd()
-        fitted_not_trained = not kinds.of(spec).acts_on_model
-        label_fit = self.settings().label_fit
-        if fitted_not_trained and label_fit != "bias":
-            # A label part's prior (fusion, choice) is smoothed toward every user's labels, as the
-            # benchmark's is: the fit sees the store's whole population, though it fits only ``members``.
-            task = self.task([user_of(uid, self.history(uid)) for uid in self.index.user_ids()])
-        deps = MethodDeps(task, self.load_base(), modules, settings=self.method_settings)
-        if fitted_not_trained:
-            fitted = label_models.fit_and_store(
-                deps,
-                deps.engine(spec, slots=2),
-                self.store,
-                [user for user, _ in members],
-                f"{spec.kind}",
-                fingerprints={user.id: data for user, data in members},
-                fit=label_fit,
-            )
-            for record in fitted.values():
-                if on_user is not None:
-                    on_user(record)
-            return list(fitted)
+        deps = MethodDeps(task, self.load_base(), modules, settings=self.method_settings, runner=self.runner)
         width = min(len(members), config.users_per_step or self.method_settings.users_per_step)
         engine = deps.engine(spec, slots=width + 1)
-        builder = deps.builder(Recipe(), engine.tokenizer)
-        fingerprints = {user.id: data for user, data in members}
-        jobs = []
-        for user, _ in members:
-            # The method name only labels traced prompts: these are the benchmark's peft-KIND modules.
-            job = personal_job(deps, builder, f"peft-{spec.kind}", user)
-            if start_from_current:
-                job.init = self._current_module(engine, user.id)
-            jobs.append(job)
+
+        def population() -> Task:
+            # A label part's prior (fusion, select) is smoothed toward every user's labels, as the
+            # benchmark's is: the fit sees the store's whole population, though it fits only ``members``.
+            return self.task([user_of(uid, self.history(uid)) for uid in self.index.user_ids()])
+
+        def initial(user_id: str) -> Mapping | None:
+            return self._current_module(engine, user_id) if start_from_current else None
 
         def stored(user_id: str) -> None:
             record = self.store.current(user_id)
             if on_user is not None and record is not None:  # None: forgotten since it was stored
                 on_user(record)
 
-        return self.runner.train(
-            engine,
-            TrainWork(config, jobs, fingerprints),
-            self.store,
+        training = PersonalTraining(
+            # The method name only labels traced prompts: these are the benchmark's peft-KIND modules.
+            f"peft-{spec.kind}",
+            deps.builder(Recipe(), engine.tokenizer),
+            config,
+            fit=self.settings().label_fit,
+            population=population,
+            fingerprints={user.id: data for user, data in members},
+            initial=initial,
             fresh_base=self.load_base(),
-            on_progress=progress.next_group(),
-            on_stored=stored,
         )
+        users = [user for user, _ in members]
+        return train_personal(deps, engine, self.store, users, training, progress.next_group(), stored)
 
     def _current_module(self, engine: Engine, user_id: str) -> dict | None:
         """``user_id``'s current module in ``engine``'s layout, or None to start fresh: when they have
@@ -252,11 +228,6 @@ class Training(Lifecycle):
             return self.store.loader(engine.spec)(user_id)
         except (ModuleFileError, ModuleSpecError):
             return None
-
-
-def _steps(task: Task, user: User, config: TrainConfig) -> int:
-    """Optimizer steps ``user`` takes, as ``MultiUserTrainer`` counts them."""
-    return config.steps(len(task.training_examples(user)))
 
 
 class _Progress:

@@ -1,4 +1,4 @@
-"""The joint trainer of a shared module and a bias per user (``train.choice``): its label scores keep their
+"""The joint trainer of a shared module and a bias per user (``train.joint``): its label scores keep their
 graph and reach only the trained slot, one step equals the same step written out with torch's AdamW, and
 the biases take up each user's leaning (values, not shapes)."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tailorlm.engine.bank import EngineError
-from tailorlm.train.choice import ChoiceExample, JointChoiceTrainer, fit_bias
+from tailorlm.train.joint import JointTrainer, LabelExample, fit_bias
 from tailorlm.train.trainer import TrainConfig, seed_for
 
 LABELS = ["yes", "no", "maybe"]
@@ -22,9 +22,9 @@ def test_choice_scores_equal_score_choices_and_reach_only_their_slot(make_engine
     for slot in (1, 2):
         engine.bank.reset(slot, torch.Generator().manual_seed(slot))
     slots = [1, 2, 0, 1]
-    expected = torch.tensor(engine.score_choices(PROMPTS, slots, LABELS))
+    expected = torch.tensor(engine.score_labels(PROMPTS, slots, LABELS))
     with engine.training():  # the default LoRA has no dropout, so training scores equal answering ones
-        scores = engine.choice_scores(PROMPTS[:1], [1], LABELS)
+        scores = engine.label_scores(PROMPTS[:1], [1], LABELS)
         scores.logsumexp(-1).sum().backward()
     torch.testing.assert_close(scores.detach(), expected[:1], rtol=1e-4, atol=1e-4)
     grads = {name: tensor.grad for name, tensor in engine.bank.tensors.items()}
@@ -34,14 +34,14 @@ def test_choice_scores_equal_score_choices_and_reach_only_their_slot(make_engine
             assert torch.count_nonzero(grad[[0, 2, 3]]) == 0
     # The batched call and the one-batch tensor give the same numbers, row by row.
     again = torch.stack(
-        [engine.choice_scores([p], [s], LABELS).detach() for p, s in zip(PROMPTS, slots, strict=True)]
+        [engine.label_scores([p], [s], LABELS).detach() for p, s in zip(PROMPTS, slots, strict=True)]
     )
     torch.testing.assert_close(again[:, 0], expected, rtol=1e-4, atol=1e-4)
 
 
-def _examples(labels: dict[str, int]) -> list[ChoiceExample]:
+def _examples(labels: dict[str, int]) -> list[LabelExample]:
     """Every prompt once per user, each user always answering their own label."""
-    return [ChoiceExample(user, prompt, label) for user, label in labels.items() for prompt in PROMPTS]
+    return [LabelExample(user, prompt, label) for user, label in labels.items() for prompt in PROMPTS]
 
 
 def test_one_step_equals_the_step_written_out_with_torch_adamw(make_engine):
@@ -49,7 +49,7 @@ def test_one_step_equals_the_step_written_out_with_torch_adamw(make_engine):
     cross-entropy, starting from the module the trainer draws for its id."""
     config = TrainConfig(epochs=1, batch_size=8, learning_rate=1e-2, max_grad_norm=None, micro_batch_rows=6)
     train = _examples({"ann": 0, "bob": 1})
-    trained = JointChoiceTrainer(make_engine("lora", slots=2), LABELS, config, shrinkage=1.0)
+    trained = JointTrainer(make_engine("lora", slots=2), LABELS, config, shrinkage=1.0)
     result = trained.run("shared", train)
 
     engine = make_engine("lora", slots=2)
@@ -57,7 +57,7 @@ def test_one_step_equals_the_step_written_out_with_torch_adamw(make_engine):
     params = {name: torch.nn.Parameter(tensor[1].clone()) for name, tensor in engine.bank.tensors.items()}
     reference = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=0.0)
     with engine.training():
-        scores = engine.choice_scores([e.prompt for e in train], [1] * len(train), LABELS)
+        scores = engine.label_scores([e.prompt for e in train], [1] * len(train), LABELS)
         loss = torch.nn.functional.cross_entropy(scores, torch.tensor([e.label for e in train]))
         loss.backward()
     for name, tensor in engine.bank.tensors.items():
@@ -73,11 +73,9 @@ def test_biases_take_up_each_users_leaning_and_runs_repeat(make_engine):
     the kept biases are the exact fits to the scores the trainer last saw."""
     config = TrainConfig(epochs=3, batch_size=4, learning_rate=1e-2, seed=3)
     train = _examples({"ann": 0, "bob": 1, "cid": 0})
-    val = [ChoiceExample("ann", PROMPTS[0], 0), ChoiceExample("bob", PROMPTS[1], 1)]
+    val = [LabelExample("ann", PROMPTS[0], 0), LabelExample("bob", PROMPTS[1], 1)]
     results = [
-        JointChoiceTrainer(make_engine("lora", slots=2), LABELS, config, shrinkage=0.5).run(
-            "shared", train, val
-        )
+        JointTrainer(make_engine("lora", slots=2), LABELS, config, shrinkage=0.5).run("shared", train, val)
         for _ in range(2)
     ]
     first, second = results
@@ -121,10 +119,10 @@ def test_no_penalty_limit_and_infinite_shrinkage():
 
 
 def test_bad_examples_are_refused(make_engine):
-    trainer = JointChoiceTrainer(make_engine("lora", slots=2), LABELS, TrainConfig(epochs=1), shrinkage=1.0)
+    trainer = JointTrainer(make_engine("lora", slots=2), LABELS, TrainConfig(epochs=1), shrinkage=1.0)
     with pytest.raises(EngineError, match="at least one labelled example"):
         trainer.run("shared", [])
-    with pytest.raises(EngineError, match="label index 3 of user 'ann' is not a choice"):
-        trainer.run("shared", [ChoiceExample("ann", "q", 3)])
+    with pytest.raises(EngineError, match="label index 3 of user 'ann' is not one of the labels"):
+        trainer.run("shared", [LabelExample("ann", "q", 3)])
     with pytest.raises(EngineError, match="shrinkage must be >= 0"):
-        JointChoiceTrainer(make_engine("lora", slots=2), LABELS, TrainConfig(epochs=1), shrinkage=-1.0)
+        JointTrainer(make_engine("lora", slots=2), LABELS, TrainConfig(epochs=1), shrinkage=-1.0)

@@ -2,7 +2,7 @@
 
 The model: for an example ``x`` of user ``u``, ``p(label | x, u) = softmax(s(x) + b_u)``, where ``s(x)``
 ``[labels]`` are the summed log-probabilities of each label under the base plus the shared module
-(``Engine.choice_scores``) and ``b_u`` ``[labels]`` is the user's bias. Training minimises
+(``Engine.label_scores``) and ``b_u`` ``[labels]`` is the user's bias. Training minimises
 
     sum over examples of CE(s(x) + b_u, y)  +  shrinkage / 2 * sum over users of |b_u|^2
 
@@ -69,8 +69,8 @@ def fit_bias(scores: torch.Tensor, targets: Sequence[int], shrinkage: float) -> 
 
 
 @dataclass(frozen=True)
-class ChoiceExample:
-    """One labelled example: whose it is, its prompt, and the index of its label in the choices."""
+class LabelExample:
+    """One labelled example: whose it is, its prompt, and the index of its label in the labels."""
 
     user_id: str
     prompt: str
@@ -89,7 +89,7 @@ class JointResult:
 
     def meta(self, shrinkage: float) -> dict:
         return {
-            "objective": "label choice, joint with a bias per user",
+            "objective": "the label's likelihood among the labels, joint with a bias per user",
             "shrinkage": shrinkage,
             "bias_users": len(self.biases),
             "steps": self.steps,
@@ -104,7 +104,7 @@ class _State:
     """One run's progress: the latest detached scores of every training example it has run
     (``[examples, labels]``, with which have been), its steps and its losses."""
 
-    def __init__(self, train: Sequence[ChoiceExample], slot: int, labels: int, config: TrainConfig) -> None:
+    def __init__(self, train: Sequence[LabelExample], slot: int, labels: int, config: TrainConfig) -> None:
         self.train = train
         self.slot = slot
         self.targets = torch.tensor([e.label for e in train])
@@ -125,17 +125,17 @@ class _State:
         self.epoch_loss = 0.0
 
 
-class JointChoiceTrainer:
-    """Trains one shared module (a slot of ``engine``'s bank) and a bias per user on ``ChoiceExample``s
-    over ``choices``. Deterministic in ``config.seed``."""
+class JointTrainer:
+    """Trains one shared module (a slot of ``engine``'s bank) and a bias per user on ``LabelExample``s
+    over ``labels``. Deterministic in ``config.seed``."""
 
-    def __init__(self, engine: Engine, choices: Sequence[str], config: TrainConfig, shrinkage: float) -> None:
-        if not choices:
+    def __init__(self, engine: Engine, labels: Sequence[str], config: TrainConfig, shrinkage: float) -> None:
+        if not labels:
             raise EngineError("joint training needs the task's labels")
         if shrinkage < 0:
             raise EngineError(f"shrinkage must be >= 0, got {shrinkage}")
         self.engine = engine
-        self.choices = list(choices)
+        self.labels = list(labels)
         self.config = config
         self.shrinkage = shrinkage
         self.optimizer = SlotAdamW(engine.single_bank().tensors, config)
@@ -143,21 +143,23 @@ class JointChoiceTrainer:
     def run(
         self,
         module_id: str,
-        train: Sequence[ChoiceExample],
-        val: Sequence[ChoiceExample] = (),
+        train: Sequence[LabelExample],
+        val: Sequence[LabelExample] = (),
         on_progress: ProgressCallback | None = None,
     ) -> JointResult:
         if not train:
             raise EngineError("joint training needs at least one labelled example")
         for example in (*train, *val):
-            if not 0 <= example.label < len(self.choices):
-                raise EngineError(f"label index {example.label} of user {example.user_id!r} is not a choice")
+            if not 0 <= example.label < len(self.labels):
+                raise EngineError(
+                    f"label index {example.label} of user {example.user_id!r} is not one of the labels"
+                )
         started = time.perf_counter()
         slots = SlotManager(self.engine.bank)
         init = torch.Generator().manual_seed(seed_for(self.config.seed, module_id, "init"))
         slot = slots.place(module_id, generator=init)
         self.optimizer.reset(slot)
-        state = _State(train, slot, len(self.choices), self.config)
+        state = _State(train, slot, len(self.labels), self.config)
         best_loss, best_epoch = math.inf, None
         with slots.pinned_slots([slot]), self.engine.training():
             for epoch in range(self.config.epochs):
@@ -198,11 +200,11 @@ class JointChoiceTrainer:
         cross-entropy, so the chunks' gradients add up to the batch's."""
         train = state.train
         biases = self._biases(state, {u: state.rows_of[u] for u in {train[i].user_id for i in rows}})
-        chunk_size = max(1, self.config.micro_batch_rows // len(self.choices))
+        chunk_size = max(1, self.config.micro_batch_rows // len(self.labels))
         for start in range(0, len(rows), chunk_size):
             chunk = rows[start : start + chunk_size]
             prompts = [train[i].prompt for i in chunk]
-            scores = self.engine.choice_scores(prompts, [state.slot] * len(chunk), self.choices)
+            scores = self.engine.label_scores(prompts, [state.slot] * len(chunk), self.labels)
             state.scores[chunk] = scores.detach().float().cpu()
             state.seen[chunk] = True
             bias = torch.stack([biases[train[i].user_id] for i in chunk]).to(scores)
@@ -218,15 +220,15 @@ class JointChoiceTrainer:
         state.steps += 1
 
     @torch.no_grad()
-    def _loss(self, examples: Sequence[ChoiceExample], biases: dict[str, torch.Tensor], slot: int) -> float:
+    def _loss(self, examples: Sequence[LabelExample], biases: dict[str, torch.Tensor], slot: int) -> float:
         """Mean cross-entropy of ``examples`` under the current module and their users' biases (0 for a
         user without one)."""
         total = 0.0
         size = max(1, self.config.micro_batch_rows)
         for start in range(0, len(examples), size):
             chunk = examples[start : start + size]
-            scores = self.engine.choice_scores([e.prompt for e in chunk], [slot] * len(chunk), self.choices)
-            zero = torch.zeros(len(self.choices))
+            scores = self.engine.label_scores([e.prompt for e in chunk], [slot] * len(chunk), self.labels)
+            zero = torch.zeros(len(self.labels))
             bias = torch.stack([biases.get(e.user_id, zero) for e in chunk]).to(scores)
             wanted = torch.tensor([e.label for e in chunk], device=scores.device)
             total += float(torch.nn.functional.cross_entropy(scores + bias, wanted, reduction="sum"))
