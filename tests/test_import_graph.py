@@ -46,6 +46,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
         "perf": (
             "cluster",
             "data",
+            "device",
             "engine",
             "files",
             "kinds",
@@ -73,7 +74,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
             "train",
             "users",
         ),
-        "doctor": ("models", "precision", "settings"),
+        "doctor": ("device", "models", "precision", "settings"),
         # Ray (training groups on workers, replicas behind Ray Serve): beside the local backends it scales.
         "cluster": ("engine", "kinds", "models", "progress", "serve", "settings", "store", "train", "users"),
         "cli": (
