@@ -37,13 +37,15 @@ def engine_command(
         None,
         "--only",
         help="Sections to run, repeated or comma separated (default: all): one mixed batch per module "
-        "kind (lora, ia3, prompt, bottleneck), decode, gemm, train, train-task, memory, load, bytes.",
+        "kind (lora, ia3, prompt, bottleneck), decode, decode-single, gemm, train, train-task, memory, "
+        "load, bytes.",
     ),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Mixed-user batches (forward and generation) vs the bare base model and PEFT, the matmul peak,
-    multi-user training vs stock PEFT (synthetic and real task rows, useful FLOP/s), where training memory
-    goes, cold loads vs raw reads, and bytes per user at rest, each against its target."""
+    """Mixed-user batches (forward and generation) vs the bare base model and PEFT, one client decoding,
+    the matmul peak, multi-user training vs stock PEFT (synthetic and real task rows, useful FLOP/s),
+    where training memory goes, cold loads vs raw reads, and bytes per user at rest, each against its
+    target. Without --dtype each section runs in fp32 and in bf16, side by side with what auto picks."""
     from tailorlm.cli import perf_tables
     from tailorlm.perf import runner
     from tailorlm.perf.harness import PerfConfig
