@@ -21,6 +21,11 @@ _TESTS = str(Path(__file__).parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
+# The suite's tolerances are fp32's (bf16 has its own tests, which ask for it), and a test must not depend
+# on this machine's measured choice nor on a measurement cached by an earlier run: every model a test
+# loads without naming a dtype is fp32. tests/test_precision.py measures ``auto`` in a temporary folder.
+os.environ[settings.DTYPE_ENV] = "fp32"
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # Each xdist worker takes its share of the cores; two workers at 2 threads each ran 3.5x slower here.
@@ -49,10 +54,12 @@ def make_base(tiny) -> Callable[[], models.BaseModel]:
     projections, PEFT injects its layers, a merge rewrites weights). A deep copy is bit-identical to
     ``models.tiny_model(seed=0)`` and ten times faster to make."""
 
-    def build() -> models.BaseModel:
-        return models.BaseModel(
-            model=copy.deepcopy(tiny.model), tokenizer=tiny.tokenizer, name=tiny.name, path=None
-        )
+    def build(dtype: str = "fp32") -> models.BaseModel:
+        """``dtype``: what the copy computes in (``device.DTYPES``); the weights are ``tiny``'s, rounded."""
+        from tailorlm.device import DTYPES
+
+        model = copy.deepcopy(tiny.model).to(DTYPES[dtype])
+        return models.BaseModel(model=model, tokenizer=tiny.tokenizer, name=tiny.name, path=None)
 
     return build
 
@@ -64,8 +71,8 @@ def make_engine(make_base):
     from tailorlm import kinds
     from tailorlm.engine.engine import Engine
 
-    def build(kind: str, slots: int = 5, **engine_options) -> Engine:
-        return Engine(make_base(), kinds.default_spec(kind), slots=slots, **engine_options)
+    def build(kind: str, slots: int = 5, dtype: str = "fp32", **engine_options) -> Engine:
+        return Engine(make_base(dtype), kinds.default_spec(kind), slots=slots, **engine_options)
 
     return build
 

@@ -1,10 +1,12 @@
 """Where tensors live and in which precision: the one place that turns ``--device`` and ``--dtype`` into
-torch objects. Everything else follows the base model: the engine, the slot bank, slot ids, optimizer
-state and batches are made on the base model's device in its dtype; module files stay fp16 at rest.
+torch objects. Everything else follows the base model's device: the engine, the slot bank, slot ids,
+optimizer state and batches are made there. The frozen base computes in the chosen dtype; each user's
+module and its optimizer state stay fp32 whatever it is (the usual mixed-precision recipe), and module
+files stay fp16 at rest.
 
-fp32 is the default compute precision: on the CPUs this project is measured on, bf16 matmuls are slower
-than fp32 ones, and fp32 keeps the engine equal to stock PEFT to 1e-4. bf16 and fp16 are for GPUs (and
-are tested on the CPU to agree with fp32 within a stated tolerance).
+``auto`` (the default) is not resolved here: it is measured per machine, model and phase
+(``tailorlm.precision``, used by ``models.load_base``). fp32 is the reference precision the others are
+tested against: it keeps the engine equal to stock PEFT to 1e-4, bf16 within the tolerance its tests state.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 AUTO = "auto"
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_DTYPE = "fp32"
+REFERENCE_DTYPE = "fp32"  # what a bare resolve_dtype() gives: the precision every other is tested against
 
 
 class DeviceError(ValueError):
@@ -58,10 +60,20 @@ def resolve_device(name: str | None = None) -> torch.device:
     return device
 
 
+def check_dtype_name(name: str) -> str:
+    """``name`` lower-cased when it is ``auto`` or a known dtype; a DeviceError naming the choices else."""
+    name = name.strip().lower()
+    if name != AUTO and name not in DTYPES:
+        raise DeviceError(f"unknown dtype {name!r}; use one of {AUTO}, {', '.join(DTYPES)}")
+    return name
+
+
 def resolve_dtype(name: str | None = None) -> torch.dtype:
-    name = (name or DEFAULT_DTYPE).strip().lower()
-    if name not in DTYPES:
-        raise DeviceError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    """A fixed dtype by name (None: fp32, the reference). ``auto`` needs a model and a measurement:
+    ``models.load_base`` resolves it."""
+    name = check_dtype_name(name or REFERENCE_DTYPE)
+    if name == AUTO:
+        raise DeviceError("dtype 'auto' is measured per model: load the model with models.load_base")
     return DTYPES[name]
 
 

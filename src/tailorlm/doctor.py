@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tailorlm import models, settings
+from tailorlm import models, precision, settings
 
 _INSTALL = "make install   (or: .venv/bin/pip install -e .)"
 
@@ -123,6 +123,29 @@ def _threads() -> Check:
     )
 
 
+def _precision() -> Check:
+    """What ``--dtype auto`` picks for the default model here, per phase, with the measured figures (from
+    the cache when this machine was measured before)."""
+    fixed = settings.default_dtype()
+    if fixed != "auto":
+        return Check("precision", True, f"{fixed} for every phase ({settings.DTYPE_ENV}={fixed})")
+    folder = models.default_cache_dir()
+    if not models._is_complete(folder):
+        return Check(
+            "precision", True, "auto: measured on first use (the default model is not converted yet)", False
+        )
+    from transformers import AutoConfig
+
+    from tailorlm.device import resolve_device
+
+    settings.apply_threads()
+    hidden, intermediate = precision.model_widths(AutoConfig.from_pretrained(folder))
+    result, cached = precision.measured(resolve_device(None), hidden, intermediate)
+    where = "cached" if cached else "measured now"
+    reasons = "; ".join(result.choice(phase).reason for phase in precision.PHASES)
+    return Check("precision", True, f"auto ({where}, {result.key['threads']} threads): {reasons}")
+
+
 def run_checks(load_model: bool = True) -> list[Check]:
     python_ok = sys.version_info[:2] == (3, 11)
     checks = [
@@ -136,7 +159,7 @@ def run_checks(load_model: bool = True) -> list[Check]:
     ]
     checks += [_library(*spec) for spec in _LIBRARIES]
     checks += [_data_package(*spec) for spec in _DATA_PACKAGES]
-    checks += [_cache(), _threads(), _base_model(load_model)]
+    checks += [_cache(), _threads(), _base_model(load_model), _precision()]
     return checks
 
 

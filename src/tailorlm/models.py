@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tailorlm import settings
-from tailorlm.device import resolve_placement
+from tailorlm.device import AUTO, DTYPES, Placement, check_dtype_name, resolve_device, resolve_placement
 from tailorlm.files import atomic_folder
+from tailorlm.precision import BATCHED, Choice, choose
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny"  # a random 2-layer model with the default tokenizer: for smoke runs and tests
@@ -36,6 +37,7 @@ class BaseModel:
     tokenizer: object
     name: str
     path: Path | None
+    precision: Choice | None = None  # what --dtype auto measured and chose; None for an explicit dtype
 
     @property
     def device(self):
@@ -189,18 +191,37 @@ def _prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def load_base(name: str | None = None, device: str | None = None, dtype: str | None = None) -> BaseModel:
-    """Load a base model, frozen and in eval mode, on ``device`` in ``dtype`` (``tailorlm.device``: the
-    GPU when there is one, fp32 by default)."""
-    from transformers import AutoModelForCausalLM
+def placement_for(
+    config: object, device: str | None, dtype: str | None, phase: str = BATCHED
+) -> tuple[Placement, Choice | None]:
+    """Where and in which dtype a model of ``config`` (a transformers config) computes. ``dtype`` None is
+    ``settings.default_dtype()`` (``auto`` unless ``TAILORLM_DTYPE`` says otherwise); ``auto`` is the
+    measured choice for ``phase`` (``tailorlm.precision``), returned beside the placement."""
+    wanted = check_dtype_name(dtype or settings.default_dtype())
+    if wanted != AUTO:
+        return resolve_placement(device, wanted), None
+    settings.apply_threads()  # the measurement is keyed by, and must run on, the threads in force
+    where = resolve_device(device)
+    choice = choose(config, where, phase)
+    return Placement(where, DTYPES[choice.dtype]), choice
 
-    placement = resolve_placement(device, dtype)
+
+def load_base(
+    name: str | None = None, device: str | None = None, dtype: str | None = None, phase: str = BATCHED
+) -> BaseModel:
+    """Load a base model, frozen and in eval mode, on ``device`` in ``dtype`` (``tailorlm.device``: the
+    GPU when there is one; ``auto`` by default: the dtype measured fastest for ``phase`` here)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_dtype_name(dtype or settings.default_dtype())  # a mistake is named before any model is read
+    resolve_device(device)
     settings.apply_threads()
     _quiet_transformers()
     if name == TINY_MODEL:
-        return tiny_model(device=device, dtype=dtype)
+        return tiny_model(device=device, dtype=dtype, phase=phase)
     label, source = resolve(name)
     try:
+        placement, choice = placement_for(AutoConfig.from_pretrained(source), device, dtype, phase)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=placement.dtype)
     except OSError as err:
         raise ModelNotFoundError(
@@ -213,6 +234,7 @@ def load_base(name: str | None = None, device: str | None = None, dtype: str | N
         tokenizer=tokenizer,
         name=label,
         path=Path(source) if isinstance(source, Path) else None,
+        precision=choice,
     )
 
 
@@ -229,9 +251,11 @@ def tiny_model(
     tokenizer=None,
     device: str | None = None,
     dtype: str | None = None,
+    phase: str = BATCHED,
 ) -> BaseModel:
     """A randomly initialised llama with the default model's tokenizer and shape family (grouped-query
-    attention, tied embeddings) but tiny widths: built in well under a second, for fast tests."""
+    attention, tied embeddings) but tiny widths: built in well under a second, for fast tests. ``auto``
+    measures at the tiny widths like any model's (the test suite fixes fp32 with ``TAILORLM_DTYPE``)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -252,10 +276,14 @@ def tiny_model(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(torch.float32)  # drawn in fp32 so every dtype starts alike
-    placement = resolve_placement(device, dtype)
+    placement, choice = placement_for(config, device, dtype, phase)
     model = model.to(device=placement.device, dtype=placement.dtype)
     return BaseModel(
-        model=_freeze(model), tokenizer=tokenizer, name=f"tiny-llama-{layers}x{hidden}", path=None
+        model=_freeze(model),
+        tokenizer=tokenizer,
+        name=f"tiny-llama-{layers}x{hidden}",
+        path=None,
+        precision=choice,
     )
 
 

@@ -1,8 +1,8 @@
 """Where tailorlm keeps its files and how many CPU threads torch may use.
 
 All are read from the environment so that one variable moves every cache (``TAILORLM_HOME``), one
-variable caps the threads (``TAILORLM_THREADS``) and one names the default user store
-(``TAILORLM_STORE``).
+variable caps the threads (``TAILORLM_THREADS``), one names the default user store (``TAILORLM_STORE``)
+and one the compute precision used when ``--dtype`` is not given (``TAILORLM_DTYPE``, ``auto`` unless set).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 HOME_ENV = "TAILORLM_HOME"
 THREADS_ENV = "TAILORLM_THREADS"
 STORE_ENV = "TAILORLM_STORE"
+DTYPE_ENV = "TAILORLM_DTYPE"
 
 
 def home() -> Path:
@@ -25,6 +26,16 @@ def home() -> Path:
 
 def models_dir() -> Path:
     return home() / "models"
+
+
+def precision_dir() -> Path:
+    """Where ``--dtype auto`` keeps its measurements of this machine (``tailorlm.precision``)."""
+    return home() / "precision"
+
+
+def default_dtype() -> str:
+    """The ``--dtype`` of a command that was given none: ``TAILORLM_DTYPE``, else ``auto`` (measured)."""
+    return os.environ.get(DTYPE_ENV, "").strip().lower() or "auto"
 
 
 def default_store() -> Path | str:

@@ -74,18 +74,21 @@ def test_a_slot_layer_outside_the_engine_is_a_named_error(make_engine):
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
-def test_a_new_user_is_the_same_in_every_dtype(kind, tiny):
-    """``reset`` draws in fp32 on the CPU whatever the bank holds, so one seed gives one user."""
+def test_a_new_user_is_the_same_fp32_module_on_every_base_dtype(kind, tiny):
+    """Mixed precision: the bank holds users in fp32 whatever the base computes in, and ``reset`` draws
+    on the CPU, so one seed gives bit for bit one user on an fp32, bf16 or fp16 base."""
     banks = {
         dtype: SlotBank(copy.deepcopy(tiny.model).to(dtype), SPECS[kind], 2, SlotRouter())
-        for dtype in (torch.float32, torch.bfloat16)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16)
     }
     for bank in banks.values():
         bank.reset(1, torch.Generator().manual_seed(7))
-    full, half = banks[torch.float32].read(1), banks[torch.bfloat16].read(1)
-    for name, value in full.items():
-        assert half[name].dtype == torch.bfloat16
-        assert torch.equal(half[name], value.to(torch.bfloat16)), name
+    full = banks[torch.float32].read(1)
+    for dtype in (torch.bfloat16, torch.float16):
+        other = banks[dtype].read(1)
+        for name, value in full.items():
+            assert other[name].dtype == torch.float32
+            assert torch.equal(other[name], value), (dtype, name)
 
 
 def test_trainable_switches_the_bank_not_the_base(make_engine):

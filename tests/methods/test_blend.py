@@ -66,7 +66,7 @@ def test_the_statistics_score_what_the_baselines_know_and_warmth_counts_the_item
     prior = LabelPrior(task)
     expected = torch.log(torch.tensor([prior.distribution(u, e) for u, e in queries]))
     torch.testing.assert_close(scores[:, 0], expected, atol=1e-6, rtol=0)
-    # A rating estimate scores the label at its position highest: -(position - r)^2 peaks at r.
+    # A rating estimate scores the label nearest it highest: -|position - r| peaks at r.
     estimate = statistics.estimators["mf"].predict(user.id, queries[0][1].item_key).est
     assert int(scores[0, 2].argmax()) == min(range(len(task.labels)), key=lambda i: abs(i - estimate))
     counts = {item: len(answers) for item, answers in prior.by_item.items()}

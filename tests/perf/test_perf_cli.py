@@ -21,6 +21,7 @@ def test_sections_are_every_kind_then_each_question():
     assert runner.SECTIONS[: len(kinds.MODEL_KINDS)] == tuple(kinds.MODEL_KINDS)
     assert runner.SECTIONS[len(kinds.MODEL_KINDS) :] == (
         "decode",
+        "decode-single",
         "gemm",
         "train",
         "train-task",
@@ -65,7 +66,8 @@ def test_cli_prints_one_json_object_and_the_same_figures_as_tables():
     result = CliRunner().invoke(app, [*arguments, "--tokens", "40", "--only", "ia3,bytes"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
-    assert [s["name"] for s in payload["sections"]] == ["ia3", "bytes"]
+    assert [s["name"] for s in payload["sections"]] == ["ia3", "bytes", "precision"]
+    assert payload["dtypes"] == ["fp32"] and payload["device"] == "cpu"  # the suite's TAILORLM_DTYPE
     assert payload["passed"] + payload["missed"] == 2
     assert payload["threads"] >= 1 and payload["config"]["resident"] == 12
     assert payload["peak_rss_mb"] > 0

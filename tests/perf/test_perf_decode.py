@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from tailorlm.perf import decode
 from tailorlm.perf.contenders import BARE, ENGINE, PEFT_MIXED
+from tailorlm.perf.harness import Bench
 
 
 def test_decode_runs_every_contender_for_the_same_steps(bench, small):
@@ -15,3 +16,17 @@ def test_decode_runs_every_contender_for_the_same_steps(bench, small):
     assert 1 <= section.facts["decode_steps"] <= small.decode_tokens
     assert [c.target for c in section.checks] == [0.9, 1.5]
     assert all(len(t.seconds) == small.repeats for t in section.timings)
+
+
+def test_one_client_decodes_in_every_dtype_and_int8_for_exactly_the_asked_steps(small):
+    bench = Bench(small, dtypes=("fp32", "bf16"))
+    section = decode.bench_decode_single(bench)
+    variants = ["fp32", "bf16", decode.INT8]
+    assert [t.name for t in section.timings] == [
+        f"{who}, {variant}" for variant in variants for who in ("engine, 1 user", "bare base model")
+    ]
+    assert all(t.items == small.decode_tokens and len(t.seconds) == small.repeats for t in section.timings)
+    (table,) = section.tables
+    assert [row[0] for row in table.rows] == variants and table.rows[0][1:] == ["1.00x", "1.00x"]
+    same = section.facts["same_tokens_as_fp32"]
+    assert set(same) == set(variants) and same["fp32"] is True

@@ -29,10 +29,22 @@ def test_the_section_reports_a_peak_the_training_sections_reuse(small):
     )
     best = max(row[2] for row in shapes.rows)
     assert section.facts[gemm.PEAK_KEY] == best > 0
-    assert gemm.peak(bench) == (best, section.facts["peak_shape"])  # reused, not measured again
+    assert gemm.peak(bench) == (best, section.facts["peak_shape"], "fp32")  # reused, not measured again
 
 
 def test_the_peak_is_measured_when_no_gemm_section_ran(small):
     bench = Bench(small)
-    value, shape = gemm.peak(bench)
-    assert value > 0 and "@" in shape
+    value, shape, dtype = gemm.peak(bench)
+    assert value > 0 and "@" in shape and dtype == "fp32"
+
+
+def test_every_dtype_of_the_run_has_its_peak_and_the_best_is_the_runs_peak(small):
+    bench = Bench(small, dtypes=("fp32", "bf16"))
+    section = gemm.bench_gemm(bench)
+    assert [t.title.split()[0] for t in section.tables] == ["fp32", "fp32", "bf16", "bf16"]
+    peaks = section.facts["peaks_gflops"]
+    assert set(peaks) == {"fp32", "bf16"} and min(peaks.values()) > 0
+    for name, table in (("fp32", section.tables[0]), ("bf16", section.tables[2])):
+        assert peaks[name] == max(row[2] for row in table.rows)
+    best = max(peaks, key=peaks.__getitem__)
+    assert section.facts["peak_dtype"] == best and gemm.peak(bench)[::2] == (peaks[best], best)

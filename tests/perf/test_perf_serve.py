@@ -14,6 +14,7 @@ from tailorlm import models
 from tailorlm.perf.serve import (
     BARE,
     PEFT,
+    SINGLE,
     SKEWED,
     TAILORLM,
     UNIFORM,
@@ -22,6 +23,7 @@ from tailorlm.perf.serve import (
     contender_server,
     drive,
     plan,
+    precision_runs,
     server_config,
     user_name,
 )
@@ -79,6 +81,10 @@ def test_driver_and_contenders_against_live_servers(tmp_path, tiny, monkeypatch)
             assert sorted(o.tokens for o in outcomes) == sorted(
                 p.max_tokens for p in plan(config, 6, UNIFORM, None, 0)
             )
+            if (
+                contender != PEFT
+            ):  # tailorlm streams token by token (the PEFT contender sends its text at once)
+                assert all(len(o.gaps) == o.tokens - 1 and 0 <= sum(o.gaps) <= o.latency for o in outcomes)
             answers[contender] = [
                 httpx.post(
                     f"{server.url}/v1/completions",
@@ -98,3 +104,14 @@ def test_driver_and_contenders_against_live_servers(tmp_path, tiny, monkeypatch)
     assert answers[TAILORLM] == answers[PEFT]
     assert len(set(answers[TAILORLM])) > 1  # users' modules differ, so their answers do
     assert len(set(answers[BARE])) == 1 and answers[BARE][0] not in answers[TAILORLM]
+
+
+def test_precision_runs_are_each_dtype_then_one_client_in_the_default_and_fp32():
+    config = ServeLoadConfig(clients=64, requests=128, single_client_requests=5)
+    runs = dict(precision_runs(config))
+    assert list(runs) == ["tailorlm-fp32", "tailorlm-bf16", SINGLE, f"{SINGLE}-fp32"]
+    assert runs["tailorlm-bf16"].dtype == "bf16" and runs["tailorlm-bf16"].clients == 64
+    assert runs[SINGLE].dtype is None and (runs[SINGLE].clients, runs[SINGLE].requests) == (1, 5)
+    assert runs[f"{SINGLE}-fp32"].dtype == "fp32" and runs[f"{SINGLE}-fp32"].clients == 1
+    none = ServeLoadConfig(compare_dtypes=(), single_client_requests=0)
+    assert precision_runs(none) == []

@@ -448,6 +448,9 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "lower_is_better": lower,
         "metrics": task["metrics"],
         "users_in_run": len(run["users"]),
+        # Each test user's counts as the runner recorded them (history, train after any cap, val, test): the
+        # report's table by activity reads "train". A results.json from before this key has none.
+        "users": run["users"],
         "statistics": {
             "unit": "user",
             "seed": SEED,

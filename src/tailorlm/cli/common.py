@@ -25,7 +25,11 @@ DEVICE_OPTION = typer.Option(
     help="Where to compute: auto (default: the GPU when present, else cpu), cpu, cuda[:N], mps.",
 )
 DTYPE_OPTION = typer.Option(
-    None, "--dtype", help="Compute precision: fp32 (default; fastest on CPUs), bf16 or fp16 (for GPUs)."
+    None,
+    "--dtype",
+    help="Compute precision of the frozen base: auto (default: the faster of fp32 and bf16 as measured "
+    "on this machine at the model's shapes, cached; see tailorlm doctor), fp32, bf16 or fp16. Users' "
+    "modules stay fp32. Default from TAILORLM_DTYPE.",
 )
 
 

@@ -7,6 +7,7 @@ import typer
 from tailorlm import models
 from tailorlm.cli import app, console
 from tailorlm.cli.common import DEVICE_OPTION, DTYPE_OPTION, JSON_OPTION, UserError, user_errors
+from tailorlm.device import DeviceError, check_dtype_name
 
 perf_app = typer.Typer(
     help="Measure tailorlm on this machine, side by side with the alternatives.", no_args_is_help=True
@@ -36,13 +37,15 @@ def engine_command(
         None,
         "--only",
         help="Sections to run, repeated or comma separated (default: all): one mixed batch per module "
-        "kind (lora, ia3, prompt, bottleneck), decode, gemm, train, train-task, memory, load, bytes.",
+        "kind (lora, ia3, prompt, bottleneck), decode, decode-single, gemm, train, train-task, memory, "
+        "load, bytes.",
     ),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Mixed-user batches (forward and generation) vs the bare base model and PEFT, the matmul peak,
-    multi-user training vs stock PEFT (synthetic and real task rows, useful FLOP/s), where training memory
-    goes, cold loads vs raw reads, and bytes per user at rest, each against its target."""
+    """Mixed-user batches (forward and generation) vs the bare base model and PEFT, one client decoding,
+    the matmul peak, multi-user training vs stock PEFT (synthetic and real task rows, useful FLOP/s),
+    where training memory goes, cold loads vs raw reads, and bytes per user at rest, each against its
+    target. Without --dtype each section runs in fp32 and in bf16, side by side with what auto picks."""
     from tailorlm.cli import perf_tables
     from tailorlm.perf import runner
     from tailorlm.perf.harness import PerfConfig
@@ -86,14 +89,24 @@ def serve_command(
     clients: int = typer.Option(64, "--clients", min=1, help="Concurrent clients of the closed-loop runs."),
     requests: int = typer.Option(128, "--requests", min=1, help="Requests per run."),
     seconds: float = typer.Option(240.0, "--seconds", min=1.0, help="Time limit per run."),
+    dtype: str | None = DTYPE_OPTION,
+    compare_dtypes: str = typer.Option(
+        "fp32,bf16",
+        "--compare-dtypes",
+        help="tailorlm is also run at --main-users in each of these dtypes (comma separated; '' for none).",
+    ),
+    single_client_requests: int = typer.Option(
+        8, "--single-client-requests", min=0, help="Requests of the one-client runs (default dtype, fp32)."
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """The server under load (S-LoRA's workload) vs a stock-PEFT server and the bare base model, on
-    loopback: requests/s, tokens/s, time to first token, latency, batch sizes, slot loads, peak RSS."""
+    loopback: requests/s, tokens/s, time to first token, latency, batch sizes, slot loads, peak RSS; tailorlm
+    in fp32 and bf16, and one client alone (tokens/s, median time between tokens)."""
     from tailorlm.cli import perf_tables
     from tailorlm.perf.serve import ServeLoadConfig, run_serve_benchmark
 
-    with user_errors(models.ModelNotFoundError, ValueError):
+    with user_errors(models.ModelNotFoundError, ValueError, DeviceError):
         counts = tuple(sorted(set(users or (10, 200, 1000))))
         if min(counts) < 1:
             raise UserError("--users takes positive counts")
@@ -106,6 +119,9 @@ def serve_command(
             clients=clients,
             requests=requests,
             seconds=seconds,
+            dtype=check_dtype_name(dtype) if dtype else None,
+            compare_dtypes=tuple(check_dtype_name(d) for d in compare_dtypes.split(",") if d.strip()),
+            single_client_requests=single_client_requests,
         )
         payload = run_serve_benchmark(config, log=lambda message: console.err.print(message, highlight=False))
     console.emit(payload, as_json, perf_tables.render_serve)

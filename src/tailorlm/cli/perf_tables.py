@@ -93,7 +93,8 @@ def render(payload: dict, out: Console | None = None) -> None:
     if out is None:
         out = console.out if console.out.is_terminal else Console(width=160, soft_wrap=True)
     out.print(
-        f"tailorlm perf engine: model {payload['model']}, {payload['threads']} torch threads on "
+        f"tailorlm perf engine: model {payload['model']} on {payload.get('device', 'cpu')}, "
+        f"dtypes {', '.join(payload.get('dtypes', []))}, {payload['threads']} torch threads on "
         f"{payload['cores']} cores, torch {payload['torch']}",
         highlight=False,
     )
@@ -134,12 +135,15 @@ SERVE_COLUMNS = (
     "mean batch",
     "slot loads",
     "peak RSS MB",
+    "dtype",
+    "clients",
+    "between tokens p50",
 )
 
 
 def render_serve(payload: dict, out: Console | None = None) -> None:
     """``perf serve``: one row per run, then the ratios against their targets."""
-    out = out or Console(width=220, soft_wrap=True)  # sixteen columns: wider than any terminal's default
+    out = out or Console(width=260, soft_wrap=True)  # nineteen columns: wider than any terminal's default
     rows = [
         (
             r["name"],
@@ -158,9 +162,17 @@ def render_serve(payload: dict, out: Console | None = None) -> None:
             r["mean_batch"],
             r["slot_loads"],
             r["peak_rss_mb"],
+            r.get("dtype"),
+            r.get("clients"),
+            r.get("between_tokens_p50"),
         )
         for r in payload["runs"]
     ]
+    if "device" in payload:
+        out.print(
+            f"servers on {payload['device']}, default dtype {payload['dtype']} ({payload['dtype_reason']})",
+            highlight=False,
+        )
     out.print(console.table("Serving under load (seconds for times)", SERVE_COLUMNS, rows))
     for run in payload["runs"]:
         for note in run.get("notes", []):

@@ -10,6 +10,7 @@ from tailorlm import doctor, models, settings
 from tailorlm.cli import app, console
 from tailorlm.cli.common import DEVICE_OPTION, DTYPE_OPTION, JSON_OPTION, MODEL_OPTION, user_errors
 from tailorlm.device import DeviceError
+from tailorlm.precision import DECODE
 
 
 @app.command("doctor")
@@ -17,7 +18,8 @@ def doctor_command(
     as_json: bool = JSON_OPTION,
     load: bool = typer.Option(True, "--load/--no-load", help="Also load the default base model."),
 ) -> None:
-    """Check Python, libraries, the base model, the cache folder, data packages and threads."""
+    """Check Python, libraries, the base model, the cache folder, data packages, threads, and what
+    --dtype auto picks here (with the measured figures)."""
     checks = doctor.run_checks(load_model=load)
     payload = doctor.as_payload(checks)
 
@@ -51,7 +53,8 @@ def ask_command(
 
     with user_errors(models.ModelNotFoundError, DeviceError):
         started = time.perf_counter()
-        base = models.load_base(model, device=device, dtype=dtype)
+        # one prompt, one row: the small-batch decoding phase of --dtype auto
+        base = models.load_base(model, device=device, dtype=dtype, phase=DECODE)
         loaded = time.perf_counter() - started
     prompt = models.chat_prompt(base.tokenizer, question)
     started = time.perf_counter()
@@ -62,6 +65,7 @@ def ask_command(
         "model": base.name,
         "device": str(base.device),
         "dtype": str(base.dtype).removeprefix("torch."),
+        "dtype_reason": base.precision.reason if base.precision else "asked for",
         "question": question,
         "answer": answer,
         "load_seconds": loaded,

@@ -15,6 +15,8 @@ from tailorlm import kinds
 from tailorlm.kinds import ModuleKind, ModuleSpec, ModuleSpecError
 from tailorlm.kinds.kind import base_linear
 
+MODULE_DTYPE = torch.float32  # every user's tensors in the bank, whatever the base's dtype
+
 
 class EngineError(RuntimeError):
     """A misuse of the engine: wrong slot, wrong module layout, a base model already wrapped."""
@@ -96,8 +98,10 @@ class SlotBank:
         self.spec = kinds.validate(spec)
         self.kind: ModuleKind = kinds.of(spec)
         self.slots = slots
-        reference = next(model.parameters())
-        self.dtype, self.device = reference.dtype, reference.device
+        # Users' tensors are fp32 whatever the base computes in (mixed precision: a bf16 base, fp32
+        # modules and optimizer state, as PEFT keeps adapters): Adam's small steps vanish in bf16's 8
+        # mantissa bits. The kinds compute their terms in fp32 and hand back the base's dtype.
+        self.dtype, self.device = MODULE_DTYPE, next(model.parameters()).device
         self.tensors: dict[str, nn.Parameter] = {}  # bank name (= key on disk) -> [slots, ...]
         self.layers: list[SlotLinear] = []
         self._suffix: dict[str, str] = {}
@@ -181,8 +185,7 @@ class SlotBank:
     def reset(self, slot: int, generator: torch.Generator) -> None:
         """A fresh user: the kind's initial values (PEFT's defaults), drawn from ``generator``.
 
-        Drawn in fp32 on the CPU whatever the bank's dtype and device, so the same seed gives the same
-        user everywhere."""
+        Drawn on the CPU whatever the bank's device, so the same seed gives the same user everywhere."""
         self.check_slot(slot)
         with torch.no_grad():
             for name, tensor in self.tensors.items():

@@ -91,13 +91,15 @@ class Bottleneck(ModuleKind):
         training: bool,
     ) -> torch.Tensor:
         rows = {suffix: tensor.index_select(0, slot_ids) for suffix, tensor in stack.items()}
-        out = base(x)  # [rows, positions, hidden]
+        out = base(x)  # [rows, positions, hidden], the base's dtype
+        # The adapter in the module's dtype (fp32), its sum with the base output back in the base's.
+        wide = out.to(rows["adapter_down.weight"].dtype)
         down = torch.baddbmm(
-            rows["adapter_down.bias"].unsqueeze(1), out, rows["adapter_down.weight"].transpose(1, 2)
+            rows["adapter_down.bias"].unsqueeze(1), wide, rows["adapter_down.weight"].transpose(1, 2)
         )  # [rows, positions, width]
         up = torch.baddbmm(
             rows["adapter_up.bias"].unsqueeze(1),
             _ACTIVATIONS[spec.activation](down),
             rows["adapter_up.weight"].transpose(1, 2),
         )
-        return out + up
+        return (wide + up).to(out.dtype)

@@ -63,7 +63,10 @@ class IA3(ModuleKind):
         training: bool,
     ) -> torch.Tensor:
         scale = stack["ia3_l"].index_select(0, slot_ids).flatten(1).unsqueeze(1)  # [rows, 1, features]
-        return base(x * scale) if short_name in spec.feedforward else base(x) * scale
+        # As PEFT: the product in the module's dtype (fp32), handed on in the base's dtype.
+        if short_name in spec.feedforward:
+            return base((x.to(scale.dtype) * scale).to(x.dtype))
+        return (base(x) * scale).to(x.dtype)
 
     def peft_config(self, spec: IA3Spec, model: nn.Module, base_name: str | None) -> Any:
         from peft import IA3Config, TaskType

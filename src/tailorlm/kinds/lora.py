@@ -87,9 +87,12 @@ class Lora(ModuleKind):
     ) -> torch.Tensor:
         a = stack["lora_A.weight"].index_select(0, slot_ids)  # [rows, rank, in]
         b = stack["lora_B.weight"].index_select(0, slot_ids)  # [rows, out, rank]
-        hidden = F.dropout(x, spec.dropout, training) if spec.dropout and training else x
+        # PEFT's mixed precision: the term in the module's dtype (fp32), added to the base output in it,
+        # the sum back in the base's dtype. With an fp32 base every cast is a no-op.
+        hidden = x.to(a.dtype)
+        hidden = F.dropout(hidden, spec.dropout, training) if spec.dropout and training else hidden
         update = (hidden @ a.transpose(1, 2)) @ b.transpose(1, 2)  # [rows, positions, out]
-        return base(x) + spec.scale * update
+        return (base(x) + spec.scale * update).to(x.dtype)
 
     def peft_config(self, spec: LoraSpec, model: nn.Module, base_name: str | None) -> Any:
         from peft import LoraConfig, TaskType

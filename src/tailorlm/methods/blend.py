@@ -8,7 +8,9 @@ answers instead of picking one side. Each source gives a score per label:
 
 - ``prior``: the log of the user's and the item's label priors combined (``baselines.LabelPrior``);
 - ``biases`` and ``mf`` (ordered labels only): Surprise's damped biases and biased matrix factorisation,
-  their estimate ``r`` (a label position) scored per label as ``-(position - r)^2``;
+  their estimate ``r`` (a label position) scored per label as ``-|position - r|``: a Laplace shape, whose
+  median is ``r``, as suits the rating tasks' MAE (a squared distance, a Gaussian's, blended worse on
+  bfi and movielens: 0.859 and 0.829 MAE against 0.832 and 0.805);
 - ``model``: the shared model's (the task adapter's) log-probability of the label.
 
 A label's blended score for a query is ``sum_k (a_k + b_k * warmth) * score_k(label) + c_label``, softmaxed
@@ -137,7 +139,7 @@ class Statistics:
         found = [torch.log(prior.clamp_min(1e-12))]
         for estimator in self.estimators.values():
             estimates = torch.tensor([estimator.predict(u.id, e.item_key).est for u, e in queries])
-            found.append(-((positions[None] - estimates[:, None].float()) ** 2))
+            found.append(-(positions[None] - estimates[:, None].float()).abs())
         return torch.stack(found, dim=1)
 
     def warmth(self, queries: Sequence[Query]) -> torch.Tensor:

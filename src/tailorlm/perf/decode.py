@@ -5,14 +5,18 @@ batches (LoRA today), so there is a PEFT contender to compare with."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 
 from tailorlm import kinds
+from tailorlm.engine.engine import Engine, Row
 from tailorlm.engine.generation import DecodeConfig
+from tailorlm.engine.slots import SlotManager
+from tailorlm.perf import workloads
 from tailorlm.perf.contenders import BARE, ENGINE, PEFT_MIXED, generate_options, peft_mixes_batches
-from tailorlm.perf.harness import Bench, Section, Timing
+from tailorlm.perf.harness import Bench, FactTable, Section, Timing
 from tailorlm.perf.mixed import TARGET_VS_PEFT, mixed_facts, mixed_setup, target_vs_base
 
 
@@ -80,3 +84,94 @@ def bench_decode(bench: Bench) -> Section:
         "tokenizing the prompts and decoding the text, as a caller of Engine.generate pays them."
     )
     return section
+
+
+# ---- one stream ------------------------------------------------------------------------------------------
+
+INT8 = "int8"
+
+
+def _int8(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (fp32, CPU) with every ``nn.Linear`` swapped in place for PyTorch's dynamic int8 one
+    (weights int8 per tensor, activations quantized per call; VNNI on x86). An engine's slot layers keep
+    their user terms in fp32 around the quantized base projection."""
+    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice; it still works
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True
+        )
+
+
+def bench_decode_single(bench: Bench) -> Section:
+    """One client: a single prompt continued by exactly ``decode_tokens`` greedy tokens (batch of one row,
+    the memory-bound regime where bf16 is no faster and int8 weights are). Contenders: the engine with one
+    resident user and the bare base, in every dtype of the run, and int8 weight-only on the CPU. With one
+    row, int8 is exact per row (nothing else shares the activation scale), so the engine can run it here."""
+    config = bench.config
+    spec = kinds.default_spec(decode_kind())
+    tokenizer = bench.tokenizer
+    prompt = workloads.chat_prompts(tokenizer, config.tokens, 1, config.seed)[0]
+    options = generate_options(tokenizer, config.decode_tokens, exactly=True)
+    variants = list(bench.dtypes)
+    if bench.bare.device.type == "cpu":
+        variants.append(INT8)
+    contenders: dict[str, Callable[[], object]] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    for variant in variants:
+        base = bench.fresh_base("fp32" if variant == INT8 else variant)
+        engine = Engine(base, spec, slots=2, max_length=max(512, config.tokens + 8))
+        manager = SlotManager(engine.bank)
+        workloads.place_random_users(manager, 1, config.seed)
+        bare = bench.fresh_base("fp32" if variant == INT8 else variant).model
+        if variant == INT8:
+            _int8(engine.model)
+            bare = _int8(bare)
+        batch = engine.encode([Row(prompt, "", 1)])
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+
+        def engine_run(engine=engine, batch=batch, inputs=inputs) -> torch.Tensor:
+            with torch.inference_mode(), engine.space.route(batch.slot_ids):
+                return engine.model.generate(**inputs, **options)
+
+        def bare_run(bare=bare, inputs=inputs) -> torch.Tensor:
+            with torch.inference_mode():
+                return bare.generate(**inputs, **options)
+
+        contenders[f"engine, 1 user, {variant}"] = engine_run
+        contenders[f"bare base model, {variant}"] = bare_run
+        outputs[variant] = engine_run()
+    seconds = bench.interleaved("decode-single", contenders)
+    steps = config.decode_tokens
+    section = Section(
+        "decode-single",
+        f"One client: 1 row, {steps} greedy tokens after a prompt of about {config.tokens} tokens, "
+        f"{' / '.join(variants)}",
+        timings=[Timing(name, seconds[name], items=steps) for name in contenders],
+    )
+    reference = outputs[variants[0]]
+    section.facts.update(
+        {
+            "decode_steps": steps,
+            "tokens_per_second": {name: steps / timing.median for name, timing in _by_name(section).items()},
+            "same_tokens_as_" + variants[0]: {v: bool(torch.equal(o, reference)) for v, o in outputs.items()},
+        }
+    )
+    table = FactTable(f"tokens/s against {variants[0]}", ["precision", "engine, 1 user", "bare base model"])
+
+    def speed(who: str, variant: str) -> str:
+        reference = section.timing(f"{who}, {variants[0]}").median
+        return f"{reference / section.timing(f'{who}, {variant}').median:.2f}x"
+
+    for variant in variants:
+        table.rows.append([variant, speed("engine, 1 user", variant), speed("bare base model", variant)])
+    section.tables.append(table)
+    section.notes.append(
+        "every contender runs exactly the same number of steps (min_new_tokens); 'per s' is tokens/s. "
+        "int8 = torch.ao dynamic quantization of every nn.Linear of an fp32 copy (the vocabulary projection "
+        "included); the engine's user terms stay fp32. No target: what each precision gives one client."
+    )
+    return section
+
+
+def _by_name(section: Section) -> dict[str, Timing]:
+    return {timing.name: timing for timing in section.timings}

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from tailorlm import models
+from tailorlm import models, precision, settings
+from tailorlm.device import AUTO, DTYPES, check_dtype_name, resolve_device
 
 TINY = models.TINY_MODEL
 
@@ -48,7 +49,7 @@ class PerfConfig:
 
     model: str | None = None
     device: str | None = None  # tailorlm.device: auto (the GPU when present) by default
-    dtype: str | None = None  # fp32 by default; the GEMM peak is measured in the same dtype
+    dtype: str | None = None  # None/auto: every section in fp32 and bf16 (run_dtypes); else that dtype
     resident: int = 1000
     users_per_batch: int = 8
     repeats: int = 5
@@ -146,6 +147,7 @@ class FactTable:
 class Section:
     name: str
     title: str
+    dtype: str | None = None  # the base's dtype when the section ran in one (a run may hold several)
     timings: list[Timing] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -168,6 +170,7 @@ class Section:
         return {
             "name": self.name,
             "title": self.title,
+            "dtype": self.dtype,
             "timings": [t.to_dict() for t in self.timings],
             "checks": [c.to_dict() for c in self.checks],
             "notes": self.notes,
@@ -176,11 +179,29 @@ class Section:
         }
 
 
-class Bench:
-    """Shared state of one run: the config, the bare base model, fresh bases for engines, and figures one
-    section leaves for a later one (``shared``: the GEMM peak the training sections compare with)."""
+def run_dtypes(config: PerfConfig) -> tuple[str, ...]:
+    """The dtypes a run measures: the one asked for, or (``auto``, the default) every dtype ``auto``
+    chooses between for batched work on the device (fp32 and bf16 where it has bf16), so the choice is
+    shown side by side with its alternative."""
+    wanted = check_dtype_name(config.dtype or settings.default_dtype())
+    if wanted != AUTO:
+        return (wanted,)
+    return tuple(precision.candidates(resolve_device(config.device), precision.BATCHED))
 
-    def __init__(self, config: PerfConfig, log: Callable[[str], None] | None = None) -> None:
+
+class Bench:
+    """Shared state of one run in one dtype (``config.dtype``): the config, the bare base model, fresh
+    bases for engines, and figures one section leaves for a later one (``shared``, common to the run's
+    benches of every dtype: the GEMM peaks the training sections compare with). ``dtypes``: every dtype
+    of the run (the GEMM section measures each)."""
+
+    def __init__(
+        self,
+        config: PerfConfig,
+        log: Callable[[str], None] | None = None,
+        dtypes: tuple[str, ...] | None = None,
+        shared: dict[str, Any] | None = None,
+    ) -> None:
         if config.resident < config.users_per_batch:
             raise ValueError(
                 f"--resident ({config.resident}) must be at least --users-per-batch "
@@ -188,7 +209,8 @@ class Bench:
             )
         self.config = config
         self.log = log or (lambda _message: None)
-        self.shared: dict[str, Any] = {}
+        self.dtypes = dtypes or run_dtypes(config)
+        self.shared: dict[str, Any] = {} if shared is None else shared
         self._tokenizer = models.load_tokenizer() if self.is_tiny else None
         self._bare: models.BaseModel | None = None
 
@@ -196,13 +218,20 @@ class Bench:
     def is_tiny(self) -> bool:
         return (self.config.model or "").lower() == TINY
 
-    def fresh_base(self) -> models.BaseModel:
-        """A newly loaded base: an engine or a PEFT model wraps its base in place, so each gets its own."""
+    def fresh_base(self, dtype: str | None = None) -> models.BaseModel:
+        """A newly loaded base (in ``dtype``, else the bench's): an engine or a PEFT model wraps its base
+        in place, so each gets its own."""
+        dtype = dtype or self.config.dtype
         if self.is_tiny:
             return models.tiny_model(
-                seed=0, tokenizer=self._tokenizer, device=self.config.device, dtype=self.config.dtype
+                seed=0, tokenizer=self._tokenizer, device=self.config.device, dtype=dtype
             )
-        return models.load_base(self.config.model, device=self.config.device, dtype=self.config.dtype)
+        return models.load_base(self.config.model, device=self.config.device, dtype=dtype)
+
+    @property
+    def dtype_name(self) -> str:
+        """The bench's dtype as ``--dtype`` names it (fp32, bf16, fp16)."""
+        return next(name for name, value in DTYPES.items() if value == self.bare.dtype)
 
     @property
     def bare(self) -> models.BaseModel:

@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import os
 import random
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -98,6 +99,12 @@ class ServeLoadConfig:
     new_tokens: tuple[int, int] = (16, 64)
     rates: tuple[float, ...] = (0.5, 0.9)  # Poisson runs, as fractions of tailorlm's closed-loop throughput
     seed: int = 0
+    # Precision: the dtype of every server (None: the default, --dtype auto), the dtypes tailorlm is also
+    # run in at main_users for a side-by-side, and the requests of the single-client runs (in the default
+    # dtype and in fp32; 0: none), which show one stream's tokens/s and time between tokens.
+    dtype: str | None = None
+    compare_dtypes: tuple[str, ...] = ("fp32", "bf16")
+    single_client_requests: int = 8
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,7 @@ class Outcome:
     latency: float | None = None
     tokens: int = 0
     error: str | None = None
+    gaps: list[float] = field(default_factory=list)  # seconds between consecutive streamed text events
 
 
 @dataclass
@@ -138,6 +146,9 @@ class RunResult:
     slot_loads: int | None
     peak_rss_mb: float | None
     notes: list[str] = field(default_factory=list)
+    dtype: str = "default"  # what the server was told (--dtype), "default" when nothing
+    clients: int | None = None
+    between_tokens_p50: float | None = None  # median seconds between a stream's consecutive tokens
 
 
 # ---- the store ----------------------------------------------------------------------------------------
@@ -209,6 +220,8 @@ async def _one(http: httpx.AsyncClient, item: RequestPlan) -> Outcome:
     started = time.perf_counter()
     first = None
     tokens = 0
+    gaps: list[float] = []
+    last = None
     try:
         async with http.stream("POST", "/v1/completions", json=body) as answer:
             if answer.status_code != 200:
@@ -219,14 +232,19 @@ async def _one(http: httpx.AsyncClient, item: RequestPlan) -> Outcome:
                 event = json.loads(line[6:])
                 if "error" in event:
                     return Outcome(500, error=str(event["error"])[:200])
-                if first is None and event.get("choices") and event["choices"][0].get("text"):
-                    first = time.perf_counter() - started
+                if event.get("choices") and event["choices"][0].get("text"):
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now - started
+                    if last is not None:
+                        gaps.append(now - last)
+                    last = now
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]
     except httpx.HTTPError as error:
         return Outcome(0, error=f"{type(error).__name__}: {error}")
     latency = time.perf_counter() - started
-    return Outcome(200, first if first is not None else latency, latency, tokens)
+    return Outcome(200, first if first is not None else latency, latency, tokens, gaps=gaps)
 
 
 async def drive(
@@ -312,6 +330,8 @@ def _serve(contender: str, root: str, port: int, config: ServeLoadConfig) -> Non
     """A contender's server process (spawned): serves until terminated."""
     from tailorlm.serve.run import run_forever
 
+    if config.dtype:  # the server and the PEFT contender load their base in the default dtype
+        os.environ[settings.DTYPE_ENV] = config.dtype
     settings.apply_threads()
     run_forever(contender_server(contender, server_config(Path(root), port, config), config))
 
@@ -414,6 +434,9 @@ def run_one(
         slot_loads=int(delta("tailorlm_slot_misses_total")),
         peak_rss_mb=peak,
         notes=notes,
+        dtype=config.dtype or "default",
+        clients=config.clients,
+        between_tokens_p50=_percentile([gap for o in ok for gap in o.gaps], 50),
     )
 
 
@@ -465,8 +488,51 @@ def targets(runs: dict[str, RunResult], config: ServeLoadConfig) -> list[Target]
             "<= 1.2x",
             lambda v: v <= 1.2,
         )
+    full, half = runs.get(_dtype_run("fp32")), runs.get(_dtype_run("bf16"))
+    if full and half:
+        add(
+            f"tailorlm bf16 / fp32, requests/s at {config.main_users} users",
+            _ratio(half.requests_per_s, full.requests_per_s),
+            ">= 1.5x",
+            lambda v: v >= 1.5,
+        )
+    one, one_fp32 = runs.get(SINGLE), runs.get(f"{SINGLE}-fp32")
+    if one and one_fp32:
+        add(
+            f"one client, tokens/s, {one.dtype} / fp32",
+            _ratio(one.tokens_per_s, one_fp32.tokens_per_s),
+            ">= 1.5x",
+            lambda v: v >= 1.5,
+        )
     add("errors in all runs", float(sum(r.errors for r in runs.values())), "0", lambda v: v == 0)
     return found
+
+
+SINGLE = "tailorlm-1-client"
+
+
+def _dtype_run(dtype: str) -> str:
+    return f"tailorlm-{dtype}"
+
+
+def precision_runs(config: ServeLoadConfig) -> list[tuple[str, ServeLoadConfig]]:
+    """The runs added for precision: tailorlm at main_users in each of ``compare_dtypes`` (closed loop,
+    the main run's clients), then one client alone in the default dtype and in fp32."""
+    runs = [(_dtype_run(dtype), replace(config, dtype=dtype)) for dtype in config.compare_dtypes]
+    if config.single_client_requests:
+        alone = replace(config, clients=1, requests=config.single_client_requests)
+        runs += [(SINGLE, alone), (f"{SINGLE}-fp32", replace(alone, dtype="fp32"))]
+    return runs
+
+
+def precision_facts(config: ServeLoadConfig) -> dict:
+    """The device the servers run on and what their default dtype resolves to, and why."""
+    base = models.load_base(config.model, dtype=config.dtype)
+    return {
+        "device": str(base.device),
+        "dtype": str(base.dtype).removeprefix("torch."),
+        "dtype_reason": base.precision.reason if base.precision else "asked for",
+    }
 
 
 def run_serve_benchmark(config: ServeLoadConfig, log: Callable[[str], None] = print) -> dict:
@@ -496,7 +562,12 @@ def run_serve_benchmark(config: ServeLoadConfig, log: Callable[[str], None] = pr
             name = f"tailorlm-poisson-{fraction:g}"
             log(f"run {name}: Poisson arrivals at {rate:.2f}/s")
             runs[name] = run_one(name, TAILORLM, root, key, config, config.main_users, UNIFORM, rate)
+        for name, each in precision_runs(config):
+            log(f"run {name}: tailorlm, {each.clients} client(s), dtype {each.dtype or 'default'}")
+            runs[name] = run_one(name, TAILORLM, root, key, each, config.main_users, UNIFORM, None)
+            log(f"  {runs[name].requests_per_s:.2f} requests/s, {runs[name].tokens_per_s:.1f} tokens/s")
         found = targets(runs, config)
+        machine = precision_facts(config)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return {
@@ -504,6 +575,7 @@ def run_serve_benchmark(config: ServeLoadConfig, log: Callable[[str], None] = pr
         "config": asdict(config),
         "threads": settings.available_cores(),
         "torch": torch.__version__,
+        **machine,
         "runs": [asdict(r) for name, r in runs.items() if name != f"tailorlm-{config.main_users}"],
         "targets": [asdict(t) for t in found],
         "passed": sum(t.passed for t in found),

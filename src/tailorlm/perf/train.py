@@ -180,9 +180,9 @@ def _flop_table(
     tokens = workloads.real_tokens(engine, list(users))
     parameters = non_embedding_parameters(bench.bare.model)
     flop = useful_flop(parameters, tokens)
-    peak, peak_shape = gemm.peak(bench)
+    peak, peak_shape, peak_dtype = gemm.peak(bench)
     table = FactTable(
-        "useful FLOP/s against the GEMM peak of this run",
+        f"useful FLOP/s against the best GEMM peak of this run ({peak_dtype})",
         [
             "contender",
             "examples/s",
@@ -221,14 +221,15 @@ def _flop_table(
             "useful_gflops": useful,
             "run_gflops": run,
             "gemm_peak_gflops": peak,
+            "gemm_peak_dtype": peak_dtype,
             "fraction_of_gemm_peak": {name: value / peak for name, value in useful.items()},
         }
     )
     section.notes.append(
         f"{FORMULA}. Here N = {parameters:,}, {tokens:,} real tokens per epoch, "
-        f"GEMM peak {peak:.1f} GFLOP/s ({peak_shape}). Useful FLOP/s counts positions a shared prefix "
-        "saved as work done, so it can pass the peak; 'GFLOP/s run' is 4 x N x the positions the decoder "
-        "ran (padding in, each shared prefix once): what the hardware did."
+        f"best GEMM peak {peak:.1f} GFLOP/s ({peak_dtype}, {peak_shape}). Useful FLOP/s counts positions "
+        "a shared prefix saved as work done, so it can pass the peak; 'GFLOP/s run' is 4 x N x the "
+        "positions the decoder ran (padding in, each shared prefix once): what the hardware did."
     )
 
 

@@ -18,7 +18,8 @@ class SlotAdamW:
         self.config = config
         self.exp_avg = {n: torch.zeros_like(t) for n, t in tensors.items()}
         self.exp_avg_sq = {n: torch.zeros_like(t) for n, t in tensors.items()}
-        # Moments live with the bank (its device and dtype); step counts are per slot, on the same device.
+        # Moments live with the bank: its device, and fp32 whatever the base computes in (mixed precision,
+        # engine.bank.MODULE_DTYPE); step counts are per slot, on the same device.
         first = next(iter(tensors.values()))
         self.steps = torch.zeros(first.shape[0], dtype=torch.long, device=first.device)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bench_helpers import N_USERS, PARTIAL_USERS, no_reference_run
 
-from tailorlm.bench.report.tables import comparison_rows, method_rows, num, p_text, setting_rows
+from tailorlm.bench.report.tables import comparison_rows, method_rows, num, p_text, setting_rows, signed
 from tailorlm.bench.results import summarize
 
 
@@ -43,3 +43,4 @@ def test_setting_rows_name_the_task_and_the_statistics(planted):
 def test_cells_format_missing_values_and_tiny_p_values():
     assert num(None) == "-" and num(0.12345) == "0.123" and num(2.0, 1) == "2.0"
     assert p_text(0.0001) == "p<0.001" and p_text(0.05) == "p=0.050"
+    assert signed(0.3) == "+0.300" and signed(-0.2) == "-0.200" and signed(-1e-17) == "+0.000"

@@ -14,7 +14,7 @@ def test_report_html_is_self_contained(planted):
     root, results = planted
     paths = report.write_report(root, results)
     page = paths["html"].read_text()
-    assert page.count('<img src="data:image/png;base64,') == 3
+    assert page.count('<img src="data:image/png;base64,') == len(PLOTS)
     for asset in ('src="http', "src='http", 'href="http', "<script", "<link", "url("):
         assert asset not in page
     assert "partial" in page and "peft-lora" in page
@@ -27,7 +27,7 @@ def test_report_without_references_still_has_every_plot(tmp_path):
     # No results given: write_report recomputes them and writes results.json first.
     paths = report.write_report(no_reference_run(tmp_path))
     assert paths["results"].is_file()
-    assert paths["html"].read_text().count('<img src="data:image/png;base64,') == 3
+    assert paths["html"].read_text().count('<img src="data:image/png;base64,') == len(PLOTS)
 
 
 def test_a_failed_method_is_named_with_its_reason_and_the_rest_is_reported(tmp_path):

@@ -1,7 +1,8 @@
 """The benchmark report: ``report.md`` with its plots as PNG files, and a self-contained ``report.html``.
 
 Everything shown is read from the results ``tailorlm.bench.results.summarize`` computes. One module per
-role: ``tables`` (rows and cell formatting shared by every rendering), ``reading`` (the prose paragraph),
+role: ``tables`` (rows and cell formatting shared by every rendering), ``activity`` (the methods by the
+user's number of training items), ``reading`` (the prose paragraph),
 ``plots`` (the figures), ``markdown`` and ``html_page`` (the two renderings). The end-of-run console table
 is console output and lives with the command line, in ``tailorlm.cli.report_table``.
 """

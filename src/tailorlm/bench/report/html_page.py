@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import base64
 import html
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
+from tailorlm.bench.report.activity import activity_caption, activity_notes, activity_rows, by_activity
 from tailorlm.bench.report.plots import PLOTS
 from tailorlm.bench.report.reading import reading
 from tailorlm.bench.report.tables import (
@@ -52,19 +53,31 @@ def _html_cell(cell: str) -> str:
     return text.replace(" (partial)", ' <span class="badge">partial</span>')
 
 
+def _partial(results: Results, names: Iterable[str]) -> list[bool]:
+    """Which of these methods' rows to mark as not done for every user."""
+    return [not results["methods"][n]["complete"] for n in names]
+
+
 def render_html(results: Results, pngs: Mapping[str, bytes]) -> str:
     """The report as one HTML file with inline CSS and the plots embedded; no scripts, no external assets.
 
     ``pngs`` maps plot keys (those of ``PLOTS``) to the PNG bytes to embed.
     """
-    partial = [not results["methods"][n]["complete"] for n in results["ranking"]]
+    partial = _partial(results, results["ranking"])
     figures = "".join(
         f'<figure><img src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}" '
         f'alt="{html.escape(PLOTS[key][0])}"><figcaption>{html.escape(PLOTS[key][0])}</figcaption></figure>'
         for key, png in pngs.items()
     )
     title = html.escape(f"Benchmark report: {results['task']['name']}")
-    items = "".join(f"<li>{html.escape(n)}</li>" for n in notes(results))
+    activity = by_activity(results)
+    items = "".join(f"<li>{html.escape(n)}</li>" for n in notes(results, activity_notes(activity)))
+    by_activity_section = (
+        ""
+        if activity is None
+        else f"<h2>By activity</h2><p>{html.escape(activity_caption(activity, results))}</p>"
+        f"{_html_table(*activity_rows(activity, results), partial=_partial(results, activity.means))}"
+    )
     timing_headers, timing = timing_rows(results)
     times = "<h2>Time: estimate against actual</h2>" + _html_table(timing_headers, timing) if timing else ""
     return (
@@ -78,6 +91,7 @@ def render_html(results: Results, pngs: Mapping[str, bytes]) -> str:
         f"<h2>Against the references</h2><p>One-sided paired bootstrap over the users both methods have; "
         f"delta = method - reference; significant at p &lt; {ALPHA}.</p>"
         f"{_html_table(*comparison_rows(results), partial=partial)}"
+        f"{by_activity_section}"
         f"<h2>Plots</h2>{figures}{times}"
         f"<h2>Task and configuration</h2>{_html_table(['setting', 'value'], setting_rows(results))}"
         f"<h2>Notes</h2><ul>{items}</ul>"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from tailorlm.bench.report.activity import activity_caption, activity_notes, activity_rows, by_activity
 from tailorlm.bench.report.plots import PLOTS
 from tailorlm.bench.report.reading import reading
 from tailorlm.bench.report.tables import (
@@ -42,6 +43,16 @@ def _timing_section(results: Results) -> list[str]:
 
 def render_markdown(results: Results, plot_files: Mapping[str, str]) -> str:
     """The report as markdown; ``plot_files`` maps plot keys to paths relative to the report."""
+    activity = by_activity(results)
+    by_activity_parts = (
+        []
+        if activity is None
+        else [
+            "## By activity",
+            activity_caption(activity, results),
+            _md_table(*activity_rows(activity, results)),
+        ]
+    )
     parts = [
         f"# Benchmark report: {results['task']['name']}",
         "## Reading",
@@ -54,12 +65,13 @@ def render_markdown(results: Results, plot_files: Mapping[str, str]) -> str:
         f"One-sided paired bootstrap over the users both methods have; delta = method - reference in "
         f"{results['primary_metric']}; significant at p < {ALPHA}.",
         _md_table(*comparison_rows(results)),
+        *by_activity_parts,
         "## Plots",
         *(f"![{PLOTS[key][0]}]({path})" for key, path in plot_files.items()),
         *_timing_section(results),
         "## Task and configuration",
         _md_table(["setting", "value"], setting_rows(results)),
         "## Notes",
-        "\n".join(f"- {note}" for note in notes(results)),
+        "\n".join(f"- {note}" for note in notes(results, activity_notes(activity))),
     ]
     return "\n\n".join(parts) + "\n"

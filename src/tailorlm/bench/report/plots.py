@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from tailorlm.bench.report.activity import by_activity, users_text
 from tailorlm.bench.report.tables import Results, method_label, scored_methods, sense
 from tailorlm.bench.results import LEVEL
 
@@ -27,6 +28,8 @@ FAMILY_COLOURS: dict[str, str] = {
     "oppu": "#9467bd",
 }
 OTHER_COLOUR = "#bcbd22"
+# Methods of one family share a colour; these tell them apart in a line plot, taken in turn.
+LINE_STYLES: tuple[tuple[str, str], ...] = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
 
 
 def _colour(family: str) -> str:
@@ -158,9 +161,46 @@ def plot_gain(results: Results) -> bytes:
     return _png(figure)
 
 
+def plot_activity(results: Results) -> bytes:
+    """(d) Each method's mean on the primary metric per bin of the users' number of training items, one line
+    per method coloured by family, the non-personal reference drawn thicker."""
+    figure, axes = _new_figure(8)
+    activity = by_activity(results)
+    if activity is None or not activity.means:
+        _nothing(
+            axes,
+            "these results hold no user's number of training items"
+            if activity is None
+            else "no method has results yet",
+        )
+        return _png(figure)
+    positions = np.arange(len(activity.bins))
+    drawn: dict[str, int] = {}  # family -> how many of its methods are drawn already
+    for name, means in activity.means.items():
+        family = results["methods"][name]["family"]
+        line, marker = LINE_STYLES[drawn.get(family, 0) % len(LINE_STYLES)]
+        drawn[family] = drawn.get(family, 0) + 1
+        axes.plot(
+            positions,
+            [np.nan if m is None else m for m in means],  # a gap where the method has none of the bin's users
+            ls=line,
+            marker=marker,
+            color=_colour(family),
+            lw=2.4 if name == activity.reference else 1.3,
+            label=method_label(results, name),
+        )
+    axes.set_xticks(positions, [f"{b.label}\n({users_text(len(b.users))})" for b in activity.bins])
+    axes.set_xlabel("training items of the user (bins)")
+    axes.set_ylabel(f"{results['primary_metric']}, mean over the bin's users ({sense(results)})")
+    axes.set_title(f"{results['task']['name']}: methods by the user's number of training items")
+    _legend(axes)
+    return _png(figure)
+
+
 # Plot key (also the PNG's file name) -> (caption, drawing function), in the order the report shows them.
 PLOTS: dict[str, tuple[str, Callable[[Results], bytes]]] = {
     "methods": ("Methods on the primary metric with their confidence intervals", plot_methods),
     "users": ("Spread of the per-user values", plot_users),
     "gain": ("Gain over the best non-personal method against history size", plot_gain),
+    "activity": ("Methods by the user's number of training items (binned)", plot_activity),
 }

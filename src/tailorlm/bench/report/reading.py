@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tailorlm.bench.report.activity import Activity, by_activity, users_text
 from tailorlm.bench.report.tables import (
     REFERENCE_TITLES,
     Results,
@@ -18,11 +19,15 @@ from tailorlm.bench.report.tables import (
     num,
     scored_methods,
     sense,
+    signed,
     users_cell,
 )
 from tailorlm.bench.results import ALPHA, LEVEL, REFERENCES
 
 _LISTED = 8  # names spelled out in a sentence before "and N more"
+# The activity sentence speaks only of bins with at least this many users: a bin of one or two users (a run
+# where nearly everyone has the same number of items has such bins) shows those users, not a level.
+MIN_BIN_USERS = 5
 
 
 def _series(names: Sequence[str], limit: int = _LISTED) -> str:
@@ -41,6 +46,7 @@ def reading(results: Results) -> str:
         return "No method has results yet (no user finished), so there is nothing to read."
     sentences = [_leader_sentence(results, scored)]
     sentences += [_reference_sentence(results, scored, key) for key in REFERENCE_TITLES]
+    sentences.append(_activity_sentence(results))
     sentences += _caveats(results, scored)
     return " ".join(s for s in sentences if s)
 
@@ -86,6 +92,78 @@ def _reference_sentence(results: Results, scored: list[str], key: str) -> str:
     return (
         head + f"{len(winners)} of {len(compared)} are significantly better (p < {ALPHA}): {_series(detail)}."
     )
+
+
+def _activity_sentence(results: Results) -> str:
+    """Where the best personal method is ahead of the non-personal reference, by the user's number of
+    training items; nothing when there are fewer than two bins of ``MIN_BIN_USERS`` to set side by side."""
+    activity = by_activity(results)
+    if activity is None or activity.reference is None:
+        return ""
+    usable = {i for i, b in enumerate(activity.bins) if len(b.users) >= MIN_BIN_USERS}
+    lower, methods = results["lower_is_better"], results["methods"]
+    # Per personal method: (bin index, gain over the reference) for each usable bin where the two share users.
+    gains = {
+        name: [(i, g) for i, g in enumerate(activity.gains(name, lower)) if g is not None and i in usable]
+        for name in activity.means
+        if methods[name]["personal"]
+    }
+    gains = {name: pairs for name, pairs in gains.items() if len(pairs) >= 2}
+    if not gains:
+        return ""
+    best = next(iter(gains))  # activity.means runs best first
+    pairs = gains[best]
+    (first, low), (last, high) = pairs[0], pairs[-1]
+    bins = (
+        f"{len(activity.bins)} bins"
+        if len(usable) == len(activity.bins)
+        else f"{len(usable)} of its {len(activity.bins)} bins, those of at least {MIN_BIN_USERS} users"
+    )
+    text = (
+        f"By the user's number of training items ({bins}), the gain of {best}, the best "
+        f"personal method, over {activity.reference} is {signed(low)} in the least active bin "
+        f"({_bin_text(activity, first)}) and {signed(high)} in the most active "
+        f"({_bin_text(activity, last)}); {_where_ahead(activity, pairs)}"
+    )
+    if len(gains) > 1:
+        text += (
+            f"; personal methods ahead of {activity.reference}: {_ahead_count(gains, first)} in the least "
+            f"active bin, {_ahead_count(gains, last)} in the most active"
+        )
+    return text + " (means per bin, not tested)."
+
+
+def _ahead_count(gains: dict[str, list[tuple[int, float]]], index: int) -> str:
+    """How many of the methods with a gain in bin ``index`` are ahead there, as "k of n"."""
+    there = [gain for pairs in gains.values() for i, gain in pairs if i == index]
+    return f"{sum(_ahead(g) for g in there)} of {len(there)}"
+
+
+def _ahead(gain: float) -> bool:
+    """Better than the reference by more than float noise (a mean of per-user differences that cancel)."""
+    return gain > 1e-12
+
+
+def _bin_text(activity: Activity, index: int) -> str:
+    found = activity.bins[index]
+    return f"{found.items}, {users_text(len(found.users))}"
+
+
+def _where_ahead(activity: Activity, pairs: Sequence[tuple[int, float]]) -> str:
+    """In which bins a method with these (bin index, gain) pairs is ahead: all, none, from some bin on, or
+    a count when it is not ahead in the most active bin."""
+    ahead = [_ahead(gain) for _, gain in pairs]
+    if all(ahead):
+        return "it is ahead in every bin"
+    if not any(ahead):
+        return "it is ahead in no bin"
+    if ahead[-1]:
+        start = max(i for i, flag in enumerate(ahead) if not flag) + 1
+        return (
+            f"it is ahead in every bin from {activity.bins[pairs[start][0]].items} on, "
+            f"not in the {activity.bins[pairs[start - 1][0]].label} one"
+        )
+    return f"it is ahead in {sum(ahead)} of {len(ahead)} bins, not in the most active one"
 
 
 def _caveats(results: Results, scored: list[str]) -> list[str]:

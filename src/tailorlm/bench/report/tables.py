@@ -8,7 +8,7 @@ differently from another.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tailorlm.bench.results import LEVEL
@@ -30,6 +30,11 @@ REFERENCE_TITLES: dict[str, str] = {
 def num(value: float | None, digits: int = 3) -> str:
     """A number for a cell; ``None`` (no value) becomes "-"."""
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def signed(value: float, digits: int = 3) -> str:
+    """A difference with its sign, e.g. "+0.300"; one that rounds to zero is "+0.000", never "-0.000"."""
+    return f"{round(value, digits) + 0.0:+.{digits}f}"  # + 0.0 turns a rounded -0.0 into 0.0
 
 
 def sense(results: Results) -> str:
@@ -194,6 +199,7 @@ def setting_rows(results: Results) -> list[list[str]]:
     return rows
 
 
-def notes(results: Results) -> list[str]:
-    """The run's warnings for the Notes section; "none" rather than an empty list."""
-    return list(results["warnings"]) or ["none"]
+def notes(results: Results, extra: Sequence[str] = ()) -> list[str]:
+    """The run's warnings and the report's own ``extra`` notes for the Notes section; "none" rather than an
+    empty list."""
+    return [*results["warnings"], *extra] or ["none"]
