@@ -36,7 +36,6 @@ from dataclasses import dataclass, field, replace
 from tailorlm.bench.config import BenchConfig, split_users
 from tailorlm.data.schema import Example, Task, User
 from tailorlm.engine.engine import Engine
-from tailorlm.kinds.lora import LoraSpec
 from tailorlm.methods import label_models, label_parts
 from tailorlm.methods.deps import MethodDeps
 from tailorlm.methods.personal import PersonalSetup
@@ -286,7 +285,7 @@ def _measure_answers(
     used = {bare for _, _, bare in wanted.answers}
     engines = {False: engine} if False in used else {}
     if True in used:
-        engines[True] = Engine(deps.load_base(), LoraSpec(), slots=2, max_length=deps.settings.max_length)
+        engines[True] = deps.bare_engine()  # the scratch deps' own, built as the run's will be
     plain = deps.builder(Recipe(), engine.tokenizer)
     for bare, answering in engines.items():
         first = next(d for _, d, b in wanted.answers if b == bare)
