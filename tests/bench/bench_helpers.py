@@ -89,3 +89,20 @@ def no_reference_run(root: Path) -> Path:
     users = {"u1": {"history": 3}}
     lines: dict[str, list[dict | str]] = {"peft-lora": [line("u1", ["yes"], ["yes"])]}
     return write_run(root, CLASSIFICATION, {"peft-lora": METHODS["peft-lora"], "few-shot": {}}, users, lines)
+
+
+def flat_rates(plan, seconds: float = 0.01):
+    """The same rate for every part ``plan``'s estimate reads: a stand-in for ``budget.measure`` where
+    timing the model would take most of a test's time (measuring is tested in test_budget.py)."""
+    from tailorlm.bench import budget
+
+    wanted = budget.needs(plan)
+    trained = wanted.personal | wanted.adapter
+    return budget.Rates(
+        load_s=seconds,
+        answer_s={budget.answer_key(*answered): seconds for answered in wanted.answers},
+        label_s={budget.label_key(r, p): seconds for r in wanted.labels for p in ("answer", "fit")},
+        train_s={budget.train_key(part, r): seconds for part in ("personal", "adapter") for r in trained},
+        validate_s={r.tag: seconds for r in trained},
+        profile_s=seconds,
+    )

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
+from bench_helpers import flat_rates
 from typer.testing import CliRunner
 
 from tailorlm.bench import budget
@@ -112,8 +113,7 @@ MATRIX = [pytest.param(case, fmt, id=f"{case}-{fmt}") for case in CASES for fmt 
 def fixed_rates(monkeypatch):
     """``bench`` estimates its work from this machine's rates, measured by timing the model (tested in
     tests/bench/test_budget.py); here that would take most of each case's time, so fixed rates stand in."""
-    rates = budget.Rates(train_s=0.01, score_s=0.01, generate_s=0.01, prompt_tokens=100.0, item_tokens=20.0)
-    monkeypatch.setattr(budget, "measure", lambda deps, users: rates)
+    monkeypatch.setattr(budget, "measure", lambda deps, plan, users: flat_rates(plan))
 
 
 @pytest.mark.parametrize(("case", "fmt"), MATRIX)

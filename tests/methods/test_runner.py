@@ -151,9 +151,8 @@ def test_bench_names_a_failed_method_and_exits_1_and_report_reads_the_folder(tmp
         yield  # a generator, as every baseline is
 
     monkeypatch.setattr(baselines, "user_majority", fails)
-    # the work estimate times the model (tests/bench/test_budget.py); fixed rates spare this test that
-    rates = budget.Rates(train_s=0.01, score_s=0.01, generate_s=0.01, prompt_tokens=100.0, item_tokens=20.0)
-    monkeypatch.setattr(budget, "measure", lambda deps, users: rates)
+    # the work estimate times the model (tests/bench/test_budget.py); rule baselines need no rate
+    monkeypatch.setattr(budget, "measure", lambda deps, plan, users: budget.Rates(load_s=0.01))
     args = ["bench", "--task", "verbagg", "--model", "tiny", "--test-users", "2", "--budget", "0"]
     bench = CliRunner().invoke(
         app, [*args, "--methods", "user-majority,item-majority", "--out", str(tmp_path)]

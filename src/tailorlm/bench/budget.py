@@ -1,243 +1,489 @@
 """How long a benchmark run will take, said before it starts, and the caps that fit a quick run into a
 time budget whatever the task.
 
-The work of a run is counted in items: training rows (a per-user module's examples times its epochs, the
-task adapter's examples), scored items (a label task's question with all its labels; validation items
-each epoch), generated answers and written profiles. Each kind of item is timed once on this machine with
-this base model (``measure``: real prompts of the task, a few seconds), so the estimate follows the
-task's prompt and label lengths, the model and the device. Prompts that carry retrieved items, shots or a
-profile are longer than the plain prompts measured: their items count in proportion to their tokens.
+The estimate times the calls the methods themselves make, on a small pilot of the run's own users, on
+this machine with this base model (``measure``, a few seconds on a short-prompt task):
 
-When the estimate is over the budget, the run is capped, in this order: each test user's training items
-(a seeded sample, the same for every method, baselines included, so methods stay comparable), then the
-number of test users. The caps go into the run's config, so the report shows them and a resumed run
-keeps them.
+- answering: ``setups.answer_examples`` with each method's own prompt builder (its shots, retrieved items
+  or profile) and decoding, so label scoring with all the task's labels and generation up to its real
+  stopping point are what is timed; the label-model methods' ``label_parts.shared_distribution``, which
+  scores a user at a time;
+- training: ``MultiUserTrainer`` steps on a user's real rows as each method builds them (several users
+  per step for a per-user module, pooled rows for the task adapter), and its validation loss;
+- PAG profiles written by the profile writer; and loading a base model into an engine.
+
+Each method's work is then counted from the run's users in those units (``method_seconds``); shared parts
+(the task adapter, profiles, a module store two methods use) count once, in the first method that needs
+them, as the run trains them there.
+
+When the estimate is over the budget, the run is capped, in this order (``fit_budget``): the number of
+test users (down to ``MIN_TEST_USERS``); then each test user's training items (a seeded sample, the same
+for every method, baselines included, so methods stay comparable); then the task adapter's examples. A cut
+of the users' items handicaps exactly the personal methods the benchmark compares, so it comes last among
+the users' cuts and the report says so in every row it touches. The caps go into the run's config, so the
+report shows them and a resumed run keeps them.
 """
 
 from __future__ import annotations
 
+import math
 import random
+import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
-from tailorlm.bench.config import BenchConfig
-from tailorlm.data.schema import Task, User
-from tailorlm.engine.batch import Row
+from tailorlm.bench.config import BenchConfig, split_users
+from tailorlm.data.schema import Example, Task, User
 from tailorlm.engine.engine import Engine
-from tailorlm.engine.generation import DecodeConfig
-from tailorlm.methods import label_models
+from tailorlm.methods import label_models, label_parts
 from tailorlm.methods.deps import MethodDeps
 from tailorlm.methods.personal import PersonalSetup
-from tailorlm.methods.recipes import PromptBuilder, Recipe
+from tailorlm.methods.profiles import Profiles
+from tailorlm.methods.recipes import Recipe
 from tailorlm.methods.registry import Method
-from tailorlm.methods.setups import TASK_ADAPTER, BaseSetup, TaskAdapterSetup
+from tailorlm.methods.setups import (
+    OPPU_PERSONAL,
+    TASK_ADAPTER,
+    Answerer,
+    BaseSetup,
+    TaskAdapterSetup,
+    answer_examples,
+    personal_job,
+    training_job,
+)
+from tailorlm.train.trainer import MultiUserTrainer, TrainConfig
 
-# Caps tried on each test user's training items, largest first; and the fewest test users a capped run
-# keeps (below this the confidence intervals say little).
-USER_ITEM_CAPS = (96, 64, 48, 32, 24, 16)
+# The fewest test users a capped run keeps (below this the confidence intervals say little); the caps
+# tried on each test user's training items once the users are down to that, loosest first; and the caps
+# on the task adapter's examples tried last.
 MIN_TEST_USERS = 8
-METHOD_OVERHEAD_S = 4.0  # loading a base model and building an engine, per method that uses one
+USER_ITEM_CAPS = (128, 96, 64, 48, 32, 24, 16, 12, 8)
+ADAPTER_EXAMPLE_CAPS = (128, 64)
+# The pilot: users of a training step (2 users x 4 rows, half a micro-batch); answers timed per recipe
+# (half a batch of ``decoding.answer`` when scoring labels, whose cost per item hardly depends on the batch;
+# a full batch when generating, whose steps cost about the same for 8 rows as for 16); and profiles
+# written (a full batch of the writer, for the same reason). Smaller pilots keep measuring short, which
+# the run's budget pays for.
+PILOT_USERS = 2
+PILOT_ANSWERS = 8
+PILOT_GENERATIONS = 16
+PILOT_PROFILES = 8
+
+PlanEntry = tuple[str, Method, str]  # (the run's key for the method, the method, its decoding)
 
 
 @dataclass(frozen=True)
 class Rates:
-    """Seconds per item on this machine: a training row (forward and backward, in a mixed-user batch),
-    a scored question (all its labels), a generated answer; and plain prompt tokens per item."""
+    """Seconds measured on this machine through the methods' own calls.
 
-    train_s: float
-    score_s: float
-    generate_s: float
-    prompt_tokens: float
-    item_tokens: float  # a history item's text and target, as retrieval and shots show it
+    ``answer_s``: per answered item, by ``answer_key(recipe, decoding)``; ``label_s``: per item scored
+    through ``label_parts.shared_distribution``, by ``label_key(recipe, purpose)`` ("answer" items come
+    a user's few test items at a time, "fit" items a user's training items at once); ``train_s``: per
+    training row of one epoch, by ``train_key(part, recipe)`` (part "personal" or "adapter");
+    ``validate_s``: per validation row of one epoch, by recipe tag; ``profile_s``: per PAG profile;
+    ``load_s``: a base model loaded into an engine; ``measure_s``: what measuring took (part of the
+    run's time)."""
+
+    load_s: float
+    answer_s: Mapping[str, float] = field(default_factory=dict)
+    label_s: Mapping[str, float] = field(default_factory=dict)
+    train_s: Mapping[str, float] = field(default_factory=dict)
+    validate_s: Mapping[str, float] = field(default_factory=dict)
+    profile_s: float = 0.0
+    measure_s: float = 0.0
+
+    def get(self, table: str, key: str) -> float:
+        """A rate the estimate needs; a missing one is a bug in ``needs`` (named, not a KeyError)."""
+        rates = getattr(self, table)
+        if key not in rates:
+            raise ValueError(f"the work estimate has no {table} rate for {key!r} (measured: {sorted(rates)})")
+        return rates[key]
 
 
-@dataclass
-class Work:
-    """Items of each kind a part of the run processes, in plain-prompt equivalents."""
+def answer_key(recipe: Recipe, decoding: str, bare: bool = False) -> str:
+    """``bare``: answered by the bare base model's engine (no module bank to run), not a module's."""
+    return f"{'bare' if bare else 'module'}:{recipe.tag}:{decoding}"
 
-    train: float = 0.0
-    score: float = 0.0
-    generate: float = 0.0
-    engines: int = 0
 
-    def seconds(self, rates: Rates) -> float:
-        return (
-            self.train * rates.train_s
-            + self.score * rates.score_s
-            + self.generate * rates.generate_s
-            + self.engines * METHOD_OVERHEAD_S
-        )
+def label_key(recipe: Recipe, purpose: str) -> str:
+    return f"{recipe.tag}:{purpose}"
 
-    def add(self, other: Work) -> None:
-        self.train += other.train
-        self.score += other.score
-        self.generate += other.generate
-        self.engines += other.engines
+
+def train_key(part: str, recipe: Recipe) -> str:
+    return f"{part}:{recipe.tag}"
 
 
 @dataclass(frozen=True)
 class Estimate:
-    seconds: float
+    """Seconds per method (by the run's key), the caps they assume and the rates they come from."""
+
     per_method: dict[str, float]
     rates: Rates
+
+    @property
+    def seconds(self) -> float:
+        """The whole run: measuring plus every method."""
+        return self.rates.measure_s + sum(self.per_method.values())
 
     def lines(self) -> list[str]:
         parts = ", ".join(f"{name} {s / 60:.1f}" for name, s in self.per_method.items() if s >= 30)
         return [
-            f"estimated {self.seconds / 60:.1f} min on this machine" + (f" (min: {parts})" if parts else "")
+            f"estimated {self.seconds / 60:.1f} min on this machine (measuring {self.rates.measure_s:.0f} s"
+            + (f"; min: {parts})" if parts else ")")
         ]
+
+
+def uses_task_adapter(method: Method) -> bool:
+    """Whether ``method`` answers through the task adapter (trained on other users' examples)."""
+    setup = method.setup
+    on_adapter = isinstance(setup, PersonalSetup) and setup.on_task_adapter
+    return on_adapter or isinstance(setup, (TaskAdapterSetup, *LABEL_SETUPS))
+
+
+def cuts(asked: BenchConfig, fitted: BenchConfig) -> dict[str, list[int | None]]:
+    """The caps the budget changed, each as [asked, fitted] (None: no cap)."""
+    names = ("test_users", "user_examples", "adapter_examples")
+    return {
+        name: [getattr(asked, name), getattr(fitted, name)]
+        for name in names
+        if getattr(asked, name) != getattr(fitted, name)
+    }
+
+
+# ---- what a plan needs measured -----------------------------------------------------------------------
+
+
+@dataclass
+class Needs:
+    """The rates a plan's estimate reads."""
+
+    answers: set[tuple[Recipe, str, bool]] = field(default_factory=set)  # (recipe, decoding, bare)
+    labels: set[Recipe] = field(default_factory=set)  # label-model methods' scoring
+    personal: set[Recipe] = field(default_factory=set)  # per-user module training
+    adapter: set[Recipe] = field(default_factory=set)  # task adapter training
+    profiles: bool = False
+
+
+def needs(plan: Iterable[PlanEntry]) -> Needs:
+    found = Needs()
+    for _, method, decoding in plan:
+        setup, recipe = method.setup, method.recipe
+        if setup is None:
+            continue
+        found.profiles |= recipe.profile
+        if isinstance(setup, BaseSetup | TaskAdapterSetup | PersonalSetup):
+            found.answers.add((recipe, decoding, isinstance(setup, BaseSetup)))
+        if isinstance(setup, TaskAdapterSetup):
+            found.adapter.add(recipe)
+        if isinstance(setup, PersonalSetup):
+            found.personal.add(recipe)
+            if setup.on_task_adapter:
+                found.adapter.add(recipe)
+        if isinstance(setup, LABEL_SETUPS):
+            found.labels.add(recipe)
+            found.adapter.add(recipe)
+            if isinstance(setup, label_models.SelectSetup):
+                found.personal.add(recipe)
+        if not isinstance(setup, KNOWN_SETUPS):  # counted by its answers alone (``method_seconds``)
+            found.answers.add((recipe, decoding, False))
+    return found
+
+
+LABEL_SETUPS = (label_models.BiasSetup, label_models.FusionSetup, label_models.SelectSetup)
+KNOWN_SETUPS = (BaseSetup, TaskAdapterSetup, PersonalSetup, *LABEL_SETUPS)
 
 
 # ---- measuring ----------------------------------------------------------------------------------------
 
 
-def _sample_rows(
-    task: Task, users: Sequence[User], per_user: int, count: int, seed: int
-) -> list[tuple[User, object]]:
-    """``per_user`` training items of each of ``count`` seeded users: the shape of a training step (a
-    user's rows share their prompt's start, which the engine runs once) and of answering a user."""
-    pool = [u for u in users if len(task.training_examples(u)) >= per_user] or list(users)
-    chosen = random.Random(seed).sample(pool, min(count, len(pool)))
-    return [(u, e) for u in chosen for e in task.training_examples(u)[:per_user]]
-
-
-def _timed(work, repeats: int = 2) -> float:
-    """Seconds per call of ``work`` after one call that pays one-off costs (allocations, kernel choice)."""
-    work()
+def _seconds(work: Callable[[], object]) -> float:
     started = time.perf_counter()
-    for _ in range(repeats):
-        work()
-    return (time.perf_counter() - started) / repeats
+    work()
+    return time.perf_counter() - started
 
 
-def measure(deps: MethodDeps, users: Sequence[User]) -> Rates:
-    """Time a training step, a scoring call and (generation tasks) a generation call on real plain
-    prompts of ``users`` (a batch as the trainer builds one: a few users, several rows each), on a fresh
-    base model with a LoRA bank."""
+def _pilot_users(task: Task, users: Sequence[User], count: int, seed: int) -> list[User]:
+    """A seeded sample of ``count`` users with training items (the shape of the run's users)."""
+    pool = [u for u in users if task.training_examples(u)] or list(users)
+    return random.Random(seed).sample(pool, min(count, len(pool)))
+
+
+def _sample(examples: Sequence[Example], count: int, seed: str) -> list[Example]:
+    """``count`` of ``examples`` drawn at random, so a pilot's rows have the lengths of all of them."""
+    return random.Random(seed).sample(list(examples), min(count, len(examples)))
+
+
+def _train_seconds_per_row(engine: Engine, jobs: list, config: TrainConfig) -> float:
+    """One epoch of ``jobs`` (their validation left out) through the trainer, per training row."""
+    rows = sum(len(job.train) for job in jobs)
+    trainer = MultiUserTrainer(engine, replace(config, epochs=1))
+    return _seconds(lambda: trainer.run([replace(job, val=[]) for job in jobs])) / max(1, rows)
+
+
+def measure(deps: MethodDeps, plan: Sequence[PlanEntry], users: Sequence[User]) -> Rates:
+    """Time what ``plan``'s methods will do, on a pilot of ``users`` (the run's test users) and
+    ``deps.adapter_users``, through the methods' own code (see the module's docstring). ``deps`` is the
+    run's; the pilot writes nothing into its folders (modules and profiles go to a scratch place)."""
+    started = time.perf_counter()
     task, settings = deps.task, deps.settings
-    queries = _sample_rows(task, users, settings.batch_size, 2, settings.seed)
-    if not queries:
-        raise ValueError(f"task {task.name}: no training items to measure the work on")
-    engine = Engine(deps.load_base(), TASK_ADAPTER.spec, slots=3, max_length=settings.max_length)
-    builder = PromptBuilder(task, engine.tokenizer, Recipe())
-    slot_of = {user.id: i + 1 for i, user in enumerate({u.id: u for u, _ in queries}.values())}
-    prompts = [builder.build(u, e).text for u, e in queries]
-    slots = [slot_of[u.id] for u, _ in queries]
-    rows = [Row(p, e.target, s) for p, (_, e), s in zip(prompts, queries, slots, strict=True)]
-    encoded = engine.encode(rows)
+    wanted = needs(plan)
+    pilot = _pilot_users(task, users, settings.answer_group, settings.seed)
+    if not pilot:
+        raise ValueError(f"task {task.name}: no users to measure the work on")
+    base = deps.load_base()  # the first load also reads the files: later loads, the run's, are warm
+    load_s = _seconds(deps.load_base)
+    engine = Engine(
+        base, TASK_ADAPTER.spec, slots=settings.users_per_step + 1, max_length=settings.max_length
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        profiles = Profiles(
+            task,
+            lambda: engine,
+            items=settings.profile_items,
+            seed=settings.seed,
+            max_new_tokens=settings.profile_tokens,
+        )
+        scratch_deps = replace(deps, modules=scratch, profiles=profiles, trace=None)
+        profile_s = 0.0
+        if wanted.profiles:  # one batch of profiles, as the writer makes them; later prompts show them
+            profile_s = _seconds(lambda: profiles.ensure(pilot[:PILOT_PROFILES])) / len(
+                pilot[:PILOT_PROFILES]
+            )
+        answer_s = _measure_answers(scratch_deps, engine, wanted, pilot)
+        label_s = _measure_labels(scratch_deps, engine, wanted, pilot)
+        train_s, validate_s = _measure_training(scratch_deps, engine, wanted, pilot)
+    return Rates(
+        load_s=load_s,
+        answer_s=answer_s,
+        label_s=label_s,
+        train_s=train_s,
+        validate_s=validate_s,
+        profile_s=profile_s,
+        measure_s=time.perf_counter() - started,
+    )
 
-    def step() -> None:
-        with engine.training():
-            sums, _ = engine.token_nll(encoded)
-            sums.sum().backward()
 
-    train_s = _timed(step) / len(rows)
-    if task.labels is not None:
-        score_s = _timed(lambda: engine.score_labels(prompts, slots, task.labels)) / len(rows)
-    else:
-        score_s = _timed(lambda: engine.score(rows)) / len(rows)
-    generate_s = score_s
-    if task.labels is None:
-        decode = DecodeConfig(max_new_tokens=settings.max_new_tokens)
-        generate_s = _timed(lambda: engine.generate(prompts, slots, decode), repeats=1) / len(rows)
-    tokens = [len(engine.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    items = [
-        engine.tokenizer(f"{e.text} {e.target}", add_special_tokens=False)["input_ids"] for _, e in queries
-    ]
-    return Rates(train_s, score_s, generate_s, sum(tokens) / len(tokens), sum(map(len, items)) / len(items))
+def _test_queries(users: Sequence[User], count: int) -> list[tuple[User, Example]]:
+    """Up to ``count`` test items, a user's together as the answerer groups them; a task with one test
+    item per user (LaMP) gets one of each of ``count`` users, a batch as the run answers them."""
+    return [(u, e) for u in users for e in u.test][:count]
 
 
-# ---- counting ------------------------------------------------------------------------------------------
+def _measure_answers(
+    deps: MethodDeps, engine: Engine, wanted: Needs, pilot: Sequence[User]
+) -> dict[str, float]:
+    """Per-item seconds of ``answer_examples`` for each (recipe, decoding, engine) the plan answers with:
+    the bare base's engine for the prompt-side methods (as ``deps.bare_engine`` builds it: no module
+    bank, about half the time of an engine with one on this machine), ``engine`` (a LoRA bank) for the
+    rest. Each engine first answers the pilot once, which pays what a method's first batch pays once
+    (allocations, kernel choice for the batch's shapes)."""
+    queries = _test_queries(pilot, PILOT_ANSWERS if deps.task.labels else PILOT_GENERATIONS)
+    rates: dict[str, float] = {}
+    if not queries or not wanted.answers:
+        return rates
+    used = {bare for _, _, bare in wanted.answers}
+    engines = {False: engine} if False in used else {}
+    if True in used:
+        engines[True] = deps.bare_engine()  # the scratch deps' own, built as the run's will be
+    plain = deps.builder(Recipe(), engine.tokenizer)
+    for bare, answering in engines.items():
+        first = next(d for _, d, b in wanted.answers if b == bare)
+        answer_examples(deps, "estimate", answering, plain, queries, [0] * len(queries), first)
+    for recipe, decoding, bare in sorted(wanted.answers, key=lambda a: (a[0].tag, a[1], a[2])):
+        builder = deps.builder(recipe, engine.tokenizer)
+        # A profile prompt of a user without one would write it inside the timing: only profiled users.
+        asked = _test_queries(pilot[:PILOT_PROFILES], len(queries)) if recipe.profile else queries
+        seconds = _seconds(
+            lambda b=builder, d=decoding, q=asked, e=engines[bare]: answer_examples(
+                deps, "estimate", e, b, q, [0] * len(q), d
+            )
+        )
+        rates[answer_key(recipe, decoding, bare)] = seconds / len(asked)
+    return rates
 
 
-def _length(recipe: Recipe, rates: Rates, settings) -> float:
-    """A recipe's prompt length over the plain prompt's."""
-    extra = 0.0
-    if recipe.retrieval:
-        extra += settings.k * rates.item_tokens
-    if recipe.shots:
-        extra += 3 * rates.item_tokens
+def _measure_labels(
+    deps: MethodDeps, engine: Engine, wanted: Needs, pilot: Sequence[User]
+) -> dict[str, float]:
+    rates: dict[str, float] = {}
+    for recipe in sorted(wanted.labels, key=lambda r: r.tag):
+        answerer = Answerer(
+            deps, "estimate", engine, deps.builder(recipe, engine.tokenizer), deps.settings.answer_group
+        )
+        asked = label_models.labelled_queries(deps.task, _test_queries(pilot, PILOT_ANSWERS))
+        if asked:
+            seconds = _seconds(lambda a=answerer, q=asked: label_parts.shared_distribution(a, q, "answer"))
+            rates[label_key(recipe, "answer")] = seconds / len(asked)
+        # A user's training items are scored in one call: two users' worth of a pilot batch.
+        fitted = [
+            (u, e)
+            for u in pilot[:2]
+            for e in _sample(deps.task.training_examples(u), PILOT_ANSWERS // 2, f"fit:{u.id}")
+        ]
+        fitted = label_models.labelled_queries(deps.task, fitted)
+        if fitted:
+            seconds = _seconds(lambda a=answerer, q=fitted: label_parts.shared_distribution(a, q, "train"))
+            rates[label_key(recipe, "fit")] = seconds / len(fitted)
+        rates.setdefault(label_key(recipe, "fit"), rates.get(label_key(recipe, "answer"), 0.0))
+        rates.setdefault(label_key(recipe, "answer"), rates[label_key(recipe, "fit")])
+    return rates
+
+
+def _measure_training(
+    deps: MethodDeps, engine: Engine, wanted: Needs, pilot: Sequence[User]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-row seconds of a trainer step for each recipe a per-user module or the task adapter trains
+    with, and of the validation loss after an epoch."""
+    settings = deps.settings
+    train_s: dict[str, float] = {}
+    validate_s: dict[str, float] = {}
+    personal = TrainConfig(
+        epochs=1,
+        batch_size=settings.batch_size,
+        learning_rate=OPPU_PERSONAL.learning_rate,
+        seed=settings.seed,
+        users_per_step=settings.users_per_step,
+    )
+    warmed = False
+    for recipe in sorted(wanted.personal | wanted.adapter, key=lambda r: r.tag):
+        builder = deps.builder(recipe, engine.tokenizer)
+        jobs = []
+        for user in pilot[:PILOT_USERS]:
+            job = personal_job(deps, builder, "estimate", user)
+            picked = _sample(range(len(job.train)), settings.batch_size, f"train:{user.id}")
+            jobs.append(replace(job, train=[job.train[i] for i in picked]))
+        if not warmed:  # a first step pays what the run's first step pays once
+            _train_seconds_per_row(engine, [replace(jobs[0], train=jobs[0].train[:1])], personal)
+            warmed = True
+        if recipe in wanted.personal:
+            train_s[train_key("personal", recipe)] = _train_seconds_per_row(engine, jobs, personal)
+        if recipe in wanted.adapter:
+            train_s[train_key("adapter", recipe)] = _adapter_row_seconds(deps, engine, builder, recipe)
+        val = [pair for job in jobs for pair in job.val][:PILOT_ANSWERS]
+        if val:
+            trainer = MultiUserTrainer(engine, personal)
+            validate_s[recipe.tag] = _seconds(lambda t=trainer, v=val: t.validation_loss(v, 1)) / len(val)
+        else:
+            validate_s[recipe.tag] = 0.0
+    return train_s, validate_s
+
+
+def _adapter_row_seconds(deps: MethodDeps, engine: Engine, builder, recipe: Recipe) -> float:
+    """One of the task adapter's steps on its own pooled rows (other users' examples), per row."""
+    settings = deps.settings
+    if not deps.adapter_users:
+        return 0.0
     if recipe.profile:
-        extra += settings.profile_tokens
-    return (rates.prompt_tokens + extra) / rates.prompt_tokens
+        deps.profiles.ensure(_pilot_users(deps.task, deps.adapter_users, PILOT_USERS, settings.seed))
+    pooled = [(u, e) for u in deps.adapter_users for e in deps.task.training_examples(u)]
+    picked = random.Random(settings.seed).sample(pooled, min(settings.adapter_batch_size, len(pooled)))
+    if recipe.profile:  # only the users whose profiles the pilot wrote
+        written = {u.id for u in _pilot_users(deps.task, deps.adapter_users, PILOT_USERS, settings.seed)}
+        picked = [(u, e) for u, e in pooled if u.id in written][: settings.adapter_batch_size]
+    job = training_job(deps, builder, "estimate", TaskAdapterSetup.USER, picked)
+    config = replace(TaskAdapterSetup.train_config(deps), epochs=1)
+    return _train_seconds_per_row(engine, [job], config)
 
 
-def _answers(task: Task, users: Sequence[User], factor: float) -> Work:
-    items = sum(len(u.test) for u in users) * factor
-    return Work(generate=items) if task.labels is None else Work(score=items)
+# ---- counting -----------------------------------------------------------------------------------------
 
 
-def _training(task: Task, users: Sequence[User], epochs: int, factor: float, cap: int | None) -> Work:
-    rows = sum(min(len(task.training_examples(u)), cap or 10**9) for u in users)
-    val = sum(len(u.val) for u in users)
-    return Work(train=rows * epochs * factor, score=val * epochs * factor)
+def _capped(task: Task, user: User, cap: int | None) -> int:
+    return min(len(task.training_examples(user)), cap or math.inf)
 
 
-def method_work(
+def method_seconds(
     method: Method,
+    decoding: str,
     task: Task,
     users: Sequence[User],
     adapter_users: Sequence[User],
     config: BenchConfig,
     rates: Rates,
     counted: set[str],
-) -> Work:
-    """The items ``method`` processes for ``users``; shared parts (a task adapter, profiles, a module
-    store two methods use) count once, the first time, by their key in ``counted``."""
+) -> float:
+    """The seconds ``method`` takes for ``users``; shared parts (the task adapter, profiles, the bare
+    engine, a module store two methods use) count once, the first time, by their key in ``counted``."""
     setup, recipe, settings = method.setup, method.recipe, config.method_settings()
-    work = Work()
     if setup is None:
-        return work
-    factor = _length(recipe, rates, settings)
-    work.engines = 1
+        return 0.0  # rule baselines count and sort a few thousand answers: no model, no measurable time
+    tag = recipe.tag
+    total = 0.0
+    answers = sum(len(u.test) for u in users)
+    val = sum(len(u.val) for u in users)
 
-    def once(key: str, part: Work) -> None:
+    def once(key: str, seconds: float) -> None:
+        nonlocal total
         if key not in counted:
             counted.add(key)
-            work.add(part)
+            total += seconds
+
+    def profiles(whose: str, count: int) -> None:
+        if recipe.profile:
+            once(f"profiles:{whose}", count * rates.profile_s)
 
     def adapter(shared: TaskAdapterSetup) -> None:
-        """The shared model's training; the joint one scores every label of an example with gradients,
-        counted as one training example (a label's few tokens continue from the prompt's cache)."""
+        """The shared model's training (its engine, an epoch's rows and validation each epoch)."""
         pooled = sum(len(task.training_examples(u)) for u in adapter_users)
         examples = min(pooled, config.adapter_examples or pooled)
-        key = f"{shared.STORE}:{recipe.tag}"
-        once(key, Work(train=examples * config.adapter_epochs * factor, engines=1))
+        checked = min(sum(len(u.val) for u in adapter_users), settings.adapter_val_examples)
+        profiles("adapter", len(adapter_users))
+        per_epoch = examples * rates.get("train_s", train_key("adapter", recipe)) + checked * rates.get(
+            "validate_s", tag
+        )
+        once(f"{shared.STORE}:{tag}", rates.load_s + settings.adapter_epochs * per_epoch)
 
     def personal(key: str) -> None:
-        once(key, _training(task, users, config.epochs, factor, config.user_examples))
+        rows = sum(_capped(task, u, config.user_examples) for u in users)
+        per_epoch = rows * rates.get("train_s", train_key("personal", recipe)) + val * rates.get(
+            "validate_s", tag
+        )
+        once(key, settings.epochs * per_epoch)
 
-    if recipe.profile:
-        once("profiles", Work(generate=len(users) * settings.profile_tokens / settings.max_new_tokens))
+    def biases(store: str) -> None:
+        fit = sum(_capped(task, u, config.user_examples) for u in users)
+        once(
+            f"biases:{store}:{tag}",
+            fit * rates.get("label_s", label_key(recipe, "fit"))
+            + val * rates.get("label_s", label_key(recipe, "answer")),
+        )
+
+    label_answer = rates.label_s.get(label_key(recipe, "answer"), 0.0)
     if isinstance(setup, BaseSetup):
-        work.add(_answers(task, users, factor))
+        once("bare", rates.load_s)
+        profiles("test", len(users))
+        total += answers * rates.get("answer_s", answer_key(recipe, decoding, bare=True))
     elif isinstance(setup, TaskAdapterSetup):
         adapter(setup)
-        work.add(_answers(task, users, factor))
+        profiles("test", len(users))
+        total += rates.load_s + answers * rates.get("answer_s", answer_key(recipe, decoding))
     elif isinstance(setup, PersonalSetup):
         if setup.on_task_adapter:
             adapter(TaskAdapterSetup())
+        profiles("test", len(users))
         personal(f"personal:{method.name}")
-        work.add(_answers(task, users, factor))
-    elif isinstance(setup, label_models.BiasSetup | label_models.FusionSetup | label_models.SelectSetup):
-        # Fusion and oppu-select stand on the plain task adapter and its biases (``BiasSetup()``).
-        biased = setup if isinstance(setup, label_models.BiasSetup) else label_models.BiasSetup()
-        adapter(biased.shared)
-        fit = sum(min(len(task.training_examples(u)), config.user_examples or 10**9) for u in users)
-        val = sum(len(u.val) for u in users)
-        once(f"biases:{biased.store}:{recipe.tag}", Work(score=fit + val))
-        if isinstance(setup, label_models.SelectSetup):
-            personal(f"personal:{setup.MODULE_METHOD}")
-            work.add(Work(score=2 * val))
-        work.add(_answers(task, users, factor))
-    else:  # a setup this estimate does not know: count its answers at least
-        work.add(_answers(task, users, factor))
-    return work
+        total += rates.load_s + answers * rates.get("answer_s", answer_key(recipe, decoding))
+    elif isinstance(setup, label_models.BiasSetup):
+        adapter(setup.shared)
+        biases(setup.store)
+        total += rates.load_s + answers * label_answer
+    elif isinstance(setup, label_models.FusionSetup):
+        adapter(TaskAdapterSetup())
+        total += rates.load_s + (val + answers) * label_answer
+    elif isinstance(setup, label_models.SelectSetup):
+        adapter(TaskAdapterSetup())
+        personal(f"personal:{setup.MODULE_METHOD}")
+        biases(label_models.BiasSetup().store)
+        # two engines (its modules' and its biases'), both scored on validation, each user answered once
+        total += 2 * rates.load_s + (2 * val + answers) * label_answer
+    else:  # a setup this estimate does not know (the blend): its engine and its answers at least
+        total += rates.load_s + answers * rates.answer_s.get(answer_key(recipe, decoding), 0.0)
+    return total
 
 
 def estimate(
-    methods: Sequence[Method],
+    plan: Sequence[PlanEntry],
     task: Task,
     users: Sequence[User],
     adapter_users: Sequence[User],
@@ -246,49 +492,68 @@ def estimate(
 ) -> Estimate:
     counted: set[str] = set()
     per_method = {
-        m.name: method_work(m, task, users, adapter_users, config, rates, counted).seconds(rates)
-        for m in methods
+        key: method_seconds(method, decoding, task, users, adapter_users, config, rates, counted)
+        for key, method, decoding in plan
     }
-    return Estimate(sum(per_method.values()), per_method, rates)
+    return Estimate(per_method, rates)
 
 
 def fit_budget(
-    methods: Sequence[Method],
-    task: Task,
-    users: Sequence[User],
-    adapter_users: Sequence[User],
-    config: BenchConfig,
-    rates: Rates,
+    plan: Sequence[PlanEntry], task: Task, config: BenchConfig, rates: Rates
 ) -> tuple[BenchConfig, Estimate]:
-    """``config`` with the loosest caps whose estimate fits ``config.budget_minutes`` (per-user training
-    items first, then test users, never below ``MIN_TEST_USERS``), and that estimate. A run that fits
-    as it is keeps its config."""
-    budget = config.budget_minutes * 60 if config.budget_minutes else None
-    current = estimate(methods, task, users, adapter_users, config, rates)
-    if budget is None or current.seconds <= budget:
+    """``config`` with the loosest caps whose estimate fits ``config.budget_minutes``, and that
+    estimate: fewer test users first (never below ``MIN_TEST_USERS``), then fewer training items per test
+    user, then fewer task-adapter examples (each loosest first). A run that fits keeps its config; one
+    that does not fit even fully capped gets the tightest caps (its estimate says by how much)."""
+
+    def sized(candidate: BenchConfig) -> Estimate:
+        test, adapter = split_users(task, candidate)
+        return estimate(plan, task, test, adapter, candidate, rates)
+
+    current = sized(config)
+    if config.budget_minutes is None:
         return config, current
-    largest = max((len(task.training_examples(u)) for u in users), default=0)
+    budget = config.budget_minutes * 60
+
+    def fits(candidate: BenchConfig) -> tuple[bool, Estimate]:
+        found = sized(candidate)
+        return found.seconds <= budget, found
+
+    if current.seconds <= budget:
+        return config, current
+    users = len(split_users(task, config)[0])
+    for count in range(users - 1, MIN_TEST_USERS - 1, -1):
+        config = replace(config, test_users=count)
+        ok, current = fits(config)
+        if ok:
+            return config, current
+    test, _ = split_users(task, config)
+    largest = max((len(task.training_examples(u)) for u in test), default=0)
     for cap in (c for c in USER_ITEM_CAPS if c < largest):
-        capped = replace(config, user_examples=cap)
-        current = estimate(methods, task, users, adapter_users, capped, rates)
-        if current.seconds <= budget:
-            return capped, current
-    config = capped if largest > USER_ITEM_CAPS[-1] else config
-    count = len(users)
-    while count > MIN_TEST_USERS and current.seconds > budget:
-        count = max(MIN_TEST_USERS, int(count * budget / current.seconds))
-        current = estimate(methods, task, users[:count], adapter_users, config, rates)
-        if count == MIN_TEST_USERS:
-            break
-    return replace(config, test_users=count), current
+        config = replace(config, user_examples=cap)
+        ok, current = fits(config)
+        if ok:
+            return config, current
+    for cap in ADAPTER_EXAMPLE_CAPS:
+        if config.adapter_examples is not None and cap >= config.adapter_examples:
+            continue
+        config = replace(config, adapter_examples=cap)
+        ok, current = fits(config)
+        if ok:
+            return config, current
+    return config, current
 
 
-def cap_training_items(task: Task, users: Sequence[User], cap: int | None, seed: int) -> None:
+def cap_training_items(task: Task, users: Sequence[User], cap: int | None, seed: int) -> dict[str, int]:
     """Keep at most ``cap`` of each user's training items (a seeded sample, in their order), in place:
-    every method, the baselines too, then sees the same items."""
+    every method, the baselines too, then sees the same items. Returns each cut user's item count before
+    the cut, by user id."""
+    cut: dict[str, int] = {}
     if cap is None:
-        return
+        return cut
     for user in users:
         if len(user.train) > cap:
+            cut[user.id] = len(user.train)
             keep = set(random.Random(f"{seed}:{user.id}").sample(range(len(user.train)), cap))
             user.train = [e for i, e in enumerate(user.train) if i in keep]
+    return cut

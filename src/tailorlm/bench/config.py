@@ -32,8 +32,9 @@ class BenchConfig:
     batch_size: int = 4
     adapter_epochs: int = 1
     profile_items: int = 10
-    # The quick profile's time budget (``bench.budget``): over it, a run caps each test user's training
-    # items, then its test users. None: no budget. The CLI's quick runs default to 15 minutes.
+    # The quick profile's time budget (``bench.budget``): over it, a run cuts its test users, then each
+    # test user's training items, then the task adapter's examples. None: no budget. The CLI's quick
+    # runs default to 15 minutes.
     budget_minutes: float | None = None
     user_examples: int | None = None  # cap on each test user's training items (a seeded sample)
 

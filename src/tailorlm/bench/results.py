@@ -25,6 +25,7 @@ RUN_FILE = "run.json"
 PREDICTIONS_DIR = "predictions"
 RESULTS_FILE = "results.json"
 FAILURES_FILE = "failures.json"
+TIMING_FILE = "timing.json"
 SCHEMA_VERSION = 1
 
 SEED = 0
@@ -177,6 +178,45 @@ def read_failures(run_dir: str | Path) -> dict[str, str]:
     }
 
 
+def read_timing(run_dir: str | Path) -> dict[str, Any]:
+    """``timing.json`` (written by the runner's ``RunFolder``): the work estimate, the budget's cuts and
+    what each method took; empty for a run that made no estimate."""
+    path = Path(run_dir) / TIMING_FILE
+    if not path.is_file():
+        return {}
+    timing = _read_json(path)
+    if not isinstance(timing, dict):
+        raise ReportError(f"{path}: expected a JSON object")
+    return timing
+
+
+def _timing_summary(name: str, timing: Mapping[str, Any]) -> dict[str, Any]:
+    """A method's estimated and actual seconds and their ratio (estimate / actual)."""
+    estimated = (timing.get("estimate") or {}).get(name)
+    actual = ((timing.get("actual") or {}).get(name) or {}).get("seconds")
+    ratio = estimated / actual if estimated is not None and actual else None
+    return {"estimated_seconds": estimated, "actual_seconds": actual, "estimate_ratio": ratio}
+
+
+def _cut_notes(entry: Mapping[str, Any], run: Mapping[str, Any], timing: Mapping[str, Any]) -> list[str]:
+    """What the budget's caps took from this method: the users' training items (every method that reads
+    a test user's own data), the task adapter's examples (every method that stands on it)."""
+    notes = []
+    users = run["users"]
+    before = {u: e["train_before_cap"] for u, e in users.items() if "train_before_cap" in e}
+    if before and entry.get("personal", True):
+        cap = run.get("config", {}).get("user_examples")
+        kept = sum(users[u]["train"] for u in before)
+        notes.append(
+            f"training items cut to {cap} per user ({len(before)} of {len(users)} users; "
+            f"{kept} of {sum(before.values())} of their items kept)"
+        )
+    adapter = (timing.get("budget_cuts") or {}).get("adapter_examples")
+    if adapter and entry.get("uses_task_adapter"):
+        notes.append(f"task adapter cut to {adapter[1]} examples (asked {adapter[0] or 'all'})")
+    return notes
+
+
 # --- per-method statistics ---------------------------------------------------------------------------------
 
 
@@ -227,7 +267,12 @@ def _metric_summary(scored: Mapping[str, Any], name: str) -> dict[str, float]:
 
 
 def _method_summary(
-    name: str, entry: Mapping[str, Any], run: Mapping[str, Any], run_dir: Path, failed: str | None = None
+    name: str,
+    entry: Mapping[str, Any],
+    run: Mapping[str, Any],
+    run_dir: Path,
+    failed: str | None = None,
+    timing: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One method's figures; ``failed`` is why it stopped while running. Predictions that cannot be read or
     scored fail this method alone: the others are still scored and reported."""
@@ -256,6 +301,8 @@ def _method_summary(
         "n_users": scored["n_users"] if scored else 0,
         "n_examples": scored["n_examples"] if scored else 0,
         "seconds": float(sum(line["seconds"] for line in lines.values())),
+        **_timing_summary(name, timing or {}),
+        "cuts": _cut_notes(entry, run, timing or {}),
         "metrics": {m: _metric_summary(scored, m) for m in scored["metrics"]} if scored else {},
         "per_user": scored["per_user"] if scored else {},
     }
@@ -374,8 +421,9 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     primary = task["metrics"][0]
     lower = primary in metrics.LOWER_IS_BETTER
     failures = read_failures(run_dir)
+    timing = read_timing(run_dir)
     methods = {
-        name: _method_summary(name, entry, run, run_dir, failures.get(name))
+        name: _method_summary(name, entry, run, run_dir, failures.get(name), timing)
         for name, entry in run["methods"].items()
     }
     order = ranking(methods, primary, lower)
@@ -414,8 +462,21 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         },
         "ranking": order,
         "references": references,
+        "timing": _run_timing(timing),
         "methods": methods,
         "warnings": _warnings(run, methods, run_dir),
+    }
+
+
+def _run_timing(timing: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's estimated seconds (measuring included) against its wall time, and the budget's cuts."""
+    estimate = timing.get("estimate")
+    measured = float(timing.get("measure_seconds") or 0.0)
+    return {
+        "measure_seconds": measured if estimate is not None else None,
+        "estimated_seconds": measured + sum(estimate.values()) if estimate is not None else None,
+        "run_seconds": timing.get("run_seconds"),
+        "budget_cuts": timing.get("budget_cuts") or {},
     }
 
 

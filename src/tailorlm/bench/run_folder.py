@@ -8,7 +8,8 @@
 - ``profiles.json``: the PAG profiles written so far;
 - ``lamp/<method>.json``: predictions in LaMP's outputs format (written by the runner for LaMP tasks);
 - ``failures.json``: the methods that failed while running, each with its one-line reason and traceback
-  (cleared when a resumed run finishes the method).
+  (cleared when a resumed run finishes the method);
+- ``timing.json``: the work estimate per method (``bench.budget``) and the seconds each method then took.
 
 ``results.json`` and the report, read from these, belong to ``bench.results`` and ``bench.report``.
 """
@@ -22,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tailorlm.bench.config import BenchConfig
-from tailorlm.bench.results import FAILURES_FILE, PREDICTIONS_DIR, RUN_FILE
+from tailorlm.bench.results import FAILURES_FILE, PREDICTIONS_DIR, RUN_FILE, TIMING_FILE
 from tailorlm.data.schema import Task, User
 from tailorlm.files import atomic_write_text, json_text
 
@@ -75,8 +76,10 @@ class RunFolder:
         test_users: list[User],
         adapter_users: list[User],
         methods: dict[str, dict],
+        items_before_cap: dict[str, int] | None = None,
     ) -> None:
-        """Record the run; refuses a folder that holds another run, adds to one that holds this run."""
+        """Record the run; refuses a folder that holds another run, adds to one that holds this run.
+        ``items_before_cap``: the training items each user had before the run's cap cut them."""
         path = self.root / RUN_FILE
         identity = self.identity(task, config, test_users)
         previous = json.loads(path.read_text()) if path.is_file() else None
@@ -102,6 +105,11 @@ class RunFolder:
                     "train": len(task.training_examples(u)),
                     "val": len(u.val),
                     "test": len(u.test),
+                    **(
+                        {"train_before_cap": items_before_cap[u.id]}
+                        if items_before_cap and u.id in items_before_cap
+                        else {}
+                    ),
                 }
                 for u in test_users
             },
@@ -111,6 +119,43 @@ class RunFolder:
         }
         self.root.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2))
+
+    # ---- timing.json -------------------------------------------------------------------------------
+
+    def _timing(self) -> dict:
+        path = self.root / TIMING_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def record_estimate(
+        self,
+        per_method: dict[str, float],
+        measure_seconds: float,
+        cuts: dict[str, list],
+        rates: dict | None = None,
+    ) -> None:
+        """The work estimate the run started with and the caps its budget changed (each [asked, fitted]);
+        a resumed run keeps the first."""
+        timing = self._timing()
+        if "estimate" in timing:
+            return
+        timing.update(
+            {"measure_seconds": measure_seconds, "estimate": per_method, "budget_cuts": cuts, "rates": rates}
+        )
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.root / TIMING_FILE, json_text(timing) + "\n")
+
+    def record_actual(self, method_key: str, seconds: float, users: int) -> None:
+        """What ``method_key`` took in this process for ``users`` users (a resumed method: its rest)."""
+        timing = self._timing()
+        timing.setdefault("actual", {})[method_key] = {"seconds": seconds, "users": users}
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.root / TIMING_FILE, json_text(timing) + "\n")
+
+    def record_run_seconds(self, seconds: float) -> None:
+        """The whole run's wall time, measuring and scoring included."""
+        timing = self._timing()
+        timing["run_seconds"] = seconds
+        atomic_write_text(self.root / TIMING_FILE, json_text(timing) + "\n")
 
     # ---- predictions -------------------------------------------------------------------------------
 

@@ -10,7 +10,9 @@ task adapter's users (``bench.config``), and the run folder (``bench.run_folder`
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +40,7 @@ def _method_record(method: Method, decoding: str) -> dict:
         "description": method.description,
         "decoding": decoding,
         "personal": method.personal,
+        "uses_task_adapter": budget.uses_task_adapter(method),
     }
 
 
@@ -65,17 +68,23 @@ def run(
     decides where per-user modules train (default: this process).
     ``estimate_work`` (or a budget in ``config``) measures this machine and prints the run's estimated
     time first; over the budget, the run is capped (``bench.budget``)."""
+    started = time.perf_counter()
     config = config or BenchConfig()
     folder = RunFolder(out_dir)
     task = load_task(task_name, data_dir=data_dir, split=split, seed=config.seed)
-    chosen = resolve(task, methods)
     reporter = reporter or Reporter()
+    plan = []
+    for method, override in resolve(task, methods):
+        decoding = _decoding_for(task, method, override, config)
+        key = method.name if override is None else f"{method.name}@{decoding}"
+        plan.append((key, method, decoding))
+    estimate, asked = None, config
     if estimate_work or config.budget_minutes is not None:
-        config = _sized(folder, task, [m for m, _ in chosen], config, reporter)
+        config, estimate = _sized(folder, task, plan, config, reporter)
     test_users, adapter_users = split_users(task, config)
     if not test_users:
         raise ValueError(f"task {task.name} has no user with both training and test items")
-    budget.cap_training_items(task, test_users, config.user_examples, config.seed)
+    items_before_cap = budget.cap_training_items(task, test_users, config.user_examples, config.seed)
     deps = MethodDeps(
         task,
         base_loader(config.model, config.device, config.dtype),
@@ -87,14 +96,21 @@ def run(
         runner=runner or LocalRunner(),
         profile_cache=folder.profiles,
     )
-    plan = []
-    for method, override in chosen:
-        decoding = _decoding_for(task, method, override, config)
-        key = method.name if override is None else f"{method.name}@{decoding}"
-        plan.append((key, method, decoding))
     folder.write_run_file(
-        task, config, test_users, adapter_users, {key: _method_record(m, d) for key, m, d in plan}
+        task,
+        config,
+        test_users,
+        adapter_users,
+        {key: _method_record(m, d) for key, m, d in plan},
+        items_before_cap,
     )
+    if estimate is not None:
+        folder.record_estimate(
+            estimate.per_method,
+            estimate.rates.measure_s,
+            budget.cuts(asked, config),
+            dataclasses.asdict(estimate.rates),
+        )
     reporter.log(
         f"{task.name}: {len(test_users)} test users, {len(adapter_users)} other users for the "
         f"task adapter; {len(plan)} methods -> {folder.root}"
@@ -103,24 +119,49 @@ def run(
         _run_and_score(deps, folder, test_users, key, method, decoding)
     if task.spec.family == "lamp":
         _write_lamp_outputs(task, folder, [key for key, _, _ in plan], reporter)
+    folder.record_run_seconds(time.perf_counter() - started)
     results = write_results(folder.root)
     report.write_report(folder.root, results)
+    for line in _timing_lines(results):
+        reporter.log(line)
     return results
 
 
+def _timing_lines(results: dict[str, Any]) -> list[str]:
+    """Estimate against actual per method, printed at the end of a run."""
+    timing = results.get("timing") or {}
+    if not timing.get("estimated_seconds"):
+        return []
+    lines = [
+        f"time: estimated {timing['estimated_seconds'] / 60:.1f} min, took "
+        f"{(timing.get('run_seconds') or 0) / 60:.1f} min (measuring {timing['measure_seconds']:.0f} s)"
+    ]
+    for key, method in results["methods"].items():
+        if not method.get("estimated_seconds") or not method.get("actual_seconds"):
+            continue  # a rule baseline (no model, nothing estimated) or a method that did not run
+        lines.append(
+            f"time: {key}: estimated {method['estimated_seconds']:.0f} s, took "
+            f"{method['actual_seconds']:.0f} s (estimate/actual {method['estimate_ratio']:.2f})"
+        )
+    return lines
+
+
 def _sized(
-    folder: RunFolder, task: Task, methods: list[Method], config: BenchConfig, reporter: Reporter
-) -> BenchConfig:
-    """``config`` within its budget, its estimate printed. A resumed run keeps the caps it started with
-    (a new measurement could choose others, and the run's users must stay the same)."""
+    folder: RunFolder, task: Task, plan: list[budget.PlanEntry], config: BenchConfig, reporter: Reporter
+) -> tuple[BenchConfig, budget.Estimate | None]:
+    """``config`` within its budget, and its estimate, printed. A resumed run keeps the caps it started
+    with (a new measurement could choose others, and the run's users must stay the same)."""
     previous = folder.recorded_config()
     if previous is not None and config.budget_minutes is not None:
         config = replace(
-            config, test_users=previous.get("test_users"), user_examples=previous.get("user_examples")
+            config,
+            test_users=previous.get("test_users"),
+            user_examples=previous.get("user_examples"),
+            adapter_examples=previous.get("adapter_examples"),
         )
     test_users, adapter_users = split_users(task, config)
     if not test_users:
-        return config
+        return config, None
     deps = MethodDeps(
         task,
         base_loader(config.model, config.device, config.dtype),
@@ -128,21 +169,32 @@ def _sized(
         config.method_settings(),
         adapter_users=adapter_users,
     )
-    rates = budget.measure(deps, test_users)
-    asked = budget.estimate(methods, task, test_users, adapter_users, config, rates)
+    rates = budget.measure(deps, plan, test_users)
+    asked = budget.estimate(plan, task, test_users, adapter_users, config, rates)
     for line in asked.lines():
         reporter.log(f"{task.name}: {line}")
-    fitted = config
+    fitted, estimate = config, asked
     if previous is None:
-        fitted, estimate = budget.fit_budget(methods, task, test_users, adapter_users, config, rates)
+        fitted, estimate = budget.fit_budget(plan, task, config, rates)
         if fitted != config:
             reporter.log(
-                f"{task.name}: over the {config.budget_minutes:g}-minute budget, so capped at "
-                f"{fitted.test_users} test users and {fitted.user_examples or 'all'} training items per "
-                f"user: {estimate.lines()[0]} (--budget to change it)"
+                f"{task.name}: over the {config.budget_minutes:g}-minute budget, so " + _caps(fitted)
             )
+            reporter.log(f"{task.name}: {estimate.lines()[0]} (--budget to change it)")
+        if estimate.seconds > (config.budget_minutes or math.inf) * 60:
+            reporter.log(f"{task.name}: even capped, the run is estimated over its budget")
+    del deps
     gc.collect()
-    return fitted
+    return fitted, estimate
+
+
+def _caps(config: BenchConfig) -> str:
+    said = f"capped at {config.test_users} test users"
+    if config.user_examples is not None:
+        said += f", {config.user_examples} training items per user"
+    if config.adapter_examples is not None:
+        said += f", {config.adapter_examples} task-adapter examples"
+    return said
 
 
 def _write_lamp_outputs(task: Task, folder: RunFolder, keys: list[str], reporter: Reporter) -> None:
@@ -196,7 +248,9 @@ def _run_method(
     for done, (user, predictions, seconds) in enumerate(method.run(deps, pending, decoding), start=1):
         folder.append(key, user, predictions, seconds)
         advance(done, len(pending))
-    deps.reporter.log(f"{key}: {len(pending)} users in {time.perf_counter() - started:.0f} s")
+    took = time.perf_counter() - started
+    folder.record_actual(key, took, len(pending))
+    deps.reporter.log(f"{key}: {len(pending)} users in {took:.0f} s")
     # The method's engines (a base model copy each) are garbage once its generator is done: free them
     # before the next method loads its own.
     gc.collect()

@@ -85,8 +85,9 @@ def bench_command(
         "--budget",
         min=0,
         help=f"Minutes a run may take on this machine (quick runs: {QUICK_BUDGET_MINUTES:g} unless given; "
-        "--full: none unless given; 0: none). The work is estimated first; over the budget, each test "
-        "user's training items and then the test users are capped, and the report says so.",
+        "--full: none unless given; 0: none). The work is estimated first by timing the methods' own calls; "
+        "over the budget, the test users are cut first, then each test user's training items, then the task "
+        "adapter's examples, and the report says so in the rows they touch.",
     ),
     backend: str = BACKEND_OPTION,
     workers: int | None = WORKERS_OPTION,
@@ -96,7 +97,7 @@ def bench_command(
 ) -> None:
     """Benchmark personalization methods on one task; resumes an interrupted run in the same --out."""
     from tailorlm.bench import runner
-    from tailorlm.bench.report.tables import failed_methods
+    from tailorlm.bench.report.tables import failed_methods, timing_rows
     from tailorlm.bench.results import ReportError
     from tailorlm.bench.run_folder import RunFolderError
     from tailorlm.cli.report_table import console_table
@@ -140,6 +141,9 @@ def bench_command(
 
     def render(_: dict) -> None:
         console.out.print(console_table(results))
+        headers, rows = timing_rows(results)
+        if rows:
+            console.out.print(console.table("time: estimate against actual", headers, rows))
         console.out.print(f"report: {out / 'report.html'}", highlight=False)
 
     console.emit(results, as_json, render)

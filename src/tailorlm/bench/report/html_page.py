@@ -21,6 +21,7 @@ from tailorlm.bench.report.tables import (
     notes,
     sense,
     setting_rows,
+    timing_rows,
 )
 from tailorlm.bench.results import ALPHA
 
@@ -77,6 +78,8 @@ def render_html(results: Results, pngs: Mapping[str, bytes]) -> str:
         else f"<h2>By activity</h2><p>{html.escape(activity_caption(activity, results))}</p>"
         f"{_html_table(*activity_rows(activity, results), partial=_partial(results, activity.means))}"
     )
+    timing_headers, timing = timing_rows(results)
+    times = "<h2>Time: estimate against actual</h2>" + _html_table(timing_headers, timing) if timing else ""
     return (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         f"<style>{_CSS}</style></head><body>"
@@ -89,7 +92,7 @@ def render_html(results: Results, pngs: Mapping[str, bytes]) -> str:
         f"delta = method - reference; significant at p &lt; {ALPHA}.</p>"
         f"{_html_table(*comparison_rows(results), partial=partial)}"
         f"{by_activity_section}"
-        f"<h2>Plots</h2>{figures}"
+        f"<h2>Plots</h2>{figures}{times}"
         f"<h2>Task and configuration</h2>{_html_table(['setting', 'value'], setting_rows(results))}"
         f"<h2>Notes</h2><ul>{items}</ul>"
         "</body></html>\n"

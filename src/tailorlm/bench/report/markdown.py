@@ -14,6 +14,7 @@ from tailorlm.bench.report.tables import (
     notes,
     sense,
     setting_rows,
+    timing_rows,
 )
 from tailorlm.bench.results import ALPHA
 
@@ -23,6 +24,21 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
     return "\n".join([line(headers), line(["---"] * len(headers)), *(line(r) for r in rows)])
+
+
+def _timing_section(results: Results) -> list[str]:
+    headers, rows = timing_rows(results)
+    if not rows:
+        return []
+    cuts = (results.get("timing") or {}).get("budget_cuts") or {}
+    said = "; ".join(f"{name} {asked} -> {got}" for name, (asked, got) in cuts.items())
+    return [
+        "## Time: estimate against actual",
+        "The work estimate made before the run (timed on this machine through the methods' own calls) "
+        "against what each method then took. "
+        + (f"The time budget cut: {said}." if said else "The time budget cut nothing."),
+        _md_table(headers, rows),
+    ]
 
 
 def render_markdown(results: Results, plot_files: Mapping[str, str]) -> str:
@@ -52,6 +68,7 @@ def render_markdown(results: Results, plot_files: Mapping[str, str]) -> str:
         *by_activity_parts,
         "## Plots",
         *(f"![{PLOTS[key][0]}]({path})" for key, path in plot_files.items()),
+        *_timing_section(results),
         "## Task and configuration",
         _md_table(["setting", "value"], setting_rows(results)),
         "## Notes",

@@ -62,10 +62,12 @@ def method_label(results: Results, name: str) -> str:
 
 
 def users_cell(method: Mapping[str, Any]) -> str:
-    """Users done out of expected, e.g. "20/30 (partial)" or "0/30 (failed)"."""
+    """Users done out of expected, e.g. "20/30 (partial)" or "0/30 (failed)", and what the time budget
+    cut from the method ("8/8; training items cut to 16 per user (...)"), so the row says so."""
     done = f"{method['users_done']}/{method['users_expected']}"
     state = _state(method)
-    return done if state is None else f"{done} ({state})"
+    cell = done if state is None else f"{done} ({state})"
+    return "; ".join([cell, *method.get("cuts", [])])
 
 
 def failed_methods(results: Results) -> dict[str, str]:
@@ -128,6 +130,25 @@ def method_rows(results: Results) -> tuple[list[str], list[list[str]]]:
             row += [_ci_cell(summary), num(summary["pooled"])] if summary else ["-", "-"]
         row += [users_cell(method), str(method["n_examples"]), num(method["seconds"], 1)]
         rows.append(row)
+    return headers, rows
+
+
+def timing_rows(results: Results) -> tuple[list[str], list[list[str]]]:
+    """Per method that runs a model: the work estimate made before the run, the seconds it took, their
+    ratio; then the whole run (measuring, scoring and the rule baselines included). No rows for a run
+    that made no estimate."""
+    headers = ["method", "estimated s", "actual s", "estimate / actual"]
+    timing = results.get("timing") or {}
+    if timing.get("estimated_seconds") is None:
+        return headers, []
+    rows = []
+    for name, method in results["methods"].items():
+        estimated, actual = method.get("estimated_seconds"), method.get("actual_seconds")
+        if estimated is None or (not estimated and (actual or 0) < 1):
+            continue  # a rule baseline: no model, nothing to estimate
+        ratio = method.get("estimate_ratio")
+        rows.append([name, num(estimated, 0), num(actual, 0), num(ratio, 2)])
+    rows.append(["whole run", num(timing["estimated_seconds"], 0), num(timing.get("run_seconds"), 0), "-"])
     return headers, rows
 
 
