@@ -107,7 +107,7 @@ def test_stock_peft_loads_the_exported_base_and_adapters_with_the_engines_logits
         assert engine_and_peft_logits(service, item.user_id, item.path) <= TOLERANCE
     command = commands(exported)["serve"]
     assert shlex.split(command)[:3] == ["vllm", "serve", exported.base]
-    assert "--max-lora-rank 8" in command
+    assert "--max-lora-rank 8" in command and " --dtype float32 " in command
     assert vllm_lora_modules(command) == {e.name: str(e.path.resolve()) for e in exported.users}
     saved = json.loads((out / MANIFEST_FILE).read_text())
     assert [(u["user"], u["served_name"], u["path"]) for u in saved["users"]] == [
@@ -368,3 +368,13 @@ def test_the_real_base_exported_with_a_task_adapter_gives_the_engines_logits(tmp
     print(f"max |logit difference|, engine against stock PEFT over the exported base: {difference:.2e}")
     assert difference <= TOLERANCE
     service.close()
+
+
+def test_a_base_trained_in_bf16_is_written_and_served_in_bf16(service, tmp_path, make_base):
+    """``--dtype auto`` may train a store's users on a bf16 base: the export writes that base as it is and
+    tells vLLM its dtype, not fp32 (an fp32 export still says float32: the test above)."""
+    in_bf16 = UserService(service.store, load_base=lambda: make_base("bf16"))
+    exported = export_users(in_bf16, ["ann"], tmp_path / "out")
+    assert exported.dtype == "bfloat16" and " --dtype bfloat16 " in commands(exported)["serve"]
+    written = json.loads((tmp_path / "out" / "base" / "config.json").read_text())
+    assert written.get("torch_dtype", written.get("dtype")) == "bfloat16"

@@ -85,6 +85,9 @@ _IGNORED_BY_SERVERS = {
 }
 
 
+VLLM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
 @dataclass(frozen=True)
 class Exported:
     user_id: str
@@ -103,6 +106,9 @@ class Export:
     base: str  # the model the command serves: OUT/base or OUT/base.gguf (absolute), or --served-name
     users: list[Exported]
     task_adapter: Path | None = None  # gguf: the store's task adapter, applied with every user's
+    # The base's dtype, as vLLM names it: the one the modules were trained on (``--dtype auto`` may have
+    # chosen bf16), written as it is and served as it is.
+    dtype: str = "float32"
 
     @property
     def max_lora_rank(self) -> int:
@@ -184,7 +190,7 @@ def export_users(
             task_adapter,
             [source for _, _, source, _ in plans],
         )
-    result = Export(out, format, base_name, users)
+    result = Export(out, format, base_name, users, dtype=VLLM_DTYPES[base.model.dtype])
     with atomic_folder(out) as staging:
         if served is None:
             _write_base(base, staging / BASE_FOLDER)
@@ -211,7 +217,7 @@ def _check_out(out: Path) -> None:
 
 
 def _write_base(base: BaseModel, folder: Path) -> None:
-    # save_pretrained writes the weights exactly as they are in memory (fp32 by default), ties included;
+    # save_pretrained writes the weights exactly as they are in memory (the dtype trained on), ties included;
     # the tokenizer goes with them so the server renders the same chat template.
     base.model.save_pretrained(str(folder), safe_serialization=True)
     base.tokenizer.save_pretrained(str(folder))
@@ -407,10 +413,9 @@ def commands(export: Export, port: int = 8000) -> dict[str, str]:
     first = export.users[0]
     if export.format == "vllm":
         modules = " ".join(q(_lora_module(e)) for e in export.users)
-        # fp32: the dtype the modules were trained and checked in; vLLM's "auto" would serve an fp32
-        # folder in fp16.
+        # The dtype the modules were trained on, named: vLLM's "auto" would serve an fp32 folder in fp16.
         serve = (
-            f"vllm serve {q(export.base)} --dtype float32 --port {port} --enable-lora "
+            f"vllm serve {q(export.base)} --dtype {export.dtype} --port {port} --enable-lora "
             f"--max-lora-rank {export.max_lora_rank} --max-loras {min(count, 8)} --max-cpu-loras {count} "
             f"--lora-modules {modules}"
         )
