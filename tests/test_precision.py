@@ -71,7 +71,7 @@ def test_the_int8_candidate_computes_what_fp32_computes_within_quantization_erro
 
 def test_auto_loads_the_model_in_the_measured_dtype_and_says_why(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv(settings.HOME_ENV, str(tmp_path))
-    monkeypatch.delenv(settings.DTYPE_ENV)
+    monkeypatch.setenv(settings.DTYPE_ENV, "auto")
     assert precision.is_auto(None)
     for phase in precision.PHASES:
         base = models.tiny_model(tokenizer=tokenizer, device="cpu", phase=phase)
@@ -86,7 +86,9 @@ def test_the_dtype_default_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv(settings.DTYPE_ENV, "BF16")
     assert settings.default_dtype() == "bf16" and not precision.is_auto(None)
     monkeypatch.delenv(settings.DTYPE_ENV)
-    assert settings.default_dtype() == "auto" and precision.is_auto(None)
+    assert settings.default_dtype() == "fp32" and not precision.is_auto(None)  # auto is asked for
+    monkeypatch.setenv(settings.DTYPE_ENV, "auto")
+    assert precision.is_auto(None)
 
 
 def test_a_bad_dtype_is_named_before_a_model_is_read(monkeypatch):

@@ -195,7 +195,7 @@ def placement_for(
     config: object, device: str | None, dtype: str | None, phase: str = BATCHED
 ) -> tuple[Placement, Choice | None]:
     """Where and in which dtype a model of ``config`` (a transformers config) computes. ``dtype`` None is
-    ``settings.default_dtype()`` (``auto`` unless ``TAILORLM_DTYPE`` says otherwise); ``auto`` is the
+    ``settings.default_dtype()`` (``fp32`` unless ``TAILORLM_DTYPE`` says otherwise); ``auto`` is the
     measured choice for ``phase`` (``tailorlm.precision``), returned beside the placement."""
     wanted = check_dtype_name(dtype or settings.default_dtype())
     if wanted != AUTO:

@@ -27,8 +27,8 @@ DEVICE_OPTION = typer.Option(
 DTYPE_OPTION = typer.Option(
     None,
     "--dtype",
-    help="Compute precision of the frozen base: auto (default: the faster of fp32 and bf16 as measured "
-    "on this machine at the model's shapes, cached; see tailorlm doctor), fp32, bf16 or fp16. Users' "
+    help="Compute precision of the frozen base: fp32 (default), auto (the faster of fp32 and bf16 as "
+    "measured on this machine at the model's shapes, cached; see tailorlm doctor), bf16 or fp16. Users' "
     "modules stay fp32. Default from TAILORLM_DTYPE.",
 )
 

@@ -179,11 +179,17 @@ class Section:
         }
 
 
+def perf_dtype(config: PerfConfig) -> str:
+    """The dtype a perf run is about: the one asked for (``--dtype`` or ``TAILORLM_DTYPE``), else ``auto``,
+    whatever the other commands default to: perf's job is to show the alternatives side by side."""
+    return check_dtype_name(config.dtype or os.environ.get(settings.DTYPE_ENV, "").strip() or AUTO)
+
+
 def run_dtypes(config: PerfConfig) -> tuple[str, ...]:
-    """The dtypes a run measures: the one asked for, or (``auto``, the default) every dtype ``auto``
+    """The dtypes a run measures: the one asked for, or (``auto``, perf's default) every dtype ``auto``
     chooses between for batched work on the device (fp32 and bf16 where it has bf16), so the choice is
     shown side by side with its alternative."""
-    wanted = check_dtype_name(config.dtype or settings.default_dtype())
+    wanted = perf_dtype(config)
     if wanted != AUTO:
         return (wanted,)
     return tuple(precision.candidates(resolve_device(config.device), precision.BATCHED))

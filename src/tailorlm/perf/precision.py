@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, replace
 
 from tailorlm import precision, settings
+from tailorlm.device import AUTO
 from tailorlm.perf.contenders import PEFT_TRAIN
-from tailorlm.perf.harness import Bench, FactTable, PerfConfig, Section, Timing
+from tailorlm.perf.harness import Bench, FactTable, PerfConfig, Section, Timing, perf_dtype
 
 TARGET_BF16_TRAIN = 1.7  # training examples/s on the task rows, bf16 against fp32
 TARGET_AUTO_VS_PEFT = 3.5  # the engine in auto's dtype against stock PEFT in fp32, task rows
@@ -32,14 +33,14 @@ def _suffixed(name: str, dtype: str) -> str:
 
 
 def precision_section(config: PerfConfig, bench: Bench, results: Sequence[Section]) -> Section:
-    """What the run's dtypes were and why; with ``auto`` (the default), its measured choice per phase."""
+    """What the run's dtypes were and why; with ``auto`` (perf's default), its measured choice per phase."""
     section = Section(
         "precision",
         f"Precision on {bench.bare.device}: the sections in {' and '.join(bench.dtypes)} side by side",
     )
     section.facts["dtypes"] = list(bench.dtypes)
     choices = {}
-    if precision.is_auto(config.dtype):
+    if perf_dtype(config) == AUTO:
         choices = {
             phase: precision.choose(bench.bare.model.config, bench.bare.device, phase)
             for phase in precision.PHASES
