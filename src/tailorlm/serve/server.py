@@ -158,7 +158,8 @@ class Server:
 
     ``served``: the store, opened (default: opened here). ``prompt_tokenizer``: the request threads' own
     tokenizer (default: the base model's, loaded by name). ``engines``: how many engines serve behind this
-    front, each with ``config.slots`` slots per module layout (``capacity``)."""
+    front, each with ``config.slots`` slots per module layout (``capacity``). ``model_config``: the base
+    model's transformers config (default: read by name), which bounds a label request's memory."""
 
     engine: Engine | None = None  # a local server's
 
@@ -169,6 +170,7 @@ class Server:
         served: ServedStore | None = None,
         prompt_tokenizer: Any = None,
         engines: int = 1,
+        model_config: Any = None,
     ) -> None:
         served = served or ServedStore.open(config)
         self.config = config
@@ -179,7 +181,8 @@ class Server:
             None if served.base_name == models.TINY_MODEL else served.base_name
         )
         self.base_name = served.base_name
-        self._model_config: Any = None  # the base model's, read when a label request first needs it
+        # The base model's transformers config, read here, not on the event loop at a first label request.
+        self.model_config = model_config or models.load_config(served.base_name)
         self.capacity = config.slots * len(self.specs) * engines  # resident modules in all
         self.metrics = ServeMetrics()
         # Requests per key (a user's two keys, and every admin key, each have their own bucket); failed
@@ -206,9 +209,7 @@ class Server:
         """An upper bound, in bytes, of what scoring ``count`` labels of at most ``width`` tokens after a
         prompt of ``prompt_tokens`` takes on an engine behind this front (``engine.label_memory``): from
         the base model's config, in fp32, the widest dtype an engine serves in."""
-        if self._model_config is None:
-            self._model_config = models.load_config(self.base_name)
-        return label_memory(self._model_config, torch.float32, 1, prompt_tokens, count, width)
+        return label_memory(self.model_config, torch.float32, 1, prompt_tokens, count, width)
 
     def start(self) -> None:
         self.scheduler.start()
@@ -366,7 +367,13 @@ class LocalServer(Server):
         self._sweeper = threading.Thread(target=self._sweep, name="tailorlm-forget-sweep", daemon=True)
         # The request threads' own tokenizer: a fast tokenizer's settings are not safe to share with the
         # scheduler thread, whose scoring truncates (a shared one can fail with "Already borrowed").
-        super().__init__(config, scheduler, served, prompt_tokenizer=copy.deepcopy(self.base.tokenizer))
+        super().__init__(
+            config,
+            scheduler,
+            served,
+            prompt_tokenizer=copy.deepcopy(self.base.tokenizer),
+            model_config=self.base.model.config,
+        )
 
     def label_memory(self, prompt_tokens: int, count: int, width: int) -> int:
         return self.engine.label_memory(1, prompt_tokens, count, width)
