@@ -180,7 +180,6 @@ class Server:
         self.prompt_tokenizer = prompt_tokenizer or models.load_tokenizer(
             None if served.base_name == models.TINY_MODEL else served.base_name
         )
-        self.base_name = served.base_name
         # The base model's transformers config, read here, not on the event loop at a first label request.
         self.model_config = model_config or models.load_config(served.base_name)
         self.capacity = config.slots * len(self.specs) * engines  # resident modules in all
