@@ -33,11 +33,16 @@ def precision_dir() -> Path:
     return home() / "precision"
 
 
+def asked_dtype() -> str | None:
+    """The dtype ``TAILORLM_DTYPE`` asks for, lower-cased, or None when it is not set."""
+    return os.environ.get(DTYPE_ENV, "").strip().lower() or None
+
+
 def default_dtype() -> str:
     """The ``--dtype`` of a command that was given none: ``TAILORLM_DTYPE``, else ``fp32``. Not ``auto``
     yet: a bf16 base trained measurably worse on bfi (per-user LoRA +0.153 MAE, task adapter +0.083, each
     interval above 0; docs/engine.md), so the faster arithmetic is asked for, not assumed."""
-    return os.environ.get(DTYPE_ENV, "").strip().lower() or "fp32"
+    return asked_dtype() or "fp32"
 
 
 def default_store() -> Path | str:

@@ -182,7 +182,7 @@ class Section:
 def perf_dtype(config: PerfConfig) -> str:
     """The dtype a perf run is about: the one asked for (``--dtype`` or ``TAILORLM_DTYPE``), else ``auto``,
     whatever the other commands default to: perf's job is to show the alternatives side by side."""
-    return check_dtype_name(config.dtype or os.environ.get(settings.DTYPE_ENV, "").strip() or AUTO)
+    return check_dtype_name(config.dtype or settings.asked_dtype() or AUTO)
 
 
 def run_dtypes(config: PerfConfig) -> tuple[str, ...]:
