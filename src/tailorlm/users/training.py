@@ -210,7 +210,7 @@ class Training(Lifecycle):
             population=population,
             fingerprints={user.id: data for user, data in members},
             initial=initial,
-            fresh_base=self.load_base(),
+            fresh_base=deps.load_base,
         )
         users = [user for user, _ in members]
         return train_personal(deps, engine, self.store, users, training, progress.next_group(), stored)
