@@ -57,6 +57,7 @@ def test_the_factors_are_fitted_on_training_answers_and_the_penalty_chosen_on_va
     assert all(v.shape == (4,) for v in found.factors.values())
     chosen = found.with_penalty(task, users)
     assert chosen.penalty in (0.3, 1.0, 3.0, 10.0, 30.0)
+
     # The chosen penalty's validation error is the lowest of the grid.
     def error(penalty: float) -> float:
         rows = [
