@@ -204,6 +204,7 @@ class CollabSetup:
         progress = deps.reporter.progress(f"{method}: shared MLP")
         total = PROJECTOR_EPOCHS * math.ceil(len(train) / batch_size)
         best_loss, kept, step = rows.loss(engine, task.labels, grad=False), engine.bank.read_shared(), 0
+        deps.reporter.log(f"{method}: shared MLP before training, validation loss {best_loss:.4f}")
         order = list(range(len(train)))
         for epoch in range(PROJECTOR_EPOCHS):
             random.Random(deps.settings.seed + epoch).shuffle(order)
