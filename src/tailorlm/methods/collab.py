@@ -38,8 +38,8 @@ from tailorlm.files import atomic_folder
 from tailorlm.kinds.collab import VECTOR, CollabSpec
 from tailorlm.methods.baselines import fit_surprise
 from tailorlm.methods.deps import MethodDeps
-from tailorlm.methods.label_models import LabelAnswerer
-from tailorlm.methods.label_parts import Distribution, has_label, shared_distribution
+from tailorlm.methods.label_models import LabelAnswerer, by_distribution
+from tailorlm.methods.label_parts import has_label
 from tailorlm.methods.personal import PersonalTraining, train_personal
 from tailorlm.methods.recipes import Recipe
 from tailorlm.methods.setups import Answerer, Query, TaskAdapterSetup, prompts_for
@@ -139,12 +139,7 @@ class CollabSetup:
         return f"collab-{recipe.tag}"
 
     def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> LabelAnswerer:
-        answerer = self.answerer(deps, method, recipe, users)
-
-        def distribution_of(queries: Sequence[Query]) -> Distribution:
-            return shared_distribution(answerer, queries, "answer")
-
-        return LabelAnswerer(deps.task, distribution_of, answerer.group_size)
+        return by_distribution(self.answerer(deps, method, recipe, users))
 
     def answerer(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> Answerer:
         """An answerer whose slots hold each user's vector and whose bank holds the trained MLP; every
