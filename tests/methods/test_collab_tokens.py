@@ -3,6 +3,7 @@ the shared MLP is trained, kept and reused on resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from test_blend import Heard
 from test_methods_leakage import SMALL, Run, check_prompts_show_only_what_the_asker_may_see
 
 from tailorlm.bench import runner
+from tailorlm.bench.config import split_users
 from tailorlm.data import load_task
 from tailorlm.kinds.collab import VECTOR
 from tailorlm.methods import registry
@@ -79,7 +81,10 @@ def test_collab_applies_to_ordered_labels_on_shared_items_only():
 def test_a_collab_run_keeps_to_the_rules_stores_small_modules_and_resumes(tmp_path):
     uses: list[PromptUse] = []
     heard = Heard()
-    runner.run("bfi", tmp_path, ["collab", "blend-collab"], SMALL, trace=uses.append, reporter=heard)
+    # So few adapter examples that the MLP's sample leaves some of the adapter's users out: the blend
+    # still scores their validation answers, so they need vectors too.
+    config = dataclasses.replace(SMALL, adapter_examples=3)
+    runner.run("bfi", tmp_path, ["collab", "blend-collab"], config, trace=uses.append, reporter=heard)
     run = Run(tmp_path, load_task("bfi", seed=SMALL.seed), uses)
     check_prompts_show_only_what_the_asker_may_see(run)
     for method in ("collab", "blend-collab"):
@@ -88,7 +93,8 @@ def test_a_collab_run_keeps_to_the_rules_stores_small_modules_and_resumes(tmp_pa
         ]
         assert {r["user"] for r in record} == run.test_ids
     store = ModuleStore(tmp_path / "modules" / "collab-plain")
-    assert run.test_ids <= set(store.users())
+    _, adapter = split_users(load_task("bfi", seed=SMALL.seed), config)
+    assert run.test_ids | {u.id for u in adapter} <= set(store.users())
     for user in run.test_ids:
         module = store.get(user).tensors
         assert set(module) == {VECTOR} and module[VECTOR].numel() * 4 <= 1024
@@ -100,3 +106,22 @@ def test_a_collab_run_keeps_to_the_rules_stores_small_modules_and_resumes(tmp_pa
     assert any("0 users folded in" in line for line in lines)
     assert not any("shared MLP epoch" in line for line in lines)
     assert any("model" in line for line in lines if "blended on" in line)
+
+
+def test_every_adapter_user_gets_a_vector_beyond_the_mlps_capped_sample(tmp_path):
+    """The blend scores every adapter user's validation answers through collab, so each needs a vector,
+    also those the MLP's capped sample of examples left out."""
+    from tailorlm.methods.collab import CollabSetup
+    from tailorlm.methods.deps import MethodDeps, MethodSettings, base_loader
+    from tailorlm.methods.recipes import Recipe
+    from tailorlm.methods.setups import TaskAdapterSetup
+
+    task = load_task("bfi", seed=0)
+    users = list(task.users)
+    test, adapter = users[:2], users[2:8]
+    settings = MethodSettings(adapter_examples=2, adapter_val_examples=1, adapter_batch_size=2)
+    deps = MethodDeps(task, base_loader("tiny"), tmp_path, settings, adapter_users=adapter)
+    train, val = TaskAdapterSetup.pooled(deps)
+    assert {u.id for u, _ in (*train, *val)} < {u.id for u in adapter}  # the sample leaves some out
+    CollabSetup().answerer(deps, "collab", Recipe(), test)
+    assert {u.id for u in (*test, *adapter)} <= set(ModuleStore(tmp_path / "collab-plain").users())

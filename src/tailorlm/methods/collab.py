@@ -155,7 +155,9 @@ class CollabSetup:
         engine = deps.engine(self.spec, slots=slots, base=base)
         builder = deps.builder(recipe, engine.tokenizer)
         store = deps.store(self.store_name(recipe))
-        everyone = {**trained_on, **{u.id: u for u in users}}
+        # Every user a model row may ask about: the blend scores the task adapter's users' validation
+        # answers too, beyond the capped sample the MLP trains on.
+        everyone = {**{u.id: u for u in deps.adapter_users}, **trained_on, **{u.id: u for u in users}}
         missing = [u for u in everyone.values() if not store.has(u.id)]
         training = PersonalTraining(method, builder, fold_in=lambda user: items.module(task, user))
         train_personal(deps, engine, store, missing, training)
