@@ -79,6 +79,27 @@ def test_label_models_count_scoring_each_users_training_items():
     assert got["fusion"] == pytest.approx(2.0 + (val + answers) * 0.07)
 
 
+def test_the_blends_and_collab_count_the_model_they_score_with():
+    """``blend`` trains the task adapter and scores validation rows and answers with it; ``collab`` adds
+    the shared MLP's epochs (at the adapter's per-row rate) and its validation passes; ``blend-collab``
+    reuses what ``collab`` trained; ``blend-stats`` scores nothing."""
+    task = load_task("bfi", seed=0)
+    test, adapter = split_users(task, CONFIG)
+    plan = _plan(task, ["blend-stats", "blend", "collab", "blend-collab"])
+    got = budget.estimate(plan, task, test, adapter, CONFIG, RATES).per_method
+    val = sum(len(u.val) for u in test)
+    answers = sum(len(u.test) for u in test)
+    adapter_val = min(64, sum(len(u.val) for u in adapter))
+    adapter_rows = min(64, sum(len(task.training_examples(u)) for u in adapter))
+    adapter_work = 2.0 + adapter_rows * 0.2 + adapter_val * 0.04
+    scored = 2.0 + (val + adapter_val + answers) * 0.07
+    assert got["blend-stats"] == 0.0
+    assert got["blend"] == pytest.approx(adapter_work + scored)
+    mlp = 2.0 + 2 * adapter_rows * 0.2 + 3 * adapter_val * 0.07
+    assert got["collab"] == pytest.approx(mlp + answers * 0.07)  # the adapter was counted by blend
+    assert got["blend-collab"] == pytest.approx(scored)
+
+
 def test_a_run_over_budget_cuts_test_users_before_any_training_item():
     task, plan, _, _ = _setup(["peft-lora"])
     roomy = replace(CONFIG, budget_minutes=1000.0)

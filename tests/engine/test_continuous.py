@@ -49,7 +49,7 @@ def test_global_slots_cover_every_bank_once(mixed):
     engine, modules = mixed
     assert sorted(modules) == list(range(1, engine.space.size))
     assert [engine.space.locate(s) for s in sorted(modules)] == [
-        (b, local) for b in range(4) for local in (1, 2)
+        (b, local) for b in range(len(ALL_KINDS)) for local in (1, 2)
     ]
     with pytest.raises(EngineError, match="out of range"):
         engine.check_slot(engine.space.size)
@@ -202,6 +202,25 @@ def test_impossible_settings_are_refused(settings):
         Sampling(**settings)
 
 
-def test_engine_refuses_two_input_kinds(make_base):
-    with pytest.raises(EngineError, match="at most one kind"):
-        Engine(make_base(), [SPECS["prompt"], SPECS["prompt"]], slots=2)
+def test_two_banks_that_insert_positions_mix_rows_as_alone(make_base):
+    """Two banks that each put positions before the text (of different counts) in one engine: each row
+    runs with its own user's block only, the other bank's masked out, as on an engine of its own kind."""
+    from tailorlm.kinds.prompt import PromptSpec
+
+    specs = [PromptSpec(virtual_tokens=3), PromptSpec(virtual_tokens=5)]
+    engine = Engine(make_base(), specs, slots=2)
+    modules = [distinct_module(bank, 1, seed=7 + i) for i, bank in enumerate(engine.banks)]
+    rows = [Row(PROMPTS[i][0], PROMPTS[i][1], engine.space.global_slot(i, 1)) for i in range(2)]
+    rows.append(Row(PROMPTS[2][0], PROMPTS[2][1], 0))
+    batch = engine.encode(rows)
+    with torch.inference_mode():
+        together = engine.logits(batch)
+    for index, row in enumerate(rows):
+        single_engine = Engine(make_base(), specs[min(index, 1)], slots=2)
+        if row.slot:
+            single_engine.bank.write(1, modules[index])
+        single = single_engine.encode([Row(row.prompt, row.target, 1 if row.slot else 0)])
+        with torch.inference_mode():
+            expected = single_engine.logits(single)[0][single.attention_mask[0].bool()]
+        got = together[index][batch.attention_mask[index].bool()]
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from kind_helpers import ALL_KINDS, SPECS
+from kind_helpers import SPECS, STORABLE_KINDS
 from tailorlm import models
 from tailorlm.engine.engine import Engine
 from tailorlm.serve.config import ServeConfig
@@ -45,7 +45,7 @@ def build_store(root: Path, tiny: models.BaseModel, per_kind: int = 2) -> Users:
     service = UserService(root, load_base=lambda: fresh(tiny))
     service.configure(task="verbagg", base_model=models.TINY_MODEL)
     users = Users(root)
-    for k, kind in enumerate(ALL_KINDS):
+    for k, kind in enumerate(STORABLE_KINDS):
         for i in range(per_kind):
             user_id = f"{kind}-user-{i}"
             history = [

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from tailorlm.bench.config import BenchConfig, split_users
 from tailorlm.data.schema import Example, Task, User
 from tailorlm.engine.engine import Engine
-from tailorlm.methods import label_models, label_parts
+from tailorlm.methods import blend, collab, label_models, label_parts
 from tailorlm.methods.deps import MethodDeps
 from tailorlm.methods.personal import PersonalSetup
 from tailorlm.methods.profiles import Profiles
@@ -185,13 +185,24 @@ def needs(plan: Iterable[PlanEntry]) -> Needs:
             found.adapter.add(recipe)
             if isinstance(setup, label_models.SelectSetup):
                 found.personal.add(recipe)
+        model = setup.model if isinstance(setup, blend.BlendSetup) else setup
+        if isinstance(setup, blend.BlendSetup | collab.CollabSetup) and model is not None:
+            found.labels.add(recipe)
+            found.adapter.add(recipe)
         if not isinstance(setup, KNOWN_SETUPS):  # counted by its answers alone (``method_seconds``)
             found.answers.add((recipe, decoding, False))
     return found
 
 
 LABEL_SETUPS = (label_models.BiasSetup, label_models.FusionSetup, label_models.SelectSetup)
-KNOWN_SETUPS = (BaseSetup, TaskAdapterSetup, PersonalSetup, *LABEL_SETUPS)
+KNOWN_SETUPS = (
+    BaseSetup,
+    TaskAdapterSetup,
+    PersonalSetup,
+    *LABEL_SETUPS,
+    blend.BlendSetup,
+    collab.CollabSetup,
+)
 
 
 # ---- measuring ----------------------------------------------------------------------------------------
@@ -449,6 +460,17 @@ def method_seconds(
             + val * rates.get("label_s", label_key(recipe, "answer")),
         )
 
+    def collab_training() -> None:
+        """The task adapter, then the shared MLP: its epochs over the adapter's rows (a backward through
+        the frozen model each, as the adapter's steps) and a validation pass before and after each."""
+        adapter(TaskAdapterSetup())
+        pooled = sum(len(task.training_examples(u)) for u in adapter_users)
+        examples = min(pooled, config.adapter_examples or pooled)
+        checked = min(sum(len(u.val) for u in adapter_users), settings.adapter_val_examples)
+        mlp = collab.PROJECTOR_EPOCHS * examples * rates.get("train_s", train_key("adapter", recipe))
+        checks = (1 + collab.PROJECTOR_EPOCHS) * checked * label_answer
+        once(f"collab:{tag}", rates.load_s + mlp + checks)
+
     label_answer = rates.label_s.get(label_key(recipe, "answer"), 0.0)
     if isinstance(setup, BaseSetup):
         once("bare", rates.load_s)
@@ -477,7 +499,20 @@ def method_seconds(
         biases(label_models.BiasSetup().store)
         # two engines (its modules' and its biases'), both scored on validation, each user answered once
         total += 2 * rates.load_s + (2 * val + answers) * label_answer
-    else:  # a setup this estimate does not know (the blend): its engine and its answers at least
+    elif isinstance(setup, blend.BlendSetup):
+        # The model's label distribution on the validation answers the blend is fitted on (its test
+        # users' and the task adapter's users') and on every answer; the statistics cost nothing here.
+        if setup.model is not None:
+            if isinstance(setup.model, collab.CollabSetup):
+                collab_training()
+            else:
+                adapter(setup.model)
+            rows = val + min(sum(len(u.val) for u in adapter_users), settings.adapter_val_examples)
+            total += rates.load_s + (rows + answers) * label_answer
+    elif isinstance(setup, collab.CollabSetup):
+        collab_training()
+        total += answers * label_answer
+    else:  # a setup this estimate does not know: its engine and its answers at least
         total += rates.load_s + answers * rates.answer_s.get(answer_key(recipe, decoding), 0.0)
     return total
 

@@ -107,7 +107,18 @@ class SlotBank:
         self._suffix: dict[str, str] = {}
         for name, shape in self.kind.input_shapes(spec, model).items():
             self._add(name, name, shape)
-        self.input_stack = {name: self.tensors[name] for name in self.kind.input_shapes(spec, model)}
+        # Tensors every user shares (``ModuleKind.shared_shapes``): no slot axis, not part of any user's
+        # module; seeded alike in every bank of the spec until the task's training writes them.
+        self.shared: dict[str, nn.Parameter] = {}
+        generator = torch.Generator().manual_seed(0)
+        for name, shape in self.kind.shared_shapes(spec, model).items():
+            fresh = torch.empty(shape, dtype=torch.float32)
+            self.kind.init_shared(name, fresh, generator)
+            self.shared[name] = nn.Parameter(fresh.to(self.device), requires_grad=False)
+        self.input_stack = {
+            **{name: self.tensors[name] for name in self.kind.input_shapes(spec, model)},
+            **self.shared,
+        }
         for name, shape in self.kind.label_shapes(spec).items():
             self._add(name, name, shape)
         self.label_stack = {name: self.tensors[name] for name in self.kind.label_shapes(spec)}
@@ -209,6 +220,26 @@ class SlotBank:
     def parameter_count(self) -> int:
         """Trainable numbers one user owns."""
         return sum(t[0].numel() for t in self.tensors.values())
+
+    def write_shared(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Put the task's trained shared part in place (every name and shape checked first)."""
+        if set(tensors) != set(self.shared):
+            raise EngineError(
+                f"shared part does not fit this bank: it has {sorted(tensors)}, "
+                f"the bank {sorted(self.shared)}"
+            )
+        for name, value in tensors.items():
+            if tuple(value.shape) != tuple(self.shared[name].shape):
+                raise EngineError(
+                    f"shared tensor {name} has shape {tuple(value.shape)}, the bank expects "
+                    f"{tuple(self.shared[name].shape)}"
+                )
+        with torch.no_grad():
+            for name, value in tensors.items():
+                self.shared[name].copy_(value)
+
+    def read_shared(self) -> dict[str, torch.Tensor]:
+        return {name: tensor.detach().clone() for name, tensor in self.shared.items()}
 
     def trainable(self, enabled: bool) -> None:
         """Bank tensors take gradients and module dropout is on (or both off); the base stays frozen."""

@@ -113,12 +113,8 @@ class Engine:
         for one_spec, count in zip(specs, counts, strict=True):
             routers.append(SlotRouter())
             banks.append(SlotBank(self.model, one_spec, count, routers[-1], siblings=routers[:-1]))
-        inserting = [bank for bank in banks if bank.input_stack]
-        if len(inserting) > 1:
-            raise EngineError(
-                "one engine holds at most one kind that changes the model's inputs (prompt tuning)"
-            )
-        self._input_bank = banks.index(inserting[0]) if inserting else 0
+        # The banks that put positions before the text (prompt tuning, collaborative tokens), in order.
+        self._input_banks = [i for i, bank in enumerate(banks) if bank.input_stack]
         self.banks = banks
         self.bank = banks[0]  # the bank of a single-kind engine (training, the benchmark)
         self.space = SlotSpace(banks, routers)
@@ -159,12 +155,18 @@ class Engine:
     def _model_inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, slot_ids: torch.Tensor
     ) -> tuple[dict, int]:
-        """Inputs for the decoder and how many leading positions the kind inserted (virtual tokens)."""
-        bank = self.banks[self._input_bank]
-        local = self.space.local_ids(self._input_bank, slot_ids)
-        return bank.kind.model_inputs(
-            bank.spec, self.model, input_ids, attention_mask, local, bank.input_stack
-        )
+        """Inputs for the decoder and how many leading positions the kinds inserted (virtual tokens).
+        Each bank that inserts puts its block in front; a row's user belongs to one bank, so every other
+        bank's block is masked out for it."""
+        if not self._input_banks:
+            return {"input_ids": input_ids, "attention_mask": attention_mask}, 0
+        embeds, mask, inserted = self.model.get_input_embeddings()(input_ids), attention_mask, 0
+        for index in self._input_banks:
+            bank = self.banks[index]
+            local = self.space.local_ids(index, slot_ids)
+            embeds, mask, count = bank.kind.model_inputs(bank.spec, embeds, mask, local, bank.input_stack)
+            inserted += count
+        return {"inputs_embeds": embeds, "attention_mask": mask}, inserted
 
     def _decode(self, slot_ids: torch.Tensor, **inputs: object) -> BaseModelOutputWithPast:
         """One decoder call with every row routed to its slot; counts the positions it runs."""
@@ -204,7 +206,7 @@ class Engine:
         return self.share_prefix and all(
             bank.kind.exact_when_shared(bank.spec)
             for bank in self.banks
-            if any(t.requires_grad for t in bank.tensors.values())
+            if any(t.requires_grad for t in (*bank.tensors.values(), *bank.shared.values()))
         )
 
     def _run_shared(self, batch: Batch, plan: PrefixPlan) -> _Run:

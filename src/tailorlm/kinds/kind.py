@@ -36,7 +36,8 @@ class ModuleKind:
     """One kind of per-user module. Subclasses set ``name`` and ``spec_type`` and override what applies.
 
     Two places a kind can act: on linear projections (``targets`` names them; ``linear_shapes`` and
-    ``apply_linear``) and on the model's input embeddings (``input_shapes`` and ``model_inputs``).
+    ``apply_linear``) and on the model's input embeddings (``input_shapes`` and ``model_inputs``; a kind
+    whose users' inputs go through a part they share declares it in ``shared_shapes``).
     """
 
     name: ClassVar[str]
@@ -56,7 +57,8 @@ class ModuleKind:
     # How a user's own part of this kind is made from their data (``methods.personal.train_personal``
     # dispatches on it, so no generic code names a kind): "loss", trained by the language-model loss over
     # their examples, many users per step; "label-fit", fitted against the frozen shared model's label
-    # scores on their labelled items (``methods.label_parts``).
+    # scores on their labelled items (``methods.label_parts``); "fold-in", fitted in closed form from
+    # their answers against what the task froze (``methods.collab``).
     made_by: ClassVar[str] = "loss"
 
     # ---- the spec ----------------------------------------------------------------------------------
@@ -86,6 +88,18 @@ class ModuleKind:
     def input_shapes(self, spec: Any, model: nn.Module) -> dict[str, tuple[int, ...]]:
         """Per-slot shapes of tensors that act on the model's inputs, by name (empty: none)."""
         return {}
+
+    def shared_shapes(self, spec: Any, model: nn.Module) -> dict[str, tuple[int, ...]]:
+        """Shapes of tensors every user of the bank shares (no slot axis), by name (empty: none): a part
+        trained once for a task, beside the users' own (``model_inputs`` finds them in its ``stack``).
+        They are not a user's module: never read, written or stored with one."""
+        return {}
+
+    def init_shared(self, name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
+        """A shared tensor's values before its task trains it (drawn from ``generator``, seeded the same
+        for every bank, so two banks of one spec start alike)."""
+        with torch.no_grad():
+            tensor.zero_()
 
     def label_shapes(self, spec: Any) -> dict[str, tuple[int, ...]]:
         """Per-slot shapes of tensors that act on label scores (``adjust_label_scores``), by name (empty:
@@ -126,15 +140,16 @@ class ModuleKind:
     def model_inputs(
         self,
         spec: Any,
-        model: nn.Module,
-        input_ids: torch.Tensor,
+        embeds: torch.Tensor,
         attention_mask: torch.Tensor,
         slot_ids: torch.Tensor,
         stack: Mapping[str, torch.Tensor],
-    ) -> tuple[dict[str, torch.Tensor], int]:
-        """Inputs for the decoder and how many positions were put in front of each row's text
-        (dropped again from the outputs). By default the token ids as they are."""
-        return {"input_ids": input_ids, "attention_mask": attention_mask}, 0
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The input embeddings ``[rows, width, hidden]`` and mask ``[rows, width]`` with this kind's
+        positions put in front of each row's text, and how many were put in front (dropped again from the
+        outputs). By default unchanged. Row ``b``'s user is slot ``slot_ids[b]`` of ``stack`` (its
+        ``input_shapes`` tensors ``[slots, ...]`` and its ``shared_shapes`` ones)."""
+        return embeds, attention_mask, 0
 
     def adjust_label_scores(
         self,
@@ -172,6 +187,11 @@ class ModuleKind:
         raise ModuleSpecError(
             f"a {self.name} module cannot be folded into the base weights; serve it from a slot instead"
         )
+
+    @property
+    def has_shared_part(self) -> bool:
+        """Whether the kind's users share a trained part (``shared_shapes``) beside their own modules."""
+        return type(self).shared_shapes is not ModuleKind.shared_shapes
 
     @property
     def mergeable(self) -> bool:

@@ -48,27 +48,13 @@ class Prompt(ModuleKind):
     def model_inputs(
         self,
         spec: PromptSpec,
-        model: nn.Module,
-        input_ids: torch.Tensor,
+        embeds: torch.Tensor,
         attention_mask: torch.Tensor,
         slot_ids: torch.Tensor,
         stack: Mapping[str, torch.Tensor],
-    ) -> tuple[dict[str, torch.Tensor], int]:
-        # Each row's virtual tokens go right before its first real token, inside the left padding, so
-        # position ids (from the mask) are 0.. for them exactly as in PEFT's unpadded layout.
-        virtual = spec.virtual_tokens
-        text = model.get_input_embeddings()(input_ids)  # [rows, width, hidden]
-        rows, width, hidden = text.shape
-        embeds = torch.cat([text.new_zeros(rows, virtual, hidden), text], dim=1)
-        mask = torch.cat([attention_mask.new_zeros(rows, virtual), attention_mask], dim=1)
-        starts = width - attention_mask.sum(dim=1)
-        positions = starts[:, None] + torch.arange(virtual, device=input_ids.device)
-        row_index = torch.arange(rows, device=input_ids.device)[:, None].expand(rows, virtual)
-        prompts = stack[EMBEDDINGS].index_select(0, slot_ids).to(embeds.dtype)  # [rows, virtual, hidden]
-        embeds = embeds.index_put((row_index, positions), prompts)
-        personal = (slot_ids != 0).to(mask.dtype)[:, None].expand(rows, virtual)
-        mask = mask.index_put((row_index, positions), personal)
-        return {"inputs_embeds": embeds, "attention_mask": mask}, virtual
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        prompts = stack[EMBEDDINGS].index_select(0, slot_ids)  # [rows, virtual, hidden]
+        return insert_virtual(embeds, attention_mask, slot_ids, prompts)
 
     def peft_config(self, spec: PromptSpec, model: nn.Module, base_name: str | None) -> Any:
         from peft import PromptTuningConfig, TaskType
@@ -88,3 +74,26 @@ class Prompt(ModuleKind):
         spec = PromptSpec(virtual_tokens=int(config["num_virtual_tokens"]))
         self.validate(spec)
         return spec
+
+
+def insert_virtual(
+    embeds: torch.Tensor, attention_mask: torch.Tensor, slot_ids: torch.Tensor, prompts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``embeds`` ``[rows, width, hidden]`` and ``attention_mask`` ``[rows, width]`` with row ``b``'s
+    virtual token embeddings ``prompts[b]`` ``[rows, virtual, hidden]`` right before its first real
+    token, and ``virtual``, the positions put in front. Rows of slot 0 keep the virtual positions masked
+    out, so they run the bare base model in the same batch."""
+    # Inside the left padding, so position ids (from the mask) are 0.. for the virtual tokens exactly as
+    # in PEFT's unpadded layout. Positions masked out before (another kind's, for a row not its user's)
+    # may be overwritten: nothing reads them.
+    rows, virtual = prompts.shape[:2]
+    width, hidden = embeds.shape[1:]
+    embeds = torch.cat([embeds.new_zeros(rows, virtual, hidden), embeds], dim=1)
+    mask = torch.cat([attention_mask.new_zeros(rows, virtual), attention_mask], dim=1)
+    starts = width - attention_mask.sum(dim=1)
+    positions = starts[:, None] + torch.arange(virtual, device=embeds.device)
+    row_index = torch.arange(rows, device=embeds.device)[:, None].expand(rows, virtual)
+    embeds = embeds.index_put((row_index, positions), prompts.to(embeds.dtype))
+    personal = (slot_ids != 0).to(mask.dtype)[:, None].expand(rows, virtual)
+    mask = mask.index_put((row_index, positions), personal)
+    return embeds, mask, virtual

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tailorlm.kinds.bottleneck import Bottleneck
+from tailorlm.kinds.collab import Collab
 from tailorlm.kinds.ia3 import IA3
 from tailorlm.kinds.kind import ModuleKind, ModuleSpecError
 from tailorlm.kinds.label_bias import LabelBias
@@ -15,7 +16,7 @@ from tailorlm.kinds.lora import Lora
 from tailorlm.kinds.prompt import Prompt
 
 KINDS: dict[str, ModuleKind] = {
-    kind.name: kind for kind in (Lora(), IA3(), Prompt(), Bottleneck(), LabelBias())
+    kind.name: kind for kind in (Lora(), IA3(), Prompt(), Bottleneck(), Collab(), LabelBias())
 }
 # The kinds that change the model's outputs: trained by the language-model loss, held to the logits
 # contract, benchmarked as per-user modules and measured by perf.
@@ -75,6 +76,19 @@ def spec_from_peft_config(config: Mapping[str, Any]) -> Any:
             f"PEFT type {peft_type!r} is not one tailorlm can load ({', '.join(sorted(_BY_PEFT_TYPE))})"
         )
     return _BY_PEFT_TYPE[peft_type].spec_from_peft(config)
+
+
+def refuse_shared_part(spec: Any) -> Any:
+    """``spec`` itself unless its kind's users share a trained part: a users store keeps each user's module
+    and the task adapter, but no kind's shared part, so a store could only serve such a module with an
+    untrained one (wrong answers, silently). A ``ModuleSpecError`` saying so."""
+    kind = of(spec)
+    if kind.has_shared_part:
+        raise ModuleSpecError(
+            f"{kind.name} modules need their task's trained shared part, which a users store does not "
+            f"keep: {kind.name} is measured by `tailorlm bench` only"
+        )
+    return spec
 
 
 def same_layout(a: Any, b: Any) -> bool:

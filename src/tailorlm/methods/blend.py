@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -43,7 +44,7 @@ from tailorlm.methods.deps import MethodDeps
 from tailorlm.methods.label_models import LabelAnswerer
 from tailorlm.methods.label_parts import Distribution, queries_of, shared_distribution
 from tailorlm.methods.recipes import Purpose, Recipe
-from tailorlm.methods.setups import Query, TaskAdapterSetup
+from tailorlm.methods.setups import Answerer, Query, TaskAdapterSetup
 
 # The blender's L2 penalty, in units of one answer's loss: small next to the hundreds of rows it is
 # fitted on, enough to keep the weights finite when two sources agree on every row.
@@ -111,6 +112,12 @@ def fit_blender(
     return Blender(tuple(sources), found[:count], found[count : 2 * count], found[2 * count :])
 
 
+class ModelSetup(Protocol):
+    """A setup whose answerer scores the labels with a model: the blend's model source."""
+
+    def answerer(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> Answerer: ...
+
+
 class Statistics:
     """The statistical sources of a task, fitted once on every user's training answers."""
 
@@ -152,15 +159,16 @@ class Statistics:
 
 
 class BlendSetup:
-    """The stacked blend of the statistics and, ``with_model``, the task adapter's label distribution."""
+    """The stacked blend of the statistics and a model's label distribution: ``model`` is the setup whose
+    ``answerer`` gives the ``model`` source (default: the task adapter; None: the statistics alone)."""
 
-    def __init__(self, with_model: bool = True) -> None:
-        self.with_model = with_model
+    def __init__(self, model: ModelSetup | None = None, with_model: bool = True) -> None:
+        self.model = (model or TaskAdapterSetup()) if with_model else None
 
     def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> LabelAnswerer:
         task = deps.task
         statistics = Statistics(task)
-        shared = TaskAdapterSetup().prepare(deps, method, recipe, users) if self.with_model else None
+        shared = self.model.answerer(deps, method, recipe, users) if self.model is not None else None
         names = (*statistics.names, *(("model",) if shared else ()))
 
         def features(queries: Sequence[Query], purpose: Purpose) -> torch.Tensor:

@@ -71,6 +71,15 @@ class LabelAnswerer:
         return decide(self.task, self.distribution_of(queries)) if queries else []
 
 
+def by_distribution(answerer: Answerer) -> LabelAnswerer:
+    """``answerer``'s label distribution (each row's user in their slot), answered under the metric."""
+
+    def distribution_of(queries: Sequence[Query]) -> Distribution:
+        return shared_distribution(answerer, queries, "answer")
+
+    return LabelAnswerer(answerer.deps.task, distribution_of, answerer.group_size)
+
+
 # The joint shared model's penalty on its training users' biases, in units of one example's loss (as
 # ``SHRINKAGE_GRID``): the middle of that grid, fixed because choosing it would train the model once per
 # value. Test users' biases are still tuned on the grid against the frozen model.
@@ -148,12 +157,7 @@ class BiasSetup:
         return f"{self.store}-{recipe.tag}"
 
     def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> LabelAnswerer:
-        answerer = self.answerer(deps, method, recipe, users)
-
-        def distribution_of(queries: Sequence[Query]) -> Distribution:
-            return shared_distribution(answerer, queries, "answer")
-
-        return LabelAnswerer(deps.task, distribution_of, answerer.group_size)
+        return by_distribution(self.answerer(deps, method, recipe, users))
 
     def answerer(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> Answerer:
         """An answerer whose slots hold each user's bias (its scores are the shared model's plus the

@@ -5,7 +5,8 @@ How a kind's part is made is the kind's to say (``ModuleKind.made_by``), and ``M
 function that makes it: "loss", the language-model loss over the user's own examples, many users per
 optimizer step (``train.jobs``: resumable, each user stored as they finish, on this process or Ray);
 "label-fit", a fit against the frozen shared model's label scores on the user's labelled items
-(``label_parts``). A new kind that declares one of these is trained and stored with no other change; a
+(``label_parts``); "fold-in", a closed-form fit of the user's own answers against what the task froze
+(``methods.collab``). A new kind that declares one of these is trained and stored with no other change; a
 new way of making a part is one more entry here.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+
+import torch
 
 from tailorlm import kinds
 from tailorlm.data.schema import Task, User
@@ -69,7 +72,8 @@ class PersonalTraining:
     a fit whose prior is smoothed toward all users' labels (default: ``deps.task``'s users).
     ``fingerprints`` (user id -> the fingerprint of the data they train on) are stored with each module.
     ``initial`` gives a user's module to continue from (a retrain after new history). ``fresh_base``
-    loads another copy of the engine's base for a runner that trains elsewhere."""
+    loads another copy of the engine's base for a runner that trains elsewhere. ``fold_in`` gives a
+    fold-in kind's module of a user, fitted from their own answers against what the task froze."""
 
     method: str
     builder: PromptBuilder
@@ -79,6 +83,7 @@ class PersonalTraining:
     fingerprints: Mapping[str, str] | None = None
     initial: InitialModule | None = None
     fresh_base: Callable[[], BaseModel] | None = None
+    fold_in: Callable[[User], Mapping[str, torch.Tensor]] | None = None
 
 
 def train_personal(
@@ -155,6 +160,40 @@ def _by_label_fit(
     return stored
 
 
+def _by_fold_in(
+    deps: MethodDeps,
+    engine: Engine,
+    store: ModuleStore,
+    users: Sequence[User],
+    training: PersonalTraining,
+    on_progress: ProgressCallback | None,
+    on_stored: StoredCallback | None,
+) -> list[str]:
+    """Each user's module fitted from their own answers against the task's frozen part
+    (``training.fold_in``, e.g. ``methods.collab``'s item factors): no model runs, nobody else changes."""
+    if training.fold_in is None:
+        raise ValueError(
+            f"a {engine.spec.kind} module is folded in against what its task froze, and none was given"
+        )
+    stored = []
+    for done, user in enumerate(users, 1):
+        store.put(
+            user.id,
+            engine.spec,
+            training.fold_in(user),
+            model=engine.model,
+            base_name=engine.base.name,
+            meta={"made_by": "fold-in", "examples": len(deps.task.training_examples(user))},
+            data_fingerprint=(training.fingerprints or {}).get(user.id),
+        )
+        stored.append(user.id)
+        if on_stored is not None:
+            on_stored(user.id)
+        if on_progress is not None:
+            on_progress(done, len(users))
+    return stored
+
+
 Maker = Callable[
     [
         MethodDeps,
@@ -167,7 +206,7 @@ Maker = Callable[
     ],
     list[str],
 ]
-MAKERS: dict[str, Maker] = {"loss": _by_loss, "label-fit": _by_label_fit}
+MAKERS: dict[str, Maker] = {"loss": _by_loss, "label-fit": _by_label_fit, "fold-in": _by_fold_in}
 
 
 class PersonalSetup:

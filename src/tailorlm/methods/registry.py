@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from tailorlm.data.schema import Task, User
-from tailorlm.methods import baselines, blend, label_models, label_parts
+from tailorlm.methods import baselines, blend, collab, label_models, label_parts
 from tailorlm.methods.decoding import UserAnswers
 from tailorlm.methods.deps import MethodDeps
 from tailorlm.methods.personal import PersonalSetup
@@ -197,6 +197,24 @@ BLEND_METHODS: list[Method] = [
     ),
 ]
 
+# Collaborative tokens, alone and as the blend's model, for label tasks whose items are shared between
+# users and whose labels are ordered (matrix factorisation reads label positions).
+COLLAB_METHODS: list[Method] = [
+    Method(
+        "collab",
+        "shared-personal",
+        "the task adapter reading each user's matrix-factorisation vector (folded in from their answers) "
+        "as soft tokens made by a shared MLP",
+        collab.CollabSetup(),
+    ),
+    Method(
+        "blend-collab",
+        "shared-personal",
+        "the stacked blend with the collaborative-token model as its model",
+        blend.BlendSetup(model=collab.CollabSetup()),
+    ),
+]
+
 BASELINE_DESCRIPTIONS = {
     "user-majority": "the user's most frequent training label",
     "user-mean": "the user's mean training rating, rounded to the nearest label",
@@ -233,6 +251,8 @@ def methods_for(task: Task) -> dict[str, Method]:
         found.update({m.name: m for m in LABEL_MODEL_METHODS})
         if "user-item-prior" in simple:  # items shared between users: statistics to stack
             found.update({m.name: m for m in BLEND_METHODS})
+            if task.ordinal:
+                found.update({m.name: m for m in COLLAB_METHODS})
     for name in simple:
         found[name] = Method(
             name, "simple-baseline", BASELINE_DESCRIPTIONS[name], personal=name != "item-majority"

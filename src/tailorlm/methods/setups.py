@@ -51,7 +51,9 @@ class ModuleRecipe:
 # 1e-2 had the best validation accuracy for both, and the lowest validation loss for OPPU.
 # The other kinds' rates are untuned starting points at the usual scale for each kind.
 PERSONAL_KINDS: dict[str, ModuleRecipe] = {
-    name: ModuleRecipe(kind.spec_type(), kind.learning_rate) for name, kind in kinds.MODEL_KINDS.items()
+    name: ModuleRecipe(kind.spec_type(), kind.learning_rate)
+    for name, kind in kinds.MODEL_KINDS.items()
+    if kind.made_by == "loss"  # a module trained on the user's own examples alone, as PEFT-U's are
 }
 # OPPU's settings: stage 1 LoRA r8 alpha 8 on q,k,v; stage 2 a fresh r8 alpha 8 LoRA on q,v per user.
 TASK_ADAPTER = ModuleRecipe(LoraSpec(rank=8, alpha=8, targets=("q_proj", "k_proj", "v_proj")), 5e-4)
@@ -307,6 +309,10 @@ class TaskAdapterSetup:
         stored = self.ensure_trained(deps, recipe).get(self.USER)
         kinds.of(stored.spec).merge_into_base(stored.spec, base.model, stored.tensors)
         return base
+
+    def answerer(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> Answerer:
+        """The answerer of ``prepare``, under the name the label setups give theirs."""
+        return self.prepare(deps, method, recipe, users)
 
     def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> Answerer:
         refuse_adapter_users(deps, users)

@@ -41,10 +41,12 @@ log = logging.getLogger(__name__)
 
 def served_specs(store: ModuleStore, extra_kinds: tuple[str, ...]) -> list[ModuleSpec]:
     """One spec per distinct module layout among the users' current versions, plus the default spec of
-    every kind asked for; LoRA's default when the store is empty."""
+    every kind asked for; LoRA's default when the store is empty. A kind whose users share a trained part
+    the store does not keep is refused (``kinds.refuse_shared_part``)."""
     specs: list[ModuleSpec] = []
     found = [kinds.spec_from_dict(record.spec) for record in map(store.current, store.users()) if record]
     for spec in [*found, *(kinds.default_spec(name) for name in extra_kinds)]:
+        kinds.refuse_shared_part(spec)
         if not any(kinds.same_layout(spec, known) for known in specs):
             specs.append(spec)
     return specs or [kinds.default_spec("lora")]

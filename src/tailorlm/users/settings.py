@@ -86,7 +86,7 @@ def resolve_spec(kind: str | ModuleSpec, labels: Sequence[str] | None = None) ->
     a task's labels (a label bias) gets ``labels``, the store task's."""
     try:
         spec = kinds.validate(kinds.default_spec(kind) if isinstance(kind, str) else kind)
-        return kinds.for_labels(spec, labels)
+        return kinds.for_labels(kinds.refuse_shared_part(spec), labels)
     except ModuleSpecError as error:
         raise UserError(str(error)) from error
 

@@ -1,0 +1,127 @@
+"""Collaborative tokens: fold-in is the ridge solution it says, a run keeps to the visibility rules, and
+the shared MLP is trained, kept and reused on resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from test_blend import Heard
+from test_methods_leakage import SMALL, Run, check_prompts_show_only_what_the_asker_may_see
+
+from tailorlm.bench import runner
+from tailorlm.bench.config import split_users
+from tailorlm.data import load_task
+from tailorlm.kinds.collab import VECTOR
+from tailorlm.methods import registry
+from tailorlm.methods.collab import SHARED_FILE, SHARED_FOLDER, ItemFactors, answers_of
+from tailorlm.methods.recipes import PromptUse
+from tailorlm.store.store import ModuleStore
+
+
+def items(size: int = 3) -> ItemFactors:
+    generator = torch.Generator().manual_seed(0)
+    factors = {f"i{k}": torch.randn(size, generator=generator, dtype=torch.float64) for k in range(6)}
+    return ItemFactors(2.0, {f"i{k}": 0.1 * k for k in range(6)}, factors, size, penalty=0.5)
+
+
+def test_fold_in_is_the_ridge_solution_and_recovers_a_user_without_noise():
+    found = items()
+    truth = torch.tensor([0.4, 1.0, -0.5, 0.25])
+    answers = [(item, found.predict(truth, item)) for item in found.factors]
+    vector = found.fold_in(answers, penalty=1e-9)
+    torch.testing.assert_close(vector, truth, atol=1e-5, rtol=0)
+    # With a penalty: the normal equations hold (gradient of the ridge objective is zero).
+    vector = found.fold_in(answers).double()
+    x = torch.stack([torch.cat([torch.ones(1, dtype=torch.float64), q]) for q in found.factors.values()])
+    y = torch.tensor([r - found.mean - found.bias[i] for i, r in answers], dtype=torch.float64)
+    gradient = x.T @ (x @ vector - y) + found.penalty * vector
+    assert gradient.abs().max() < 1e-5
+
+
+def test_a_user_with_no_known_item_is_the_average_user_and_unknown_items_are_skipped():
+    found = items()
+    assert found.fold_in([]).tolist() == [0.0] * 4
+    assert found.fold_in([("never-answered", 5.0)]).tolist() == [0.0] * 4
+    known = [("i1", 3.0), ("i2", 1.0)]
+    torch.testing.assert_close(found.fold_in([*known, ("never-answered", 5.0)]), found.fold_in(known))
+    # The estimate for an item nobody answered is the mean plus the user's bias.
+    assert found.predict(torch.tensor([0.5, 9.0, 9.0, 9.0]), "never-answered") == pytest.approx(2.5)
+
+
+def test_the_factors_are_fitted_on_training_answers_and_the_penalty_chosen_on_validation():
+    task = load_task("bfi", seed=0)
+    users = list(task.users)[:40]
+    found = ItemFactors.fit(task, 4, seed=0)
+    assert found.size == 4 and len(found.factors) == 25  # bfi's 25 statements
+    assert all(v.shape == (4,) for v in found.factors.values())
+    chosen = found.with_penalty(task, users)
+    assert chosen.penalty in (0.3, 1.0, 3.0, 10.0, 30.0)
+
+    # The chosen penalty's validation error is the lowest of the grid.
+    def error(penalty: float) -> float:
+        rows = [
+            abs(found.predict(found.fold_in(answers_of(task, u), penalty), i) - r)
+            for u in users
+            for i, r in answers_of(task, u, "val")
+        ]
+        return sum(rows) / len(rows)
+
+    assert error(chosen.penalty) == min(error(p) for p in (0.3, 1.0, 3.0, 10.0, 30.0))
+
+
+def test_collab_applies_to_ordered_labels_on_shared_items_only():
+    assert {"collab", "blend-collab"} <= set(registry.methods_for(load_task("bfi")))
+    assert "collab" not in registry.methods_for(load_task("tate"))  # generation
+    assert "peft-collab" not in registry.methods_for(load_task("bfi"))  # not trained by the loss
+
+
+def test_a_collab_run_keeps_to_the_rules_stores_small_modules_and_resumes(tmp_path):
+    uses: list[PromptUse] = []
+    heard = Heard()
+    # So few adapter examples that the MLP's sample leaves some of the adapter's users out: the blend
+    # still scores their validation answers, so they need vectors too.
+    config = dataclasses.replace(SMALL, adapter_examples=3)
+    runner.run("bfi", tmp_path, ["collab", "blend-collab"], config, trace=uses.append, reporter=heard)
+    run = Run(tmp_path, load_task("bfi", seed=SMALL.seed), uses)
+    check_prompts_show_only_what_the_asker_may_see(run)
+    for method in ("collab", "blend-collab"):
+        record = [
+            json.loads(x) for x in (tmp_path / "predictions" / f"{method}.jsonl").read_text().splitlines()
+        ]
+        assert {r["user"] for r in record} == run.test_ids
+    store = ModuleStore(tmp_path / "modules" / "collab-plain")
+    _, adapter = split_users(load_task("bfi", seed=SMALL.seed), config)
+    assert run.test_ids | {u.id for u in adapter} <= set(store.users())
+    for user in run.test_ids:
+        module = store.get(user).tensors
+        assert set(module) == {VECTOR} and module[VECTOR].numel() * 4 <= 1024
+    shared = tmp_path / "modules" / SHARED_FOLDER.format(tag="plain") / SHARED_FILE
+    assert shared.is_file()
+    assert any("shared MLP epoch" in line for line in heard.lines)
+    # blend-collab reused the stored vectors and the trained MLP: nothing folded in or trained again.
+    lines = [line for line in heard.lines if line.startswith("blend-collab:")]
+    assert any("0 users folded in" in line for line in lines)
+    assert not any("shared MLP epoch" in line for line in lines)
+    assert any("model" in line for line in lines if "blended on" in line)
+
+
+def test_every_adapter_user_gets_a_vector_beyond_the_mlps_capped_sample(tmp_path):
+    """The blend scores every adapter user's validation answers through collab, so each needs a vector,
+    also those the MLP's capped sample of examples left out."""
+    from tailorlm.methods.collab import CollabSetup
+    from tailorlm.methods.deps import MethodDeps, MethodSettings, base_loader
+    from tailorlm.methods.recipes import Recipe
+    from tailorlm.methods.setups import TaskAdapterSetup
+
+    task = load_task("bfi", seed=0)
+    users = list(task.users)
+    test, adapter = users[:2], users[2:8]
+    settings = MethodSettings(adapter_examples=2, adapter_val_examples=1, adapter_batch_size=2)
+    deps = MethodDeps(task, base_loader("tiny"), tmp_path, settings, adapter_users=adapter)
+    train, val = TaskAdapterSetup.pooled(deps)
+    assert {u.id for u, _ in (*train, *val)} < {u.id for u in adapter}  # the sample leaves some out
+    CollabSetup().answerer(deps, "collab", Recipe(), test)
+    assert {u.id for u in (*test, *adapter)} <= set(ModuleStore(tmp_path / "collab-plain").users())
