@@ -8,6 +8,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_blend import Heard
 from test_methods_leakage import SMALL, Run, check_prompts_show_only_what_the_asker_may_see
 
@@ -125,3 +127,28 @@ def test_every_adapter_user_gets_a_vector_beyond_the_mlps_capped_sample(tmp_path
     assert {u.id for u, _ in (*train, *val)} < {u.id for u in adapter}  # the sample leaves some out
     CollabSetup().answerer(deps, "collab", Recipe(), test)
     assert {u.id for u in (*test, *adapter)} <= set(ModuleStore(tmp_path / "collab-plain").users())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([f"i{k}" for k in range(6)] + ["unknown"]), st.floats(0, 5)),
+        max_size=12,
+    ),
+    st.floats(1e-6, 1e6),
+)
+def test_fold_in_solves_its_normal_equations_for_any_answers_and_penalty(answers, penalty):
+    """Any answers (repeated items, unknown ones, none) and any penalty from tiny to huge: a finite vector
+    at which the ridge objective's gradient vanishes (relative to its scale)."""
+    found = items()
+    vector = found.fold_in(answers, penalty).double()
+    assert torch.isfinite(vector).all()
+    known = [(i, r) for i, r in answers if i in found.factors]
+    if not known:
+        assert not vector.any()
+        return
+    x = torch.stack([torch.cat([torch.ones(1, dtype=torch.float64), found.factors[i]]) for i, _ in known])
+    y = torch.tensor([r - found.mean - found.bias[i] for i, r in known], dtype=torch.float64)
+    gradient = x.T @ (x @ vector - y) + penalty * vector
+    scale = (x.T @ y).abs().max() + penalty * vector.abs().max() + 1.0
+    assert gradient.abs().max() / scale < 1e-4
