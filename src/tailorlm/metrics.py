@@ -26,6 +26,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -428,3 +429,36 @@ def paired_bootstrap(
     gains = (b - a) if lower_is_better else (a - b)
     means = _resampled_means(gains, n_resamples, seed)
     return float((np.count_nonzero(means <= 0) + 1) / (n_resamples + 1))
+
+
+# --- how many users a difference needs ---------------------------------------------------------------------
+
+
+def paired_sd(
+    a_per_user: Mapping[str, float] | Sequence[float], b_per_user: Mapping[str, float] | Sequence[float]
+) -> float:
+    """Standard deviation (n - 1) over users of the per-user difference a - b: the spread a paired test
+    over users has to see a mean difference through."""
+    a, b = _paired(a_per_user, b_per_user)
+    if a.size < 2:
+        raise ValueError("the spread of per-user differences needs at least 2 users")
+    return float(np.std(a - b, ddof=1))
+
+
+def users_needed(diff_sd: float, delta: float, alpha: float = 0.05, power: float = 0.8) -> int:
+    """Users a one-sided paired test at level ``alpha`` needs to detect a true mean difference ``delta``
+    with probability ``power``, when per-user differences spread by ``diff_sd`` (``paired_sd``).
+
+    The normal approximation n = ((z_{1-alpha} + z_{power}) * diff_sd / delta)^2, rounded up; at least 2,
+    since a paired test needs two users to see any spread. The bootstrap over users the report uses is
+    close to this z test: ``tests/test_metrics.py`` checks its power by simulation.
+    """
+    if not (math.isfinite(diff_sd) and diff_sd >= 0):
+        raise ValueError(f"the spread of per-user differences must be a finite number >= 0, not {diff_sd}")
+    if not (math.isfinite(delta) and delta != 0):
+        raise ValueError(f"the difference to detect must be a finite non-zero number, not {delta}")
+    if not (0 < alpha < 1 and 0 < power < 1):
+        raise ValueError(f"alpha and power must be between 0 and 1 (got alpha {alpha}, power {power})")
+    normal = NormalDist()
+    z = normal.inv_cdf(1 - alpha) + normal.inv_cdf(power)
+    return max(2, math.ceil((z * diff_sd / abs(delta)) ** 2))

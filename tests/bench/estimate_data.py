@@ -1,7 +1,9 @@
 """Files for measuring the quick profile's work estimate at scale, made at run time from text on this
 machine (the Python standard library's docstrings), never committed: an own-data CSV of users x items
 with six ordered labels, and a LaMP-5-style folder (``dev_questions.json``, ``dev_outputs.json``) of
-users with a profile of papers each. The commands are in docs/benchmark-results.md.
+users with a profile of papers each. The commands are in docs/benchmark-results.md. Made for timing
+only: the LaMP-5 folder's titles, abstracts and golds are drawn at random from one shared pool, so they
+carry no per-user signal and measure no personalization.
 
     python tests/bench/estimate_data.py own OUT_DIR --users 200 --items 135
     python tests/bench/estimate_data.py lamp5 OUT_DIR --users 136

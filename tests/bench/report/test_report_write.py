@@ -20,6 +20,8 @@ def test_report_html_is_self_contained(planted):
     assert "partial" in page and "peft-lora" in page
     markdown = paths["markdown"].read_text()
     assert "## Reading" in markdown and "oppu (partial)" in markdown
+    # Both renderings size the test against the non-personal reference.
+    assert "## Users needed" in markdown and "<h2>Users needed</h2>" in page
     assert all(paths[f"plot_{key}"].read_bytes().startswith(b"\x89PNG") for key in PLOTS)
 
 
@@ -28,6 +30,7 @@ def test_report_without_references_still_has_every_plot(tmp_path):
     paths = report.write_report(no_reference_run(tmp_path))
     assert paths["results"].is_file()
     assert paths["html"].read_text().count('<img src="data:image/png;base64,') == len(PLOTS)
+    assert "Users needed" not in paths["markdown"].read_text()  # nothing to size without a reference
 
 
 def test_a_failed_method_is_named_with_its_reason_and_the_rest_is_reported(tmp_path):

@@ -22,6 +22,8 @@ from tailorlm.bench.report.tables import (
     sense,
     setting_rows,
     timing_rows,
+    users_needed_caption,
+    users_needed_rows,
 )
 from tailorlm.bench.results import ALPHA
 
@@ -78,6 +80,13 @@ def render_html(results: Results, pngs: Mapping[str, bytes]) -> str:
         else f"<h2>By activity</h2><p>{html.escape(activity_caption(activity, results))}</p>"
         f"{_html_table(*activity_rows(activity, results), partial=_partial(results, activity.means))}"
     )
+    needed_headers, needed = users_needed_rows(results)
+    needed_section = (
+        f"<h2>Users needed</h2><p>{html.escape(users_needed_caption(results))}</p>"
+        f"{_html_table(needed_headers, needed)}"
+        if needed
+        else ""
+    )
     timing_headers, timing = timing_rows(results)
     times = "<h2>Time: estimate against actual</h2>" + _html_table(timing_headers, timing) if timing else ""
     return (
@@ -91,6 +100,7 @@ def render_html(results: Results, pngs: Mapping[str, bytes]) -> str:
         f"<h2>Against the references</h2><p>One-sided paired bootstrap over the users both methods have; "
         f"delta = method - reference; significant at p &lt; {ALPHA}.</p>"
         f"{_html_table(*comparison_rows(results), partial=partial)}"
+        f"{needed_section}"
         f"{by_activity_section}"
         f"<h2>Plots</h2>{figures}{times}"
         f"<h2>Task and configuration</h2>{_html_table(['setting', 'value'], setting_rows(results))}"

@@ -15,6 +15,8 @@ from tailorlm.bench.report.tables import (
     sense,
     setting_rows,
     timing_rows,
+    users_needed_caption,
+    users_needed_rows,
 )
 from tailorlm.bench.results import ALPHA
 
@@ -41,6 +43,13 @@ def _timing_section(results: Results) -> list[str]:
     ]
 
 
+def _users_needed_section(results: Results) -> list[str]:
+    headers, rows = users_needed_rows(results)
+    if not rows:
+        return []
+    return ["## Users needed", users_needed_caption(results), _md_table(headers, rows)]
+
+
 def render_markdown(results: Results, plot_files: Mapping[str, str]) -> str:
     """The report as markdown; ``plot_files`` maps plot keys to paths relative to the report."""
     activity = by_activity(results)
@@ -65,6 +74,7 @@ def render_markdown(results: Results, plot_files: Mapping[str, str]) -> str:
         f"One-sided paired bootstrap over the users both methods have; delta = method - reference in "
         f"{results['primary_metric']}; significant at p < {ALPHA}.",
         _md_table(*comparison_rows(results)),
+        *_users_needed_section(results),
         *by_activity_parts,
         "## Plots",
         *(f"![{PLOTS[key][0]}]({path})" for key, path in plot_files.items()),

@@ -11,7 +11,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tailorlm.bench.results import LEVEL
+from tailorlm import metrics
+from tailorlm.bench.results import ALPHA, LEVEL
 
 # The results.json dict: {"task", "metrics", "primary_metric", "ranking", "references", "methods", ...}.
 Results = Mapping[str, Any]
@@ -22,6 +23,12 @@ REFERENCE_TITLES: dict[str, str] = {
     "simple_baseline": "the best simple baseline",
     "prompt_personal": "the best prompt-side personal method",
 }
+
+
+# Differences the users-needed table sizes the test for besides the observed one, per metric: on LaMP's
+# generation tasks the published margins of personal over shared models are about 0.01-0.02 ROUGE.
+DETECTABLE_DIFFERENCES: dict[str, tuple[float, ...]] = {"rouge1": (0.01, 0.02), "rougeL": (0.01, 0.02)}
+POWER = 0.8  # the chance the users-needed table sizes the test for
 
 
 # --- cells -------------------------------------------------------------------------------------------------
@@ -168,6 +175,53 @@ def comparison_rows(results: Results) -> tuple[list[str], list[list[str]]]:
             row += [_beats(comparisons[key]), comparison_cell(comparisons[key])]
         rows.append(row)
     return headers, rows
+
+
+def users_needed_rows(results: Results) -> tuple[list[str], list[list[str]]]:
+    """Per method: how many users a one-sided paired test (at ``ALPHA``, power ``POWER``) needs to detect
+    a difference from the non-personal reference on the primary metric, from the spread of the per-user
+    differences in this run: for the observed difference and for each of ``DETECTABLE_DIFFERENCES``.
+    No rows without that reference."""
+    primary, reference = results["primary_metric"], results["references"].get("non_personal")
+    sizes = DETECTABLE_DIFFERENCES.get(primary, ())
+    headers = ["method", "sd of per-user differences", "delta", "users for delta"]
+    headers += [f"users for {size:g}" for size in sizes]
+    if reference is None:
+        return headers, []
+    theirs = results["methods"][reference]["per_user"][primary]
+    rows = []
+    for name in scored_methods(results):
+        if name == reference:
+            continue
+        own = results["methods"][name]["per_user"][primary]
+        common = sorted(set(own) & set(theirs))
+        if len(common) < 2:
+            continue
+        sd = metrics.paired_sd({u: own[u] for u in common}, {u: theirs[u] for u in common})
+        delta = float(sum(own[u] - theirs[u] for u in common) / len(common))
+        row = [method_label(results, name), num(sd), signed(delta)]
+        for size in (delta, *sizes):
+            row.append(_users_for(sd, size))
+        rows.append(row)
+    return headers, rows
+
+
+def _users_for(sd: float, delta: float) -> str:
+    """Users needed to detect ``delta`` through a spread ``sd``; "-" for a difference the table shows as
+    0.000 (two methods equal on every user differ by float noise, which would ask for 10^30 users)."""
+    if round(delta, 3) == 0:
+        return "-"
+    return str(metrics.users_needed(sd, delta, alpha=ALPHA, power=POWER))
+
+
+def users_needed_caption(results: Results) -> str:
+    """What the users-needed table shows, in one sentence."""
+    return (
+        f"Users a one-sided paired test (alpha {ALPHA}, power {POWER}) needs to detect a difference in "
+        f"{results['primary_metric']} from {results['references'].get('non_personal')}, given the spread "
+        "of the per-user differences in this run: n = ((z(1-alpha) + z(power)) x sd / delta)^2. "
+        "delta = method - reference."
+    )
 
 
 def setting_rows(results: Results) -> list[list[str]]:
