@@ -175,20 +175,9 @@ class SlotBank:
     def write(self, slot: int, module: Mapping[str, torch.Tensor]) -> None:
         """Put one user's tensors into ``slot``; every other slot is left untouched."""
         self.check_slot(slot)
-        if set(module) != set(self.tensors):
-            missing, extra = sorted(set(self.tensors) - set(module)), sorted(set(module) - set(self.tensors))
-            raise EngineError(
-                f"module does not fit this bank: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
-                f", unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
-            )
         # Every shape is checked before anything is copied, so a refused module leaves the slot's user
         # as they were rather than half overwritten.
-        for name, value in module.items():
-            expected = tuple(self.tensors[name].shape[1:])
-            if tuple(value.shape) != expected:
-                raise EngineError(
-                    f"tensor {name} has shape {tuple(value.shape)}, the bank expects {expected}"
-                )
+        _check_fits("module", module, {name: t.shape[1:] for name, t in self.tensors.items()})
         with torch.no_grad():
             for name, value in module.items():
                 self.tensors[name][slot].copy_(value)
@@ -223,17 +212,7 @@ class SlotBank:
 
     def write_shared(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Put the task's trained shared part in place (every name and shape checked first)."""
-        if set(tensors) != set(self.shared):
-            raise EngineError(
-                f"shared part does not fit this bank: it has {sorted(tensors)}, "
-                f"the bank {sorted(self.shared)}"
-            )
-        for name, value in tensors.items():
-            if tuple(value.shape) != tuple(self.shared[name].shape):
-                raise EngineError(
-                    f"shared tensor {name} has shape {tuple(value.shape)}, the bank expects "
-                    f"{tuple(self.shared[name].shape)}"
-                )
+        _check_fits("shared part", tensors, {name: t.shape for name, t in self.shared.items()})
         with torch.no_grad():
             for name, value in tensors.items():
                 self.shared[name].copy_(value)
@@ -295,6 +274,21 @@ class SlotSpace:
             for index, router in enumerate(self.routers):
                 stack.enter_context(router.route(self.local_ids(index, slot_ids)))
             yield
+
+
+def _check_fits(what: str, found: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size]) -> None:
+    """An ``EngineError`` unless ``found`` has exactly the names of ``shapes``, each of that shape."""
+    if set(found) != set(shapes):
+        missing, extra = sorted(set(shapes) - set(found)), sorted(set(found) - set(shapes))
+        raise EngineError(
+            f"{what} does not fit this bank: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
+            f", unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
+        )
+    for name, value in found.items():
+        if tuple(value.shape) != tuple(shapes[name]):
+            raise EngineError(
+                f"tensor {name} has shape {tuple(value.shape)}, the bank expects {tuple(shapes[name])}"
+            )
 
 
 def _replace_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
