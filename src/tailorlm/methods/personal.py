@@ -153,10 +153,7 @@ def _by_label_fit(
     )
     stored = list(records)
     for done, user_id in enumerate(stored, 1):
-        if on_stored is not None:
-            on_stored(user_id)
-        if on_progress is not None:
-            on_progress(done, len(stored))
+        _heard(user_id, done, len(stored), on_progress, on_stored)
     return stored
 
 
@@ -187,11 +184,22 @@ def _by_fold_in(
             data_fingerprint=(training.fingerprints or {}).get(user.id),
         )
         stored.append(user.id)
-        if on_stored is not None:
-            on_stored(user.id)
-        if on_progress is not None:
-            on_progress(done, len(users))
+        _heard(user.id, done, len(users), on_progress, on_stored)
     return stored
+
+
+def _heard(
+    user_id: str,
+    done: int,
+    total: int,
+    on_progress: ProgressCallback | None,
+    on_stored: StoredCallback | None,
+) -> None:
+    """Tell the callbacks that ``user_id`` is stored, the ``done``-th of ``total``."""
+    if on_stored is not None:
+        on_stored(user_id)
+    if on_progress is not None:
+        on_progress(done, total)
 
 
 Maker = Callable[
