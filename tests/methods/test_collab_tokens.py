@@ -105,7 +105,8 @@ def test_a_collab_run_keeps_to_the_rules_stores_small_modules_and_resumes(tmp_pa
     assert any("shared MLP epoch" in line for line in heard.lines)
     # blend-collab reused the stored vectors and the trained MLP: nothing folded in or trained again.
     lines = [line for line in heard.lines if line.startswith("blend-collab:")]
-    assert any("0 users folded in" in line for line in lines)
+    assert any("every user's vector is stored already" in line for line in lines)
+    assert not any("folded in" in line for line in lines)
     assert not any("shared MLP epoch" in line for line in lines)
     assert any("model" in line for line in lines if "blended on" in line)
 

@@ -146,8 +146,6 @@ class CollabSetup:
         missing vector is folded in and stored first (the task adapter's users' too: the MLP trains on
         them)."""
         task = deps.task
-        items = ItemFactors.fit(task, self.spec.factors, deps.settings.seed)
-        items = items.with_penalty(task, deps.adapter_users)
         train, val = TaskAdapterSetup.pooled(deps)
         base = TaskAdapterSetup().merged_base(deps, recipe)
         trained_on = {u.id: u for u, _ in (*train, *val)}
@@ -159,12 +157,17 @@ class CollabSetup:
         # answers too, beyond the capped sample the MLP trains on.
         everyone = {**{u.id: u for u in deps.adapter_users}, **trained_on, **{u.id: u for u in users}}
         missing = [u for u in everyone.values() if not store.has(u.id)]
-        training = PersonalTraining(method, builder, fold_in=lambda user: items.module(task, user))
-        train_personal(deps, engine, store, missing, training)
-        deps.reporter.log(
-            f"{method}: {len(missing)} users folded in against {len(items.factors)} items' factors "
-            f"(penalty {items.penalty:g})"
-        )
+        if missing:  # the factorisation is fitted only when someone's vector is still to fold in
+            items = ItemFactors.fit(task, self.spec.factors, deps.settings.seed)
+            items = items.with_penalty(task, deps.adapter_users)
+            training = PersonalTraining(method, builder, fold_in=lambda user: items.module(task, user))
+            train_personal(deps, engine, store, missing, training)
+            deps.reporter.log(
+                f"{method}: {len(missing)} users folded in against {len(items.factors)} items' factors "
+                f"(penalty {items.penalty:g})"
+            )
+        else:
+            deps.reporter.log(f"{method}: every user's vector is stored already")
         folder = deps.modules / SHARED_FOLDER.format(tag=recipe.tag)
         if (folder / SHARED_FILE).is_file():  # a resumed run: trained before
             engine.bank.write_shared(load_file(str(folder / SHARED_FILE)))
@@ -203,22 +206,26 @@ class CollabSetup:
         best_loss, kept, step = rows.loss(engine, task.labels, grad=False), engine.bank.read_shared(), 0
         deps.reporter.log(f"{method}: shared MLP before training, validation loss {best_loss:.4f}")
         order = list(range(len(train)))
-        for epoch in range(PROJECTOR_EPOCHS):
-            random.Random(deps.settings.seed + epoch).shuffle(order)
-            for start in range(0, len(order), batch_size):
-                for tensor in shared:
-                    tensor.requires_grad_(True)
-                optimizer.zero_grad()
-                rows.loss(engine, task.labels, grad=True, indices=order[start : start + batch_size])
-                optimizer.step()
-                for tensor in shared:
-                    tensor.requires_grad_(False)
-                step += 1
-                progress(step, total)
-            loss = rows.loss(engine, task.labels, grad=False)
-            deps.reporter.log(f"{method}: shared MLP epoch {epoch + 1}, validation loss {loss:.4f}")
-            if loss < best_loss:
-                best_loss, kept = loss, engine.bank.read_shared()
+        # Only the MLP takes gradients (the users' vectors and the model stay as they are); the
+        # validation passes run without a graph whatever the flag says.
+        for tensor in shared:
+            tensor.requires_grad_(True)
+        try:
+            for epoch in range(PROJECTOR_EPOCHS):
+                random.Random(deps.settings.seed + epoch).shuffle(order)
+                for start in range(0, len(order), batch_size):
+                    optimizer.zero_grad()
+                    rows.loss(engine, task.labels, grad=True, indices=order[start : start + batch_size])
+                    optimizer.step()
+                    step += 1
+                    progress(step, total)
+                loss = rows.loss(engine, task.labels, grad=False)
+                deps.reporter.log(f"{method}: shared MLP epoch {epoch + 1}, validation loss {loss:.4f}")
+                if loss < best_loss:
+                    best_loss, kept = loss, engine.bank.read_shared()
+        finally:
+            for tensor in shared:
+                tensor.requires_grad_(False)
         engine.bank.write_shared(kept)
         for slot in slot_of.values():
             engine.bank.clear(slot)
