@@ -185,8 +185,8 @@ def needs(plan: Iterable[PlanEntry]) -> Needs:
             found.adapter.add(recipe)
             if isinstance(setup, label_models.SelectSetup):
                 found.personal.add(recipe)
-        model = setup.model if isinstance(setup, blend.BlendSetup) else setup
-        if isinstance(setup, blend.BlendSetup | collab.CollabSetup) and model is not None:
+        blend_with_model = isinstance(setup, blend.BlendSetup) and setup.model is not None
+        if blend_with_model or isinstance(setup, collab.CollabSetup):
             found.labels.add(recipe)
             found.adapter.add(recipe)
         if not isinstance(setup, KNOWN_SETUPS):  # counted by its answers alone (``method_seconds``)
@@ -434,11 +434,15 @@ def method_seconds(
         if recipe.profile:
             once(f"profiles:{whose}", count * rates.profile_s)
 
+    # The shared model's rows (``TaskAdapterSetup.pooled``): its capped training examples and the
+    # validation examples it checks each epoch, of the task adapter's users.
+    pooled = sum(len(task.training_examples(u)) for u in adapter_users)
+    examples = min(pooled, config.adapter_examples or pooled)
+    adapter_val = sum(len(u.val) for u in adapter_users)
+    checked = min(adapter_val, settings.adapter_val_examples)
+
     def adapter(shared: TaskAdapterSetup) -> None:
         """The shared model's training (its engine, an epoch's rows and validation each epoch)."""
-        pooled = sum(len(task.training_examples(u)) for u in adapter_users)
-        examples = min(pooled, config.adapter_examples or pooled)
-        checked = min(sum(len(u.val) for u in adapter_users), settings.adapter_val_examples)
         profiles("adapter", len(adapter_users))
         per_epoch = examples * rates.get("train_s", train_key("adapter", recipe)) + checked * rates.get(
             "validate_s", tag
@@ -464,9 +468,6 @@ def method_seconds(
         """The task adapter, then the shared MLP: its epochs over the adapter's rows (a backward through
         the frozen model each, as the adapter's steps) and a validation pass before and after each."""
         adapter(TaskAdapterSetup())
-        pooled = sum(len(task.training_examples(u)) for u in adapter_users)
-        examples = min(pooled, config.adapter_examples or pooled)
-        checked = min(sum(len(u.val) for u in adapter_users), settings.adapter_val_examples)
         mlp = collab.PROJECTOR_EPOCHS * examples * rates.get("train_s", train_key("adapter", recipe))
         checks = (1 + collab.PROJECTOR_EPOCHS) * checked * label_answer
         once(f"collab:{tag}", rates.load_s + mlp + checks)
@@ -507,7 +508,7 @@ def method_seconds(
                 collab_training()
             else:
                 adapter(setup.model)
-            rows = val + min(sum(len(u.val) for u in adapter_users), settings.adapter_val_examples)
+            rows = val + adapter_val  # every one of the adapter's users' answers, uncapped
             total += rates.load_s + (rows + answers) * label_answer
     elif isinstance(setup, collab.CollabSetup):
         collab_training()
