@@ -28,6 +28,7 @@ import contextlib
 import functools
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ class SqliteBackend:
         # implicitly.
         self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
+        _enter_wal(self._db, BUSY_TIMEOUT)
         self._db.execute("PRAGMA foreign_keys=ON")
         # A deleted row's bytes are overwritten in the file, so a forgotten user's text is gone from it,
         # not merely unlinked from the b-tree.
@@ -145,6 +146,25 @@ class SqliteBackend:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _enter_wal(db: sqlite3.Connection, wait: float) -> None:
+    """Switch the file to write-ahead logging, retrying for at most ``wait`` seconds. When several
+    processes open a new file at once, the switch can answer "database is locked" at once, without
+    the connection's busy timeout (SQLite refuses a lock upgrade that could deadlock instead of
+    waiting for it); the first switch is kept in the file, so a retry soon finds WAL already set."""
+    deadline = time.monotonic() + wait
+    pause = 0.005
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            busy = "locked" in str(error) or "busy" in str(error)
+            if not busy or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
 def _private_file(path: Path) -> None:
