@@ -16,9 +16,17 @@ from test_methods_leakage import SMALL, Run, check_prompts_show_only_what_the_as
 from tailorlm.bench import runner
 from tailorlm.bench.config import split_users
 from tailorlm.data import load_task
-from tailorlm.kinds.collab import VECTOR
+from tailorlm.kinds.collab import VECTOR, CollabSpec
 from tailorlm.methods import registry
-from tailorlm.methods.collab import SHARED_FILE, SHARED_FOLDER, ItemFactors, answers_of
+from tailorlm.methods.collab import (
+    ITEMS_FILE,
+    PART_FILE,
+    SHARED_FILE,
+    SHARED_FOLDER,
+    CollabPart,
+    ItemFactors,
+    answers_of,
+)
 from tailorlm.methods.recipes import PromptUse
 from tailorlm.store.store import ModuleStore
 
@@ -41,6 +49,18 @@ def test_fold_in_is_the_ridge_solution_and_recovers_a_user_without_noise():
     y = torch.tensor([r - found.mean - found.bias[i] for i, r in answers], dtype=torch.float64)
     gradient = x.T @ (x @ vector - y) + found.penalty * vector
     assert gradient.abs().max() < 1e-5
+
+
+def test_a_part_is_saved_and_loaded_whole(tmp_path):
+    found = items()
+    shared = {"collab_in.weight": torch.randn(5, 4), "collab_in.bias": torch.zeros(5)}
+    CollabPart(CollabSpec(factors=3), shared, found, "abc").save(tmp_path / "part")
+    loaded = CollabPart.load(tmp_path / "part")
+    assert loaded.spec == CollabSpec(factors=3) and loaded.task_adapter == "abc"
+    assert all(torch.equal(loaded.shared[k], shared[k]) for k in shared)
+    assert (loaded.items.mean, loaded.items.penalty, loaded.items.size) == (2.0, 0.5, 3)
+    assert loaded.items.bias == found.bias
+    assert all(torch.equal(loaded.items.factors[k], found.factors[k]) for k in found.factors)
 
 
 def test_a_user_with_no_known_item_is_the_average_user_and_unknown_items_are_skipped():
@@ -100,8 +120,8 @@ def test_a_collab_run_keeps_to_the_rules_stores_small_modules_and_resumes(tmp_pa
     for user in run.test_ids:
         module = store.get(user).tensors
         assert set(module) == {VECTOR} and module[VECTOR].numel() * 4 <= 1024
-    shared = tmp_path / "modules" / SHARED_FOLDER.format(tag="plain") / SHARED_FILE
-    assert shared.is_file()
+    folder = tmp_path / "modules" / SHARED_FOLDER.format(tag="plain")
+    assert all((folder / name).is_file() for name in (SHARED_FILE, ITEMS_FILE, PART_FILE))
     assert any("shared MLP epoch" in line for line in heard.lines)
     # blend-collab reused the stored vectors and the trained MLP: nothing folded in or trained again.
     lines = [line for line in heard.lines if line.startswith("blend-collab:")]

@@ -97,16 +97,3 @@ def test_every_role_refuses_a_label_request_over_its_memory_bound(tmp_path, tiny
         ok, refused, body = statuses(front)
         assert (ok, refused) == (200, 400) and body["error"]["code"] == "request_too_expensive", body
         assert front.label_memory(100, 40, 7) == local.label_memory(100, 40, 7)  # the same bound, fp32
-
-
-def test_a_server_refuses_to_serve_a_kind_whose_shared_part_no_store_keeps(tmp_path):
-    """Serving collab modules from a store would run them through an untrained MLP: refused at start."""
-    import pytest
-
-    from tailorlm.kinds import ModuleSpecError
-    from tailorlm.serve.server import served_specs
-    from tailorlm.store.store import ModuleStore
-
-    with pytest.raises(ModuleSpecError, match="collab modules need"):
-        served_specs(ModuleStore(tmp_path / "store"), ("lora", "collab"))
-    assert [spec.kind for spec in served_specs(ModuleStore(tmp_path / "store"), ("lora",))] == ["lora"]

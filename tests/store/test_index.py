@@ -180,6 +180,22 @@ def test_an_index_of_schema_1_gains_the_user_spec_column(tmp_path):
     reopened.close()
 
 
+def test_an_index_of_schema_3_gains_history_item_keys(index_url, tmp_path):
+    where = location(index_url, tmp_path)
+    index = StoreIndex(where)
+    index.add_history("ann", [HistoryRecord("a1", "text", "yes")])
+    index._backend.execute("ALTER TABLE history DROP COLUMN item_key")  # as schema 3 made it
+    index.close()
+    for _ in range(2):  # opening it adds the column once, then finds it there
+        index = StoreIndex(where)
+        assert index.history("ann") == [HistoryRecord("a1", "text", "yes")]  # an old row: no item key
+        index.close()
+    index = StoreIndex(where)
+    index.add_history("ann", [HistoryRecord("a2", "text", "no", item_key="statement-7")])
+    assert [r.item_key for r in index.history("ann")] == [None, "statement-7"]
+    index.close()
+
+
 def test_user_specs_and_meta(index):
     index.add_user("ann")
     index.set_user_spec("ann", {"kind": "lora", "rank": 4})

@@ -121,6 +121,22 @@ def test_a_task_from_your_own_files_keeps_its_folder_and_labels(service):
         service.import_task("peftu:hatexplain")
 
 
+def test_a_record_without_an_item_key_keeps_the_fingerprint_it_had_before_item_keys():
+    """Stores written before history kept item keys: their users stay up to date, not all out of date."""
+    import hashlib
+    import json
+
+    from tailorlm.users.history import fingerprint
+
+    record = HistoryRecord("i1", "text", "yes", "val", 3.5, {"a": 1})
+    old = hashlib.sha256()
+    old.update(json.dumps(["i1", "text", "yes", "val", 3.5, {"a": 1}], sort_keys=True).encode() + b"\n")
+    assert fingerprint([record]) == old.hexdigest()
+    assert (
+        fingerprint([HistoryRecord("i1", "text", "yes", "val", 3.5, {"a": 1}, "item-9")]) != old.hexdigest()
+    )
+
+
 def test_the_fingerprint_follows_the_history(imported):
     first = imported.data_fingerprint("1")
     assert first == imported.data_fingerprint("1") and first != imported.data_fingerprint("2")

@@ -31,7 +31,7 @@ from tailorlm.methods.deps import MethodSettings
 from tailorlm.store.index import VersionRecord
 from tailorlm.store.index_backends import StoreLocationError
 from tailorlm.users.errors import UserError
-from tailorlm.users.service import UserInfo, UserService, check_label_fit
+from tailorlm.users.service import UserInfo, UserService, check_label_fit, read_collab_part
 
 users_app = typer.Typer(
     help="The users of a module store: add or import them, train their modules, roll back, forget, keys.",
@@ -109,6 +109,13 @@ def import_command(
         help="OPPU: a LoRA or IA3 module folder (e.g. a bench run's task adapter) merged into the base "
         "before users train and are served; copied into the store. Only for a store without modules.",
     ),
+    collab: Path | None = typer.Option(
+        None,
+        "--collab",
+        help="Collab users' shared part: a bench run's modules/collab-shared-TAG folder (the trained MLP "
+        "and the item factors users are folded in against), from the run whose --task-adapter is given; "
+        "copied into the store.",
+    ),
     label_fit: str | None = typer.Option(
         None,
         "--label-fit",
@@ -127,12 +134,16 @@ def import_command(
         chosen = [u.strip() for u in users.split(",") if u.strip()] if users is not None else limit
         if label_fit is not None:
             check_label_fit(label_fit)  # before the import, so a mistyped fit imports nothing
+        spec = kind
+        if collab is not None:  # read first: a damaged part imports nothing, and collab users take its spec
+            part = read_collab_part(collab)
+            spec = part.spec if kind == part.spec.kind else kind
         service = _service(store, index=index)
-        result = service.import_task(task, data_dir=data, split=split, users=chosen, kind=kind, seed=seed)
+        result = service.import_task(task, data_dir=data, split=split, users=chosen, kind=spec, seed=seed)
         if model is not None:  # after the import, so a mistyped task leaves no store behind
             service.configure(base_model=model)
-        if task_adapter is not None:
-            service.configure(task_adapter=task_adapter)
+        if task_adapter is not None or collab is not None:
+            service.configure(task_adapter=task_adapter, collab=collab)
         if label_fit is not None:
             service.configure(label_fit=label_fit)
     payload = {**asdict(result), "store": service.location}

@@ -78,19 +78,6 @@ def spec_from_peft_config(config: Mapping[str, Any]) -> Any:
     return _BY_PEFT_TYPE[peft_type].spec_from_peft(config)
 
 
-def refuse_shared_part(spec: Any) -> Any:
-    """``spec`` itself unless its kind's users share a trained part: a users store keeps each user's module
-    and the task adapter, but no kind's shared part, so a store could only serve such a module with an
-    untrained one (wrong answers, silently). A ``ModuleSpecError`` saying so."""
-    kind = of(spec)
-    if kind.has_shared_part:
-        raise ModuleSpecError(
-            f"{kind.name} modules need their task's trained shared part, which a users store does not "
-            f"keep: {kind.name} is measured by `tailorlm bench` only"
-        )
-    return spec
-
-
 def same_layout(a: Any, b: Any) -> bool:
     """Whether two specs give users tensors of the same names and shapes."""
     return type(a) is type(b) and of(a).same_layout(a, b)

@@ -16,21 +16,28 @@ Three parts, each fitted on training answers only:
   (``Engine.label_scores``), the epoch with the lowest validation loss kept.
 
 A user's own part is their vector, stored as a module of the collab kind (at most 1 KB) and served from
-a slot like any module. The item's factors never enter the model: it reads the item's text, so an item
-nobody answered in training is handled like any other, from its text alone.
+a slot like any module. The run keeps what every user shares (the spec, the MLP, the item factors and
+the fingerprint of the task adapter under the MLP) as one ``CollabPart`` folder, which a users store
+copies (``users import --collab``) to fold its users in and serve them.
+
+The item's factors never enter the model: it reads the item's text, so an item nobody answered in
+training is handled like any other, from its text alone.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from tailorlm import metrics
+from tailorlm import kinds, metrics
 from tailorlm.data.schema import Task, User
 from tailorlm.engine.engine import Engine
 from tailorlm.engine.slots import SlotManager
@@ -49,8 +56,11 @@ FOLD_IN_PENALTIES = (0.3, 1.0, 3.0, 10.0, 30.0)
 # The shared MLP's training: AdamW at this rate, this many epochs over the task adapter's examples.
 PROJECTOR_RATE = 1e-3
 PROJECTOR_EPOCHS = 2
-SHARED_FOLDER = "collab-shared-{tag}"  # the trained MLP, in the run's modules folder
-SHARED_FILE = "shared.safetensors"
+# The task's collab part (``CollabPart``), in the run's modules folder; ``users import --collab`` takes it.
+SHARED_FOLDER = "collab-shared-{tag}"
+SHARED_FILE = "shared.safetensors"  # the trained MLP
+ITEMS_FILE = "items.safetensors"  # the item factors ``factors`` [items, factors] and biases ``bias`` [items]
+PART_FILE = "collab.json"  # the spec, the items' keys (in the rows' order), the mean, the penalty
 
 Answer = tuple[str, float]  # (item key, label position)
 
@@ -128,6 +138,94 @@ class ItemFactors:
         return {VECTOR: self.fold_in(answers_of(task, user))}
 
 
+class CollabPartError(ValueError):
+    """A collab part folder that is missing a file or does not hold what a collab part holds."""
+
+
+def tensors_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of ``tensors``, in name order: which task adapter
+    a collab part's MLP was trained over."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode("utf-8"))
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CollabPart:
+    """What every collab user of one task shares, kept in one folder: the spec, the trained MLP
+    (``shared``, named as ``kinds.collab`` names it), the frozen item factors users are folded in
+    against, and the fingerprint of the task adapter the MLP was trained over (None: the bare base)."""
+
+    spec: CollabSpec
+    shared: dict[str, torch.Tensor]
+    items: ItemFactors
+    task_adapter: str | None
+
+    def save(self, folder: Path) -> None:
+        """Write the part into ``folder``, replacing it atomically."""
+        keys = sorted(self.items.factors)
+        with atomic_folder(Path(folder)) as staging:
+            save_file({k: t.contiguous() for k, t in self.shared.items()}, str(staging / SHARED_FILE))
+            factors = [self.items.factors[k].double() for k in keys]
+            save_file(
+                {
+                    "factors": torch.stack(factors)
+                    if factors
+                    else torch.zeros(0, self.items.size, dtype=torch.float64),
+                    "bias": torch.tensor([self.items.bias[k] for k in keys], dtype=torch.float64),
+                },
+                str(staging / ITEMS_FILE),
+            )
+            meta = {
+                "spec": kinds.spec_to_dict(self.spec),
+                "items": keys,
+                "mean": self.items.mean,
+                "penalty": self.items.penalty,
+                "task_adapter": self.task_adapter,
+            }
+            (staging / PART_FILE).write_text(json.dumps(meta), encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: Path) -> CollabPart:
+        """The part in ``folder``; ``CollabPartError`` naming what is wrong with it."""
+        folder = Path(folder)
+        missing = [n for n in (PART_FILE, SHARED_FILE, ITEMS_FILE) if not (folder / n).is_file()]
+        if missing:
+            raise CollabPartError(
+                f"{folder} is not a collab part (a bench run's modules/{SHARED_FOLDER.format(tag='TAG')}): "
+                f"{', '.join(missing)} missing"
+            )
+        try:
+            meta = json.loads((folder / PART_FILE).read_text(encoding="utf-8"))
+            spec = kinds.validate(kinds.spec_from_dict(meta["spec"]))
+            if not isinstance(spec, CollabSpec):
+                raise CollabPartError(f"{folder / PART_FILE}: a {spec.kind} spec, not a collab one")
+            shared, table = load_file(str(folder / SHARED_FILE)), load_file(str(folder / ITEMS_FILE))
+            keys, factors, bias = list(meta["items"]), table["factors"], table["bias"]
+            if factors.shape != (len(keys), spec.factors) or bias.shape != (len(keys),):
+                raise CollabPartError(
+                    f"{folder / ITEMS_FILE}: factors {tuple(factors.shape)} and biases {tuple(bias.shape)} "
+                    f"do not fit {len(keys)} items of {spec.factors} factors"
+                )
+            items = ItemFactors(
+                float(meta["mean"]),
+                {k: float(b) for k, b in zip(keys, bias.tolist(), strict=True)},
+                {k: factors[i] for i, k in enumerate(keys)},
+                spec.factors,
+                float(meta["penalty"]),
+            )
+            return cls(spec, shared, items, meta.get("task_adapter"))
+        except CollabPartError:
+            raise
+        except Exception as error:  # JSON, safetensors and spec errors of a damaged or foreign folder
+            raise CollabPartError(
+                f"{folder}: not a readable collab part ({type(error).__name__}: {error})"
+            ) from None
+
+
 class CollabSetup:
     """Collaborative tokens on the task adapter: every user's vector folded in and stored as their module,
     the shared MLP trained once on the task adapter's users, answers from each user's slot."""
@@ -157,9 +255,11 @@ class CollabSetup:
         # answers too, beyond the capped sample the MLP trains on.
         everyone = {**{u.id: u for u in deps.adapter_users}, **trained_on, **{u.id: u for u in users}}
         missing = [u for u in everyone.values() if not store.has(u.id)]
-        if missing:  # the factorisation is fitted only when someone's vector is still to fold in
-            items = ItemFactors.fit(task, self.spec.factors, deps.settings.seed)
-            items = items.with_penalty(task, deps.adapter_users)
+        folder = deps.modules / SHARED_FOLDER.format(tag=recipe.tag)
+        part = CollabPart.load(folder) if (folder / PART_FILE).is_file() else None  # a resumed run's
+        items = part.items if part is not None else None
+        if missing:
+            items = items or self._items(deps)
             training = PersonalTraining(method, builder, fold_in=lambda user: items.module(task, user))
             train_personal(deps, engine, store, missing, training)
             deps.reporter.log(
@@ -168,15 +268,24 @@ class CollabSetup:
             )
         else:
             deps.reporter.log(f"{method}: every user's vector is stored already")
-        folder = deps.modules / SHARED_FOLDER.format(tag=recipe.tag)
-        if (folder / SHARED_FILE).is_file():  # a resumed run: trained before
-            engine.bank.write_shared(load_file(str(folder / SHARED_FILE)))
-        else:
-            self._train_shared(deps, engine, store, builder, method, train, val)
-            with atomic_folder(folder) as staging:
-                save_file(engine.bank.read_shared(), str(staging / SHARED_FILE))
+        if part is None:
+            if (folder / SHARED_FILE).is_file():  # a run of an earlier version kept the MLP alone
+                engine.bank.write_shared(load_file(str(folder / SHARED_FILE)))
+            else:
+                self._train_shared(deps, engine, store, builder, method, train, val)
+            adapter = TaskAdapterSetup().ensure_trained(deps, recipe).get(TaskAdapterSetup.USER).tensors
+            items = items or self._items(deps)
+            part = CollabPart(self.spec, engine.bank.read_shared(), items, tensors_fingerprint(adapter))
+            part.save(folder)
+        engine.bank.write_shared(part.shared)
         manager = SlotManager(engine.bank, store.loader(self.spec))
         return Answerer(deps, method, engine, builder, deps.settings.answer_group, slots=manager)
+
+    def _items(self, deps: MethodDeps) -> ItemFactors:
+        """The task's item factors (fitted on every training answer), with the fold-in penalty chosen on
+        the task adapter's users."""
+        items = ItemFactors.fit(deps.task, self.spec.factors, deps.settings.seed)
+        return items.with_penalty(deps.task, deps.adapter_users)
 
     def _train_shared(
         self,

@@ -39,14 +39,19 @@ from tailorlm.users.service import UserService
 log = logging.getLogger(__name__)
 
 
-def served_specs(store: ModuleStore, extra_kinds: tuple[str, ...]) -> list[ModuleSpec]:
+def served_specs(service: UserService, extra_kinds: tuple[str, ...]) -> list[ModuleSpec]:
     """One spec per distinct module layout among the users' current versions, plus the default spec of
-    every kind asked for; LoRA's default when the store is empty. A kind whose users share a trained part
-    the store does not keep is refused (``kinds.refuse_shared_part``)."""
+    every kind asked for (a kind whose users share a trained part: the spec of the part the store keeps);
+    LoRA's default when the store is empty. A kind whose shared part the store does not keep, or keeps
+    for another spec, is refused (``UserError``): its modules would run through an untrained part."""
+    store = service.store
     specs: list[ModuleSpec] = []
     found = [kinds.spec_from_dict(record.spec) for record in map(store.current, store.users()) if record]
-    for spec in [*found, *(kinds.default_spec(name) for name in extra_kinds)]:
-        kinds.refuse_shared_part(spec)
+    asked = [kinds.default_spec(name) for name in extra_kinds]
+    asked = [service.collab_spec() or spec if kinds.of(spec).has_shared_part else spec for spec in asked]
+    for spec in [*found, *asked]:
+        if kinds.of(spec).has_shared_part:
+            service.shared_part(spec)  # refused here, at start, rather than on a user's request
         if not any(kinds.same_layout(spec, known) for known in specs):
             specs.append(spec)
     return specs or [kinds.default_spec("lora")]
@@ -148,7 +153,7 @@ class ServedStore:
     def open(cls, config: ServeConfig) -> ServedStore:
         service = UserService(ModuleStore(config.store), device=config.device, dtype=config.dtype)
         base_name = config.base_model or service.settings().base_model
-        return cls(service, base_name, served_specs(service.store, config.kinds))
+        return cls(service, base_name, served_specs(service, config.kinds))
 
 
 class Server:
@@ -361,6 +366,9 @@ class LocalServer(Server):
             base or models.load_base(served.base_name, config.device, config.dtype)
         )
         self.engine = Engine(self.base, served.specs, slots=config.slots + 1, max_length=config.max_context)
+        for bank in self.engine.banks:  # the trained part its users share, checked when the store opened
+            if kinds.of(bank.spec).has_shared_part:
+                bank.write_shared(served.service.shared_part(bank.spec))
         self.managers = [
             SlotManager(bank, module_loader(served.service.store, bank.spec)) for bank in self.engine.banks
         ]

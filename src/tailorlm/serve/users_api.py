@@ -30,6 +30,8 @@ class HistoryItemIn(BaseModel):
     target: str = Field(max_length=100_000)
     item_id: str | None = Field(default=None, min_length=1, max_length=256)
     split: str = "train"
+    # The task's item answered (shared between users): what a collab user's vector is folded in from.
+    item_key: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 class HistoryIn(BaseModel):
@@ -109,7 +111,13 @@ def register(app: FastAPI, server: Server, admin: Guard, self_or_admin: UserGuar
     def add_history(user_id: str, body: HistoryIn, request: Request) -> dict:
         self_or_admin(server, request, user_id)
         items = [
-            HistoryRecord(item.item_id or f"api-{uuid.uuid4().hex[:16]}", item.input, item.target, item.split)
+            HistoryRecord(
+                item.item_id or f"api-{uuid.uuid4().hex[:16]}",
+                item.input,
+                item.target,
+                item.split,
+                item_key=item.item_key,
+            )
             for item in body.items
         ]
         try:

@@ -42,7 +42,7 @@ from tailorlm.store.index_backends import Backend, connect
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.sqlite3"
-SCHEMA_VERSION = 3  # 2: users.spec (a user's own module spec); 3: tombstones
+SCHEMA_VERSION = 4  # 2: users.spec (a user's own module spec); 3: tombstones; 4: history.item_key
 SALT_KEY = "tombstone_salt"  # the meta row holding the salt of tombstones' HMACs
 # Compaction after a delete waits this long for a lock at most (seconds): a reader holding the index
 # makes it give up and retry in the background, never makes other requests wait behind it for long.
@@ -81,6 +81,7 @@ CREATE TABLE IF NOT EXISTS history (
     split TEXT NOT NULL,
     time DOUBLE PRECISION,
     fields TEXT NOT NULL,
+    item_key TEXT,
     PRIMARY KEY (user_id, seq)
 );
 CREATE TABLE IF NOT EXISTS keys (
@@ -168,6 +169,9 @@ class HistoryRecord:
     split: str = "train"
     time: float | None = None
     fields: Mapping[str, Any] = field(default_factory=dict)
+    # The task's item this answer is about (several users answer one item), which matrix factorisation
+    # and the collab fold-in read; None where items are not shared (a user's own posts).
+    item_key: str | None = None
 
 
 def _unseen(items: Sequence[HistoryRecord], known: set[str]) -> list[HistoryRecord]:
@@ -535,8 +539,8 @@ class StoreIndex:
                 known = db.execute("SELECT item_id FROM history WHERE user_id = ?", (user_id,)).fetchall()
                 items = _unseen(items, {row["item_id"] for row in known})
             db.executemany(
-                "INSERT INTO history(user_id, seq, item_id, input, target, split, time, fields) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO history(user_id, seq, item_id, input, target, split, time, fields, item_key) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         user_id,
@@ -547,6 +551,7 @@ class StoreIndex:
                         it.split,
                         it.time,
                         json.dumps(dict(it.fields), sort_keys=True),
+                        it.item_key,
                     )
                     for i, it in enumerate(items)
                 ],
@@ -557,7 +562,13 @@ class StoreIndex:
         rows = self._rows("SELECT * FROM history WHERE user_id = ? ORDER BY seq", user_id)
         return [
             HistoryRecord(
-                r["item_id"], r["input"], r["target"], r["split"], r["time"], json.loads(r["fields"])
+                r["item_id"],
+                r["input"],
+                r["target"],
+                r["split"],
+                r["time"],
+                json.loads(r["fields"]),
+                r["item_key"],
             )
             for r in rows
         ]

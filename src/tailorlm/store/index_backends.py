@@ -14,7 +14,7 @@ what differs:
   them is under way. Writers of different users run side by side. None on SQLite.
 - ``prepare_schema``: PostgreSQL's ``CREATE TABLE IF NOT EXISTS`` is not safe when several processes
   open a new index at once, so its schema transaction first takes an advisory lock.
-- ``migrate``: schema 1 existed only in SQLite files.
+- ``migrate``: the additive steps from an older schema (schema 1 existed only in SQLite files).
 - ``reclaim``: what makes deleted rows go away after a user is forgotten, waiting a short while at most;
   it says why it could not (a reader that holds them).
 
@@ -118,6 +118,9 @@ class SqliteBackend:
         columns = {row["name"] for row in self._db.execute("PRAGMA table_info(users)")}
         if "spec" not in columns:  # schema 1 had no per-user spec
             self._db.execute("ALTER TABLE users ADD COLUMN spec TEXT")
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(history)")}
+        if "item_key" not in columns:  # schemas 1-3 kept no item keys
+            self._db.execute("ALTER TABLE history ADD COLUMN item_key TEXT")
 
     def reclaim(self, wait: float, since: float) -> str | None:
         """``VACUUM`` the file, then fold the write-ahead log into it and truncate it; with
@@ -307,7 +310,16 @@ class PostgresBackend:
         self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
 
     def migrate(self) -> None:
-        """Nothing yet: every PostgreSQL index was created at schema 2 or later."""
+        """Bring an index written by an older version up to this schema (every PostgreSQL index was
+        created at schema 2 or later); runs under the schema lock, so one process adds a column. The
+        catalogue is read first: ``ALTER TABLE`` locks the table against every reader even when it has
+        nothing to do."""
+        found = self.execute(
+            "SELECT 1 AS found FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = 'history' AND column_name = 'item_key'"
+        ).fetchone()
+        if found is None:  # schemas 2-3 kept no item keys
+            self.execute("ALTER TABLE history ADD COLUMN item_key TEXT")
 
     def reclaim(self, wait: float, since: float) -> str | None:
         """``VACUUM`` the tables a forgotten user had rows in, so their dead row versions are removed

@@ -19,10 +19,13 @@ UserSelection = Sequence[str] | int | None  # some users by id, the first N, or 
 
 def fingerprint(records: Iterable[HistoryRecord]) -> str:
     """sha256 over history records in the order given (the store's order): every field counts, so any
-    edit, addition or move between splits changes it."""
+    edit, addition or move between splits changes it. A record without an item key hashes as before item
+    keys were kept, so a store's existing users stay up to date."""
     digest = hashlib.sha256()
     for record in records:
         fields = [record.item_id, record.input, record.target, record.split, record.time, dict(record.fields)]
+        if record.item_key is not None:
+            fields.append(record.item_key)
         digest.update(json.dumps(fields, sort_keys=True).encode("utf-8") + b"\n")
     return digest.hexdigest()
 
@@ -34,13 +37,16 @@ def to_example(record: HistoryRecord) -> Example:
         text=record.input,
         target=record.target,
         targets=(record.target,),
+        item_key=record.item_key,
         time=record.time,
         fields=dict(record.fields),
     )
 
 
 def to_record(example: Example, split: str) -> HistoryRecord:
-    return HistoryRecord(example.id, example.text, example.target, split, example.time, dict(example.fields))
+    return HistoryRecord(
+        example.id, example.text, example.target, split, example.time, dict(example.fields), example.item_key
+    )
 
 
 def checked_items(items: Sequence[HistoryRecord]) -> list[HistoryRecord]:
@@ -54,6 +60,8 @@ def checked_items(items: Sequence[HistoryRecord]) -> list[HistoryRecord]:
             raise UserError("every history item needs a non-empty string id")
         if not isinstance(item.input, str) or not isinstance(item.target, str):
             raise UserError(f"history item {item.item_id!r}: input and target must be text")
+        if item.item_key is not None and (not isinstance(item.item_key, str) or not item.item_key):
+            raise UserError(f"history item {item.item_id!r}: an item key must be non-empty text")
         if item.split not in HISTORY_SPLITS:
             raise UserError(
                 f"history item {item.item_id!r}: split {item.split!r} is not one of {HISTORY_SPLITS}"

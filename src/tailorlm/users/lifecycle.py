@@ -127,7 +127,7 @@ class Lifecycle(StoreSettings):
     ) -> UserInfo:
         """A new user, with their own module kind (else the store's default) and any history."""
         check_user_id(user_id)
-        spec = resolve_spec(kind, self.settings().labels) if kind is not None else None
+        spec = resolve_spec(kind, self.settings().labels, self.collab_spec()) if kind is not None else None
         items = checked_items(history)
         # The explicit re-create of a forgotten user: their tombstone goes, in the same transaction.
         if not self.index.add_user(user_id, revive=True):
@@ -166,7 +166,7 @@ class Lifecycle(StoreSettings):
         except (DataError, UnknownTaskError) as error:
             raise UserError(str(error)) from error
         self._check_task(self.settings(), loaded.name, seed)
-        spec = resolve_spec(kind, loaded.labels) if kind is not None else None
+        spec = resolve_spec(kind, loaded.labels, self.collab_spec()) if kind is not None else None
         chosen = select(loaded, users)
         for user in chosen:
             check_user_id(user.id)

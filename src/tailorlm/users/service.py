@@ -37,6 +37,7 @@ from tailorlm.users.settings import (
     ServiceSettings,
     check_label_fit,
     default_spec_dict,
+    read_collab_part,
     resolve_spec,
 )
 from tailorlm.users.training import Training, TrainOutcome
@@ -58,6 +59,7 @@ __all__ = [
     "check_user_id",
     "default_spec_dict",
     "fingerprint",
+    "read_collab_part",
     "resolve_spec",
     "to_example",
     "to_record",

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tailorlm import kinds
 from tailorlm.data import UnknownTaskError
 from tailorlm.data import build as data_build
@@ -19,7 +21,9 @@ from tailorlm.data import specs as task_specs
 from tailorlm.data.schema import Task, User
 from tailorlm.files import atomic_folder
 from tailorlm.kinds import ModuleSpec, ModuleSpecError
+from tailorlm.kinds.collab import CollabSpec
 from tailorlm.methods import label_parts
+from tailorlm.methods.collab import CollabPart, CollabPartError, tensors_fingerprint
 from tailorlm.methods.deps import BaseLoader, base_loader
 from tailorlm.methods.setups import PERSONAL_KINDS
 from tailorlm.models import BaseModel
@@ -32,6 +36,7 @@ from tailorlm.users.errors import UserError
 SETTINGS_KEY = "users.settings"  # the index meta row holding ServiceSettings as JSON
 DEFAULT_KIND = "lora"
 TASK_ADAPTER_FOLDER = ".task-adapter"  # hidden, so no user's module folder can take its name
+COLLAB_FOLDER = ".collab"  # the task's collab part (methods.collab.CollabPart), hidden likewise
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,9 @@ class ServiceSettings:
     # OPPU: a non-personal task adapter merged into the base before users train and are served, kept in
     # the store (TASK_ADAPTER_FOLDER) so a worker process or a server finds it; None: the plain base.
     task_adapter: str | None = None
+    # Collab users' shared part (the MLP and the item factors they are folded in against), kept in the
+    # store (COLLAB_FOLDER); None: the store cannot train or serve collab users.
+    collab: str | None = None
     label_fit: str = "bias"  # how label-bias users are fitted: one of ``label_parts.FITS``
     # The whole spec of a task that is not bundled (your own task file, ``TaskSpec.to_dict``): the store
     # renders prompts from it without the file; None for a bundled task, found by its name.
@@ -81,14 +89,28 @@ def default_spec_dict(kind: str) -> dict[str, Any]:
     return kinds.spec_to_dict(PERSONAL_KINDS[kind].spec)
 
 
-def resolve_spec(kind: str | ModuleSpec, labels: Sequence[str] | None = None) -> ModuleSpec:
+def resolve_spec(
+    kind: str | ModuleSpec, labels: Sequence[str] | None = None, shared: ModuleSpec | None = None
+) -> ModuleSpec:
     """A module spec from a kind's name (its default settings) or a spec, checked by its kind; a kind over
-    a task's labels (a label bias) gets ``labels``, the store task's."""
+    a task's labels (a label bias) gets ``labels``, the store task's, and the name of the kind whose
+    shared part the store keeps gets that part's spec (``shared``)."""
+    if shared is not None and kind == shared.kind:
+        return shared
     try:
         spec = kinds.validate(kinds.default_spec(kind) if isinstance(kind, str) else kind)
-        return kinds.for_labels(kinds.refuse_shared_part(spec), labels)
+        return kinds.for_labels(spec, labels)
     except ModuleSpecError as error:
         raise UserError(str(error)) from error
+
+
+def read_collab_part(folder: str | Path) -> CollabPart:
+    """A collab part folder (a bench run's ``modules/collab-shared-TAG``), or a ``UserError`` naming what is
+    wrong with it."""
+    try:
+        return CollabPart.load(Path(folder))
+    except CollabPartError as error:
+        raise UserError(f"collab part: {error}") from None
 
 
 class StoreSettings:
@@ -139,6 +161,7 @@ class StoreSettings:
         base_model: str | None = None,
         kind: str | ModuleSpec | None = None,
         task_adapter: str | Path | None = None,
+        collab: str | Path | None = None,
         label_fit: str | None = None,
     ) -> ServiceSettings:
         """Set store-wide settings; None leaves one as it is. The task and the base model are fixed once
@@ -160,6 +183,8 @@ class StoreSettings:
             settings = replace(settings, spec=kinds.spec_to_dict(resolve_spec(kind, settings.labels)))
         if task_adapter is not None:
             settings = replace(settings, task_adapter=self._keep_task_adapter(Path(task_adapter)))
+        if collab is not None:
+            settings = replace(settings, collab=self._keep_collab(Path(collab), settings.task_adapter))
         if label_fit is not None:
             settings = replace(settings, label_fit=check_label_fit(label_fit))
         return self._save_settings(settings)
@@ -185,6 +210,75 @@ class StoreSettings:
                 if item.is_file():
                     shutil.copy2(item, staging / item.name)
         return TASK_ADAPTER_FOLDER
+
+    def _keep_collab(self, folder: Path, task_adapter: str | None) -> str:
+        """Copy a collab part's folder into the store (collab users' vectors are folded in against its
+        items, so it must not change under them); returns its folder relative to the root. Refused when
+        ``task_adapter`` (the store's, if it has one yet) is not the one its MLP was trained over."""
+        if any(isinstance(self._stored_spec(u), CollabSpec) for u in self.store.users()):
+            raise UserError(
+                f"the collab users of {self.location} were folded in against another collab part; "
+                "use a new store for this one"
+            )
+        part = read_collab_part(folder)
+        if task_adapter is not None:
+            self._check_task_adapter(part, task_adapter)
+        with self.store.files.new_folder(COLLAB_FOLDER) as target, atomic_folder(target) as staging:
+            for item in folder.iterdir():
+                if item.is_file():
+                    shutil.copy2(item, staging / item.name)
+        return COLLAB_FOLDER
+
+    def _stored_spec(self, user_id: str) -> ModuleSpec | None:
+        record = self.store.current(user_id)
+        return kinds.spec_from_dict(record.spec) if record is not None else None
+
+    def collab_spec(self) -> ModuleSpec | None:
+        """The spec of the store's collab part, None without one (what ``--kind collab`` resolves to)."""
+        return self.collab_part().spec if self.settings().collab is not None else None
+
+    def collab_part(self, spec: ModuleSpec | None = None) -> CollabPart:
+        """The store's collab part, checked against the task adapter merged into the base and against
+        ``spec`` (the collab users' spec): a ``UserError`` saying what to do when it does not fit."""
+        relative = self.settings().collab
+        if relative is None:
+            raise UserError(
+                f"{self.location} keeps no collab part, which collab users are folded in against and "
+                "served with: import with --collab RUN/modules/collab-shared-TAG (a bench run of the "
+                "collab method), with that run's --task-adapter"
+            )
+        with self.store.files.reading(relative) as folder:
+            try:
+                part = CollabPart.load(folder)
+            except CollabPartError as error:
+                raise UserError(f"the store's collab part: {error}") from None
+        if spec is not None and spec != part.spec:
+            raise UserError(
+                f"the store's collab part is for {part.spec}, not {spec}: collab users take its spec"
+            )
+        self._check_task_adapter(part, self.settings().task_adapter)
+        return part
+
+    def shared_part(self, spec: ModuleSpec) -> dict[str, torch.Tensor]:
+        """The trained part every user of ``spec`` shares (``ModuleKind.shared_shapes``), for an engine's
+        bank: the store's collab part's MLP, the one kind that has one."""
+        return self.collab_part(spec).shared
+
+    def _check_task_adapter(self, part: CollabPart, relative: str | None) -> None:
+        """The part's MLP was trained over the task adapter at ``relative`` in the store (or over none,
+        as ``relative`` None says)."""
+        merged = None
+        if relative is not None:
+            with self.store.files.reading(relative) as folder:
+                merged = tensors_fingerprint(module_folder.read_module(folder).tensors)
+        if merged != part.task_adapter:
+            raise UserError(
+                "the collab part's MLP was trained over "
+                + ("no task adapter" if part.task_adapter is None else "another task adapter")
+                + f" than {self.location} merges into its base "
+                + ("(none)" if merged is None else "")
+                + ": give the task adapter and the collab part of one bench run"
+            )
 
     def with_task_adapter(self, base: BaseModel) -> BaseModel:
         """``base`` with the store's task adapter merged into its weights (OPPU), or as it is."""

@@ -211,9 +211,18 @@ class Training(Lifecycle):
             fingerprints={user.id: data for user, data in members},
             initial=initial,
             fresh_base=deps.load_base,
+            fold_in=self._fold_in(spec, task),
         )
         users = [user for user, _ in members]
         return train_personal(deps, engine, self.store, users, training, progress.next_group(), stored)
+
+    def _fold_in(self, spec: ModuleSpec, task: Task) -> Callable[[User], Mapping] | None:
+        """A fold-in kind's maker of a user's module: fitted from their history's answers against the
+        item factors of the store's collab part (``UserError`` when it has none); None for other kinds."""
+        if kinds.of(spec).made_by != "fold-in":
+            return None
+        items = self.collab_part(spec).items
+        return lambda user: items.module(task, user)
 
     def _current_module(self, engine: Engine, user_id: str) -> dict | None:
         """``user_id``'s current module in ``engine``'s layout, or None to start fresh: when they have
