@@ -51,6 +51,10 @@ BAD_BODIES = [
     ("empty labels", json.dumps(completion(labels=[])).encode(), "labels"),
     ("duplicate labels", json.dumps(completion(labels=["a", "a"])).encode(), "labels"),
     ("stream a string", json.dumps(completion(stream="yes please")).encode(), "stream"),
+    # A JSON escape of a lone surrogate: Python's parser lets it through, the tokenizer cannot take it.
+    ("a lone surrogate in the prompt", json.dumps(completion(prompt="a \ud800 b")).encode(), None),
+    ("a lone surrogate in a label", json.dumps(completion(labels=["yes", "\udfff"])).encode(), None),
+    ("a lone surrogate in a stop", json.dumps(completion(stop=["\ud83d"])).encode(), None),
 ]
 
 
@@ -74,10 +78,17 @@ def test_bad_completion_bodies_are_400(http, name, body, param):
         {"model": USER, "messages": [{"role": "wizard", "content": "hi"}]},
         {"model": USER, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
         {"model": USER, "messages": [{"role": "user", "content": "hi"}], "labels": ["a"], "stream": True},
+        {"model": USER, "messages": [{"role": "user", "content": "a lone \ud800"}]},
+        {"model": USER, "messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]},
     ],
 )
 def test_bad_chat_bodies_are_400(http, body):
-    answer = http.post("/v1/chat/completions", json=body)
+    # json.dumps escapes a lone surrogate as JSON allows (httpx's json= would fail to encode it)
+    answer = http.post(
+        "/v1/chat/completions",
+        content=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     assert answer.status_code == 400, answer.text
     assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
 
@@ -195,3 +206,29 @@ def test_a_full_queue_gets_429_and_the_rest_are_served(store_users, tiny):
         refused = next(a for a in answers if a.status_code == 429)
         assert refused.headers["Retry-After"] and refused.json()["error"]["code"] == "queue_full"
         assert call(0).status_code == 200
+
+
+# Text the index cannot keep: a lone surrogate (valid JSON escapes, not UTF-8) in any field, and NUL
+# (PostgreSQL's text refuses it) in any field; each is a 400 naming the field, and nothing is added.
+UNSTORABLE = [
+    ("input", "a lone \ud800 surrogate"),
+    ("target", "ends \udfff"),
+    ("item_id", "id-\ud83d"),
+    ("item_key", "key-\udc00"),
+    ("input", "a NUL \u0000 inside"),
+    ("item_key", "\u0000"),
+]
+
+
+@pytest.mark.parametrize("field, value", UNSTORABLE, ids=[f"{f}-{i}" for i, (f, _) in enumerate(UNSTORABLE)])
+def test_history_text_the_index_cannot_keep_is_400_and_adds_nothing(http, store_users, field, value):
+    before = http.get(f"/v1/users/{USER}").json()["history"]
+    item = {"input": "fine", "target": "fine", field: value}
+    body = json.dumps({"items": [item], "retrain": False}).encode()  # ensure_ascii: \\ud800 as an escape
+    answer = http.post(
+        f"/v1/users/{USER}/history", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert answer.status_code == 400, answer.text
+    assert field in answer.json()["error"]["message"] or answer.json()["error"]["param"], answer.text
+    assert http.get(f"/v1/users/{USER}").json()["history"] == before
+    ok_completion(http)

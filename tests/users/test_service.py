@@ -4,6 +4,7 @@ given only the root, rollback, and forgetting a user without a trace in any file
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -303,3 +304,44 @@ def test_deleting_a_user_leaves_nothing_of_them_in_any_file(imported):
     assert imported.index.user_ids() == ["1", "2", "3"] and imported.store.users() == ["1"]
     with pytest.raises(UserError, match="no user"):
         imported.delete(forgotten_id)
+
+
+def test_an_import_with_text_the_index_cannot_keep_imports_nothing(tmp_path):
+    """Own data with a NUL (PostgreSQL's text refuses it) in its last user's rows: one line naming the
+    item and the field, and no user, history or setting is written. (pandas reads a lone surrogate's JSON
+    escape as U+FFFD, so only the Python API can hand one over: the test below.)"""
+    bad = "a NUL \u0000 in the text"
+    rows = [
+        {
+            "annotator": f"a{u}",
+            "text": f"message {i}",
+            "label": "yes" if (u + i) % 2 else "no",
+            "mid": f"m{i}",
+        }
+        for u in range(4)
+        for i in range(10)
+    ]
+    for row in rows[-10:]:  # the last user's rows, whichever split they land in: earlier users come first
+        row["text"] = f"{bad} {row['mid']}"
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in rows))  # ensure_ascii: the escapes survive
+    task = tmp_path / "task.json"
+    columns = {"user": "annotator", "input": "text", "target": "label", "item": "mid"}
+    task.write_text(
+        json.dumps({"name": "tone", "kind": "classification", "instruction": "Rude?", "columns": columns})
+    )
+    service = UserService(tmp_path / "store")
+    with pytest.raises(UserError, match="input holds a"):
+        service.import_task(str(task), data_dir=data)
+    assert service.index.user_ids() == [] and service.settings().task is None
+    service.close()
+
+
+@pytest.mark.parametrize("field", ["item_id", "input", "target", "item_key"])
+@pytest.mark.parametrize("bad", ["\u0000", "\ud800", "x\udfffy"])
+def test_history_text_the_index_cannot_keep_is_one_line_and_adds_nothing(imported, field, bad):
+    before = imported.history("1")
+    record = dataclasses.replace(HistoryRecord("1/ok", "fine", "yes", item_key="k"), **{field: bad})
+    with pytest.raises(UserError, match=f"{field} holds a"):
+        imported.add_history("1", [HistoryRecord("1/first", "fine", "yes"), record])
+    assert imported.history("1") == before

@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Every field is bounded at the edges of what the engine takes, not just by its sign, so that nothing a
 # client sends can fail inside the engine loop (where a failure would reach the rows batched with it).
@@ -80,7 +80,38 @@ def invalid_key() -> ApiError:
     )
 
 
-class _Request(BaseModel):
+def utf8_only(value: Any, path: str = "") -> Any:
+    """``value`` (a request body as parsed) if every string in it, keys included, is UTF-8 text, else a
+    ``ValueError`` naming where (``items[0].input``). A JSON ``\\ud800`` escape carries a lone surrogate,
+    which Python's JSON parser lets through and the tokenizer and the index cannot take."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"{path or 'the body'} holds a lone surrogate (U+D800-U+DFFF), not UTF-8 text"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            utf8_only(key, f"a key in {path or 'the body'}")
+            named = isinstance(key, str) and key.isprintable()
+            utf8_only(item, (f"{path}.{key}" if path else key) if named else path)
+    elif isinstance(value, list):
+        for number, item in enumerate(value):
+            utf8_only(item, f"{path}[{number}]")
+    return value
+
+
+class Utf8Body(BaseModel):
+    """A request body whose every string is UTF-8 text (``utf8_only``), checked before its fields."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8(cls, data: Any) -> Any:
+        return utf8_only(data)
+
+
+class _Request(Utf8Body):
     # NaN and infinity are refused outright (Python's JSON parser accepts them, and NaN passes no bound).
     model_config = ConfigDict(extra="allow", strict=False, allow_inf_nan=False)
 

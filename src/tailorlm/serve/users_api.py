@@ -9,7 +9,7 @@ from collections.abc import Callable
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 
-from tailorlm.serve.protocol import ApiError
+from tailorlm.serve.protocol import ApiError, Utf8Body
 from tailorlm.serve.server import Server
 from tailorlm.store.index import HistoryRecord
 from tailorlm.users.errors import UserError
@@ -19,7 +19,7 @@ Guard = Callable[[Server, Request], KeyOwner]
 UserGuard = Callable[[Server, Request, str], KeyOwner]
 
 
-class NewUser(BaseModel):
+class NewUser(Utf8Body):
     user_id: str  # the id rule is the users layer's (``users.identity.check_user_id``): a 400 naming it
     kind: str | None = None
     issue_key: bool = True
@@ -34,7 +34,7 @@ class HistoryItemIn(BaseModel):
     item_key: str | None = Field(default=None, min_length=1, max_length=256)
 
 
-class HistoryIn(BaseModel):
+class HistoryIn(Utf8Body):
     items: list[HistoryItemIn] = Field(min_length=1, max_length=10_000)
     retrain: bool = True
 

@@ -51,7 +51,7 @@ def to_record(example: Example, split: str) -> HistoryRecord:
 
 def checked_items(items: Sequence[HistoryRecord]) -> list[HistoryRecord]:
     """``items`` if each is a well-formed history record (an id, text input and target, a known split,
-    JSON fields), else a ``UserError`` naming the first that is not."""
+    JSON fields, text the index can keep), else a ``UserError`` naming the first that is not."""
     checked = []
     for item in items:
         if not isinstance(item, HistoryRecord):
@@ -66,12 +66,30 @@ def checked_items(items: Sequence[HistoryRecord]) -> list[HistoryRecord]:
             raise UserError(
                 f"history item {item.item_id!r}: split {item.split!r} is not one of {HISTORY_SPLITS}"
             )
+        for name in ("item_id", "input", "target", "item_key"):
+            _check_storable(item, name)
         try:
             json.dumps(dict(item.fields))
         except (TypeError, ValueError) as error:
             raise UserError(f"history item {item.item_id!r}: fields are not JSON ({error})") from None
         checked.append(item)
     return checked
+
+
+def _check_storable(item: HistoryRecord, name: str) -> None:
+    """The field ``name`` of ``item`` is text both index databases keep as it is: UTF-8 (a lone surrogate,
+    which a JSON escape can carry, is not) without NUL (PostgreSQL's text type refuses it)."""
+    text = getattr(item, name)
+    if text is None:
+        return
+    if "\x00" in text:
+        raise UserError(f"history item {item.item_id!r}: {name} holds a NUL character, which is not kept")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(
+            f"history item {item.item_id!r}: {name} holds a lone surrogate (U+D800-U+DFFF), not UTF-8 text"
+        ) from None
 
 
 def user_of(user_id: str, records: Sequence[HistoryRecord]) -> User:

@@ -170,6 +170,15 @@ class Lifecycle(StoreSettings):
         chosen = select(loaded, users)
         for user in chosen:
             check_user_id(user.id)
+        # Every record is checked before the first is written: text the index cannot keep, in any user,
+        # imports nothing rather than half the users.
+        records_of = {
+            user.id: checked_items(
+                [to_record(e, "train") for e in loaded.training_examples(user)]
+                + [to_record(e, "val") for e in user.val]
+            )
+            for user in chosen
+        }
         # Settings first: a store interrupted mid-import already knows its task, and re-importing fills in.
         self._save_settings(
             replace(
@@ -190,9 +199,7 @@ class Lifecycle(StoreSettings):
                 new_users += self.index.add_user(user.id, revive=False)
                 if spec is not None:
                     self.index.set_user_spec(user.id, kinds.spec_to_dict(spec))
-                records = [to_record(e, "train") for e in loaded.training_examples(user)]
-                records += [to_record(e, "val") for e in user.val]
-                added += self.index.add_unseen_history(user.id, records, create=False)
+                added += self.index.add_unseen_history(user.id, records_of[user.id], create=False)
                 imported.append(user.id)
             except UnknownUserError:
                 forgotten.append(user.id)
