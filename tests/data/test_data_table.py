@@ -243,3 +243,45 @@ def test_a_table_with_item_ids_can_hold_items_out(tmp_path):
     )
     with pytest.raises(DataError, match="examples without an item id, so items cannot be held out"):
         load_task(task_file, data_dir=data, split="items")
+
+
+@pytest.mark.parametrize(
+    "encoding, separator",
+    [("utf-8-sig", ","), ("utf-16", ","), ("utf-8", ";"), ("utf-8", "\t"), ("utf-16", ";"), ("utf-8", "|")],
+)
+def test_a_spreadsheets_csv_reads_as_the_plain_one(tmp_path, encoding, separator):
+    """A byte-order mark, UTF-16 with one, and a semicolon, tab or bar for the comma (as spreadsheets
+    save): the same users and items as the plain UTF-8 file."""
+    task_file, plain = write(tmp_path, rows(), ".csv")
+    other = tmp_path / "other.csv"
+    pd.read_csv(plain, dtype=str).to_csv(other, index=False, sep=separator, encoding=encoding)
+    assert other.read_bytes() != plain.read_bytes()
+    expected, found = load_task(task_file, data_dir=plain), load_task(task_file, data_dir=other)
+    assert [(u.id, [(e.text, e.target, e.item_key) for e in u.examples()]) for u in found.users] == [
+        (u.id, [(e.text, e.target, e.item_key) for e in u.examples()]) for u in expected.users
+    ]
+
+
+def test_a_csv_in_another_encoding_is_one_error_naming_the_fix(tmp_path):
+    table = rows()
+    table[3]["text"] = "un message déplacé"
+    task_file, _ = write(tmp_path, table, ".csv")
+    latin = tmp_path / "latin.csv"
+    pd.DataFrame(table).to_csv(latin, index=False, encoding="latin-1")
+    with pytest.raises(DataError, match=r"is not UTF-8 text .*save it as UTF-8"):
+        load_task(task_file, data_dir=latin)
+
+
+def test_one_label_in_the_data_or_the_task_file_is_refused(tmp_path):
+    """Every answer the same label: every method would score 1.0 and nothing could be measured."""
+    table = rows()
+    for row in table:
+        row["label"] = "yes"
+    task_file, data = write(tmp_path, table, ".csv")
+    with pytest.raises(DataError, match="every answer in column 'label' is 'yes'"):
+        load_task(task_file, data_dir=data)
+    task_file, data = write(tmp_path, rows(), ".csv", labels=["yes"])
+    with pytest.raises(DataError, match="lists one label"):
+        load_task(task_file, data_dir=data)
+    task_file, data = write(tmp_path, table, ".csv", labels=["no", "yes"])  # listed: the data may lack some
+    assert load_task(task_file, data_dir=data).labels == ("no", "yes")

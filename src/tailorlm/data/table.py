@@ -60,6 +60,10 @@ def read_task_file(path: Path) -> specs.TaskSpec:
     if labels is not None and len(set(labels)) != len(labels):
         twice = next(label for label in labels if labels.count(label) > 1)
         raise DataError(f"{twice!r} is listed twice", path, field="labels")
+    if labels is not None and len(labels) < 2:
+        raise DataError(
+            f"lists one label ({labels[0]!r}): a task's answers need at least two", path, field="labels"
+        )
     if kind == "rating" and labels is not None:
         _check_rating_order(labels, path)
     if kind == "generation" and labels is not None:
@@ -117,6 +121,12 @@ def load(spec: specs.TaskSpec, path: Path, seed: int = 0) -> Task:
         raise DataError("has no rows", path)
     if labels is None and spec.kind != "generation":
         found = {t for records in per_user.values() for r in records for t in r.targets}
+        if len(found) < 2:  # every method would score 1.0, and nothing about the users could be measured
+            raise DataError(
+                f"every answer in column {columns['target']!r} is {next(iter(found))!r}: a task needs at "
+                'least two labels (list them in the task file as "labels" if the data lacks some)',
+                path,
+            )
         labels = build.rating_labels(found, path) if spec.kind == "rating" else tuple(sorted(found))
     users = _users(spec, per_user, splits_of, columns, seed)
     if not users:
@@ -153,6 +163,35 @@ def _check_rating_order(labels: Sequence[str], path: Path) -> None:
 # ---- reading -------------------------------------------------------------------------------------------
 
 
+# What a spreadsheet may save a "CSV" with besides commas: read with it when the header holds it and no comma.
+OTHER_SEPARATORS = (";", "\t", "|")
+
+
+def _read_csv(path: Path) -> Any:
+    """A CSV file as a frame of strings: UTF-8 (with or without a byte-order mark) or UTF-16 with one (as
+    some spreadsheets save), separated by commas, or by one of ``OTHER_SEPARATORS`` when the header is one
+    column holding it. Other encodings are an error naming the fix."""
+    import pandas as pd
+
+    with path.open("rb") as handle:
+        start = handle.read(2)
+    encoding = "utf-16" if start in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding)
+        if len(frame.columns) == 1:
+            header = str(frame.columns[0])
+            separator = next((s for s in OTHER_SEPARATORS if s in header), None)
+            if separator is not None:
+                frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding, sep=separator)
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"is not UTF-8 text (byte {error.start} cannot be read): save it as UTF-8, e.g. a spreadsheet's "
+            "'CSV UTF-8'",
+            path,
+        ) from None
+    return frame
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     import pandas as pd
 
@@ -161,7 +200,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            frame = _read_csv(path)
         elif suffix == ".jsonl":
             frame = pd.read_json(path, lines=True, dtype=False)
         elif suffix == ".parquet":
