@@ -23,9 +23,6 @@ ALL_KINDS = list(SPECS)
 PEFT_KINDS = [name for name, kind in kinds.MODEL_KINDS.items() if kind.peft_type]
 MERGEABLE_KINDS = [name for name, kind in kinds.MODEL_KINDS.items() if kind.mergeable]
 UNMERGEABLE_KINDS = [name for name, kind in kinds.MODEL_KINDS.items() if not kind.mergeable]
-# The kinds a store serves from users' modules alone: a kind with a shared part needs a trained one beside
-# them (collab: a bench run's part, tested in tests/users/test_collab.py).
-STORABLE_KINDS = [name for name, kind in kinds.MODEL_KINDS.items() if not kind.has_shared_part]
 
 PROMPTS = [
     ("Rate this: the bus did not stop.", "yes"),

@@ -12,6 +12,7 @@ import openai
 import pytest
 from serve_helpers import build_store, fresh, serve_config
 
+from kind_helpers import ALL_KINDS
 from tailorlm.serve.app import REPLICA_HEADER
 from tailorlm.serve.run import background
 
@@ -65,7 +66,7 @@ def test_ray_serve_answers_as_one_process_does(fronts, store_users):
 def check_same_answers_one_replica_per_user_shared_batches(local, ray_url, store_users):
     from tailorlm.cluster import serving
 
-    for kind in ("lora", "ia3", "prompt", "bottleneck"):  # a user of each kind, on either replica
+    for kind in ALL_KINDS:  # a user of each kind (collab with its shared part), on either replica
         user = f"{kind}-user-0"
         key = store_users.keys[user]
         assert answers(ray_url, user, key) == answers(local, user, key), user

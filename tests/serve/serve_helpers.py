@@ -1,5 +1,6 @@
 """Helpers of the server tests: a store with users of every kind (distinct random modules on the tiny
-model, some history, a key each) and a server configuration on loopback.
+model, some history, a key each; the collab users' shared part made here too) and a server
+configuration on loopback.
 
 Imported as ``serve_helpers``: pytest puts tests/serve on sys.path when it loads this folder's conftest."""
 
@@ -12,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from kind_helpers import SPECS, STORABLE_KINDS
-from tailorlm import models
+from kind_helpers import ALL_KINDS, SPECS
+from tailorlm import kinds, models
 from tailorlm.engine.engine import Engine
+from tailorlm.methods.collab import CollabPart, ItemFactors
 from tailorlm.serve.config import ServeConfig
 from tailorlm.serve.run import free_port
 from tailorlm.serve.scheduler import SchedulerConfig
@@ -41,11 +43,31 @@ def fresh(tiny: models.BaseModel) -> models.BaseModel:
     return models.BaseModel(copy.deepcopy(tiny.model), tiny.tokenizer, tiny.name, None)
 
 
+def shared_part_folder(folder: Path, tiny: models.BaseModel, kind: str) -> Path:
+    """A collab part for the tiny model with no task adapter under it: the bank's seeded MLP moved off its
+    initialisation (as training would), and six items' factors."""
+    spec = SPECS[kind]
+    engine = Engine(fresh(tiny), spec, slots=2)
+    generator = torch.Generator().manual_seed(7)
+    shared = {
+        n: t + 0.05 * torch.randn(t.shape, generator=generator) for n, t in engine.bank.read_shared().items()
+    }
+    factors = {
+        f"item-{i}": torch.randn(spec.factors, generator=generator, dtype=torch.float64) for i in range(6)
+    }
+    items = ItemFactors(1.0, {key: 0.1 for key in factors}, factors, spec.factors, penalty=1.0)
+    CollabPart(spec, shared, items, task_adapter=None).save(folder)
+    return folder
+
+
 def build_store(root: Path, tiny: models.BaseModel, per_kind: int = 2) -> Users:
     service = UserService(root, load_base=lambda: fresh(tiny))
     service.configure(task="verbagg", base_model=models.TINY_MODEL)
+    for kind in ALL_KINDS:  # a kind whose users share a trained part: the store keeps one for them
+        if kinds.MODEL_KINDS[kind].has_shared_part:
+            service.configure(collab=shared_part_folder(root.parent / f"{root.name}-{kind}-part", tiny, kind))
     users = Users(root)
-    for k, kind in enumerate(STORABLE_KINDS):
+    for k, kind in enumerate(ALL_KINDS):
         for i in range(per_kind):
             user_id = f"{kind}-user-{i}"
             history = [

@@ -1,5 +1,6 @@
-"""Users of all four kinds served together: concurrent requests share decode steps, and each answer equals
-that user's module alone (the store's module in a single-kind engine, through transformers' generate)."""
+"""Users of every kind served together: concurrent requests share decode steps, and each answer equals
+that user's module alone (the store's module in a single-kind engine, with the store's shared part for a
+kind that has one)."""
 
 from __future__ import annotations
 
@@ -8,20 +9,26 @@ import concurrent.futures
 import httpx
 from serve_helpers import fresh
 
+from kind_helpers import ALL_KINDS
+from tailorlm import kinds
 from tailorlm.engine.engine import Engine
 from tailorlm.engine.generation import DecodeConfig
-from tailorlm.store.store import ModuleStore
+from tailorlm.users.service import UserService
 
 
 def alone(tiny, root, user_id: str, prompt: str, new_tokens: int) -> str:
-    stored = ModuleStore(root).get(user_id)
+    service = UserService(root)
+    stored = service.store.get(user_id)
     engine = Engine(fresh(tiny), stored.spec, slots=2)
     engine.bank.write(1, stored.tensors)
+    if kinds.of(stored.spec).has_shared_part:
+        engine.bank.write_shared(service.shared_part(stored.spec))
+    service.close()
     return engine.generate([prompt], [1], DecodeConfig(max_new_tokens=new_tokens))[0]
 
 
 def test_a_mixed_batch_answers_each_user_as_alone(live, store_users, tiny):
-    users = sorted(store_users.keys)  # two users of each of the four kinds
+    users = sorted(store_users.keys)  # two users of each kind
     prompts = {user: f"Question {i} for the model: what comes next?" for i, user in enumerate(users)}
     before = live.metrics.batch_size.collect()[0].samples
 
@@ -49,4 +56,4 @@ def test_a_mixed_batch_answers_each_user_as_alone(live, store_users, tiny):
     )
     assert rows / steps > 1.5, (rows, steps)
     kinds_in_use = {store_users.kinds[user] for user in users}
-    assert kinds_in_use == {"lora", "ia3", "prompt", "bottleneck"}
+    assert kinds_in_use == set(ALL_KINDS) and "collab" in kinds_in_use
