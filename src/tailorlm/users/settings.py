@@ -104,13 +104,13 @@ def resolve_spec(
         raise UserError(str(error)) from error
 
 
-def read_collab_part(folder: str | Path) -> CollabPart:
-    """A collab part folder (a bench run's ``modules/collab-shared-TAG``), or a ``UserError`` naming what is
-    wrong with it."""
+def read_collab_part(folder: str | Path, what: str = "collab part") -> CollabPart:
+    """A collab part folder (a bench run's ``modules/collab-shared-TAG``), or a ``UserError`` naming
+    ``what`` and what is wrong with it."""
     try:
         return CollabPart.load(Path(folder))
     except CollabPartError as error:
-        raise UserError(f"collab part: {error}") from None
+        raise UserError(f"{what}: {error}") from None
 
 
 class StoreSettings:
@@ -205,11 +205,7 @@ class StoreSettings:
             raise UserError(
                 f"a {stored.spec.kind} task adapter cannot be merged into the base; use LoRA or IA3"
             )
-        with self.store.files.new_folder(TASK_ADAPTER_FOLDER) as target, atomic_folder(target) as staging:
-            for item in folder.iterdir():
-                if item.is_file():
-                    shutil.copy2(item, staging / item.name)
-        return TASK_ADAPTER_FOLDER
+        return self._keep_folder(folder, TASK_ADAPTER_FOLDER)
 
     def _keep_collab(self, folder: Path, task_adapter: str | None) -> str:
         """Copy a collab part's folder into the store (collab users' vectors are folded in against its
@@ -223,11 +219,16 @@ class StoreSettings:
         part = read_collab_part(folder)
         if task_adapter is not None:
             self._check_task_adapter(part, task_adapter)
-        with self.store.files.new_folder(COLLAB_FOLDER) as target, atomic_folder(target) as staging:
+        return self._keep_folder(folder, COLLAB_FOLDER)
+
+    def _keep_folder(self, folder: Path, relative: str) -> str:
+        """Copy the files of ``folder`` into the store at ``relative``, replacing what was there in one
+        step; returns ``relative``."""
+        with self.store.files.new_folder(relative) as target, atomic_folder(target) as staging:
             for item in folder.iterdir():
                 if item.is_file():
                     shutil.copy2(item, staging / item.name)
-        return COLLAB_FOLDER
+        return relative
 
     def _stored_spec(self, user_id: str) -> ModuleSpec | None:
         record = self.store.current(user_id)
@@ -248,10 +249,7 @@ class StoreSettings:
                 "collab method), with that run's --task-adapter"
             )
         with self.store.files.reading(relative) as folder:
-            try:
-                part = CollabPart.load(folder)
-            except CollabPartError as error:
-                raise UserError(f"the store's collab part: {error}") from None
+            part = read_collab_part(folder, "the store's collab part")
         if spec is not None and spec != part.spec:
             raise UserError(
                 f"the store's collab part is for {part.spec}, not {spec}: collab users take its spec"
