@@ -5,6 +5,7 @@ trained MLP. A store without the part, or with one from another run, refuses wit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -202,4 +203,19 @@ def test_the_cli_imports_collab_users_with_the_runs_part_and_trains_them(tmp_pat
     service = UserService(store)
     for user in run["users"]:
         assert torch.equal(service.store.get(user).tensors[VECTOR], run["vectors"].get(user).tensors[VECTOR])
+    service.close()
+
+
+def test_a_server_refuses_a_part_that_does_not_fit_its_base_model(tmp_path, run, tiny):
+    """A part whose MLP was made for another model (another hidden size): one line at start, no server."""
+    service = collab_store(tmp_path / "store", run)
+    service.train()
+    part = CollabPart.load(service.root / ".collab")
+    wrong = {
+        name: torch.zeros(*tensor.shape[:-1], tensor.shape[-1] + 1) for name, tensor in part.shared.items()
+    }
+    dataclasses.replace(part, shared=wrong).save(service.root / ".collab")
+    config = ServeConfig(store=str(service.root), port=free_port(), retrain=False, device="cpu")
+    with pytest.raises(UserError, match="collab part does not fit base model"), background(config):
+        pass
     service.close()

@@ -19,6 +19,7 @@ import torch
 
 from tailorlm import kinds, models
 from tailorlm.data.schema import Example, HistoryItem, User
+from tailorlm.engine.bank import EngineError
 from tailorlm.engine.engine import Engine, label_memory
 from tailorlm.engine.slots import SlotManager
 from tailorlm.kinds import ModuleSpec
@@ -33,6 +34,7 @@ from tailorlm.serve.training import TrainingJobs
 from tailorlm.store.index_backends import StoreLocationError
 from tailorlm.store.module_folder import ModuleFileError
 from tailorlm.store.store import ModuleStore
+from tailorlm.users.errors import UserError
 from tailorlm.users.keys import KeyOwner, key_hash
 from tailorlm.users.service import UserService
 
@@ -368,7 +370,12 @@ class LocalServer(Server):
         self.engine = Engine(self.base, served.specs, slots=config.slots + 1, max_length=config.max_context)
         for bank in self.engine.banks:  # the trained part its users share, checked when the store opened
             if kinds.of(bank.spec).has_shared_part:
-                bank.write_shared(served.service.shared_part(bank.spec))
+                try:
+                    bank.write_shared(served.service.shared_part(bank.spec))
+                except EngineError as error:  # a part trained over another base model
+                    raise UserError(
+                        f"the store's {bank.spec.kind} part does not fit base model {self.base.name}: {error}"
+                    ) from None
         self.managers = [
             SlotManager(bank, module_loader(served.service.store, bank.spec)) for bank in self.engine.banks
         ]
