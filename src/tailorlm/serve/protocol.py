@@ -83,22 +83,25 @@ def invalid_key() -> ApiError:
 def utf8_only(value: Any, path: str = "") -> Any:
     """``value`` (a request body as parsed) if every string in it, keys included, is UTF-8 text, else a
     ``ValueError`` naming where (``items[0].input``). A JSON ``\\ud800`` escape carries a lone surrogate,
-    which Python's JSON parser lets through and the tokenizer and the index cannot take."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(
-                f"{path or 'the body'} holds a lone surrogate (U+D800-U+DFFF), not UTF-8 text"
-            ) from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            utf8_only(key, f"a key in {path or 'the body'}")
-            named = isinstance(key, str) and key.isprintable()
-            utf8_only(item, (f"{path}.{key}" if path else key) if named else path)
-    elif isinstance(value, list):
-        for number, item in enumerate(value):
-            utf8_only(item, f"{path}[{number}]")
+    which Python's JSON parser lets through and the tokenizer and the index cannot take. A worklist, not
+    recursion: the parser accepts nesting deeper than a request thread's stack would."""
+    pending = [(value, path)]
+    while pending:
+        item, where = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"{where or 'the body'} holds a lone surrogate (U+D800-U+DFFF), not UTF-8 text"
+                ) from None
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                pending.append((key, f"a key in {where or 'the body'}"))
+                named = isinstance(key, str) and key.isprintable()
+                pending.append((inner, (f"{where}.{key}" if where else key) if named else where))
+        elif isinstance(item, list):
+            pending.extend((inner, f"{where}[{number}]") for number, inner in enumerate(item))
     return value
 
 
