@@ -10,6 +10,8 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
+from bench_helpers import flat_rates
 
 from tailorlm.bench import budget, runner
 from tailorlm.bench.config import BenchConfig, split_users
@@ -22,6 +24,7 @@ from tailorlm.methods.deps import MethodDeps, base_loader
 from tailorlm.methods.recipes import Recipe
 from tailorlm.methods.registry import resolve
 from tailorlm.progress import Reporter
+from tailorlm.train.trainer import TrainConfig, planned_passes
 
 PLAIN = Recipe()
 RATES = budget.Rates(
@@ -64,6 +67,44 @@ def test_the_estimate_counts_each_parts_work_and_shared_parts_once():
     assert got.per_method["oppu"] == pytest.approx(personal + 2.0 + answers * 0.05)
     assert got.per_method["oppu-shrink"] == pytest.approx(got.per_method["oppu"])  # its own store
     assert got.seconds == pytest.approx(5.0 + sum(got.per_method.values()))  # measuring is run time
+
+
+def test_personal_training_counts_every_pass_of_the_trainers_schedule():
+    """A personal module's training is the trainer's passes (``planned_passes``), each a fixed cost plus
+    its rows: a user with many more rows than the rest trains alone at the end, in passes of one batch,
+    which a rate per row alone undercounts."""
+    task, plan, test, adapter = _setup(["peft-lora"])
+    settings = CONFIG.method_settings()
+    with_passes = replace(RATES, pass_s={"personal:plain": 1.0})
+    added = (
+        budget.estimate(plan, task, test, adapter, CONFIG, with_passes).per_method["peft-lora"]
+        - budget.estimate(plan, task, test, adapter, CONFIG, RATES).per_method["peft-lora"]
+    )
+    schedule = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size)
+    rows = [len(task.training_examples(u)) for u in test]
+    assert added == pytest.approx(len(planned_passes(schedule, settings.users_per_step, rows)))
+    # The same 168 rows: twelve users of 14, or one of 124 and eleven of 4 (tate's shape).
+    even = planned_passes(schedule, 8, [14] * 12)
+    skewed = planned_passes(schedule, 8, [124] + [4] * 11)
+    assert sum(even) == sum(skewed) == 2 * 168 and len(skewed) > 2 * len(even)
+
+
+def test_measuring_times_a_pass_of_one_users_batch_and_a_full_one(monkeypatch):
+    """The line through a pass of one user's batch (4 rows) and a full pass (16 rows, four users)."""
+    task = load_task("verbagg", seed=0)
+    seen: list[int] = []
+    token_nll = Engine.token_nll
+
+    def spy(self, batch):
+        if torch.is_grad_enabled():  # training passes, not the validation loss
+            seen.append(int(batch.input_ids.shape[0]))
+        return token_nll(self, batch)
+
+    monkeypatch.setattr(Engine, "token_nll", spy)
+    rates = _rates(task, ["peft-lora"], replace(CONFIG, test_users=8))
+    key = budget.train_key("personal", PLAIN)
+    assert rates.pass_s[key] >= 0 and rates.train_s[key] > 0
+    assert {4, 16} <= set(seen), seen
 
 
 def test_label_models_count_scoring_each_users_training_items():
@@ -134,6 +175,38 @@ def test_the_task_adapters_examples_are_cut_last():
     assert capped.test_users == budget.MIN_TEST_USERS
     assert capped.user_examples == budget.USER_ITEM_CAPS[-1]  # every users' cut came first
     assert capped.adapter_examples in budget.ADAPTER_EXAMPLE_CAPS
+
+
+def test_fully_capped_and_still_over_it_leaves_out_the_costliest_method_of_a_family_it_keeps():
+    names = ["zero-shot", "few-shot", "rag-bm25", "peft-lora", "peft-ia3", "peft-prompt", "oppu"]
+    task, plan, _, _ = _setup(names)
+    flat = flat_rates(plan, 0.05)
+    slow = replace(flat, train_s={**flat.train_s, "personal:plain": 1.0})
+    tightest = replace(
+        CONFIG,
+        test_users=budget.MIN_TEST_USERS,
+        user_examples=budget.USER_ITEM_CAPS[-1],
+        adapter_examples=budget.ADAPTER_EXAMPLE_CAPS[-1],
+    )
+    test, adapter = split_users(task, tightest)
+    whole = budget.estimate(plan, task, test, adapter, tightest, slow)
+    # Room for all but about one and a half per-user module's training: two must go.
+    module = whole.per_method["peft-ia3"]
+    capped, got = budget.fit_budget(
+        plan, task, replace(CONFIG, budget_minutes=(whole.seconds - 1.5 * module) / 60), slow
+    )
+    assert capped.user_examples == budget.USER_ITEM_CAPS[-1] and len(capped.left_out) == 2
+    assert set(capped.left_out) <= {"peft-ia3", "peft-prompt", "rag-bm25"}  # never a family's first
+    assert set(got.per_method) == set(names) - set(capped.left_out)
+    assert got.seconds <= whole.seconds - 1.5 * module
+    one_less = replace(capped, left_out=capped.left_out[:1])
+    assert budget.estimate(budget.kept(plan, one_less), task, test, adapter, one_less, slow).seconds > (
+        whole.seconds - 1.5 * module
+    )
+    # A plan of one method per family has nothing to leave out: the tightest caps, said to be over.
+    lone = [entry for entry in plan if entry[0] in ("zero-shot", "few-shot", "peft-lora", "oppu")]
+    capped, got = budget.fit_budget(lone, task, replace(CONFIG, budget_minutes=0.01), slow)
+    assert capped.left_out == () and got.seconds > 0.6
 
 
 def test_capped_users_keep_the_same_seeded_items_for_every_method():
@@ -212,7 +285,7 @@ class Lines(Reporter):
 
 def test_a_capped_run_records_caps_and_times_says_so_in_rows_and_keeps_them_when_resumed(tmp_path):
     config = replace(CONFIG, test_users=10, budget_minutes=0.001, epochs=1)
-    names = ["user-majority", "zero-shot", "peft-lora"]
+    names = ["user-majority", "zero-shot", "peft-lora", "peft-ia3"]
     said = Lines()
     runner.run("verbagg", tmp_path, names, config, reporter=said)
     assert any("estimated" in line for line in said.lines)
@@ -221,6 +294,8 @@ def test_a_capped_run_records_caps_and_times_says_so_in_rows_and_keeps_them_when
     recorded = json.loads((tmp_path / "run.json").read_text())
     assert recorded["config"]["test_users"] == budget.MIN_TEST_USERS  # users first ...
     assert recorded["config"]["user_examples"] == budget.USER_ITEM_CAPS[-1]  # ... then items
+    assert recorded["config"]["left_out"] == ["peft-ia3"]  # ... then a method with a sibling kept
+    assert any("left out peft-ia3" in line for line in said.lines)
     cut = [u for u, e in recorded["users"].items() if "train_before_cap" in e]
     assert cut and all(recorded["users"][u]["train"] == budget.USER_ITEM_CAPS[-1] for u in cut)
     results = json.loads((tmp_path / "results.json").read_text())
@@ -236,8 +311,13 @@ def test_a_capped_run_records_caps_and_times_says_so_in_rows_and_keeps_them_when
     assert results["methods"]["user-majority"]["cuts"] == lora["cuts"]
     assert results["methods"]["zero-shot"]["cuts"] == []
     assert note in users_cell(lora) and note not in users_cell(results["methods"]["zero-shot"])
+    assert "peft-ia3" not in results["methods"] and results["timing"]["budget_cuts"]["left_out"] == [
+        [],
+        ["peft-ia3"],
+    ]
     markdown = render_markdown(results, {})
     assert "## Time: estimate against actual" in markdown and note in markdown
+    assert "left out peft-ia3 (fully capped" in markdown
     page = (tmp_path / "report.html").read_text()
     assert "Time: estimate against actual" in page and note in page
     assert [row[0] for row in timing_rows(results)[1]] == ["zero-shot", "peft-lora", "whole run"]
@@ -245,5 +325,6 @@ def test_a_capped_run_records_caps_and_times_says_so_in_rows_and_keeps_them_when
     again = Lines()
     runner.run("verbagg", tmp_path, names, replace(config, budget_minutes=99), reporter=again)
     recorded = json.loads((tmp_path / "run.json").read_text())["config"]
-    assert recorded["user_examples"] == budget.USER_ITEM_CAPS[-1]
+    assert recorded["user_examples"] == budget.USER_ITEM_CAPS[-1] and recorded["left_out"] == ["peft-ia3"]
+    assert "peft-ia3" not in json.loads((tmp_path / "results.json").read_text())["methods"]
     assert any("all 8 users done already" in line for line in again.lines)

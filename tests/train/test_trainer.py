@@ -11,7 +11,7 @@ from kind_helpers import ALL_KINDS, make_user, personalize
 from tailorlm import models
 from tailorlm.engine.bank import EngineError
 from tailorlm.engine.generation import DecodeConfig
-from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, UserData, seed_for
+from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, UserData, planned_passes, seed_for
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
@@ -122,3 +122,26 @@ def test_an_engine_of_several_kinds_is_refused(make_base):
         MultiUserTrainer(engine, TrainConfig())
     with pytest.raises(EngineError, match="2 kinds"):
         JointTrainer(engine, ["yes", "no"], TrainConfig(), shrinkage=1.0)
+
+
+@pytest.mark.parametrize(
+    ("rows", "width", "batch_size", "micro"),
+    [([4, 9, 1, 3, 7], 3, 2, 4), ([12, 2, 2, 5], 2, 4, 16), ([1, 1, 1, 1, 1, 1], 4, 3, 2), ([10], 8, 4, 16)],
+)
+def test_the_planned_passes_are_the_passes_the_trainer_makes(make_engine, rows, width, batch_size, micro):
+    """The work estimate counts a run's training from ``planned_passes``: it must be the trainer's own
+    schedule (admissions as slots free up, short last batches, whole users per pass), not an average."""
+    engine = make_engine("lora", slots=width + 1)
+    made: list[int] = []
+    token_nll = engine.token_nll
+
+    def counted(batch):
+        made.append(int(batch.input_ids.shape[0]))
+        return token_nll(batch)
+
+    engine.token_nll = counted
+    config = TrainConfig(epochs=2, batch_size=batch_size, users_per_step=width, micro_batch_rows=micro)
+    users = [make_user(f"u{i}", count) for i, count in enumerate(rows)]
+    MultiUserTrainer(engine, config).run(users)
+    assert made == planned_passes(config, width, rows)
+    assert sum(made) == 2 * sum(rows) and all(size <= max(micro, batch_size) for size in made)

@@ -20,8 +20,10 @@ When the estimate is over the budget, the run is capped, in this order (``fit_bu
 test users (down to ``MIN_TEST_USERS``); then each test user's training items (a seeded sample, the same
 for every method, baselines included, so methods stay comparable); then the task adapter's examples. A cut
 of the users' items handicaps exactly the personal methods the benchmark compares, so it comes last among
-the users' cuts and the report says so in every row it touches. The caps go into the run's config, so the
-report shows them and a resumed run keeps them.
+the users' cuts and the report says so in every row it touches. A run still over the budget fully capped
+(a LaMP-5 file of long abstracts: a training row is about a second here) leaves out the costliest methods
+of a family it keeps another method of, say the per-user kinds beyond the first, and says which. The caps
+go into the run's config, so the report shows them and a resumed run keeps them.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from tailorlm.methods.setups import (
     personal_job,
     training_job,
 )
-from tailorlm.train.trainer import MultiUserTrainer, TrainConfig
+from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, planned_passes
 
 # The fewest test users a capped run keeps (below this the confidence intervals say little); the caps
 # tried on each test user's training items once the users are down to that, loosest first; and the caps
@@ -60,12 +62,14 @@ from tailorlm.train.trainer import MultiUserTrainer, TrainConfig
 MIN_TEST_USERS = 8
 USER_ITEM_CAPS = (128, 96, 64, 48, 32, 24, 16, 12, 8)
 ADAPTER_EXAMPLE_CAPS = (128, 64)
-# The pilot: users of a training step (2 users x 4 rows, half a micro-batch); answers timed per recipe
+# The pilot: users whose profiles the task adapter's timed step reads; users of a full training pass of
+# personal modules (4 users x 4 rows, a micro-batch; one user's step is timed too); answers timed per recipe
 # (half a batch of ``decoding.answer`` when scoring labels, whose cost per item hardly depends on the batch;
 # a full batch when generating, whose steps cost about the same for 8 rows as for 16); and profiles
 # written (a full batch of the writer, for the same reason). Smaller pilots keep measuring short, which
 # the run's budget pays for.
 PILOT_USERS = 2
+PILOT_PASS_USERS = 4
 PILOT_ANSWERS = 8
 PILOT_GENERATIONS = 16
 PILOT_PROFILES = 8
@@ -80,15 +84,18 @@ class Rates:
     ``answer_s``: per answered item, by ``answer_key(recipe, decoding)``; ``label_s``: per item scored
     through ``label_parts.shared_distribution``, by ``label_key(recipe, purpose)`` ("answer" items come
     a user's few test items at a time, "fit" items a user's training items at once); ``train_s``: per
-    training row of one epoch, by ``train_key(part, recipe)`` (part "personal" or "adapter");
-    ``validate_s``: per validation row of one epoch, by recipe tag; ``profile_s``: per PAG profile;
-    ``load_s``: a base model loaded into an engine; ``measure_s``: what measuring took (part of the
-    run's time)."""
+    training row of one epoch, by ``train_key(part, recipe)`` (part "personal" or "adapter"), and
+    ``pass_s``: the fixed cost of one forward/backward pass on top (personal modules, whose passes are
+    counted from the trainer's schedule, ``planned_passes``; none for the task adapter, whose passes are
+    all full and timed as such); ``validate_s``: per validation row of one epoch, by recipe tag;
+    ``profile_s``: per PAG profile; ``load_s``: a base model loaded into an engine; ``measure_s``: what
+    measuring took (part of the run's time)."""
 
     load_s: float
     answer_s: Mapping[str, float] = field(default_factory=dict)
     label_s: Mapping[str, float] = field(default_factory=dict)
     train_s: Mapping[str, float] = field(default_factory=dict)
+    pass_s: Mapping[str, float] = field(default_factory=dict)
     validate_s: Mapping[str, float] = field(default_factory=dict)
     profile_s: float = 0.0
     measure_s: float = 0.0
@@ -141,9 +148,9 @@ def uses_task_adapter(method: Method) -> bool:
     return on_adapter or isinstance(setup, (TaskAdapterSetup, *LABEL_SETUPS))
 
 
-def cuts(asked: BenchConfig, fitted: BenchConfig) -> dict[str, list[int | None]]:
-    """The caps the budget changed, each as [asked, fitted] (None: no cap)."""
-    names = ("test_users", "user_examples", "adapter_examples")
+def cuts(asked: BenchConfig, fitted: BenchConfig) -> dict[str, list]:
+    """The caps the budget changed, each as [asked, fitted] (None: no cap; ``left_out``: run keys)."""
+    names = ("test_users", "user_examples", "adapter_examples", "left_out")
     return {
         name: [getattr(asked, name), getattr(fitted, name)]
         for name in names
@@ -225,11 +232,32 @@ def _sample(examples: Sequence[Example], count: int, seed: str) -> list[Example]
     return random.Random(seed).sample(list(examples), min(count, len(examples)))
 
 
-def _train_seconds_per_row(engine: Engine, jobs: list, config: TrainConfig) -> float:
-    """One epoch of ``jobs`` (their validation left out) through the trainer, per training row."""
-    rows = sum(len(job.train) for job in jobs)
+def _train_seconds(engine: Engine, jobs: list, config: TrainConfig) -> float:
+    """One epoch of ``jobs`` (their validation left out) through the trainer."""
     trainer = MultiUserTrainer(engine, replace(config, epochs=1))
-    return _seconds(lambda: trainer.run([replace(job, val=[]) for job in jobs])) / max(1, rows)
+    return _seconds(lambda: trainer.run([replace(job, val=[]) for job in jobs]))
+
+
+def _train_seconds_per_row(engine: Engine, jobs: list, config: TrainConfig) -> float:
+    return _train_seconds(engine, jobs, config) / max(1, sum(len(job.train) for job in jobs))
+
+
+def _pass_and_row_seconds(engine: Engine, jobs: list, config: TrainConfig) -> tuple[float, float]:
+    """(fixed seconds of a forward/backward pass, seconds per row) of personal training: one step of a
+    user's batch, and one of a full pass (``micro_batch_rows`` of several users' batches), timed through
+    the trainer; a line through the two. A per-row rate alone was 0.6x of what a task with one very
+    active user took (tate: its last steps hold one user's 4 rows) and 1.3x where every pass was full."""
+    one = jobs[:1]
+    full = [
+        replace(jobs[i % len(jobs)], user_id=f"{jobs[i % len(jobs)].user_id}#{i}")
+        for i in range(max(1, config.micro_batch_rows // config.batch_size))
+    ]
+    rows_one, rows_full = (sum(len(job.train) for job in group) for group in (one, full))
+    seconds_one, seconds_full = _train_seconds(engine, one, config), _train_seconds(engine, full, config)
+    if rows_full <= rows_one:
+        return 0.0, seconds_full / max(1, rows_full)
+    row = max(0.0, (seconds_full - seconds_one) / (rows_full - rows_one))
+    return max(0.0, seconds_one - row * rows_one), row
 
 
 def measure(deps: MethodDeps, plan: Sequence[PlanEntry], users: Sequence[User]) -> Rates:
@@ -263,12 +291,13 @@ def measure(deps: MethodDeps, plan: Sequence[PlanEntry], users: Sequence[User]) 
             )
         answer_s = _measure_answers(scratch_deps, engine, wanted, pilot)
         label_s = _measure_labels(scratch_deps, engine, wanted, pilot)
-        train_s, validate_s = _measure_training(scratch_deps, engine, wanted, pilot)
+        train_s, pass_s, validate_s = _measure_training(scratch_deps, engine, wanted, pilot)
     return Rates(
         load_s=load_s,
         answer_s=answer_s,
         label_s=label_s,
         train_s=train_s,
+        pass_s=pass_s,
         validate_s=validate_s,
         profile_s=profile_s,
         measure_s=time.perf_counter() - started,
@@ -343,11 +372,12 @@ def _measure_labels(
 
 def _measure_training(
     deps: MethodDeps, engine: Engine, wanted: Needs, pilot: Sequence[User]
-) -> tuple[dict[str, float], dict[str, float]]:
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """Per-row seconds of a trainer step for each recipe a per-user module or the task adapter trains
-    with, and of the validation loss after an epoch."""
+    with, a personal module's fixed seconds per pass, and the validation loss's per row after an epoch."""
     settings = deps.settings
     train_s: dict[str, float] = {}
+    pass_s: dict[str, float] = {}
     validate_s: dict[str, float] = {}
     personal = TrainConfig(
         epochs=1,
@@ -360,7 +390,7 @@ def _measure_training(
     for recipe in sorted(wanted.personal | wanted.adapter, key=lambda r: r.tag):
         builder = deps.builder(recipe, engine.tokenizer)
         jobs = []
-        for user in pilot[:PILOT_USERS]:
+        for user in pilot[:PILOT_PASS_USERS]:
             job = personal_job(deps, builder, "estimate", user)
             picked = _sample(range(len(job.train)), settings.batch_size, f"train:{user.id}")
             jobs.append(replace(job, train=[job.train[i] for i in picked]))
@@ -368,7 +398,8 @@ def _measure_training(
             _train_seconds_per_row(engine, [replace(jobs[0], train=jobs[0].train[:1])], personal)
             warmed = True
         if recipe in wanted.personal:
-            train_s[train_key("personal", recipe)] = _train_seconds_per_row(engine, jobs, personal)
+            key = train_key("personal", recipe)
+            pass_s[key], train_s[key] = _pass_and_row_seconds(engine, jobs, personal)
         if recipe in wanted.adapter:
             train_s[train_key("adapter", recipe)] = _adapter_row_seconds(deps, engine, builder, recipe)
         val = [pair for job in jobs for pair in job.val][:PILOT_ANSWERS]
@@ -377,7 +408,7 @@ def _measure_training(
             validate_s[recipe.tag] = _seconds(lambda t=trainer, v=val: t.validation_loss(v, 1)) / len(val)
         else:
             validate_s[recipe.tag] = 0.0
-    return train_s, validate_s
+    return train_s, pass_s, validate_s
 
 
 def _adapter_row_seconds(deps: MethodDeps, engine: Engine, builder, recipe: Recipe) -> float:
@@ -450,11 +481,17 @@ def method_seconds(
         once(f"{shared.STORE}:{tag}", rates.load_s + settings.adapter_epochs * per_epoch)
 
     def personal(key: str) -> None:
-        rows = sum(_capped(task, u, config.user_examples) for u in users)
-        per_epoch = rows * rates.get("train_s", train_key("personal", recipe)) + val * rates.get(
-            "validate_s", tag
+        """Every pass the trainer will make (``planned_passes``), and validation each epoch."""
+        rows = [_capped(task, u, config.user_examples) for u in users]
+        schedule = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size)
+        passes = planned_passes(schedule, settings.users_per_step, rows)
+        trained = train_key("personal", recipe)
+        once(
+            key,
+            len(passes) * rates.pass_s.get(trained, 0.0)
+            + sum(passes) * rates.get("train_s", trained)
+            + settings.epochs * val * rates.get("validate_s", tag),
         )
-        once(key, settings.epochs * per_epoch)
 
     def biases(store: str) -> None:
         fit = sum(_capped(task, u, config.user_examples) for u in users)
@@ -539,12 +576,14 @@ def fit_budget(
 ) -> tuple[BenchConfig, Estimate]:
     """``config`` with the loosest caps whose estimate fits ``config.budget_minutes``, and that
     estimate: fewer test users first (never below ``MIN_TEST_USERS``), then fewer training items per test
-    user, then fewer task-adapter examples (each loosest first). A run that fits keeps its config; one
-    that does not fit even fully capped gets the tightest caps (its estimate says by how much)."""
+    user, then fewer task-adapter examples (each loosest first). A run that does not fit even fully capped
+    leaves out methods (``config.left_out``), the costliest first, of a family whose first method in the
+    plan it keeps: every family the plan asked for is still compared. One that does not fit even so keeps
+    the tightest caps (its estimate says by how much). A run that fits keeps its config."""
 
     def sized(candidate: BenchConfig) -> Estimate:
         test, adapter = split_users(task, candidate)
-        return estimate(plan, task, test, adapter, candidate, rates)
+        return estimate(kept(plan, candidate), task, test, adapter, candidate, rates)
 
     current = sized(config)
     if config.budget_minutes is None:
@@ -577,7 +616,28 @@ def fit_budget(
         ok, current = fits(config)
         if ok:
             return config, current
+    while (costliest := _costliest_sibling(kept(plan, config), current)) is not None:
+        config = replace(config, left_out=(*config.left_out, costliest))
+        ok, current = fits(config)
+        if ok:
+            return config, current
     return config, current
+
+
+def kept(plan: Sequence[PlanEntry], config: BenchConfig) -> list[PlanEntry]:
+    """``plan`` without the methods the budget left out (``config.left_out``, by the run's key)."""
+    return [entry for entry in plan if entry[0] not in config.left_out]
+
+
+def _costliest_sibling(plan: Sequence[PlanEntry], current: Estimate) -> str | None:
+    """The run key of the costliest method with estimated work whose family has an earlier method in
+    ``plan`` (which stays), or None."""
+    first: dict[str, str] = {}
+    candidates = []
+    for key, method, _ in plan:
+        if first.setdefault(method.family, key) != key and current.per_method.get(key, 0.0) > 0:
+            candidates.append(key)
+    return max(candidates, key=lambda key: current.per_method[key], default=None)
 
 
 def cap_training_items(task: Task, users: Sequence[User], cap: int | None, seed: int) -> dict[str, int]:

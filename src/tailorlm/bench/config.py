@@ -37,6 +37,7 @@ class BenchConfig:
     # runs default to 15 minutes.
     budget_minutes: float | None = None
     user_examples: int | None = None  # cap on each test user's training items (a seeded sample)
+    left_out: tuple[str, ...] = ()  # methods (run keys) the budget left out: a run fully capped and over
 
     def full(self) -> BenchConfig:
         return replace(
@@ -46,6 +47,7 @@ class BenchConfig:
             adapter_examples=None,
             budget_minutes=None,
             user_examples=None,
+            left_out=(),
         )
 
     def method_settings(self) -> MethodSettings:

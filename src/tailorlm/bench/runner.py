@@ -81,6 +81,7 @@ def run(
     estimate, asked = None, config
     if estimate_work or config.budget_minutes is not None:
         config, estimate = _sized(folder, task, plan, config, reporter)
+        plan = budget.kept(plan, config)
     test_users, adapter_users = split_users(task, config)
     if not test_users:
         raise ValueError(f"task {task.name} has no user with both training and test items")
@@ -158,6 +159,7 @@ def _sized(
             test_users=previous.get("test_users"),
             user_examples=previous.get("user_examples"),
             adapter_examples=previous.get("adapter_examples"),
+            left_out=tuple(previous.get("left_out") or ()),
         )
     test_users, adapter_users = split_users(task, config)
     if not test_users:
@@ -170,7 +172,7 @@ def _sized(
         adapter_users=adapter_users,
     )
     rates = budget.measure(deps, plan, test_users)
-    asked = budget.estimate(plan, task, test_users, adapter_users, config, rates)
+    asked = budget.estimate(budget.kept(plan, config), task, test_users, adapter_users, config, rates)
     for line in asked.lines():
         reporter.log(f"{task.name}: {line}")
     fitted, estimate = config, asked
@@ -194,6 +196,8 @@ def _caps(config: BenchConfig) -> str:
         said += f", {config.user_examples} training items per user"
     if config.adapter_examples is not None:
         said += f", {config.adapter_examples} task-adapter examples"
+    if config.left_out:
+        said += f", and left out {', '.join(config.left_out)} (each family it compares keeps a method)"
     return said
 
 

@@ -105,6 +105,44 @@ def epoch_batches(config: TrainConfig, key: str, rows: int, epoch: int) -> list[
     return [order[i : i + config.batch_size] for i in range(0, rows, config.batch_size)]
 
 
+def group_batches(sizes: Sequence[int], limit: int) -> list[list[int]]:
+    """Indices of a step's batches (``sizes``: rows of each user's batch, in order) grouped into
+    forward/backward passes of at most ``limit`` rows, whole users each, in order; a batch over the limit
+    is a pass alone."""
+    groups: list[list[int]] = []
+    size = 0
+    for index, rows in enumerate(sizes):
+        if groups and size + rows <= limit:
+            groups[-1].append(index)
+            size += rows
+        else:
+            groups.append([index])
+            size = rows
+    return groups
+
+
+def planned_passes(config: TrainConfig, width: int, rows: Sequence[int]) -> list[int]:
+    """Rows of every forward/backward pass ``MultiUserTrainer.run`` makes for users with ``rows`` training
+    examples each (in queue order), ``width`` of them at a time, when nobody stops early. The work
+    estimate counts a run's training from it: a user with many rows ends in steps of few rows, whose
+    fixed cost a per-row rate leaves out. Shape: one int per pass. A user without rows is not trained."""
+
+    def batches(count: int) -> list[int]:  # a user's batch sizes over every epoch, as ``batch_plan``'s
+        full, rest = divmod(count, config.batch_size)
+        return ([config.batch_size] * full + [rest] * (rest > 0)) * config.epochs
+
+    waiting = deque(batches(count) for count in rows if count > 0)
+    active: list[list[int]] = []
+    passes: list[int] = []
+    while waiting or active:
+        while waiting and len(active) < width:
+            active.append(waiting.popleft())
+        sizes = [plan.pop(0) for plan in active]
+        passes += [sum(sizes[i] for i in group) for group in group_batches(sizes, config.micro_batch_rows)]
+        active = [plan for plan in active if plan]
+    return passes
+
+
 @dataclass
 class _Active:
     """A user occupying a slot: their batch plan, progress and best module so far."""
@@ -231,16 +269,8 @@ class MultiUserTrainer:
         """Whole users grouped into chunks of at most ``micro_batch_rows`` rows: one 32-row backward pass
         faulted ~1.4 GB of activations back in every step; 16-row chunks were 20% faster, and since each
         user's loss is their own mean, accumulating the chunks' gradients changes nothing."""
-        chunk, size = [], 0
-        for entry in batches:
-            rows = len(entry[2])
-            if chunk and size + rows > self.config.micro_batch_rows:
-                yield chunk
-                chunk, size = [], 0
-            chunk.append(entry)
-            size += rows
-        if chunk:
-            yield chunk
+        for group in group_batches([len(entry[2]) for entry in batches], self.config.micro_batch_rows):
+            yield [batches[i] for i in group]
 
     def _end_epoch(self, user: _Active) -> None:
         user.train_losses.append(user.epoch_loss / max(1, user.epoch_tokens))

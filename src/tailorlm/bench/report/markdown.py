@@ -32,8 +32,15 @@ def _timing_section(results: Results) -> list[str]:
     headers, rows = timing_rows(results)
     if not rows:
         return []
-    cuts = (results.get("timing") or {}).get("budget_cuts") or {}
-    said = "; ".join(f"{name} {asked} -> {got}" for name, (asked, got) in cuts.items())
+    cuts = dict((results.get("timing") or {}).get("budget_cuts") or {})
+    left_out = cuts.pop("left_out", [[], []])[1]
+    parts = [f"{name} {asked} -> {got}" for name, (asked, got) in cuts.items()]
+    if left_out:
+        parts.append(
+            f"left out {', '.join(left_out)} (fully capped, the run was still over its budget; each "
+            "family of methods asked for keeps a method, and `--budget 0` runs them all)"
+        )
+    said = "; ".join(parts)
     return [
         "## Time: estimate against actual",
         "The work estimate made before the run (timed on this machine through the methods' own calls) "
