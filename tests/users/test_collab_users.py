@@ -20,7 +20,14 @@ from tailorlm.data import load_task
 from tailorlm.data.schema import Example
 from tailorlm.engine.engine import Engine
 from tailorlm.kinds.collab import VECTOR, CollabSpec
-from tailorlm.methods.collab import ITEMS_FILE, PART_FILE, SHARED_FOLDER, CollabPart, answers_of
+from tailorlm.methods.collab import (
+    ITEMS_FILE,
+    PART_FILE,
+    SHARED_FOLDER,
+    CollabPart,
+    ItemFactors,
+    answers_of,
+)
 from tailorlm.methods.recipes import PromptBuilder, Recipe
 from tailorlm.methods.setups import TaskAdapterSetup
 from tailorlm.serve.config import ServeConfig
@@ -128,6 +135,45 @@ def test_a_store_refuses_collab_users_without_the_runs_part(tmp_path, run):
     with pytest.raises(UserError, match="folded in against another collab part"):
         trained.configure(collab=run["part"])
     trained.close()
+
+
+def test_a_part_swapped_while_users_fold_in_leaves_them_stale_and_the_next_train_refolds(
+    tmp_path, run, monkeypatch
+):
+    """The swap is refused once collab users have vectors, but a swap by another process while a
+    ``train`` folds its first user in gets through: the vectors it stores were folded against the old
+    items. They keep that items' fingerprint, so the users show stale and the next train refolds them."""
+    part = CollabPart.load(run["part"])
+    doubled = dataclasses.replace(part.items, factors={k: 2 * q for k, q in part.items.factors.items()})
+    other = tmp_path / "other-part"
+    dataclasses.replace(part, items=doubled).save(other)
+    service = collab_store(tmp_path / "store", run)
+    module = ItemFactors.module
+
+    def swapped_meanwhile(items, task, user):
+        if not swapped:
+            elsewhere = UserService(tmp_path / "store")
+            elsewhere.configure(collab=other)  # no collab user has a vector yet: allowed
+            elsewhere.close()
+            swapped.append(user.id)
+        return module(items, task, user)
+
+    swapped: list[str] = []
+    monkeypatch.setattr(ItemFactors, "module", swapped_meanwhile)
+    assert service.train().trained == run["users"] and swapped
+    task = load_task("bfi", seed=CONFIG.seed)
+    for user in run["users"]:
+        assert (
+            service.needs_training(user)
+            == "folded in against other item factors than the store's collab part has"
+        )
+    assert service.train().trained == run["users"]
+    for user in run["users"]:
+        assert service.needs_training(user) is None
+        folded = doubled.fold_in(answers_of(task, task.user(user)))
+        stored = service.store.get(user).tensors[VECTOR]
+        torch.testing.assert_close(stored, folded.to(stored.dtype), atol=1e-3, rtol=0)
+    service.close()
 
 
 def test_the_server_serves_collab_users_through_the_trained_mlp(tmp_path, run, tiny):

@@ -100,6 +100,22 @@ class ItemFactors:
             factors[raw] = torch.tensor(fitted.qi[inner], dtype=torch.float64)
         return cls(float(trainset.global_mean), bias, factors, size)
 
+    def fingerprint(self) -> str:
+        """sha256 of everything a folded-in vector depends on (mean, penalty, each item's bias and
+        factors): a user's module keeps the one it was folded in against, so a store whose items changed
+        since shows that user stale."""
+        keys = sorted(self.factors)
+        tensors = {
+            "bias": torch.tensor([self.bias[k] for k in keys], dtype=torch.float64),
+            "factors": torch.stack([self.factors[k].double() for k in keys])
+            if keys
+            else torch.zeros(0, self.size, dtype=torch.float64),
+            "scalars": torch.tensor([self.mean, self.penalty], dtype=torch.float64),
+        }
+        digest = hashlib.sha256(json.dumps(keys).encode("utf-8"))
+        digest.update(tensors_fingerprint(tensors).encode("ascii"))
+        return digest.hexdigest()
+
     def fold_in(self, answers: Sequence[Answer], penalty: float | None = None) -> torch.Tensor:
         """A user's vector ``[factors + 1]`` (their bias, then their factors) from their ``answers``: the
         ridge solution ``(X^T X + penalty I)^-1 X^T y`` with rows ``x = [1, q_i]`` and ``y = r - mu - b_i``
@@ -260,7 +276,12 @@ class CollabSetup:
         items = part.items if part is not None else None
         if missing:
             items = items or self._items(deps)
-            training = PersonalTraining(method, builder, fold_in=lambda user: items.module(task, user))
+            training = PersonalTraining(
+                method,
+                builder,
+                fold_in=lambda user: items.module(task, user),
+                folded_against=items.fingerprint(),
+            )
             train_personal(deps, engine, store, missing, training)
             deps.reporter.log(
                 f"{method}: {len(missing)} users folded in against {len(items.factors)} items' factors "

@@ -73,7 +73,8 @@ class PersonalTraining:
     ``fingerprints`` (user id -> the fingerprint of the data they train on) are stored with each module.
     ``initial`` gives a user's module to continue from (a retrain after new history). ``fresh_base``
     loads another copy of the engine's base for a runner that trains elsewhere. ``fold_in`` gives a
-    fold-in kind's module of a user, fitted from their own answers against what the task froze."""
+    fold-in kind's module of a user, fitted from their own answers against what the task froze, and
+    ``folded_against`` is that frozen part's fingerprint, kept in each module's metrics."""
 
     method: str
     builder: PromptBuilder
@@ -84,6 +85,7 @@ class PersonalTraining:
     initial: InitialModule | None = None
     fresh_base: Callable[[], BaseModel] | None = None
     fold_in: Callable[[User], Mapping[str, torch.Tensor]] | None = None
+    folded_against: str | None = None
 
 
 def train_personal(
@@ -180,7 +182,11 @@ def _by_fold_in(
             training.fold_in(user),
             model=engine.model,
             base_name=engine.base.name,
-            meta={"made_by": "fold-in", "examples": len(deps.task.training_examples(user))},
+            meta={
+                "made_by": "fold-in",
+                "examples": len(deps.task.training_examples(user)),
+                "folded_against": training.folded_against,
+            },
             data_fingerprint=(training.fingerprints or {}).get(user.id),
         )
         stored.append(user.id)

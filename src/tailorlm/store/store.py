@@ -35,6 +35,9 @@ from tailorlm.store.module_folder import ModuleFileError, StoredModule
 
 DEFAULT_KEEP = 3  # versions kept per user; older ones are pruned (rollback reaches the kept ones)
 USER_FOLDER_PREFIX = "u-"
+# What of a module's meta its index row keeps: its training curve, and for a fold-in kind the fingerprint
+# of the items it was folded in against (a later swap of them shows the user stale).
+KEPT_METRICS = ("val_losses", "train_losses", "best_epoch", "folded_against")
 _HASHED = re.compile(r".*-[0-9a-f]{8}")  # how a legacy name that got a checksum ends
 # A version folder's name starts with when its put began (``v<time_ns hex>-``; its staging folder with
 # ``.v<time_ns hex>-``). One the index does not name is removed only this long after: until then it may
@@ -198,9 +201,7 @@ class ModuleStore:
                 size=size,
                 sha256=sha256,
                 data_fingerprint=data_fingerprint,
-                metrics={
-                    k: v for k, v in (meta or {}).items() if k in ("val_losses", "train_losses", "best_epoch")
-                },
+                metrics={k: v for k, v in (meta or {}).items() if k in KEPT_METRICS},
                 folder=relative,
             ),
             incarnation=self.incarnations.get(user_id),

@@ -233,6 +233,12 @@ class Lifecycle(StoreSettings):
             return "history changed since their module was trained"
         if current.spec != kinds.spec_to_dict(spec):
             return "module spec changed"
+        if kinds.of(spec).made_by == "fold-in" and current.metrics.get("folded_against") != (
+            self.collab_items_fingerprint()
+        ):
+            # A swap of the part racing a ``train`` that read the old one (the swap itself is refused once
+            # collab users have vectors): the vector is refolded against the items the store has now.
+            return "folded in against other item factors than the store's collab part has"
         return None
 
     def show(self, user_id: str) -> UserInfo:

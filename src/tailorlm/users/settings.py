@@ -56,6 +56,7 @@ class ServiceSettings:
     # Collab users' shared part (the MLP and the item factors they are folded in against), kept in the
     # store (COLLAB_FOLDER); None: the store cannot train or serve collab users.
     collab: str | None = None
+    collab_items: str | None = None  # the fingerprint of its item factors (``ItemFactors.fingerprint``)
     label_fit: str = "bias"  # how label-bias users are fitted: one of ``label_parts.FITS``
     # The whole spec of a task that is not bundled (your own task file, ``TaskSpec.to_dict``): the store
     # renders prompts from it without the file; None for a bundled task, found by its name.
@@ -184,7 +185,8 @@ class StoreSettings:
         if task_adapter is not None:
             settings = replace(settings, task_adapter=self._keep_task_adapter(Path(task_adapter)))
         if collab is not None:
-            settings = replace(settings, collab=self._keep_collab(Path(collab), settings.task_adapter))
+            kept, items = self._keep_collab(Path(collab), settings.task_adapter)
+            settings = replace(settings, collab=kept, collab_items=items)
         if label_fit is not None:
             settings = replace(settings, label_fit=check_label_fit(label_fit))
         return self._save_settings(settings)
@@ -207,10 +209,11 @@ class StoreSettings:
             )
         return self._keep_folder(folder, TASK_ADAPTER_FOLDER)
 
-    def _keep_collab(self, folder: Path, task_adapter: str | None) -> str:
+    def _keep_collab(self, folder: Path, task_adapter: str | None) -> tuple[str, str]:
         """Copy a collab part's folder into the store (collab users' vectors are folded in against its
-        items, so it must not change under them); returns its folder relative to the root. Refused when
-        ``task_adapter`` (the store's, if it has one yet) is not the one its MLP was trained over."""
+        items, so it must not change under them); returns its folder relative to the root and its items'
+        fingerprint. Refused when ``task_adapter`` (the store's, if it has one yet) is not the one its MLP
+        was trained over."""
         if any(isinstance(self._stored_spec(u), CollabSpec) for u in self.store.users()):
             raise UserError(
                 f"the collab users of {self.location} were folded in against another collab part; "
@@ -219,7 +222,7 @@ class StoreSettings:
         part = read_collab_part(folder)
         if task_adapter is not None:
             self._check_task_adapter(part, task_adapter)
-        return self._keep_folder(folder, COLLAB_FOLDER)
+        return self._keep_folder(folder, COLLAB_FOLDER), part.items.fingerprint()
 
     def _keep_folder(self, folder: Path, relative: str) -> str:
         """Copy the files of ``folder`` into the store at ``relative``, replacing what was there in one
@@ -256,6 +259,15 @@ class StoreSettings:
             )
         self._check_task_adapter(part, self.settings().task_adapter)
         return part
+
+    def collab_items_fingerprint(self) -> str | None:
+        """The fingerprint of the store's collab part's item factors (what collab users' vectors are folded
+        in against), None without a part; kept in the settings when the part is, read from it for a store
+        that kept its part before the fingerprint was."""
+        settings = self.settings()
+        if settings.collab is None:
+            return None
+        return settings.collab_items or self.collab_part().items.fingerprint()
 
     def shared_part(self, spec: ModuleSpec) -> dict[str, torch.Tensor]:
         """The trained part every user of ``spec`` shares (``ModuleKind.shared_shapes``), for an engine's

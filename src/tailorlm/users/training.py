@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from tailorlm import kinds
 from tailorlm.data.schema import Task, User
@@ -211,18 +212,19 @@ class Training(Lifecycle):
             fingerprints={user.id: data for user, data in members},
             initial=initial,
             fresh_base=deps.load_base,
-            fold_in=self._fold_in(spec, task),
+            **self._fold_in(spec, task),
         )
         users = [user for user, _ in members]
         return train_personal(deps, engine, self.store, users, training, progress.next_group(), stored)
 
-    def _fold_in(self, spec: ModuleSpec, task: Task) -> Callable[[User], Mapping] | None:
-        """A fold-in kind's maker of a user's module: fitted from their history's answers against the
-        item factors of the store's collab part (``UserError`` when it has none); None for other kinds."""
+    def _fold_in(self, spec: ModuleSpec, task: Task) -> dict[str, Any]:
+        """A fold-in kind's ``PersonalTraining`` fields: the maker of a user's module, fitted from their
+        history's answers against the item factors of the store's collab part (``UserError`` when it has
+        none), and those items' fingerprint, which the module keeps; nothing for other kinds."""
         if kinds.of(spec).made_by != "fold-in":
-            return None
+            return {}
         items = self.collab_part(spec).items
-        return lambda user: items.module(task, user)
+        return {"fold_in": lambda user: items.module(task, user), "folded_against": items.fingerprint()}
 
     def _current_module(self, engine: Engine, user_id: str) -> dict | None:
         """``user_id``'s current module in ``engine``'s layout, or None to start fresh: when they have
