@@ -236,16 +236,22 @@ def test_a_folder_written_by_stock_peft_reads_into_the_bank(name, make_engine, m
 def test_users_trained_together_equal_users_trained_alone(name, make_engine):
     users = [make_user("ann", 5, val=2), make_user("bob", 3, val=2), make_user("cy", 7, val=1)]
     config = TrainConfig(epochs=2, batch_size=2, learning_rate=5e-3, warmup_ratio=0.2, weight_decay=0.01)
-    chunked = dataclasses.replace(config, micro_batch_rows=3)  # several forward/backward passes per step
-    together = {r.user_id: r for r in MultiUserTrainer(make_engine(name, slots=4), chunked).run(users)}
+    # Several forward/backward passes per step: whole users (3 rows a pass), and a pass a row, which cuts
+    # each user's batch apart (a batch over the limits: long rows).
+    passes = [dataclasses.replace(config, micro_batch_rows=rows) for rows in (3, 1)]
+    together = [
+        {r.user_id: r for r in MultiUserTrainer(make_engine(name, slots=4), chunked).run(users)}
+        for chunked in passes
+    ]
     alone_engine = make_engine(name, slots=2)
     for user in users:
         alone = MultiUserTrainer(alone_engine, config).run([user])[0]
-        mixed = together[user.user_id]
-        assert alone.steps == mixed.steps
-        for tensor_name, value in alone.module.items():
-            torch.testing.assert_close(mixed.module[tensor_name], value, atol=2e-5, rtol=1e-4)
-        assert mixed.val_losses == pytest.approx(alone.val_losses, abs=1e-5)
+        for mixed in (trained[user.user_id] for trained in together):
+            assert alone.steps == mixed.steps
+            for tensor_name, value in alone.module.items():
+                torch.testing.assert_close(mixed.module[tensor_name], value, atol=2e-5, rtol=1e-4)
+            assert mixed.val_losses == pytest.approx(alone.val_losses, abs=1e-5)
+            assert mixed.train_losses == pytest.approx(alone.train_losses, abs=1e-5)
 
 
 @every_kind

@@ -6,12 +6,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kind_helpers import ALL_KINDS, make_user, personalize
 from tailorlm import models
 from tailorlm.engine.bank import EngineError
 from tailorlm.engine.generation import DecodeConfig
-from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, UserData, planned_passes, seed_for
+from tailorlm.train.trainer import (
+    MultiUserTrainer,
+    TrainConfig,
+    UserData,
+    pass_ranges,
+    planned_passes,
+    seed_for,
+)
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
@@ -145,3 +154,31 @@ def test_the_planned_passes_are_the_passes_the_trainer_makes(make_engine, rows, 
     MultiUserTrainer(engine, config).run(users)
     assert made == planned_passes(config, width, rows)
     assert sum(made) == 2 * sum(rows) and all(size <= max(micro, batch_size) for size in made)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    batches=st.lists(st.lists(st.integers(1, 400), min_size=1, max_size=9), min_size=1, max_size=9),
+    max_rows=st.integers(1, 16),
+    max_tokens=st.integers(1, 2000),
+)
+def test_passes_cover_the_step_in_order_within_their_limits(batches, max_rows, max_tokens):
+    """Every row once, in order; a pass within both limits unless it is one row; batches that fit alone
+    are never cut, and a pass holding two batches holds them whole."""
+    ranges = pass_ranges(batches, max_rows, max_tokens)
+    lengths = [n for batch in batches for n in batch]
+    assert [r for start, end in ranges for r in range(start, end)] == list(range(len(lengths)))
+    bounds, first = [], 0
+    for batch in batches:
+        bounds.append((first, first + len(batch)))
+        first += len(batch)
+    for start, end in ranges:
+        assert end > start
+        rows = end - start
+        assert rows == 1 or (rows <= max_rows and rows * max(lengths[start:end]) <= max_tokens)
+        touched = [(a, b) for a, b in bounds if a < end and b > start]
+        if len(touched) > 1:
+            assert all(start <= a and b <= end for a, b in touched)
+    for (a, b), batch in zip(bounds, batches, strict=True):
+        if len(batch) <= max_rows and len(batch) * max(batch) <= max_tokens:
+            assert any(start <= a and b <= end for start, end in ranges), (a, b)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field, replace
 
 from tailorlm.bench.config import BenchConfig, split_users
 from tailorlm.data.schema import Example, Task, User
+from tailorlm.engine.batch import Row
 from tailorlm.engine.engine import Engine
 from tailorlm.methods import blend, collab, label_models, label_parts
 from tailorlm.methods.deps import MethodDeps
@@ -54,7 +56,7 @@ from tailorlm.methods.setups import (
     personal_job,
     training_job,
 )
-from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, planned_passes
+from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, pass_ranges, planned_passes
 
 # The fewest test users a capped run keeps (below this the confidence intervals say little); the caps
 # tried on each test user's training items once the users are down to that, loosest first; and the caps
@@ -87,7 +89,8 @@ class Rates:
     training row of one epoch, by ``train_key(part, recipe)`` (part "personal" or "adapter"), and
     ``pass_s``: the fixed cost of one forward/backward pass on top (personal modules, whose passes are
     counted from the trainer's schedule, ``planned_passes``; none for the task adapter, whose passes are
-    all full and timed as such); ``validate_s``: per validation row of one epoch, by recipe tag;
+    all full and timed as such), with ``row_tokens``, the rows' typical padded length, which decides
+    how many rows a pass holds; ``validate_s``: per validation row of one epoch, by recipe tag;
     ``profile_s``: per PAG profile; ``load_s``: a base model loaded into an engine; ``measure_s``: what
     measuring took (part of the run's time)."""
 
@@ -96,6 +99,7 @@ class Rates:
     label_s: Mapping[str, float] = field(default_factory=dict)
     train_s: Mapping[str, float] = field(default_factory=dict)
     pass_s: Mapping[str, float] = field(default_factory=dict)
+    row_tokens: Mapping[str, int] = field(default_factory=dict)
     validate_s: Mapping[str, float] = field(default_factory=dict)
     profile_s: float = 0.0
     measure_s: float = 0.0
@@ -242,22 +246,35 @@ def _train_seconds_per_row(engine: Engine, jobs: list, config: TrainConfig) -> f
     return _train_seconds(engine, jobs, config) / max(1, sum(len(job.train) for job in jobs))
 
 
-def _pass_and_row_seconds(engine: Engine, jobs: list, config: TrainConfig) -> tuple[float, float]:
-    """(fixed seconds of a forward/backward pass, seconds per row) of personal training: one step of a
-    user's batch, and one of a full pass (``micro_batch_rows`` of several users' batches), timed through
-    the trainer; a line through the two. A per-row rate alone was 0.6x of what a task with one very
-    active user took (tate: its last steps hold one user's 4 rows) and 1.3x where every pass was full."""
+def _pass_and_row_seconds(engine: Engine, jobs: list, config: TrainConfig) -> tuple[float, float, int]:
+    """(fixed seconds of a forward/backward pass, seconds per row, the rows' typical padded length in
+    tokens) of personal training: one step of a user's batch, and one of ``micro_batch_rows`` rows of
+    several users' batches, timed through the trainer; each step's passes counted as the trainer cuts
+    them (``pass_ranges``), and the two costs solved from the two steps. A rate per row alone, timed on
+    8 rows, was 0.6x of what tate took (its passes hold 16 rows) and 1.3x of a LaMP-5 file's."""
     one = jobs[:1]
     full = [
         replace(jobs[i % len(jobs)], user_id=f"{jobs[i % len(jobs)].user_id}#{i}")
         for i in range(max(1, config.micro_batch_rows // config.batch_size))
     ]
-    rows_one, rows_full = (sum(len(job.train) for job in group) for group in (one, full))
-    seconds_one, seconds_full = _train_seconds(engine, one, config), _train_seconds(engine, full, config)
-    if rows_full <= rows_one:
-        return 0.0, seconds_full / max(1, rows_full)
-    row = max(0.0, (seconds_full - seconds_one) / (rows_full - rows_one))
-    return max(0.0, seconds_one - row * rows_one), row
+
+    def lengths(job) -> list[int]:
+        rows = [Row(prompt, target) for prompt, target in job.train]
+        return engine.encode(rows).attention_mask.sum(dim=1).tolist()
+
+    def passes(group: list) -> int:
+        batches = [lengths(job) for job in group]
+        return len(pass_ranges(batches, config.micro_batch_rows, config.micro_batch_tokens))
+
+    row_tokens = round(statistics.fmean(max(lengths(job)) for job in full))
+    (p1, r1), (p2, r2) = ((passes(g), sum(len(job.train) for job in g)) for g in (one, full))
+    t1, t2 = _train_seconds(engine, one, config), _train_seconds(engine, full, config)
+    determinant = p1 * r2 - p2 * r1
+    if determinant:
+        fixed, row = (t1 * r2 - t2 * r1) / determinant, (p1 * t2 - p2 * t1) / determinant
+        if fixed >= 0 and row >= 0:
+            return fixed, row, row_tokens
+    return 0.0, t2 / max(1, r2), row_tokens  # one size of pass, or noise: a rate per row
 
 
 def measure(deps: MethodDeps, plan: Sequence[PlanEntry], users: Sequence[User]) -> Rates:
@@ -291,13 +308,14 @@ def measure(deps: MethodDeps, plan: Sequence[PlanEntry], users: Sequence[User]) 
             )
         answer_s = _measure_answers(scratch_deps, engine, wanted, pilot)
         label_s = _measure_labels(scratch_deps, engine, wanted, pilot)
-        train_s, pass_s, validate_s = _measure_training(scratch_deps, engine, wanted, pilot)
+        train_s, pass_s, row_tokens, validate_s = _measure_training(scratch_deps, engine, wanted, pilot)
     return Rates(
         load_s=load_s,
         answer_s=answer_s,
         label_s=label_s,
         train_s=train_s,
         pass_s=pass_s,
+        row_tokens=row_tokens,
         validate_s=validate_s,
         profile_s=profile_s,
         measure_s=time.perf_counter() - started,
@@ -372,12 +390,14 @@ def _measure_labels(
 
 def _measure_training(
     deps: MethodDeps, engine: Engine, wanted: Needs, pilot: Sequence[User]
-) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+) -> tuple[dict[str, float], dict[str, float], dict[str, int], dict[str, float]]:
     """Per-row seconds of a trainer step for each recipe a per-user module or the task adapter trains
-    with, a personal module's fixed seconds per pass, and the validation loss's per row after an epoch."""
+    with, a personal module's fixed seconds per pass and typical row length, and the validation loss's
+    seconds per row after an epoch."""
     settings = deps.settings
     train_s: dict[str, float] = {}
     pass_s: dict[str, float] = {}
+    row_tokens: dict[str, int] = {}
     validate_s: dict[str, float] = {}
     personal = TrainConfig(
         epochs=1,
@@ -394,12 +414,12 @@ def _measure_training(
             job = personal_job(deps, builder, "estimate", user)
             picked = _sample(range(len(job.train)), settings.batch_size, f"train:{user.id}")
             jobs.append(replace(job, train=[job.train[i] for i in picked]))
-        if not warmed:  # a first step pays what the run's first step pays once
-            _train_seconds_per_row(engine, [replace(jobs[0], train=jobs[0].train[:1])], personal)
+        if not warmed:  # a first step pays what the run's first step pays once (a user's batch: 1.5x)
+            _train_seconds(engine, [replace(jobs[0], user_id=f"{jobs[0].user_id}#warm")], personal)
             warmed = True
         if recipe in wanted.personal:
             key = train_key("personal", recipe)
-            pass_s[key], train_s[key] = _pass_and_row_seconds(engine, jobs, personal)
+            pass_s[key], train_s[key], row_tokens[key] = _pass_and_row_seconds(engine, jobs, personal)
         if recipe in wanted.adapter:
             train_s[train_key("adapter", recipe)] = _adapter_row_seconds(deps, engine, builder, recipe)
         val = [pair for job in jobs for pair in job.val][:PILOT_ANSWERS]
@@ -408,7 +428,7 @@ def _measure_training(
             validate_s[recipe.tag] = _seconds(lambda t=trainer, v=val: t.validation_loss(v, 1)) / len(val)
         else:
             validate_s[recipe.tag] = 0.0
-    return train_s, pass_s, validate_s
+    return train_s, pass_s, row_tokens, validate_s
 
 
 def _adapter_row_seconds(deps: MethodDeps, engine: Engine, builder, recipe: Recipe) -> float:
@@ -484,8 +504,8 @@ def method_seconds(
         """Every pass the trainer will make (``planned_passes``), and validation each epoch."""
         rows = [_capped(task, u, config.user_examples) for u in users]
         schedule = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size)
-        passes = planned_passes(schedule, settings.users_per_step, rows)
         trained = train_key("personal", recipe)
+        passes = planned_passes(schedule, settings.users_per_step, rows, rates.row_tokens.get(trained, 0))
         once(
             key,
             len(passes) * rates.pass_s.get(trained, 0.0)
@@ -637,7 +657,9 @@ def _costliest_sibling(plan: Sequence[PlanEntry], current: Estimate) -> str | No
     for key, method, _ in plan:
         if first.setdefault(method.family, key) != key and current.per_method.get(key, 0.0) > 0:
             candidates.append(key)
-    return max(candidates, key=lambda key: current.per_method[key], default=None)
+    # Of equal costs (the per-user kinds), the latest in the plan goes first: the plan's order is the
+    # order its author ranked them in.
+    return max(reversed(candidates), key=lambda key: current.per_method[key], default=None)
 
 
 def cap_training_items(task: Task, users: Sequence[User], cap: int | None, seed: int) -> dict[str, int]:

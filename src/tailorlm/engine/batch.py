@@ -35,6 +35,18 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def rows(self, start: int, end: int) -> Batch:
+        """Rows ``start:end`` with the left padding none of them needs dropped: the batch ``encode_rows``
+        makes of those rows alone."""
+        width = int(self.attention_mask[start:end].sum(dim=1).max()) if end > start else 0
+        cut = self.input_ids.shape[1] - width
+        return Batch(
+            self.input_ids[start:end, cut:],
+            self.attention_mask[start:end, cut:],
+            self.labels[start:end, cut:],
+            self.slot_ids[start:end],
+        )
+
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
             *(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.slot_ids))

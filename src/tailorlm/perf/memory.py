@@ -143,15 +143,19 @@ class Probe:
 
 
 def probe(engine: Engine, config: TrainConfig, users: list[UserData]) -> Probe:
-    """Train ``users`` for one step and watch it (saved bytes are exact when the rows fit one
-    micro-batch)."""
+    """Train ``users`` for one step, in one pass whatever its padded tokens (the trainer would cut long
+    rows into several: this sizes the pass it no longer makes), and watch it (saved bytes are exact when
+    the rows fit one micro-batch)."""
     saved = SavedTensors(engine.model, [*engine.model.parameters(), *engine.bank.tensors.values()])
     batch = engine.encode([Row(*pair) for user in users for pair in user.train])
     before = getattr(engine, "positions_run", None)
     gc.collect()
     release_free_heap()  # start from an empty allocator cache, so the RSS rise is this step's own need
     with PeakRSS() as peak, saved.watching():
-        MultiUserTrainer(engine, replace(config, users_per_step=len(users))).run(users)
+        one_pass = max(config.micro_batch_tokens, batch.input_ids.numel())
+        MultiUserTrainer(engine, replace(config, users_per_step=len(users), micro_batch_tokens=one_pass)).run(
+            users
+        )
     positions = engine.positions_run - before if before is not None else batch.input_ids.numel()
     return Probe(
         rows=len(batch),

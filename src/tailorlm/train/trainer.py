@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tailorlm.engine.bank import EngineError
+from tailorlm.engine.batch import IGNORE
 from tailorlm.engine.engine import Engine, Row
 from tailorlm.engine.slots import SlotManager
 from tailorlm.progress import ProgressCallback
@@ -41,6 +42,10 @@ class TrainConfig:
     seed: int = 0
     users_per_step: int | None = None  # default: every user slot of the bank
     micro_batch_rows: int = 16  # rows per forward/backward pass within one step
+    # Padded tokens per pass (rows x its longest row): long rows make a pass's activations outgrow the
+    # caches, so a pass of 16 LaMP-5 rows of ~380 tokens ran 1.7-2.4 s a row against 1.1 in passes of 4;
+    # verbagg's 16 rows of ~85 tokens stay one pass (``pass_ranges``).
+    micro_batch_tokens: int = 1536
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
@@ -105,27 +110,45 @@ def epoch_batches(config: TrainConfig, key: str, rows: int, epoch: int) -> list[
     return [order[i : i + config.batch_size] for i in range(0, rows, config.batch_size)]
 
 
-def group_batches(sizes: Sequence[int], limit: int) -> list[list[int]]:
-    """Indices of a step's batches (``sizes``: rows of each user's batch, in order) grouped into
-    forward/backward passes of at most ``limit`` rows, whole users each, in order; a batch over the limit
-    is a pass alone."""
-    groups: list[list[int]] = []
-    size = 0
-    for index, rows in enumerate(sizes):
-        if groups and size + rows <= limit:
-            groups[-1].append(index)
-            size += rows
-        else:
-            groups.append([index])
-            size = rows
-    return groups
+def pass_ranges(batches: Sequence[Sequence[int]], max_rows: int, max_tokens: int) -> list[tuple[int, int]]:
+    """The forward/backward passes of one step, as [start, end) ranges of its rows (the users' batches
+    one after another; ``batches``: each batch's row lengths in tokens). Whole batches share a pass while
+    it stays within ``max_rows`` rows and ``max_tokens`` padded tokens (rows x the longest); a batch over
+    either limit alone is cut into passes of its own rows (a row over the token limit is a pass alone)."""
+    passes: list[tuple[int, int]] = []
+    start = position = longest = 0
+    for lengths in batches:
+        rows, widest = len(lengths), max(lengths, default=0)
+        grown = position - start + rows
+        if position > start and (grown > max_rows or grown * max(longest, widest) > max_tokens):
+            passes.append((start, position))
+            start, longest = position, 0
+        if position == start and (rows > max_rows or rows * widest > max_tokens):
+            first = 0
+            while first < rows:  # a greedy cut of this batch alone
+                last, top = first + 1, lengths[first]
+                while last < rows and last + 1 - first <= max_rows:
+                    if (last + 1 - first) * max(top, lengths[last]) > max_tokens:
+                        break
+                    top = max(top, lengths[last])
+                    last += 1
+                passes.append((position + first, position + last))
+                first = last
+            position += rows
+            start = position
+            continue
+        position += rows
+        longest = max(longest, widest)
+    if position > start:
+        passes.append((start, position))
+    return passes
 
 
-def planned_passes(config: TrainConfig, width: int, rows: Sequence[int]) -> list[int]:
+def planned_passes(config: TrainConfig, width: int, rows: Sequence[int], row_tokens: int = 0) -> list[int]:
     """Rows of every forward/backward pass ``MultiUserTrainer.run`` makes for users with ``rows`` training
-    examples each (in queue order), ``width`` of them at a time, when nobody stops early. The work
-    estimate counts a run's training from it: a user with many rows ends in steps of few rows, whose
-    fixed cost a per-row rate leaves out. Shape: one int per pass. A user without rows is not trained."""
+    examples each (in queue order), ``width`` of them at a time, when nobody stops early and every row is
+    ``row_tokens`` long. The work estimate counts a run's training from it: a user with many rows ends in
+    steps of few rows. Shape: one int per pass. A user without rows is not trained."""
 
     def batches(count: int) -> list[int]:  # a user's batch sizes over every epoch, as ``batch_plan``'s
         full, rest = divmod(count, config.batch_size)
@@ -137,8 +160,9 @@ def planned_passes(config: TrainConfig, width: int, rows: Sequence[int]) -> list
     while waiting or active:
         while waiting and len(active) < width:
             active.append(waiting.popleft())
-        sizes = [plan.pop(0) for plan in active]
-        passes += [sum(sizes[i] for i in group) for group in group_batches(sizes, config.micro_batch_rows)]
+        step = [[row_tokens] * plan.pop(0) for plan in active]
+        ranges = pass_ranges(step, config.micro_batch_rows, config.micro_batch_tokens)
+        passes += [end - start for start, end in ranges]
         active = [plan for plan in active if plan]
     return passes
 
@@ -238,39 +262,43 @@ class MultiUserTrainer:
         return results
 
     def _step(self, users: list[_Active]) -> int:
+        """One optimizer step of every user in ``users``: the step's rows encoded once, run in passes
+        (``pass_ranges``) whose gradients add up in the bank. Each row's summed token loss is divided by
+        its user's target tokens in the whole step, so a user's loss is their own mean however the passes
+        cut the rows, and their gradient is the one they would get alone."""
         batches = [(user, *next(user.plan)) for user in users]  # (user, epoch, row indices, epoch ended)
-        losses: list[tuple[float, int]] = []  # per user: mean token loss, tokens
-        for chunk in self._micro_batches(batches):
-            rows = [
-                Row(*user.data.train[i], slot=user.slot) for user, _, indices, _ in chunk for i in indices
-            ]
-            sums, counts = self.engine.token_nll(self.engine.encode(rows))
-            chunk_losses, first = [], 0
-            for _, _, indices, _ in chunk:
-                tokens = counts[first : first + len(indices)].sum()
-                chunk_losses.append(sums[first : first + len(indices)].sum() / tokens.clamp(min=1))
-                losses.append((float(chunk_losses[-1].detach()), int(tokens)))
-                first += len(indices)
-            torch.stack(chunk_losses).sum().backward()  # gradients of the chunks add up in the bank
+        rows = [Row(*user.data.train[i], slot=user.slot) for user, _, indices, _ in batches for i in indices]
+        owner = torch.tensor([k for k, (_, _, indices, _) in enumerate(batches) for _ in indices])  # [rows]
+        step = self.engine.encode(rows)
+        lengths = step.attention_mask.sum(dim=1).tolist()
+        targets = (step.labels[:, 1:] != IGNORE).sum(dim=1).cpu()  # [rows], as ``token_nll`` counts them
+        tokens = torch.zeros(len(batches), dtype=torch.long).index_add(0, owner, targets)  # [users]
+        weight = 1.0 / tokens.clamp(min=1)[owner].to(torch.float32)  # [rows]
+        summed = torch.zeros(len(batches), dtype=torch.float64)  # [users]: their loss, for the epoch mean
+        first = 0
+        per_batch = []
+        for _, _, indices, _ in batches:
+            per_batch.append(lengths[first : first + len(indices)])
+            first += len(indices)
+        for start, end in pass_ranges(
+            per_batch, self.config.micro_batch_rows, self.config.micro_batch_tokens
+        ):
+            sums, _ = self.engine.token_nll(step.rows(start, end))
+            (sums * weight[start:end].to(sums.device)).sum().backward()
+            summed.index_add_(0, owner[start:end], sums.detach().double().cpu())
         slots = torch.tensor([u.slot for u in users])
         factors = [linear_schedule(u.steps, u.total_steps, u.warmup_steps) for u in users]
         self.optimizer.step(slots, self.config.learning_rate * torch.tensor(factors))
         for tensor in self.bank.tensors.values():
             tensor.grad = None
-        for (user, _, _, epoch_end), (loss, tokens) in zip(batches, losses, strict=True):
+        for k, (user, _, _, epoch_end) in enumerate(batches):
             user.steps += 1
-            user.epoch_loss += loss * tokens
-            user.epoch_tokens += tokens
+            count = int(tokens[k])
+            user.epoch_loss += float(summed[k])  # the summed token loss: the epoch's mean divides once
+            user.epoch_tokens += count
             if epoch_end:
                 self._end_epoch(user)
         return len(users)
-
-    def _micro_batches(self, batches: list) -> Iterator[list]:
-        """Whole users grouped into chunks of at most ``micro_batch_rows`` rows: one 32-row backward pass
-        faulted ~1.4 GB of activations back in every step; 16-row chunks were 20% faster, and since each
-        user's loss is their own mean, accumulating the chunks' gradients changes nothing."""
-        for group in group_batches([len(entry[2]) for entry in batches], self.config.micro_batch_rows):
-            yield [batches[i] for i in group]
 
     def _end_epoch(self, user: _Active) -> None:
         user.train_losses.append(user.epoch_loss / max(1, user.epoch_tokens))
