@@ -182,3 +182,8 @@ def test_passes_cover_the_step_in_order_within_their_limits(batches, max_rows, m
     for (a, b), batch in zip(bounds, batches, strict=True):
         if len(batch) <= max_rows and len(batch) * max(batch) <= max_tokens:
             assert any(start <= a and b <= end for start, end in ranges), (a, b)
+
+
+def test_a_plan_of_steps_without_users_is_refused_not_endless():
+    with pytest.raises(ValueError, match="at least one user"):
+        planned_passes(TrainConfig(), 0, [4, 8])

@@ -258,15 +258,19 @@ def _pass_and_row_seconds(engine: Engine, jobs: list, config: TrainConfig) -> tu
         for i in range(max(1, config.micro_batch_rows // config.batch_size))
     ]
 
-    def lengths(job) -> list[int]:
-        rows = [Row(prompt, target) for prompt, target in job.train]
-        return engine.encode(rows).attention_mask.sum(dim=1).tolist()
+    # Each pilot job's row lengths in tokens, encoded once (``full`` repeats the jobs, ``one`` is its first).
+    lengths = [
+        engine.encode([Row(prompt, target) for prompt, target in job.train])
+        .attention_mask.sum(dim=1)
+        .tolist()
+        for job in jobs
+    ]
 
     def passes(group: list) -> int:
-        batches = [lengths(job) for job in group]
+        batches = [lengths[i % len(jobs)] for i in range(len(group))]
         return len(pass_ranges(batches, config.micro_batch_rows, config.micro_batch_tokens))
 
-    row_tokens = round(statistics.fmean(max(lengths(job)) for job in full))
+    row_tokens = round(statistics.fmean(max(lengths[i % len(jobs)]) for i in range(len(full))))
     (p1, r1), (p2, r2) = ((passes(g), sum(len(job.train) for job in g)) for g in (one, full))
     t1, t2 = _train_seconds(engine, one, config), _train_seconds(engine, full, config)
     determinant = p1 * r2 - p2 * r1

@@ -149,6 +149,8 @@ def planned_passes(config: TrainConfig, width: int, rows: Sequence[int], row_tok
     examples each (in queue order), ``width`` of them at a time, when nobody stops early and every row is
     ``row_tokens`` long. The work estimate counts a run's training from it: a user with many rows ends in
     steps of few rows. Shape: one int per pass. A user without rows is not trained."""
+    if width < 1:
+        raise ValueError(f"a training step needs at least one user, not {width}")
 
     def batches(count: int) -> list[int]:  # a user's batch sizes over every epoch, as ``batch_plan``'s
         full, rest = divmod(count, config.batch_size)
@@ -270,19 +272,13 @@ class MultiUserTrainer:
         rows = [Row(*user.data.train[i], slot=user.slot) for user, _, indices, _ in batches for i in indices]
         owner = torch.tensor([k for k, (_, _, indices, _) in enumerate(batches) for _ in indices])  # [rows]
         step = self.engine.encode(rows)
-        lengths = step.attention_mask.sum(dim=1).tolist()
+        sizes = [len(indices) for _, _, indices, _ in batches]
+        lengths = [part.tolist() for part in step.attention_mask.sum(dim=1).split(sizes)]  # per batch
         targets = (step.labels[:, 1:] != IGNORE).sum(dim=1).cpu()  # [rows], as ``token_nll`` counts them
         tokens = torch.zeros(len(batches), dtype=torch.long).index_add(0, owner, targets)  # [users]
         weight = 1.0 / tokens.clamp(min=1)[owner].to(torch.float32)  # [rows]
         summed = torch.zeros(len(batches), dtype=torch.float64)  # [users]: their loss, for the epoch mean
-        first = 0
-        per_batch = []
-        for _, _, indices, _ in batches:
-            per_batch.append(lengths[first : first + len(indices)])
-            first += len(indices)
-        for start, end in pass_ranges(
-            per_batch, self.config.micro_batch_rows, self.config.micro_batch_tokens
-        ):
+        for start, end in pass_ranges(lengths, self.config.micro_batch_rows, self.config.micro_batch_tokens):
             sums, _ = self.engine.token_nll(step.rows(start, end))
             (sums * weight[start:end].to(sums.device)).sum().backward()
             summed.index_add_(0, owner[start:end], sums.detach().double().cpu())
@@ -293,9 +289,8 @@ class MultiUserTrainer:
             tensor.grad = None
         for k, (user, _, _, epoch_end) in enumerate(batches):
             user.steps += 1
-            count = int(tokens[k])
             user.epoch_loss += float(summed[k])  # the summed token loss: the epoch's mean divides once
-            user.epoch_tokens += count
+            user.epoch_tokens += int(tokens[k])
             if epoch_end:
                 self._end_epoch(user)
         return len(users)
