@@ -24,6 +24,7 @@ from tailorlm.methods.collab import (
     SHARED_FILE,
     SHARED_FOLDER,
     CollabPart,
+    CollabPartError,
     ItemFactors,
     answers_of,
 )
@@ -51,9 +52,19 @@ def test_fold_in_is_the_ridge_solution_and_recovers_a_user_without_noise():
     assert gradient.abs().max() < 1e-5
 
 
+def mlp() -> dict[str, torch.Tensor]:
+    """A collab MLP's tensors for 3 factors, 5 hidden units and 2 tokens of width 8."""
+    return {
+        "collab_in.weight": torch.randn(5, 4),
+        "collab_in.bias": torch.zeros(5),
+        "collab_out.weight": torch.randn(16, 5),
+        "collab_out.bias": torch.zeros(16),
+    }
+
+
 def test_a_part_is_saved_and_loaded_whole(tmp_path):
     found = items()
-    shared = {"collab_in.weight": torch.randn(5, 4), "collab_in.bias": torch.zeros(5)}
+    shared = mlp()
     CollabPart(CollabSpec(factors=3), shared, found, "abc").save(tmp_path / "part")
     loaded = CollabPart.load(tmp_path / "part")
     assert loaded.spec == CollabSpec(factors=3) and loaded.task_adapter == "abc"
@@ -61,6 +72,61 @@ def test_a_part_is_saved_and_loaded_whole(tmp_path):
     assert (loaded.items.mean, loaded.items.penalty, loaded.items.size) == (2.0, 0.5, 3)
     assert loaded.items.bias == found.bias
     assert all(torch.equal(loaded.items.factors[k], found.factors[k]) for k in found.factors)
+
+
+def _edit_meta(**changes):
+    def edit(folder):
+        meta = json.loads((folder / PART_FILE).read_text())
+        meta.update(changes)
+        (folder / PART_FILE).write_text(json.dumps(meta))
+
+    return edit
+
+
+def _edit_tensors(file, change):
+    def edit(folder):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(folder / file))
+        change(tensors)
+        save_file(tensors, str(folder / file))
+
+    return edit
+
+
+# What a damaged or hand-made part may hold, and the words of the error that names it. Each would have
+# folded users in as NaN, against no item or the wrong ones, or served NaN tokens to every collab user.
+BAD_PARTS = {
+    "nan-mean": (lambda f: (f / PART_FILE).write_text(
+        (f / PART_FILE).read_text().replace('"mean": 2.0', '"mean": NaN')), "mean must be a finite number"),
+    "inf-penalty": (_edit_meta(penalty=float("inf")), "penalty must be a finite number"),
+    "zero-penalty": (_edit_meta(penalty=0), "penalty must be above 0"),
+    "bool-mean": (_edit_meta(mean=True), "mean must be a finite number"),
+    "int-items": (_edit_meta(items=list(range(6))), "items must be a list of item keys"),
+    "text-items": (_edit_meta(items="i0i1i2"), "items must be a list of item keys"),
+    "twice": (_edit_meta(items=["i0", "i0", "i1", "i2", "i3", "i4"]), "appears more than once"),
+    "not-object": (lambda f: (f / PART_FILE).write_text("[1, 2]"), "not an object with spec"),
+    "adapter-int": (_edit_meta(task_adapter=7), "task_adapter must be a fingerprint"),
+    "nan-factors": (_edit_tensors(ITEMS_FILE, lambda t: t["factors"].view(-1).__setitem__(0, float("nan"))),
+                    "factors must hold finite"),
+    "int-bias": (_edit_tensors(ITEMS_FILE, lambda t: t.__setitem__("bias", t["bias"].long())),
+                 "bias must hold finite floating-point"),
+    "inf-mlp": (_edit_tensors(SHARED_FILE, lambda t: t["collab_out.bias"].fill_(float("inf"))),
+                "collab_out.bias must hold finite"),
+    "extra-mlp": (_edit_tensors(SHARED_FILE, lambda t: t.__setitem__("other", torch.zeros(1))),
+                  "a collab part holds"),
+    "missing-mlp": (_edit_tensors(SHARED_FILE, lambda t: t.pop("collab_in.bias")), "a collab part holds"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_PARTS))
+def test_a_part_that_would_fold_in_or_serve_wrong_numbers_is_refused_naming_why(tmp_path, bad):
+    CollabPart(CollabSpec(factors=3), mlp(), items(), "abc").save(tmp_path / "part")
+    CollabPart.load(tmp_path / "part")
+    edit, words = BAD_PARTS[bad]
+    edit(tmp_path / "part")
+    with pytest.raises(CollabPartError, match=words):
+        CollabPart.load(tmp_path / "part")
 
 
 def test_a_user_with_no_known_item_is_the_average_user_and_unknown_items_are_skipped():

@@ -23,7 +23,7 @@ from tailorlm.methods.personal import (
     work_units,
 )
 from tailorlm.methods.recipes import Recipe
-from tailorlm.methods.setups import PERSONAL_KINDS
+from tailorlm.methods.setups import PERSONAL_KINDS, ModuleRecipe
 from tailorlm.store.store import ModuleStore
 from tailorlm.users.service import UserService
 
@@ -123,3 +123,14 @@ def test_no_generic_code_names_a_kind():
             if branch.search(line):
                 found.append(f"{relative}:{number}: {line.strip()}")
     assert not found, "\n".join(found)
+
+
+def test_a_method_whose_users_diverge_fails_naming_them(make_base, tmp_path):
+    # At 1e9 each LoRA weight leaves fp16's range in one step: no such module is stored, and the method
+    # fails with one line instead of answering from NaN scores.
+    task = load_task("verbagg")
+    deps = _deps(task, make_base, tmp_path)
+    setup = PersonalSetup(ModuleRecipe(kinds.default_spec("lora"), learning_rate=1e9))
+    with pytest.raises(ValueError, match=r"training of 3 users diverged .*: 1, 2, 3\); the others"):
+        setup.prepare(deps, "peft-lora", Recipe(), _users(task))
+    assert deps.store("peft-lora").users() == []

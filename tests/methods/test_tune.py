@@ -91,3 +91,16 @@ def test_tune_reads_your_own_table_and_scores_words_by_their_place_on_the_scale(
     tuned = json.loads(result.stdout)
     assert tuned["task"] == "table:likert" and tuned["metric"] == "mae"
     assert 0 <= tuned["candidates"][0]["val_metric"] <= 4  # steps on a 1-5 scale
+
+
+def test_a_rate_that_diverges_is_shown_and_never_chosen_and_all_diverging_is_one_error():
+    # At 1e9 every LoRA weight leaves fp16's range in one step: no module is stored for that rate.
+    result = tune("verbagg", "peft-lora", [1e9, 1e-3], users=2, epochs=1, config=CONFIG)
+    diverged, kept = result["candidates"]
+    assert diverged == {"learning_rate": 1e9, "diverged": 2, "users": 2}
+    assert kept["learning_rate"] == 1e-3 and result["best_learning_rate"] == 1e-3
+    with pytest.raises(ValueError, match="diverged at every learning rate tried"):
+        tune("verbagg", "peft-lora", [1e9], users=2, epochs=1, config=CONFIG)
+    output = CliRunner().invoke(app, ["tune", "peft-lora", "--model", "tiny", "--lrs", "1e9,1e-3"])
+    assert output.exit_code == 0, output.output
+    assert "diverged (8/8 users)" in output.output and "<- chosen" in output.output

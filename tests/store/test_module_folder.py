@@ -85,3 +85,40 @@ def test_wrong_module_files_are_named_errors(make_engine, tmp_path):
         module_folder.read_module(broken)
     with pytest.raises(module_folder.ModuleFileError, match="unknown storage dtype"):
         module_folder.save_module(engine, 1, tmp_path / "x", dtype="int3")
+
+
+@pytest.mark.parametrize(
+    "value, dtype",
+    [(float("nan"), "float32"), (float("-inf"), "float32"), (7e4, "float16"), (3.4e38, "bfloat16")],
+    ids=["nan", "inf", "beyond-fp16", "beyond-bf16"],
+)
+def test_a_module_with_nan_or_inf_is_never_written(make_engine, tmp_path, value, dtype):
+    # 7e4 is a number a diverged training reaches and fp16 (max 65504) stores as inf; float32's largest
+    # numbers round to inf in bf16 (max 3.39e38): the check is made after the cast.
+    engine = make_engine("lora")
+    personalize(engine, [1])
+    tensors = engine.bank.read(1)
+    name = sorted(tensors)[-1]
+    tensors[name].view(-1)[3] = value
+    stored = module_folder.StoredModule(engine.spec, tensors)
+    with pytest.raises(module_folder.NonFiniteModuleError, match=f"tensor {name} holds NaN or infinite"):
+        module_folder.write_module(stored, tmp_path / "m", model=engine.model, dtype=dtype)
+    assert not (tmp_path / "m").exists()
+    if dtype == "float16":  # the same numbers fit float32
+        module_folder.write_module(stored, tmp_path / "m", model=engine.model, dtype="float32")
+        assert module_folder.read_module(tmp_path / "m").tensors[name].view(-1)[3] == value
+
+
+def test_a_file_holding_nan_is_refused_when_read(make_engine, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    engine = make_engine("ia3")
+    personalize(engine, [1])
+    folder = module_folder.save_module(engine, 1, tmp_path / "m")
+    weights = folder / module_folder.WEIGHTS_FILE
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(weights))  # a damaged or foreign file: nothing of tailorlm wrote it
+    with pytest.raises(module_folder.NonFiniteModuleError, match=f"{name} holds NaN"):
+        module_folder.read_module(folder)

@@ -19,6 +19,7 @@ from tailorlm.store.store import ModuleStore
 from tailorlm.train.trainer import MultiUserTrainer, TrainConfig
 from tailorlm.users.errors import UserError
 from tailorlm.users.service import UserService, check_user_id
+from tailorlm.users.training import DIVERGED
 
 CANARY = "zq-canary-5d1b77"
 # One epoch, small batches: 20 training items of a verbagg user are 5 steps.
@@ -206,6 +207,18 @@ def test_users_train_together_and_only_changed_ones_again(imported, monkeypatch)
     assert sorted(imported.train(["1", "2"], changed_only=False, config=CONFIG).trained) == ["1", "2"]
     with pytest.raises(UserError, match="no user"):
         imported.train(["1", "ghost"], config=CONFIG)
+
+
+def test_a_retrain_that_diverges_keeps_the_users_previous_version_and_says_why(imported):
+    assert sorted(imported.train(config=CONFIG).trained) == ["1", "2", "3"]
+    before = {user: imported.store.current(user) for user in ("1", "2", "3")}
+    exploding = dataclasses.replace(CONFIG, learning_rate=1e9)  # every weight leaves fp16's range
+    outcome = imported.train(["1", "2"], changed_only=False, config=exploding)
+    assert outcome.trained == []
+    assert outcome.skipped == {"1": DIVERGED, "2": DIVERGED}
+    assert {user: imported.store.current(user) for user in ("1", "2", "3")} == before
+    assert imported.store.get("1").tensors  # the kept version still reads, finite
+    assert sorted(imported.train(["1", "2"], changed_only=False, config=CONFIG).trained) == ["1", "2"]
 
 
 def test_one_engine_per_module_spec(service, make_base):

@@ -109,6 +109,14 @@ def tune(
                 fresh_base=lambda: chosen.setup.build_base(deps, chosen.recipe),
                 on_progress=reporter.progress(f"{method} lr={rate:g}"),
             )
+            diverged = [u.id for u in sample if not store.has(u.id)]  # no module with NaN or inf is stored
+            if diverged:
+                reporter.log(f"{method} lr={rate:g}: diverged for {len(diverged)} of {len(sample)} users")
+                rows.append({"learning_rate": rate, "diverged": len(diverged), "users": len(sample)})
+                store.close()
+                del engine
+                gc.collect()
+                continue
             records = [store.current(u.id) for u in sample]
             modules = {u.id: store.loader(engine.spec)(u.id) for u in sample}
             store.close()
@@ -129,7 +137,13 @@ def tune(
             # Each rate trains on a fresh base copy: free the last one before the next is loaded.
             del engine
             gc.collect()
-    best_row = min(rows, key=_selection_key(select_by, lower_is_better))
+    candidates = [row for row in rows if "diverged" not in row]
+    if not candidates:
+        raise ValueError(
+            f"{method}: the training diverged at every learning rate tried "
+            f"({', '.join(f'{r:g}' for r in learning_rates)}); try lower ones"
+        )
+    best_row = min(candidates, key=_selection_key(select_by, lower_is_better))
     return {
         "task": task.name,
         "method": method,

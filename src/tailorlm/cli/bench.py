@@ -263,6 +263,8 @@ def tune_command(
                 r["best_epoch"],
                 "<- chosen" if r["learning_rate"] == data["best_learning_rate"] else "",
             )
+            if "diverged" not in r
+            else (f"{r['learning_rate']:g}", "-", "-", "-", f"diverged ({r['diverged']}/{r['users']} users)")
             for r in data["candidates"]
         ]
         direction = "lower" if data["lower_is_better"] else "higher"

@@ -42,7 +42,7 @@ from tailorlm.data.schema import Task, User
 from tailorlm.engine.engine import Engine
 from tailorlm.engine.slots import SlotManager
 from tailorlm.files import atomic_folder
-from tailorlm.kinds.collab import VECTOR, CollabSpec
+from tailorlm.kinds.collab import IN_BIAS, IN_WEIGHT, OUT_BIAS, OUT_WEIGHT, VECTOR, CollabSpec
 from tailorlm.methods.baselines import fit_surprise
 from tailorlm.methods.deps import MethodDeps
 from tailorlm.methods.label_models import LabelAnswerer, by_distribution
@@ -215,12 +215,14 @@ class CollabPart:
                 f"{', '.join(missing)} missing"
             )
         try:
-            meta = json.loads((folder / PART_FILE).read_text(encoding="utf-8"))
+            meta = _part_meta(folder / PART_FILE)
             spec = kinds.validate(kinds.spec_from_dict(meta["spec"]))
             if not isinstance(spec, CollabSpec):
                 raise CollabPartError(f"{folder / PART_FILE}: a {spec.kind} spec, not a collab one")
             shared, table = load_file(str(folder / SHARED_FILE)), load_file(str(folder / ITEMS_FILE))
-            keys, factors, bias = list(meta["items"]), table["factors"], table["bias"]
+            _check_tensors(folder / SHARED_FILE, shared, {IN_WEIGHT, IN_BIAS, OUT_WEIGHT, OUT_BIAS})
+            _check_tensors(folder / ITEMS_FILE, table, {"factors", "bias"})
+            keys, factors, bias = meta["items"], table["factors"], table["bias"]
             if factors.shape != (len(keys), spec.factors) or bias.shape != (len(keys),):
                 raise CollabPartError(
                     f"{folder / ITEMS_FILE}: factors {tuple(factors.shape)} and biases {tuple(bias.shape)} "
@@ -233,13 +235,46 @@ class CollabPart:
                 spec.factors,
                 float(meta["penalty"]),
             )
-            return cls(spec, shared, items, meta.get("task_adapter"))
+            return cls(spec, shared, items, meta["task_adapter"])
         except CollabPartError:
             raise
         except Exception as error:  # JSON, safetensors and spec errors of a damaged or foreign folder
             raise CollabPartError(
                 f"{folder}: not a readable collab part ({type(error).__name__}: {error})"
             ) from None
+
+
+def _part_meta(path: Path) -> dict:
+    """``collab.json``, checked: what a fold-in reads must be numbers it can solve with, and item keys
+    as history records hold them (distinct strings: an item twice, or an int, would fold users in
+    against the wrong items, or none, without a word)."""
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(meta, dict) or not {"spec", "items", "mean", "penalty"} <= set(meta):
+        raise CollabPartError(f"{path}: not an object with spec, items, mean and penalty")
+    items = meta["items"]
+    if not isinstance(items, list) or not all(isinstance(k, str) for k in items):
+        raise CollabPartError(f"{path}: items must be a list of item keys (strings)")
+    if len(set(items)) != len(items):
+        raise CollabPartError(f"{path}: an item key appears more than once in items")
+    for name in ("mean", "penalty"):
+        value = meta[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise CollabPartError(f"{path}: {name} must be a finite number, not {value!r}")
+    if meta["penalty"] <= 0:  # the ridge keeps a user with fewer answers than factors solvable
+        raise CollabPartError(f"{path}: penalty must be above 0, not {meta['penalty']!r}")
+    if meta.get("task_adapter") is not None and not isinstance(meta["task_adapter"], str):
+        raise CollabPartError(f"{path}: task_adapter must be a fingerprint (a string) or null")
+    return {**meta, "task_adapter": meta.get("task_adapter")}
+
+
+def _check_tensors(path: Path, tensors: Mapping[str, torch.Tensor], names: set[str]) -> None:
+    """``tensors`` are exactly ``names``, each floating point and finite (a NaN would reach every
+    user's vector or tokens)."""
+    if set(tensors) != names:
+        raise CollabPartError(f"{path}: holds {sorted(tensors)}, a collab part holds {sorted(names)}")
+    for name, tensor in sorted(tensors.items()):
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            raise CollabPartError(f"{path}: {name} must hold finite floating-point numbers")
 
 
 class CollabSetup:

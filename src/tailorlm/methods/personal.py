@@ -34,6 +34,7 @@ from tailorlm.methods.setups import (
 )
 from tailorlm.models import BaseModel
 from tailorlm.progress import ProgressCallback
+from tailorlm.store.module_folder import NonFiniteModuleError
 from tailorlm.store.store import ModuleStore
 from tailorlm.train.jobs import StoredCallback, TrainWork
 from tailorlm.train.trainer import TrainConfig
@@ -176,22 +177,32 @@ def _by_fold_in(
         )
     stored = []
     for done, user in enumerate(users, 1):
-        store.put(
-            user.id,
-            engine.spec,
-            training.fold_in(user),
-            model=engine.model,
-            base_name=engine.base.name,
-            meta={
-                "made_by": "fold-in",
-                "examples": len(deps.task.training_examples(user)),
-                "folded_against": training.folded_against,
-            },
-            data_fingerprint=(training.fingerprints or {}).get(user.id),
-        )
+        try:
+            _put_folded(deps, engine, store, user, training)
+        except NonFiniteModuleError:  # not stored, as the trainer stores no diverged module; the rest go on
+            continue
         stored.append(user.id)
         _heard(user.id, done, len(users), on_progress, on_stored)
     return stored
+
+
+def _put_folded(
+    deps: MethodDeps, engine: Engine, store: ModuleStore, user: User, training: PersonalTraining
+) -> None:
+    """``user``'s folded-in module, stored as a new version with what it was folded in against."""
+    store.put(
+        user.id,
+        engine.spec,
+        training.fold_in(user),
+        model=engine.model,
+        base_name=engine.base.name,
+        meta={
+            "made_by": "fold-in",
+            "examples": len(deps.task.training_examples(user)),
+            "folded_against": training.folded_against,
+        },
+        data_fingerprint=(training.fingerprints or {}).get(user.id),
+    )
 
 
 def _heard(
@@ -264,5 +275,12 @@ class PersonalSetup:
             train_personal(
                 deps, engine, store, missing, training, deps.reporter.progress(f"{method}: training")
             )
+            diverged = [u.id for u in missing if not store.has(u.id)]
+            if diverged:  # the trainer stores no module with NaN or inf values (``train.jobs.train_group``)
+                raise ValueError(
+                    f"{method}: the training of {len(diverged)} users diverged (their modules came out with "
+                    f"NaN or infinite values: {', '.join(diverged[:5])}{', ...' if len(diverged) > 5 else ''}"
+                    "); the others are stored and kept. Try a lower learning rate"
+                )
         slots = SlotManager(engine.bank, store.loader(engine.spec))
         return Answerer(deps, method, engine, builder, slots.capacity, slots=slots)

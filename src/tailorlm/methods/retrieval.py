@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -30,6 +31,9 @@ class BM25Retriever:
             return []
         import bm25s
 
+        # bm25s sets its own logger to DEBUG on import. Once anything gives the root logger a handler
+        # (rouge-score's absl does, at the first ROUGE score), each index it builds would print a line.
+        logging.getLogger("bm25s").setLevel(logging.WARNING)
         corpus = [_tokens(item.text) or ["<empty>"] for item in items]
         index = bm25s.BM25()
         index.index(corpus, show_progress=False)

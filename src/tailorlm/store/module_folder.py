@@ -12,6 +12,7 @@ Tensors are stored in fp16 by default (half the bytes; loading casts back to the
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +36,23 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 class ModuleFileError(ValueError):
     """A module folder is missing a file, is not a module tailorlm can read, or does not fit the bank."""
+
+
+class NonFiniteModuleError(ModuleFileError):
+    """A module holds NaN or infinite numbers: a training that diverged (or a value beyond the storage
+    dtype's range), or a damaged or foreign file. Never written, never read: served, it would answer
+    NaN scores for its user."""
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """``NonFiniteModuleError`` naming ``where`` and the first tensor (by name) with a NaN or an inf."""
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteModuleError(
+                f"{where}: tensor {name} holds NaN or infinite values (a training that diverged, or a "
+                "value beyond the storage dtype's range)"
+            )
 
 
 @dataclass
@@ -62,6 +80,7 @@ def write_module(
     folder = Path(folder)
     with atomic_folder(folder) as staging:
         tensors = {name: t.detach().to(_DTYPES[dtype]).contiguous() for name, t in module.tensors.items()}
+        check_finite(tensors, f"a module stored as {dtype}")  # after the cast: fp16 overflows to inf
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         config = kinds.of(module.spec).peft_config(module.spec, model, base_name)
         if config is not None:
@@ -99,6 +118,7 @@ def read_module(folder: str | Path) -> StoredModule:
         tensors = load_file(str(weights))
     except Exception as error:  # safetensors raises its own error types for truncated or foreign files
         raise ModuleFileError(f"{weights}: not a readable safetensors file ({error})") from error
+    check_finite(tensors, str(weights))
     return StoredModule(spec, tensors, meta)
 
 

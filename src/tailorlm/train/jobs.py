@@ -26,6 +26,7 @@ from tailorlm.kinds import ModuleSpec
 from tailorlm.models import BaseModel
 from tailorlm.progress import ProgressCallback
 from tailorlm.store.index import UnknownUserError, VersionRecord
+from tailorlm.store.module_folder import NonFiniteModuleError
 from tailorlm.store.store import ModuleStore
 from tailorlm.train.trainer import MultiUserTrainer, TrainConfig, UserData, UserResult
 
@@ -127,14 +128,21 @@ def train_group(
     on_stored: StoredCallback | None = None,
 ) -> list[str]:
     """Train one group's users the job has not stored yet on ``engine``, storing each as they finish;
-    returns their ids in the order they were stored."""
-    pending = [u for u in users if not done_since(store, work, u.user_id)]
-    trained: list[str] = []
+    returns their ids in the order they were stored, those an earlier try of the group stored first. A
+    user forgotten meanwhile, or whose module came out non-finite (their training diverged), is not
+    stored, and the others are."""
+    done = {u.user_id for u in users if done_since(store, work, u.user_id)}
+    pending = [u for u in users if u.user_id not in done]
+    # Users an earlier try of this group stored (a Ray task retried after its worker died) count as
+    # stored by it: that try's results never reached the caller.
+    trained: list[str] = [u.user_id for u in users if u.user_id in done]
 
     def keep(result: UserResult) -> None:
         try:
             store_result(store, engine, result, work.fingerprint(result.user_id))
         except UnknownUserError:  # forgotten while training: the store refused the result, as it must
+            return
+        except NonFiniteModuleError:  # diverged: not stored (their previous version stays), the rest go on
             return
         trained.append(result.user_id)
         if on_stored is not None:

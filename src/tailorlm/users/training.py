@@ -32,6 +32,12 @@ from tailorlm.users.history import fingerprint, user_of
 from tailorlm.users.identity import cache_of
 from tailorlm.users.lifecycle import PROFILE_FILE, Lifecycle
 
+# Why a user who trained was not stored when they were not forgotten meanwhile (``train.jobs.train_group``).
+DIVERGED = (
+    "their training diverged (the module came out with NaN or infinite values): not stored, their "
+    "previous version is kept; try a lower learning rate"
+)
+
 
 @dataclass(frozen=True)
 class TrainOutcome:
@@ -112,9 +118,13 @@ class Training(Lifecycle):
         progress = _Progress(on_progress, [work_units(s, task, [u for u, _ in m], c) for s, m, c in plans])
         trained: list[str] = []
         for spec, members, group_config in plans:
-            trained += self._train_group(
+            stored = self._train_group(
                 task, spec, members, group_config, progress, on_user, start_from_current
             )
+            trained += stored
+            for user, _ in members:  # the trainer stores everyone but the forgotten and the diverged
+                if user.id not in stored:
+                    skipped[user.id] = "forgotten" if not self.index.has_user(user.id) else DIVERGED
             gc.collect()  # the group's engine held a whole base model: free it before the next loads one
         self.write_profiles(trained)  # a new module means new behaviour: the profile follows it
         progress.finish()
