@@ -248,3 +248,16 @@ def test_a_store_under_an_fsspec_url_with_its_index_in_postgres(postgres, monkey
     assert not fs.exists(f"{base}/{folder_name('1')}") and not fs.exists(f"{base}/{cache_of('1')}")
     assert fs.exists(f"{base}/{folder_name('2')}")
     assert [u["user"] for u in _json("users", "list", "--store", root)["users"]] == ["2"]
+
+
+def test_a_train_that_diverges_lists_the_users_skipped_with_why(store, monkeypatch):
+    from tailorlm.kinds.lora import Lora
+    from tailorlm.users.training import DIVERGED
+
+    _imported(store, "1,2")
+    monkeypatch.setattr(Lora, "learning_rate", 1e9)  # every weight leaves fp16's range in one step
+    trained = _json("users", "train", "--epochs", "1", "--store", str(store))
+    assert trained["trained"] == [] and trained["skipped"] == {"1": DIVERGED, "2": DIVERGED}
+    human = runner.invoke(app, ["users", "train", "--epochs", "1", "--store", str(store)])
+    assert human.exit_code == 0 and "skipped 1: their training diverged" in human.output
+    assert _json("users", "show", "1", "--store", str(store))["current_version"] is None

@@ -30,6 +30,7 @@ from tailorlm.engine.bank import EngineError
 from tailorlm.methods.deps import MethodSettings
 from tailorlm.store.index import VersionRecord
 from tailorlm.store.index_backends import StoreLocationError
+from tailorlm.store.module_folder import ModuleFileError
 from tailorlm.users.errors import UserError
 from tailorlm.users.service import UserInfo, UserService, check_label_fit, read_collab_part
 
@@ -257,7 +258,9 @@ def train_command(
     reporter = console.ConsoleReporter(visible=not as_json)
     method_settings = replace(MethodSettings(), epochs=epochs, users_per_step=users_per_step)
     with (
-        user_errors(*STORE_ERRORS, models.ModelNotFoundError, DeviceError, EngineError, ClusterError),
+        user_errors(
+            *STORE_ERRORS, ModuleFileError, models.ModelNotFoundError, DeviceError, EngineError, ClusterError
+        ),
         runner_for(backend, group_users, workers, ray_address) as runner,
     ):
         service = _service(store, method_settings=method_settings, device=device, dtype=dtype, runner=runner)

@@ -220,7 +220,10 @@ class TrainingJobs:
             job.error = (
                 f"the worker exited with {exitcode}"
                 if exitcode
-                else "nothing was trained (no training items?)"
+                # The worker stores nothing for a user without training items, or whose training
+                # diverged (``users.training.DIVERGED``); either way the previous version stays current.
+                else "nothing was stored: no training items, or the training diverged (NaN or infinite "
+                "weights); the previous version is kept"
             )
         self.on_state(job.state)
         self._active.pop(job.user_id, None)
