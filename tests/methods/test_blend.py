@@ -1,15 +1,13 @@
 """The stacked blend: the blender recovers the weights that made the data (values, within a stated
-tolerance), each source's weight follows the item's warmth, the statistics score what the baselines
-answer, and a real run of ``blend`` and ``blend-stats`` (tiny model) keeps to the visibility rules and
-fits both on the same validation answers."""
+tolerance), each source's weight follows the item's warmth, and a real run of ``blend`` and
+``blend-stats`` (tiny model) keeps to the visibility rules, fits both on the same validation answers and
+keeps parts that answer as the run did."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
-import pytest
 import torch
 from test_methods_leakage import (
     SMALL,
@@ -19,8 +17,8 @@ from test_methods_leakage import (
 
 from tailorlm.bench import runner
 from tailorlm.data import load_task
-from tailorlm.methods import blend, registry
-from tailorlm.methods.baselines import LabelPrior
+from tailorlm.methods import blend_part, registry
+from tailorlm.methods.baselines import label_by_rule
 from tailorlm.methods.recipes import PromptUse
 from tailorlm.progress import Reporter
 
@@ -38,10 +36,10 @@ def test_the_blender_recovers_the_weights_that_made_the_data():
         torch.tensor([-1.5, 0.0, 1.0]),
         torch.tensor([0.3, 0, 0, -0.3]),
     )
-    truth = blend.Blender(("a", "b", "c"), cold, warm, bias)
+    truth = blend_part.Blender(("a", "b", "c"), cold, warm, bias)
     probabilities = truth.scores(features, warmth).exp()
     targets = torch.multinomial(probabilities, 1, generator=generator)[:, 0].tolist()
-    fitted = blend.fit_blender(("a", "b", "c"), features, warmth, targets)
+    fitted = blend_part.fit_blender(("a", "b", "c"), features, warmth, targets)
     torch.testing.assert_close(fitted.cold, cold, atol=0.15, rtol=0)
     torch.testing.assert_close(fitted.warm, warm, atol=0.15, rtol=0)
     # Only differences between labels' biases matter to a softmax; the penalty centres them.
@@ -49,32 +47,10 @@ def test_the_blender_recovers_the_weights_that_made_the_data():
 
 
 def test_without_rows_every_label_is_equally_likely():
-    fitted = blend.fit_blender(("a",), torch.zeros(0, 1, 3), torch.zeros(0), [])
+    fitted = blend_part.fit_blender(("a",), torch.zeros(0, 1, 3), torch.zeros(0), [])
     assert torch.equal(fitted.cold, torch.zeros(1)) and torch.equal(fitted.bias, torch.zeros(3))
     scores = fitted.scores(torch.randn(2, 1, 3), torch.tensor([0.0, 1.0]))
     torch.testing.assert_close(scores, torch.full((2, 3), -math.log(3)), atol=1e-6, rtol=0)
-
-
-def test_the_statistics_score_what_the_baselines_know_and_warmth_counts_the_items_answers():
-    task = load_task("verbagg", seed=0)
-    statistics = blend.Statistics(task)
-    assert statistics.names == ("prior", "biases", "mf")  # verbagg's labels are ordered
-    user = task.users[0]
-    queries = [(u, e) for u in task.users[:3] for e in u.test][:3]
-    scores = statistics.scores(queries)
-    assert scores.shape == (3, 3, len(task.labels))
-    prior = LabelPrior(task)
-    expected = torch.log(torch.tensor([prior.distribution(u, e) for u, e in queries]))
-    torch.testing.assert_close(scores[:, 0], expected, atol=1e-6, rtol=0)
-    # A rating estimate scores the label nearest it highest: -|position - r| peaks at r.
-    estimate = statistics.estimators["mf"].predict(user.id, queries[0][1].item_key).est
-    assert int(scores[0, 2].argmax()) == min(range(len(task.labels)), key=lambda i: abs(i - estimate))
-    counts = {item: len(answers) for item, answers in prior.by_item.items()}
-    most = max(counts, key=counts.get)
-    unseen = dataclasses.replace(user.test[0], id="new", item_key="never-answered")
-    known = next(e for u in task.users for e in u.test if e.item_key == most)
-    warmth = statistics.warmth([(user, known), (user, unseen)])
-    assert warmth.tolist() == pytest.approx([1.0, 0.0])
 
 
 class Heard(Reporter):
@@ -108,3 +84,23 @@ def test_a_run_of_both_blends_keeps_to_the_rules_and_fits_the_same_rows(tmp_path
     assert "model" in fitted["blend"] and "model" not in fitted["blend-stats"]
     validated = {u.prompt.user for u in uses if u.method == "blend" and u.purpose == "validate"}
     assert run.test_ids <= validated  # the test users' own validation answers are rows
+
+    # Each run keeps its part; the statistics' alone answers every test item as its part does, from each
+    # user's row folded in from their training answers (what a server does from their history).
+    stats = blend_part.BlendPart.load(tmp_path / "modules" / "blend-stats-part-plain")
+    with_model = blend_part.BlendPart.load(tmp_path / "modules" / "blend-part-plain")
+    assert not stats.uses_model and stats.task_adapter is None
+    assert with_model.uses_model and with_model.task_adapter is not None
+    assert with_model.statistics.sources == stats.statistics.sources == ("prior", "biases", "mf")
+    lines = (tmp_path / "predictions" / "blend-stats.jsonl").read_text().splitlines()
+    answered = {e["id"]: e["prediction"] for line in lines for e in json.loads(line)["examples"]}
+    checked = 0
+    for user in run.task.users:
+        if user.id not in run.test_ids:
+            continue
+        row = stats.statistics.row(run.task.training_examples(user))
+        for example in user.test:
+            scores = stats.distribution(row, example.item_key, None).exp().tolist()
+            assert answered[example.id] == label_by_rule(stats.rule, stats.labels, scores)
+            checked += 1
+    assert checked == len(answered) > 0

@@ -261,3 +261,29 @@ def test_a_train_that_diverges_lists_the_users_skipped_with_why(store, monkeypat
     human = runner.invoke(app, ["users", "train", "--epochs", "1", "--store", str(store)])
     assert human.exit_code == 0 and "skipped 1: their training diverged" in human.output
     assert _json("users", "show", "1", "--store", str(store))["current_version"] is None
+
+
+def test_import_keeps_a_blend_part_and_refuses_a_damaged_one_before_importing(store, tmp_path):
+    import torch
+
+    from tailorlm.data import load_task
+    from tailorlm.methods.blend_part import Blender, ItemStatistics, part_for
+
+    task = load_task("verbagg", seed=0)
+    statistics = ItemStatistics.fit(task, task.users[:2])
+    part = tmp_path / "blend-part-plain"
+    part_for(
+        task, statistics, Blender(statistics.sources, torch.ones(3), torch.zeros(3), torch.zeros(3)), None
+    ).save(part)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    args = ["users", "import", "verbagg", "--users", "1,2", "--model", "tiny", "--store", str(store)]
+    refused = CliRunner().invoke(app, [*args, "--blend", str(damaged)])
+    assert refused.exit_code != 0 and "blend.json" in refused.output and "Traceback" not in refused.output
+    assert not store.exists()  # nothing imported
+    imported = CliRunner().invoke(app, [*args, "--blend", str(part)])
+    assert imported.exit_code == 0, imported.output
+    service = UserService(store)
+    assert service.settings().blend == ".blend"
+    assert service.blend_part().labels == tuple(task.labels)
+    service.close()

@@ -32,7 +32,7 @@ from tailorlm.store.index import VersionRecord
 from tailorlm.store.index_backends import StoreLocationError
 from tailorlm.store.module_folder import ModuleFileError
 from tailorlm.users.errors import UserError
-from tailorlm.users.service import UserInfo, UserService, check_label_fit, read_collab_part
+from tailorlm.users.service import UserInfo, UserService, check_label_fit, read_blend_part, read_collab_part
 
 users_app = typer.Typer(
     help="The users of a module store: add or import them, train their modules, roll back, forget, keys.",
@@ -117,6 +117,13 @@ def import_command(
         "and the item factors users are folded in against), from the run whose --task-adapter is given; "
         "copied into the store.",
     ),
+    blend: Path | None = typer.Option(
+        None,
+        "--blend",
+        help="The stacked blend's part: a bench run's modules/blend-part-TAG folder (the item statistics "
+        "and the fitted blender), from the run whose --task-adapter is given; copied into the store. A "
+        "label request that names an item is then answered with the blend.",
+    ),
     label_fit: str | None = typer.Option(
         None,
         "--label-fit",
@@ -139,12 +146,14 @@ def import_command(
         if collab is not None:  # read first: a damaged part imports nothing, and collab users take its spec
             part = read_collab_part(collab)
             spec = part.spec if kind == part.spec.kind else kind
+        if blend is not None:  # read first too: a damaged part imports nothing
+            read_blend_part(blend)
         service = _service(store, index=index)
         result = service.import_task(task, data_dir=data, split=split, users=chosen, kind=spec, seed=seed)
         if model is not None:  # after the import, so a mistyped task leaves no store behind
             service.configure(base_model=model)
-        if task_adapter is not None or collab is not None:
-            service.configure(task_adapter=task_adapter, collab=collab)
+        if task_adapter is not None or collab is not None or blend is not None:
+            service.configure(task_adapter=task_adapter, collab=collab, blend=blend)
         if label_fit is not None:
             service.configure(label_fit=label_fit)
     payload = {**asdict(result), "store": service.location}

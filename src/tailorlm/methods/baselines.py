@@ -101,22 +101,39 @@ def item_majority(task: Task, users: Sequence[User]) -> Iterator[UserAnswers]:
 PRIOR_STRENGTH = 1.0
 
 
-def suited_label(task: Task, probabilities: Sequence[float]) -> str:
-    """The label a distribution over ``task.labels`` answers under the task's first metric."""
+def answer_rule(task: Task) -> str:
+    """How a distribution over ``task.labels`` is answered under the task's first metric: ``median`` for
+    MAE and ``mean`` for RMSE on ordered labels, ``mode`` otherwise."""
     primary = task.metrics[0] if task.metrics else "accuracy"
-    if task.ordinal and primary == "mae":
+    if task.ordinal and primary in ("mae", "rmse"):
+        return "median" if primary == "mae" else "mean"
+    return "mode"
+
+
+ANSWER_RULES = ("median", "mean", "mode")
+
+
+def label_by_rule(rule: str, labels: Sequence[str], probabilities: Sequence[float]) -> str:
+    """The label of ``labels`` (in their order) that ``rule`` (``answer_rule``) answers from
+    ``probabilities``: the median's, the nearest to the mean, or the most likely (the first on a tie)."""
+    if rule == "median":
         total, seen = sum(probabilities), 0.0
-        for label, p in zip(task.labels, probabilities, strict=True):
+        for label, p in zip(labels, probabilities, strict=True):
             seen += p
             if seen >= total / 2:
                 return label
-    if task.ordinal and primary == "rmse":
+    if rule == "mean":
         mean = sum(i * p for i, p in enumerate(probabilities)) / sum(probabilities)
-        return _nearest_label(task, mean)
-    return task.labels[max(range(len(task.labels)), key=lambda i: (probabilities[i], -i))]
+        return labels[min(max(round(mean), 0), len(labels) - 1)]
+    return labels[max(range(len(labels)), key=lambda i: (probabilities[i], -i))]
 
 
-def _smoothed(counts: Counter, labels: Sequence[str], prior: Sequence[float]) -> list[float]:
+def suited_label(task: Task, probabilities: Sequence[float]) -> str:
+    """The label a distribution over ``task.labels`` answers under the task's first metric."""
+    return label_by_rule(answer_rule(task), task.labels, probabilities)
+
+
+def smoothed(counts: Counter, labels: Sequence[str], prior: Sequence[float]) -> list[float]:
     total = sum(counts[label] for label in labels)
     return [
         (counts[label] + PRIOR_STRENGTH * p) / (total + PRIOR_STRENGTH)
@@ -147,12 +164,12 @@ class LabelPrior:
     def user(self, user: User) -> list[float]:
         if user.id not in self._own:
             counts = Counter(e.targets[0] for e in self.task.training_examples(user) if e.targets)
-            self._own[user.id] = _smoothed(counts, self.task.labels, self.prior)
+            self._own[user.id] = smoothed(counts, self.task.labels, self.prior)
         return self._own[user.id]
 
     def distribution(self, user: User, example: Example) -> list[float]:
         """Probabilities over ``task.labels`` (they sum to one)."""
-        item = _smoothed(Counter(self.by_item.get(example.item_key, ())), self.task.labels, self.prior)
+        item = smoothed(Counter(self.by_item.get(example.item_key, ())), self.task.labels, self.prior)
         product = [u * i / g for u, i, g in zip(self.user(user), item, self.prior, strict=True)]
         total = sum(product)
         return [p / total for p in product]

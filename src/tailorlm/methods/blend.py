@@ -6,7 +6,7 @@ beat every model method; where items are new, the model wins (docs/benchmark-res
 (Wolpert, 1992; the Netflix Prize blends, Töscher et al., 2009) learns that trade-off from held-out
 answers instead of picking one side. Each source gives a score per label:
 
-- ``prior``: the log of the user's and the item's label priors combined (``baselines.LabelPrior``);
+- ``prior``: the log of the user's and the item's label priors combined (as ``baselines.LabelPrior``);
 - ``biases`` and ``mf`` (ordered labels only): Surprise's damped biases and biased matrix factorisation,
   their estimate ``r`` (a label position) scored per label as ``-|position - r|``: a Laplace shape, whose
   median is ``r``, as suits the rating tasks' MAE (a squared distance, a Gaussian's, blended worse on
@@ -25,91 +25,30 @@ the global one and Surprise's global estimates, so the model's weight decides it
 
 ``blend-stats`` is the same blend without the model: a simple baseline, the strongest one when it wins,
 and the reference the model's part has to beat. A user's personal part is their own row of the
-statistics (their label counts, their bias and factors): nothing is trained per user.
+statistics (their label counts, their bias and factors), folded in from their training answers against
+the frozen items (``blend_part``): nothing is trained per user, and a server folds in a user it has never
+seen the same way. The run keeps the fitted part (``modules/METHOD-part-TAG``), which ``users import
+--blend`` gives a users store so its server answers label requests that name an item with the blend.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from tailorlm import metrics
-from tailorlm.data.schema import Task, User
-from tailorlm.methods.baselines import LabelPrior, fit_surprise
+from tailorlm.data.schema import User
+from tailorlm.methods.blend_part import ItemStatistics, UserRow, fit_blender, part_for
+from tailorlm.methods.collab import tensors_fingerprint
 from tailorlm.methods.deps import MethodDeps
 from tailorlm.methods.label_models import LabelAnswerer
 from tailorlm.methods.label_parts import Distribution, queries_of, shared_distribution
 from tailorlm.methods.recipes import Purpose, Recipe
 from tailorlm.methods.setups import Answerer, Query, TaskAdapterSetup
 
-# The blender's L2 penalty, in units of one answer's loss: small next to the hundreds of rows it is
-# fitted on, enough to keep the weights finite when two sources agree on every row.
-BLEND_PENALTY = 1.0
-
-
-@dataclass(frozen=True)
-class Blender:
-    """The fitted blend: per source ``cold`` (``a``) and ``warm`` (``b``) weights, and ``bias`` (``c``)
-    ``[labels]``."""
-
-    sources: tuple[str, ...]
-    cold: torch.Tensor  # [sources]
-    warm: torch.Tensor  # [sources]
-    bias: torch.Tensor  # [labels]
-
-    def scores(self, features: torch.Tensor, warmth: torch.Tensor) -> torch.Tensor:
-        """``features`` ``[rows, sources, labels]`` and ``warmth`` ``[rows]`` -> log-probabilities
-        ``[rows, labels]``."""
-        weights = self.cold[None] + self.warm[None] * warmth[:, None]  # [rows, sources]
-        return torch.log_softmax((weights[:, :, None] * features).sum(1) + self.bias, dim=-1)
-
-    def describe(self) -> str:
-        parts = [
-            f"{name} {float(a):+.2f}{float(b):+.2f}w"
-            for name, a, b in zip(self.sources, self.cold, self.warm, strict=True)
-        ]
-        return ", ".join(parts)
-
-
-def fit_blender(
-    sources: Sequence[str],
-    features: torch.Tensor,
-    warmth: torch.Tensor,
-    targets: Sequence[int],
-    penalty: float = BLEND_PENALTY,
-) -> Blender:
-    """The blender minimising the summed cross-entropy of ``targets`` (label indices) plus ``penalty / 2``
-    times the squared norm of every weight; ``features`` ``[rows, sources, labels]``, ``warmth``
-    ``[rows]``. A convex problem (the scores are linear in the weights), solved by L-BFGS in float64.
-    Without rows every weight is 0: each label equally likely."""
-    count, labels = len(sources), features.shape[2]
-    params = torch.zeros(2 * count + labels, dtype=torch.float64, requires_grad=True)
-    if len(targets):
-        x, w = features.double(), warmth.double()
-        wanted = torch.tensor(list(targets))
-        optimizer = torch.optim.LBFGS(
-            [params], lr=1.0, max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
-            line_search_fn="strong_wolfe",
-        )  # fmt: skip
-
-        def objective() -> torch.Tensor:
-            optimizer.zero_grad()
-            cold, warm, bias = params[:count], params[count : 2 * count], params[2 * count :]
-            weights = cold[None] + warm[None] * w[:, None]
-            logits = (weights[:, :, None] * x).sum(1) + bias
-            loss = torch.nn.functional.cross_entropy(logits, wanted, reduction="sum")
-            loss = loss + penalty / 2 * params.pow(2).sum()
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            optimizer.step(objective)
-    found = params.detach().float()
-    return Blender(tuple(sources), found[:count], found[count : 2 * count], found[2 * count :])
+PART_FOLDER = "{method}-part-{tag}"  # the fitted part, in the run's modules folder
 
 
 class ModelSetup(Protocol):
@@ -118,44 +57,25 @@ class ModelSetup(Protocol):
     def answerer(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> Answerer: ...
 
 
-class Statistics:
-    """The statistical sources of a task, fitted once on every user's training answers."""
+class Rows:
+    """Each user's row of ``statistics``, folded in once from their training answers."""
 
-    def __init__(self, task: Task) -> None:
-        self.task = task
-        self.prior = LabelPrior(task)
-        counts = [len(answers) for answers in self.prior.by_item.values()]
-        self._most = math.log1p(max(counts, default=0))
-        self.estimators: dict[str, object] = {}
-        if task.ordinal:
-            from surprise import SVD, BaselineOnly
+    def __init__(self, deps: MethodDeps, statistics: ItemStatistics) -> None:
+        self.deps, self.statistics = deps, statistics
+        self._rows: dict[str, UserRow] = {}
 
-            self.estimators = {
-                "biases": fit_surprise(task, BaselineOnly(verbose=False)),
-                "mf": fit_surprise(task, SVD(random_state=0)),
-            }
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return ("prior", *self.estimators)
-
-    def scores(self, queries: Sequence[Query]) -> torch.Tensor:
+    def features(self, queries: Sequence[Query]) -> torch.Tensor:
         """``[rows, sources, labels]``: each statistic's score of each label."""
-        positions = torch.arange(len(self.task.labels), dtype=torch.float32)
-        prior = torch.tensor([self.prior.distribution(u, e) for u, e in queries], dtype=torch.float32)
-        found = [torch.log(prior.clamp_min(1e-12))]
-        for estimator in self.estimators.values():
-            estimates = torch.tensor([estimator.predict(u.id, e.item_key).est for u, e in queries])
-            found.append(-(positions[None] - estimates[:, None].float()).abs())
-        return torch.stack(found, dim=1)
+        found = []
+        for user, example in queries:
+            if user.id not in self._rows:
+                self._rows[user.id] = self.statistics.row(self.deps.task.training_examples(user))
+            found.append(self.statistics.features(self._rows[user.id], example.item_key))
+        return torch.stack(found) if found else torch.zeros(0, len(self.statistics.sources), 0)
 
     def warmth(self, queries: Sequence[Query]) -> torch.Tensor:
         """``[rows]`` in [0, 1]: how many training answers each query's item has, on a log scale."""
-        if not self._most:
-            return torch.zeros(len(queries))
-        return torch.tensor(
-            [math.log1p(len(self.prior.by_item.get(e.item_key, ()))) / self._most for _, e in queries]
-        )
+        return torch.tensor([self.statistics.warmth(e.item_key) for _, e in queries], dtype=torch.float32)
 
 
 class BlendSetup:
@@ -167,12 +87,13 @@ class BlendSetup:
 
     def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> LabelAnswerer:
         task = deps.task
-        statistics = Statistics(task)
+        statistics = ItemStatistics.fit(task, deps.adapter_users, deps.settings.seed)
+        rows_of = Rows(deps, statistics)
         shared = self.model.answerer(deps, method, recipe, users) if self.model is not None else None
-        names = (*statistics.names, *(("model",) if shared else ()))
+        names = (*statistics.sources, *(("model",) if shared else ()))
 
         def features(queries: Sequence[Query], purpose: Purpose) -> torch.Tensor:
-            found = statistics.scores(queries)
+            found = rows_of.features(queries)
             if shared is not None:
                 found = torch.cat([found, shared_distribution(shared, queries, purpose)[:, None]], dim=1)
             return found
@@ -181,11 +102,19 @@ class BlendSetup:
         # model or without, so the two blends differ by the model's part alone.
         rows = queries_of(deps.adapter_users, "val", task) + queries_of(users, "val", task)
         targets = [metrics.label_index(e.targets[0], task.labels) for _, e in rows]
-        blender = fit_blender(names, features(rows, "validate"), statistics.warmth(rows), targets)
+        blender = fit_blender(names, features(rows, "validate"), rows_of.warmth(rows), targets)
         deps.reporter.log(f"{method}: blended on {len(rows)} validation answers: {blender.describe()}")
+        adapter = None
+        if shared is not None:
+            adapter = tensors_fingerprint(
+                TaskAdapterSetup().ensure_trained(deps, recipe).get(TaskAdapterSetup.USER).tensors
+            )
+        part_for(task, statistics, blender, adapter).save(
+            deps.modules / PART_FOLDER.format(method=method, tag=recipe.tag)
+        )
 
         def distribution_of(queries: Sequence[Query]) -> Distribution:
-            return blender.scores(features(queries, "answer"), statistics.warmth(queries))
+            return blender.scores(features(queries, "answer"), rows_of.warmth(queries))
 
         group_size = shared.group_size if shared else deps.settings.answer_group
         return LabelAnswerer(task, distribution_of, group_size)

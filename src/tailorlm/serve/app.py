@@ -11,6 +11,7 @@ that something failed (the log has the detail).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -397,6 +398,7 @@ async def _answer(
         raise ApiError(400, "labels cannot be streamed: the answer is one label", param="stream")
     text, prompt_ids, worst, width = await asyncio.to_thread(_prepare, server, body, content, chat)
     _check_size(server, body, len(prompt_ids), worst, width, param)
+    blend = None if body.item is None else await asyncio.to_thread(server.blend_part, body.labels)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
     job = Job(
@@ -429,10 +431,15 @@ async def _answer(
     if event is None:  # the client went away: nobody reads this answer
         return Response(status_code=499)
     pieces, event = event
+    scores = event.scores
+    if blend is not None and scores is not None:
+        label, scores = await asyncio.to_thread(server.blended, blend, body.model, body.item, scores)
+        tokens = len(server.prompt_tokenizer(label, add_special_tokens=False)["input_ids"])
+        pieces, event = [label], dataclasses.replace(event, completion_tokens=tokens)
     server.metrics.tokens.inc(event.completion_tokens)
     answer = ("" if chat or not getattr(body, "echo", False) else text) + "".join(pieces)
     counts = protocol.usage(event.prompt_tokens, event.completion_tokens)
-    extra = {"label_scores": event.scores} if event.scores is not None else None
+    extra = {"label_scores": scores} if scores is not None else None
     build = protocol.chat_body if chat else protocol.completion_body
     return JSONResponse(build(request_id, body.model, answer, event.finish, counts, extra), headers=placed)
 

@@ -4,7 +4,8 @@ Requests accept fields they do not use (the client sends some by default) but a 
 wrong type or out of range is a 400 naming it. ``labels`` is tailorlm's own field: restrict the answer to
 one of the given strings (the benchmark's likelihood decoding) and get every label's log-probability; the
 prompt is then the task's item, written into the benchmark's prompt under the server's recipe, unless
-``raw_prompt`` is set;
+``raw_prompt`` is set; ``item`` (with ``labels``) names the task's item the prompt asks about, so that
+a store with a blend part answers with the stacked blend of the statistics and the model;
 ``ignore_eos`` (as in vLLM) generates ``max_tokens`` tokens whatever the model says, for load tests.
 """
 
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # client sends can fail inside the engine loop (where a failure would reach the rows batched with it).
 MAX_LABELS = 64
 MAX_LABEL_CHARS = 1_000  # a label is an answer, not a document (its tokens also count against the context)
+MAX_ITEM_CHARS = 1_000  # an item key (an id), not the item's text
 MAX_STOP_CHARS = 256  # text is held back while it could still begin a stop string: keep that short
 MAX_TOKENS = 1 << 20  # a schema bound only; the real one is the server's --max-context
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed accepts
@@ -132,6 +134,9 @@ class _Request(Utf8Body):
     labels: list[str] | None = Field(default=None, min_length=1, max_length=MAX_LABELS)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
     raw_prompt: bool = False  # with labels: score the prompt as sent, not written into the task's prompt
+    item: str | None = Field(
+        default=None, min_length=1, max_length=MAX_ITEM_CHARS
+    )  # with labels: the blend's
 
     @field_validator("stop")
     @classmethod
@@ -159,6 +164,12 @@ class _Request(Utf8Body):
         if value is not None and any(len(label) > MAX_LABEL_CHARS for label in value):
             raise ValueError(f"a label has at most {MAX_LABEL_CHARS} characters")
         return value
+
+    @model_validator(mode="after")
+    def _item_with_labels(self) -> _Request:
+        if self.item is not None and not self.labels:
+            raise ValueError("item names the item a label request asks about: send labels with it")
+        return self
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

@@ -23,6 +23,8 @@ from tailorlm.engine.bank import EngineError
 from tailorlm.engine.engine import Engine, label_memory
 from tailorlm.engine.slots import SlotManager
 from tailorlm.kinds import ModuleSpec
+from tailorlm.methods.baselines import label_by_rule
+from tailorlm.methods.blend_part import BlendPart
 from tailorlm.methods.profiles import UserProfile
 from tailorlm.methods.recipes import PromptBuilder
 from tailorlm.methods.retrieval import RetrieverCache
@@ -35,6 +37,7 @@ from tailorlm.store.index_backends import StoreLocationError
 from tailorlm.store.module_folder import ModuleFileError
 from tailorlm.store.store import ModuleStore
 from tailorlm.users.errors import UserError
+from tailorlm.users.history import user_of
 from tailorlm.users.keys import KeyOwner, key_hash
 from tailorlm.users.service import UserService
 
@@ -203,6 +206,7 @@ class Server:
         self.recipe = recipe_from_name(config.recipe)  # label requests' recipe; None: prompts as sent
         self._builder: PromptBuilder | None = None  # label requests' prompts (``_prompt_builder``)
         self._builder_lock = threading.Lock()
+        self._blend: BlendPart | None = None  # the store's blend part, read at the first request for it
         self.jobs = TrainingJobs(
             self.store.location,
             current=self._current_version,
@@ -327,6 +331,57 @@ class Server:
         if not chosen:
             return None
         return "Earlier items of this user:\n" + "\n".join(f"- {item.text}" for item in chosen)
+
+    # ---- the stacked blend -----------------------------------------------------------------------
+
+    def blend_part(self, labels: Sequence[str]) -> BlendPart:
+        """The store's blend part, for a label request that names an item with ``labels``: a 400 when the
+        store keeps none or the labels are not the part's (in any order); a 500 when the part is damaged.
+        Read once, at the first such request (a part imported later is read then; one replaced while
+        serving, at the next start). Blocks on the store: call it off the event loop."""
+        with self._builder_lock:
+            part = self._blend
+        if part is None:
+            try:
+                part = self.service.blend_part()
+            except UserError as error:
+                log.error("the store's blend part cannot be used: %s", error)
+                raise ApiError(
+                    500, f"the store's blend part cannot be used: {error}", "server_error"
+                ) from None
+            if part is None:
+                raise ApiError(
+                    400,
+                    "this server's store keeps no blend part, so a request cannot name an item: import one "
+                    "with `tailorlm users import ... --blend RUN/modules/blend-part-TAG`, or leave item out",
+                    code="blend_unavailable",
+                    param="item",
+                )
+            with self._builder_lock:
+                self._blend = part
+        if sorted(labels) != sorted(part.labels):
+            raise ApiError(
+                400,
+                f"a request that names an item is answered by the store's blend, whose labels are "
+                f"{list(part.labels)}; send exactly those labels (in any order)",
+                param="labels",
+            )
+        return part
+
+    def blended(
+        self, part: BlendPart, user_id: str, item: str, scores: Mapping[str, float]
+    ) -> tuple[str, dict]:
+        """The blend's answer for ``user_id`` on ``item``: the label the task's rule picks from the blended
+        distribution, and every label's blended log-probability (in ``scores``' order). ``scores``: the
+        model's label scores (the user's module's, or the task adapter's for a user without one). The
+        user's row is folded in from the training history the store keeps for them now. Blocks on the
+        index: call it off the event loop."""
+        model = torch.log_softmax(torch.tensor([scores[label] for label in part.labels]), dim=-1)
+        row = part.statistics.row(user_of(user_id, self.service.history(user_id)).train)
+        found = part.distribution(row, item, model if part.uses_model else None)
+        answer = label_by_rule(part.rule, part.labels, found.exp().tolist())
+        by_label = dict(zip(part.labels, found.tolist(), strict=True))
+        return answer, {label: by_label[label] for label in scores}
 
 
 def module_loader(store: ModuleStore, spec: ModuleSpec) -> Callable[[str], Mapping[str, torch.Tensor]]:

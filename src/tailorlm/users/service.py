@@ -37,6 +37,7 @@ from tailorlm.users.settings import (
     ServiceSettings,
     check_label_fit,
     default_spec_dict,
+    read_blend_part,
     read_collab_part,
     resolve_spec,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "check_user_id",
     "default_spec_dict",
     "fingerprint",
+    "read_blend_part",
     "read_collab_part",
     "resolve_spec",
     "to_example",

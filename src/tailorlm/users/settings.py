@@ -23,6 +23,7 @@ from tailorlm.files import atomic_folder
 from tailorlm.kinds import ModuleSpec, ModuleSpecError
 from tailorlm.kinds.collab import CollabSpec
 from tailorlm.methods import label_parts
+from tailorlm.methods.blend_part import BlendPart, BlendPartError
 from tailorlm.methods.collab import CollabPart, CollabPartError, tensors_fingerprint
 from tailorlm.methods.deps import BaseLoader, base_loader
 from tailorlm.methods.setups import PERSONAL_KINDS
@@ -37,6 +38,7 @@ SETTINGS_KEY = "users.settings"  # the index meta row holding ServiceSettings as
 DEFAULT_KIND = "lora"
 TASK_ADAPTER_FOLDER = ".task-adapter"  # hidden, so no user's module folder can take its name
 COLLAB_FOLDER = ".collab"  # the task's collab part (methods.collab.CollabPart), hidden likewise
+BLEND_FOLDER = ".blend"  # the task's blend part (methods.blend_part.BlendPart), hidden likewise
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ class ServiceSettings:
     # store (COLLAB_FOLDER); None: the store cannot train or serve collab users.
     collab: str | None = None
     collab_items: str | None = None  # the fingerprint of its item factors (``ItemFactors.fingerprint``)
+    # The stacked blend's part (the item statistics and the fitted blender), kept in the store
+    # (BLEND_FOLDER): label requests that name an item are answered with the blend; None: they are not.
+    blend: str | None = None
     label_fit: str = "bias"  # how label-bias users are fitted: one of ``label_parts.FITS``
     # The whole spec of a task that is not bundled (your own task file, ``TaskSpec.to_dict``): the store
     # renders prompts from it without the file; None for a bundled task, found by its name.
@@ -103,6 +108,15 @@ def resolve_spec(
         return kinds.for_labels(spec, labels)
     except ModuleSpecError as error:
         raise UserError(str(error)) from error
+
+
+def read_blend_part(folder: str | Path, what: str = "blend part") -> BlendPart:
+    """A blend part folder (a bench run's ``modules/blend-part-TAG``), or a ``UserError`` naming ``what``
+    and what is wrong with it."""
+    try:
+        return BlendPart.load(Path(folder))
+    except BlendPartError as error:
+        raise UserError(f"{what}: {error}") from None
 
 
 def read_collab_part(folder: str | Path, what: str = "collab part") -> CollabPart:
@@ -163,6 +177,7 @@ class StoreSettings:
         kind: str | ModuleSpec | None = None,
         task_adapter: str | Path | None = None,
         collab: str | Path | None = None,
+        blend: str | Path | None = None,
         label_fit: str | None = None,
     ) -> ServiceSettings:
         """Set store-wide settings; None leaves one as it is. The task and the base model are fixed once
@@ -187,6 +202,8 @@ class StoreSettings:
         if collab is not None:
             kept, items = self._keep_collab(Path(collab), settings.task_adapter)
             settings = replace(settings, collab=kept, collab_items=items)
+        if blend is not None:
+            settings = replace(settings, blend=self._keep_blend(Path(blend), settings))
         if label_fit is not None:
             settings = replace(settings, label_fit=check_label_fit(label_fit))
         return self._save_settings(settings)
@@ -221,8 +238,37 @@ class StoreSettings:
             )
         part = read_collab_part(folder)
         if task_adapter is not None:
-            self._check_task_adapter(part, task_adapter)
+            self._check_task_adapter("collab part's MLP was trained", part.task_adapter, task_adapter)
         return self._keep_folder(folder, COLLAB_FOLDER), part.items.fingerprint()
+
+    def _keep_blend(self, folder: Path, settings: ServiceSettings) -> str:
+        """Copy a blend part's folder into the store; returns its folder relative to the root. Refused
+        when its labels are not the store task's, or its model source was fitted on another task adapter
+        than the store merges into its base."""
+        part = read_blend_part(folder)
+        self._check_blend(part, settings)
+        return self._keep_folder(folder, BLEND_FOLDER)
+
+    def _check_blend(self, part: BlendPart, settings: ServiceSettings) -> None:
+        if settings.labels is not None and tuple(settings.labels) != part.labels:
+            raise UserError(
+                f"the blend part is for the labels {list(part.labels)}, the store's task has "
+                f"{list(settings.labels)}: give the part of a bench run of this task"
+            )
+        if part.uses_model:
+            self._check_task_adapter("blend part's model source was fitted", part.task_adapter,
+                                     settings.task_adapter)  # fmt: skip
+
+    def blend_part(self) -> BlendPart | None:
+        """The store's blend part, checked against the store's labels and task adapter; None without one;
+        a ``UserError`` saying what to do when it does not fit."""
+        settings = self.settings()
+        if settings.blend is None:
+            return None
+        with self.store.files.reading(settings.blend) as folder:
+            part = read_blend_part(folder, "the store's blend part")
+        self._check_blend(part, settings)
+        return part
 
     def _keep_folder(self, folder: Path, relative: str) -> str:
         """Copy the files of ``folder`` into the store at ``relative``, replacing what was there in one
@@ -257,7 +303,9 @@ class StoreSettings:
             raise UserError(
                 f"the store's collab part is for {part.spec}, not {spec}: collab users take its spec"
             )
-        self._check_task_adapter(part, self.settings().task_adapter)
+        self._check_task_adapter(
+            "collab part's MLP was trained", part.task_adapter, self.settings().task_adapter
+        )
         return part
 
     def collab_items_fingerprint(self) -> str | None:
@@ -274,20 +322,20 @@ class StoreSettings:
         bank: the store's collab part's MLP, the one kind that has one."""
         return self.collab_part(spec).shared
 
-    def _check_task_adapter(self, part: CollabPart, relative: str | None) -> None:
-        """The part's MLP was trained over the task adapter at ``relative`` in the store (or over none,
-        as ``relative`` None says)."""
+    def _check_task_adapter(self, what: str, fingerprint: str | None, relative: str | None) -> None:
+        """The part whose ``what`` over the task adapter of ``fingerprint`` (None: over no task adapter)
+        fits the one at ``relative`` in the store (None: the store merges none)."""
         merged = None
         if relative is not None:
             with self.store.files.reading(relative) as folder:
                 merged = tensors_fingerprint(module_folder.read_module(folder).tensors)
-        if merged != part.task_adapter:
+        if merged != fingerprint:
             raise UserError(
-                "the collab part's MLP was trained over "
-                + ("no task adapter" if part.task_adapter is None else "another task adapter")
+                f"the {what} over "
+                + ("no task adapter" if fingerprint is None else "another task adapter")
                 + f" than {self.location} merges into its base "
                 + ("(none)" if merged is None else "")
-                + ": give the task adapter and the collab part of one bench run"
+                + ": give the task adapter and the part of one bench run"
             )
 
     def with_task_adapter(self, base: BaseModel) -> BaseModel:

@@ -1,0 +1,173 @@
+"""The stacked blend served: a store that keeps a blend part answers a label request naming an item with
+the blend of the statistics (the user's row folded in from their history now) and the model's label
+scores, exactly as the part computes it; bad requests are 400s that name the field, and everyone else is
+served as before."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from serve_helpers import fresh, serve_config
+
+from tailorlm import models
+from tailorlm.data import load_task
+from tailorlm.methods.baselines import label_by_rule
+from tailorlm.methods.blend_part import Blender, ItemStatistics, part_for
+from tailorlm.serve.protocol import MAX_ITEM_CHARS
+from tailorlm.serve.run import background
+from tailorlm.store.index import HistoryRecord
+from tailorlm.users.errors import UserError
+from tailorlm.users.history import user_of
+from tailorlm.users.service import UserService
+
+USERS = ["1", "2", "3"]
+
+
+@pytest.fixture(scope="module")
+def part_folder(tmp_path_factory):
+    """A verbagg blend part with a model source (fitted over no task adapter, as the store merges none)."""
+    task = load_task("verbagg", seed=0)
+    statistics = ItemStatistics.fit(task, task.users[:4])
+    blender = Blender(
+        (*statistics.sources, "model"),
+        torch.tensor([0.5, 0.2, 0.3, 1.0]),
+        torch.tensor([0.3, 0.1, 0.2, -0.5]),
+        torch.tensor([0.1, 0.0, -0.1]),
+    )
+    folder = tmp_path_factory.mktemp("blend") / "blend-part-plain"
+    part_for(task, statistics, blender, None).save(folder)
+    return folder
+
+
+@pytest.fixture
+def store(tmp_path, tiny, part_folder):
+    service = UserService(tmp_path / "store", load_base=lambda: fresh(tiny))
+    service.configure(task="verbagg", base_model=models.TINY_MODEL)
+    service.import_task("verbagg", users=USERS, kind="label-bias")
+    assert sorted(service.train().trained) == USERS
+    service.configure(blend=part_folder)
+    yield service
+    service.close()
+
+
+def _ask(server, key: str, body: dict) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60
+    )
+
+
+def test_a_request_naming_an_item_is_answered_by_the_blend(store, tiny):
+    task = load_task("verbagg", seed=0)
+    labels = list(task.labels)
+    example = task.user("2").test[0]
+    keys = {user: store.issue_key(user) for user in USERS}
+    part = store.blend_part()
+    with background(serve_config(store.root, retrain=False), base=fresh(tiny)) as server:
+        plain = _ask(server, keys["2"], {"model": "2", "prompt": example.text, "labels": labels})
+        asked = {"model": "2", "prompt": example.text, "labels": labels[::-1], "item": example.item_key}
+        blended = _ask(server, keys["2"], asked)
+        unknown = _ask(server, keys["2"], {**asked, "item": "an item nobody answered"})
+        # New history changes the user's row at once (no training): it is folded in per request.
+        store.add_history("2", [HistoryRecord("extra", "x", labels[2], "train", item_key=example.item_key)])
+        after = _ask(server, keys["2"], asked)
+    for response in (plain, blended, unknown, after):
+        assert response.status_code == 200, response.text
+    model = plain.json()["choices"][0]["label_scores"]
+    model = torch.log_softmax(torch.tensor([model[label] for label in labels]), dim=-1)
+
+    def expected(item: str, history) -> tuple[str, list[float]]:
+        row = part.statistics.row(user_of("2", history).train)
+        found = part.distribution(row, item, model)
+        return label_by_rule(part.rule, labels, found.exp().tolist()), found.tolist()
+
+    before = [r for r in store.history("2") if r.item_id != "extra"]
+    for response, item, history in (
+        (blended, example.item_key, before),
+        (unknown, "an item nobody answered", before),
+        (after, example.item_key, store.history("2")),
+    ):
+        choice = response.json()["choices"][0]
+        answer, scores = expected(item, history)
+        assert list(choice["label_scores"]) == labels[::-1]  # in the request's order
+        assert [choice["label_scores"][label] for label in labels] == pytest.approx(scores, abs=1e-5)
+        assert choice["text"] == answer
+    assert blended.json()["choices"][0]["label_scores"] != after.json()["choices"][0]["label_scores"]
+
+
+def test_bad_blend_requests_are_400s_naming_the_field_and_others_are_served(store, tiny, tmp_path):
+    labels = list(store.task().labels)
+    key = store.issue_key("1")
+    with background(serve_config(store.root, retrain=False), base=fresh(tiny)) as server:
+        cases = {
+            "item": {"model": "1", "prompt": "p", "item": "x"},  # no labels
+            "labels": {"model": "1", "prompt": "p", "labels": labels[:2], "item": "x"},
+            "item ": {"model": "1", "prompt": "p", "labels": labels, "item": ""},
+            "item  ": {"model": "1", "prompt": "p", "labels": labels, "item": "x" * (MAX_ITEM_CHARS + 1)},
+            "item   ": {"model": "1", "prompt": "p", "labels": labels, "item": 7},
+        }
+        for field, body in cases.items():
+            response = _ask(server, key, body)
+            assert response.status_code == 400, (field, response.text)
+            error = response.json()["error"]
+            assert field.strip() in (error["message"] + str(error["param"])), (field, error)
+        fine = _ask(server, key, {"model": "1", "prompt": "p", "labels": labels, "item": "x"})
+        assert fine.status_code == 200, fine.text
+
+
+def test_a_store_without_a_blend_part_refuses_an_item_and_a_mismatched_part_is_refused(
+    tmp_path, tiny, part_folder
+):
+    service = UserService(tmp_path / "store", load_base=lambda: fresh(tiny))
+    service.configure(task="verbagg", base_model=models.TINY_MODEL)
+    service.import_task("verbagg", users=["1"], kind="label-bias")
+    service.train()
+    key = service.issue_key("1")
+    labels = list(service.task().labels)
+    with background(serve_config(service.root, retrain=False), base=fresh(tiny)) as server:
+        refused = _ask(server, key, {"model": "1", "prompt": "p", "labels": labels, "item": "x"})
+        served = _ask(server, key, {"model": "1", "prompt": "p", "labels": labels})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "blend_unavailable"
+    assert served.status_code == 200
+    other = UserService(tmp_path / "bfi", load_base=lambda: fresh(tiny))
+    other.configure(task="bfi", base_model=models.TINY_MODEL)
+    with pytest.raises(UserError, match="labels"):
+        other.configure(blend=part_folder)  # verbagg's labels
+    with pytest.raises(UserError, match="blend part"):
+        other.configure(blend=tmp_path)  # not a part
+    assert other.settings().blend is None
+    service.close()
+    other.close()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(item=st.text(min_size=1, max_size=40))
+def test_any_item_text_is_answered(item, served_blend):
+    """Any UTF-8 item key of up to the bound is answered (an unknown one by the model and the user's
+    prior alone), never a 500."""
+    server, key, labels = served_blend
+    response = _ask(server, key, {"model": "1", "prompt": "p", "labels": labels, "item": item})
+    try:
+        item.encode("utf-8")
+    except UnicodeEncodeError:
+        assert response.status_code == 400
+        return
+    assert response.status_code == 200, response.text
+    assert set(response.json()["choices"][0]["label_scores"]) == set(labels)
+
+
+@pytest.fixture(scope="module")
+def served_blend(tmp_path_factory, tiny, part_folder):
+    root = tmp_path_factory.mktemp("served")
+    service = UserService(root / "store", load_base=lambda: fresh(tiny))
+    service.configure(task="verbagg", base_model=models.TINY_MODEL)
+    service.import_task("verbagg", users=["1"], kind="label-bias")
+    service.train()
+    service.configure(blend=part_folder)
+    key = service.issue_key("1")
+    labels = list(service.task().labels)
+    service.close()
+    with background(serve_config(root / "store", retrain=False), base=fresh(tiny)) as server:
+        yield server, key, labels
