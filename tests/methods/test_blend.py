@@ -69,18 +69,19 @@ def test_a_run_of_both_blends_keeps_to_the_rules_and_fits_the_same_rows(tmp_path
     assert "blend" not in registry.methods_for(load_task("tate"))  # generation: no labels to blend
     uses: list[PromptUse] = []
     heard = Heard()
-    runner.run("verbagg", tmp_path, ["blend", "blend-stats"], SMALL, trace=uses.append, reporter=heard)
+    methods = ["blend", "blend-stats", "blend+rag"]
+    runner.run("verbagg", tmp_path, methods, SMALL, trace=uses.append, reporter=heard)
     run = Run(tmp_path, load_task("verbagg", seed=SMALL.seed), uses)
     check_prompts_show_only_what_the_asker_may_see(run)
-    for method in ("blend", "blend-stats"):
+    for method in methods:
         record = [
             json.loads(x) for x in (tmp_path / "predictions" / f"{method}.jsonl").read_text().splitlines()
         ]
         assert {r["user"] for r in record} == run.test_ids
     fitted = {line.split(":")[0]: line for line in heard.lines if "blended on" in line}
-    assert set(fitted) == {"blend", "blend-stats"}
+    assert set(fitted) == set(methods)
     rows = {method: line.split("blended on ")[1].split(" ")[0] for method, line in fitted.items()}
-    assert rows["blend"] == rows["blend-stats"] and int(rows["blend"]) > 0
+    assert rows["blend"] == rows["blend-stats"] == rows["blend+rag"] and int(rows["blend"]) > 0
     assert "model" in fitted["blend"] and "model" not in fitted["blend-stats"]
     validated = {u.prompt.user for u in uses if u.method == "blend" and u.purpose == "validate"}
     assert run.test_ids <= validated  # the test users' own validation answers are rows
@@ -92,6 +93,10 @@ def test_a_run_of_both_blends_keeps_to_the_rules_and_fits_the_same_rows(tmp_path
     assert not stats.uses_model and stats.task_adapter is None
     assert with_model.uses_model and with_model.task_adapter is not None
     assert with_model.statistics.sources == stats.statistics.sources == ("prior", "biases", "mf")
+    # blend+rag's model reads retrieved history: its own task adapter (trained with retrieval) and part.
+    retrieving = blend_part.BlendPart.load(tmp_path / "modules" / "blend+rag-part-bm25")
+    assert retrieving.uses_model and retrieving.task_adapter not in (None, with_model.task_adapter)
+    assert any(u.method == "blend+rag" and u.prompt.retrieved for u in uses)
     lines = (tmp_path / "predictions" / "blend-stats.jsonl").read_text().splitlines()
     answered = {e["id"]: e["prediction"] for line in lines for e in json.loads(line)["examples"]}
     checked = 0

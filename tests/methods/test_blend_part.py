@@ -10,6 +10,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from tailorlm.data import load_task
@@ -210,3 +212,30 @@ def test_a_task_without_ordered_labels_blends_the_prior_alone(tmp_path):
     row = again.statistics.row(task.training_examples(task.users[0]))
     item = task.users[0].test[0].item_key
     torch.testing.assert_close(again.distribution(row, item, None), part.distribution(row, item, None))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_any_history_and_item_give_a_finite_distribution(fitted, data):
+    """Whatever a user's history holds (labels or other text, known items, unknown ones, none, the same
+    item many times) and whatever item is asked: finite features and a distribution that sums to one."""
+    task, statistics = fitted
+    known = sorted(statistics.counts)
+    keys = st.one_of(st.none(), st.sampled_from(known), st.text(max_size=8))
+    targets = st.one_of(st.sampled_from(task.labels), st.text(max_size=5))
+    answers = data.draw(st.lists(st.tuples(keys, targets), max_size=40))
+    examples = [
+        Example(id=str(i), text="t", target=target, targets=(target,), item_key=key)
+        for i, (key, target) in enumerate(answers)
+    ]
+    row = statistics.row(examples)
+    item = data.draw(keys)
+    features = statistics.features(row, item)
+    assert bool(torch.isfinite(features).all())
+    blender = Blender((*statistics.sources, "model"), torch.ones(4), torch.ones(4), torch.zeros(3))
+    part = part_for(task, statistics, blender, None)
+    model = torch.log_softmax(
+        torch.tensor(data.draw(st.lists(st.floats(-1e4, 1e4), min_size=3, max_size=3))), -1
+    )
+    found = part.distribution(row, item, model)
+    assert bool(torch.isfinite(found).all()) and float(found.exp().sum()) == pytest.approx(1.0, abs=1e-5)

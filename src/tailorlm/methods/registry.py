@@ -195,6 +195,15 @@ BLEND_METHODS: list[Method] = [
         "the same blend without the model: the prior, damped biases and matrix factorisation stacked",
         blend.BlendSetup(with_model=False),
     ),
+    Method(
+        "blend+rag",
+        "shared-personal",
+        "the stacked blend whose model reads the user's most similar training answers (BM25) before the "
+        "item: the task adapter trained and asked with retrieval, a content-based personal signal beside "
+        "the factorisation's",
+        blend.BlendSetup(),
+        _BM25,
+    ),
 ]
 
 # Collaborative tokens, alone and as the blend's model, for label tasks whose items are shared between
