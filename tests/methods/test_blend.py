@@ -90,8 +90,8 @@ def test_a_run_of_both_blends_keeps_to_the_rules_and_fits_the_same_rows(tmp_path
     # user's row folded in from their training answers (what a server does from their history).
     stats = blend_part.BlendPart.load(tmp_path / "modules" / "blend-stats-part-plain")
     with_model = blend_part.BlendPart.load(tmp_path / "modules" / "blend-part-plain")
-    assert not stats.uses_model and stats.task_adapter is None
-    assert with_model.uses_model and with_model.task_adapter is not None
+    assert not stats.uses_model and stats.task_adapter is None and stats.model is None
+    assert with_model.model == "shared" and with_model.task_adapter is not None
     assert with_model.statistics.sources == stats.statistics.sources == ("prior", "biases", "mf")
     # blend+rag's model reads retrieved history: its own task adapter (trained with retrieval) and part.
     retrieving = blend_part.BlendPart.load(tmp_path / "modules" / "blend+rag-part-bm25")

@@ -98,7 +98,7 @@ def test_a_part_reads_back_and_answers_the_same(fitted, tmp_path):
     sources = (*statistics.sources, "model")
     blender = Blender(sources, torch.tensor([0.5, 0.3, 0.2, 0.7]), torch.tensor([0.4, -0.1, 0.2, -0.5]),
                       torch.tensor([0.1, -0.2, 0.05]))  # fmt: skip
-    part = part_for(task, statistics, blender, "f" * 64)
+    part = part_for(task, statistics, blender, "f" * 64, "shared")
     assert part.rule == answer_rule(task) and part.uses_model
     part.save(tmp_path / "part")
     again = BlendPart.load(tmp_path / "part")
@@ -155,6 +155,11 @@ def _damage(meta: dict, tensors: dict, case: str) -> tuple[dict, dict]:
             tensors,
         ),
         "a task adapter that is a number": lambda: ({**meta, "task_adapter": 3}, tensors),
+        "a model source the blender lacks": lambda: ({**meta, "model": "shared"}, tensors),
+        "a model source blended but not named": lambda: (
+            {**meta, "blender": {**meta["blender"], "sources": [*meta["blender"]["sources"], "model"]}},
+            tensors,
+        ),
         "NaN factors": lambda: (meta, {**tensors, "mf.factors": tensors["mf.factors"] * nan}),
         "negative counts": lambda: (meta, {**tensors, "counts": -tensors["counts"]}),
         "integer counts": lambda: (meta, {**tensors, "counts": tensors["counts"].long()}),
@@ -168,7 +173,8 @@ def _damage(meta: dict, tensors: dict, case: str) -> tuple[dict, dict]:
 DAMAGE = [
     "meta not an object", "a label twice", "one label", "an int item key", "an item twice", "an unknown rule",
     "a NaN prior", "a prior not summing to one", "a boolean weight", "an unknown source", "a zero penalty",
-    "an inf mean", "a task adapter that is a number", "NaN factors", "negative counts", "integer counts",
+    "an inf mean", "a task adapter that is a number", "a model source the blender lacks",
+    "a model source blended but not named", "NaN factors", "negative counts", "integer counts",
     "a missing bias", "an extra tensor", "factors of the wrong width",
 ]  # fmt: skip
 
@@ -233,7 +239,7 @@ def test_any_history_and_item_give_a_finite_distribution(fitted, data):
     features = statistics.features(row, item)
     assert bool(torch.isfinite(features).all())
     blender = Blender((*statistics.sources, "model"), torch.ones(4), torch.ones(4), torch.zeros(3))
-    part = part_for(task, statistics, blender, None)
+    part = part_for(task, statistics, blender, None, "module")
     model = torch.log_softmax(
         torch.tensor(data.draw(st.lists(st.floats(-1e4, 1e4), min_size=3, max_size=3))), -1
     )

@@ -17,7 +17,7 @@ from tailorlm.bench import runner
 from tailorlm.bench.config import split_users
 from tailorlm.data import load_task
 from tailorlm.kinds.collab import VECTOR, CollabSpec
-from tailorlm.methods import registry
+from tailorlm.methods import blend_part, registry
 from tailorlm.methods.collab import (
     ITEMS_FILE,
     PART_FILE,
@@ -195,6 +195,8 @@ def test_a_collab_run_keeps_to_the_rules_stores_small_modules_and_resumes(tmp_pa
     assert not any("folded in" in line for line in lines)
     assert not any("shared MLP epoch" in line for line in lines)
     assert any("model" in line for line in lines if "blended on" in line)
+    # Served, the blend asks each user's own collab module for its model source.
+    assert blend_part.BlendPart.load(tmp_path / "modules" / "blend-collab-part-plain").model == "module"
 
 
 def test_every_adapter_user_gets_a_vector_beyond_the_mlps_capped_sample(tmp_path):

@@ -1,7 +1,8 @@
 """The stacked blend served: a store that keeps a blend part answers a label request naming an item with
 the blend of the statistics (the user's row folded in from their history now) and the model's label
-scores, exactly as the part computes it; bad requests are 400s that name the field, and everyone else is
-served as before."""
+scores, exactly as the part computes it: the shared model's (users need no module), each user's own
+module's, or none (the statistics alone, no model run); bad requests are 400s that name the field, a
+model that is not the caller's a 404, and everyone else is served as before."""
 
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ from serve_helpers import fresh, serve_config
 
 from tailorlm import models
 from tailorlm.data import load_task
+from tailorlm.data.schema import Example
+from tailorlm.engine.engine import Engine
+from tailorlm.kinds.lora import LoraSpec
 from tailorlm.methods.baselines import label_by_rule
 from tailorlm.methods.blend_part import Blender, ItemStatistics, part_for
+from tailorlm.methods.recipes import PromptBuilder, Recipe
 from tailorlm.serve.protocol import MAX_ITEM_CHARS
 from tailorlm.serve.run import background
 from tailorlm.store.index import HistoryRecord
@@ -26,20 +31,22 @@ from tailorlm.users.service import UserService
 USERS = ["1", "2", "3"]
 
 
-@pytest.fixture(scope="module")
-def part_folder(tmp_path_factory):
-    """A verbagg blend part with a model source (fitted over no task adapter, as the store merges none)."""
+def _part(folder, model: str | None):
+    """A verbagg blend part whose model source is ``model`` (fitted over no task adapter, as the stores
+    here merge none)."""
     task = load_task("verbagg", seed=0)
     statistics = ItemStatistics.fit(task, task.users[:4])
-    blender = Blender(
-        (*statistics.sources, "model"),
-        torch.tensor([0.5, 0.2, 0.3, 1.0]),
-        torch.tensor([0.3, 0.1, 0.2, -0.5]),
-        torch.tensor([0.1, 0.0, -0.1]),
-    )
-    folder = tmp_path_factory.mktemp("blend") / "blend-part-plain"
-    part_for(task, statistics, blender, None).save(folder)
+    sources = (*statistics.sources, *(("model",) if model else ()))
+    cold, warm = torch.tensor([0.5, 0.2, 0.3, 1.0]), torch.tensor([0.3, 0.1, 0.2, -0.5])
+    blender = Blender(sources, cold[: len(sources)], warm[: len(sources)], torch.tensor([0.1, 0.0, -0.1]))
+    part_for(task, statistics, blender, None, model).save(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def part_folder(tmp_path_factory):
+    """A part whose model source is each user's own module."""
+    return _part(tmp_path_factory.mktemp("blend") / "blend-part-plain", "module")
 
 
 @pytest.fixture
@@ -171,3 +178,60 @@ def served_blend(tmp_path_factory, tiny, part_folder):
     service.close()
     with background(serve_config(root / "store", retrain=False), base=fresh(tiny)) as server:
         yield server, key, labels
+
+
+@pytest.mark.parametrize("model", ["shared", None])
+def test_users_without_a_module_are_served_the_blend_of_the_shared_model_or_of_the_statistics(
+    tmp_path, tiny, model
+):
+    """A part whose model source is the shared model scores at slot 0, so a user who has history but no
+    module of their own is answered; a part without a model source answers from the statistics alone. A
+    user's key on another user's model is the usual 404, and a forgotten user is not served."""
+    folder = _part(tmp_path / "part", model)
+    service = UserService(tmp_path / "store", load_base=lambda: fresh(tiny))
+    service.configure(task="verbagg", base_model=models.TINY_MODEL, blend=folder)
+    service.import_task("verbagg", users=USERS)  # imported, never trained: no modules
+    assert all(service.store.current(user) is None for user in USERS)
+    keys = {user: service.issue_key(user) for user in USERS}
+    admin = service.issue_key(None, admin=True)
+    task = load_task("verbagg", seed=0)
+    labels = list(task.labels)
+    example = task.user("3").test[0]
+    asked = {"model": "3", "prompt": example.text, "labels": labels, "item": example.item_key}
+    with background(serve_config(service.root, retrain=False), base=fresh(tiny)) as server:
+        answered = _ask(server, keys["3"], asked)
+        chat = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={
+                **{k: v for k, v in asked.items() if k != "prompt"},
+                "messages": [{"role": "user", "content": example.text}],
+            },
+            headers={"Authorization": f"Bearer {keys['3']}"},
+            timeout=60,
+        )
+        not_theirs = _ask(server, keys["1"], asked)
+        no_item = _ask(server, keys["3"], {k: v for k, v in asked.items() if k != "item"})
+        admin_asks = _ask(server, admin, {**asked, "model": "2"})
+        service.delete("2")
+        forgotten = _ask(server, admin, {**asked, "model": "2"})
+    assert answered.status_code == 200 and chat.status_code == 200, (answered.text, chat.text)
+    assert not_theirs.status_code == 404 and not_theirs.json()["error"]["code"] == "model_not_found"
+    assert no_item.status_code == 404  # without the blend a label request needs the user's module
+    assert admin_asks.status_code == 200, admin_asks.text
+    assert forgotten.status_code == 404 and forgotten.json()["error"]["code"] == "model_not_found"
+    part = service.blend_part()
+    row = part.statistics.row(user_of("3", service.history("3")).train)
+    scores = None
+    if model == "shared":
+        builder = PromptBuilder(service.task(), tiny.tokenizer, Recipe())
+        prompt = builder.build(service.data_user("3"), Example("request", example.text, "", ())).text
+        engine = Engine(fresh(tiny), LoraSpec(), slots=2)
+        scores = torch.log_softmax(torch.tensor(engine.score_labels([prompt], [0], labels)[0]), dim=-1)
+    expected = part.distribution(row, example.item_key, scores)
+    for response in (answered, chat):
+        choice = response.json()["choices"][0]
+        got = choice["label_scores"]
+        assert [got[label] for label in labels] == pytest.approx(expected.tolist(), abs=1e-4)
+        text = choice["text"] if "text" in choice else choice["message"]["content"]
+        assert text == label_by_rule(part.rule, labels, expected.exp().tolist())
+    service.close()

@@ -80,10 +80,15 @@ class Rows:
 
 class BlendSetup:
     """The stacked blend of the statistics and a model's label distribution: ``model`` is the setup whose
-    ``answerer`` gives the ``model`` source (default: the task adapter; None: the statistics alone)."""
+    ``answerer`` gives the ``model`` source (default: the task adapter; None: the statistics alone), and
+    ``model_from`` says whether a server asks it of the shared model or of each user's own module
+    (``blend_part.MODEL_SOURCES``)."""
 
-    def __init__(self, model: ModelSetup | None = None, with_model: bool = True) -> None:
+    def __init__(
+        self, model: ModelSetup | None = None, with_model: bool = True, model_from: str = "shared"
+    ) -> None:
         self.model = (model or TaskAdapterSetup()) if with_model else None
+        self.model_from = model_from if with_model else None
 
     def prepare(self, deps: MethodDeps, method: str, recipe: Recipe, users: Sequence[User]) -> LabelAnswerer:
         task = deps.task
@@ -109,7 +114,7 @@ class BlendSetup:
             adapter = tensors_fingerprint(
                 TaskAdapterSetup().ensure_trained(deps, recipe).get(TaskAdapterSetup.USER).tensors
             )
-        part_for(task, statistics, blender, adapter).save(
+        part_for(task, statistics, blender, adapter, self.model_from).save(
             deps.modules / PART_FOLDER.format(method=method, tag=recipe.tag)
         )
 

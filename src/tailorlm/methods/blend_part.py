@@ -40,6 +40,9 @@ from tailorlm.methods.collab import ItemFactors
 # fitted on, enough to keep the weights finite when two sources agree on every row.
 BLEND_PENALTY = 1.0
 MF_FACTORS = 100  # Surprise SVD's default, as the matrix-factorisation baseline uses
+# Where a blend's model source comes from: the shared model (the task adapter merged into the base: a
+# user needs no module of their own) or the user's own module (collab tokens: their folded-in vector).
+MODEL_SOURCES = ("shared", "module")
 META_FILE = "blend.json"  # labels, sources, item keys, prior, rating means and penalties, blender, adapter
 ITEMS_FILE = "items.safetensors"  # ``counts`` [items, labels], ``{source}.bias`` [items], ``mf.factors``
 
@@ -205,14 +208,15 @@ class BlendPartError(ValueError):
 @dataclass(frozen=True)
 class BlendPart:
     """What a server needs to answer a label request with the blend: the item statistics, the blender,
-    how the task answers a distribution (``baselines.answer_rule``), and the fingerprint of the task
-    adapter whose label distribution the blender's ``model`` source was fitted on (None: no model
-    source)."""
+    how the task answers a distribution (``baselines.answer_rule``), the fingerprint of the task adapter
+    whose label distribution the blender's ``model`` source was fitted on, and where that source comes
+    from (``model``: one of ``MODEL_SOURCES``; None, with the fingerprint, for a blend without a model)."""
 
     statistics: ItemStatistics
     blender: Blender
     rule: str
     task_adapter: str | None
+    model: str | None = None
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -220,7 +224,7 @@ class BlendPart:
 
     @property
     def uses_model(self) -> bool:
-        return "model" in self.blender.sources
+        return self.model is not None
 
     def distribution(self, row: UserRow, item: str | None, model: torch.Tensor | None) -> torch.Tensor:
         """Log-probabilities ``[labels]`` for ``row``'s user on ``item``, from the model's label
@@ -263,6 +267,7 @@ class BlendPart:
             },
             "rule": self.rule,
             "task_adapter": self.task_adapter,
+            "model": self.model,
         }
         with atomic_folder(Path(folder)) as staging:
             save_file({k: t.contiguous() for k, t in tensors.items()}, str(staging / ITEMS_FILE))
@@ -288,9 +293,18 @@ class BlendPart:
             ) from None
 
 
-def part_for(task: Task, statistics: ItemStatistics, blender: Blender, task_adapter: str | None) -> BlendPart:
-    """The part of ``task``'s fitted blend."""
-    return BlendPart(statistics, blender, answer_rule(task), task_adapter)
+def part_for(
+    task: Task,
+    statistics: ItemStatistics,
+    blender: Blender,
+    task_adapter: str | None,
+    model: str | None = None,
+) -> BlendPart:
+    """The part of ``task``'s fitted blend; ``model`` (one of ``MODEL_SOURCES``) for a blender with a model
+    source, None for one without."""
+    if (model is not None) != ("model" in blender.sources) or model not in (None, *MODEL_SOURCES):
+        raise ValueError(f"a blender with a model source takes one of {MODEL_SOURCES}, one without None")
+    return BlendPart(statistics, blender, answer_rule(task), task_adapter, model)
 
 
 def _read_part(folder: Path) -> BlendPart:
@@ -314,6 +328,7 @@ def _read_part(folder: Path) -> BlendPart:
         raise BlendPartError(f"{path}: rule must be one of {ANSWER_RULES}, not {meta['rule']!r}")
     if meta.get("task_adapter") is not None and not isinstance(meta["task_adapter"], str):
         raise BlendPartError(f"{path}: task_adapter must be a fingerprint (a string) or null")
+    model = meta.get("model")
     prior = _numbers(path, "prior", meta["prior"], len(labels))
     if bool((prior <= 0).any()) or abs(float(prior.sum()) - 1.0) > 1e-6:
         raise BlendPartError(f"{path}: prior must be positive and sum to one")
@@ -327,6 +342,10 @@ def _read_part(folder: Path) -> BlendPart:
     known_sources = ["prior", *ratings_meta]
     if sources not in (known_sources, [*known_sources, "model"]):
         raise BlendPartError(f"{path}: blender sources must be {known_sources}, optionally then model")
+    if (model is not None) != ("model" in sources) or model not in (None, *MODEL_SOURCES):
+        raise BlendPartError(
+            f"{path}: model must be one of {MODEL_SOURCES} for a blender with a model source, null without"
+        )
     blender = Blender(
         tuple(sources),
         _numbers(path, "blender.cold", blender_meta.get("cold"), len(sources)).float(),
@@ -370,7 +389,7 @@ def _read_part(folder: Path) -> BlendPart:
     statistics = ItemStatistics(
         tuple(labels), prior, {k: counts[i].double() for i, k in enumerate(keys)}, ratings
     )
-    return BlendPart(statistics, blender, meta["rule"], meta.get("task_adapter"))
+    return BlendPart(statistics, blender, meta["rule"], meta.get("task_adapter"), model)
 
 
 def _numbers(path: Path, name: str, values: object, size: int) -> torch.Tensor:

@@ -220,7 +220,7 @@ COLLAB_METHODS: list[Method] = [
         "blend-collab",
         "shared-personal",
         "the stacked blend with the collaborative-token model as its model",
-        blend.BlendSetup(model=collab.CollabSetup()),
+        blend.BlendSetup(model=collab.CollabSetup(), model_from="module"),
     ),
 ]
 

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tailorlm.engine.continuous import Sampling
+from tailorlm.methods.blend_part import BlendPart
 from tailorlm.serve import protocol, users_api
 from tailorlm.serve.protocol import ApiError, ChatRequest, CompletionRequest
 from tailorlm.serve.scheduler import Event, Job, JobError
@@ -392,13 +393,17 @@ async def _answer(
     server: Server, owner: KeyOwner, body: CompletionRequest | ChatRequest, content: Any, request: Request
 ) -> Response:
     chat = isinstance(body, ChatRequest)
-    version, bank = server.module_of(owner, body.model)
+    if body.item is None:
+        blend, (version, bank) = None, server.module_of(owner, body.model)
+    else:
+        blend, version, bank = await asyncio.to_thread(server.blend_route, owner, body.model, body.labels)
     param = "messages" if chat else "prompt"
     if body.labels and body.stream:
         raise ApiError(400, "labels cannot be streamed: the answer is one label", param="stream")
     text, prompt_ids, worst, width = await asyncio.to_thread(_prepare, server, body, content, chat)
     _check_size(server, body, len(prompt_ids), worst, width, param)
-    blend = None if body.item is None else await asyncio.to_thread(server.blend_part, body.labels)
+    if blend is not None and not blend.uses_model:  # the statistics alone: no model to run
+        return await _statistics_answer(server, blend, body, chat, len(prompt_ids))
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
     job = Job(
@@ -433,7 +438,9 @@ async def _answer(
     pieces, event = event
     scores = event.scores
     if blend is not None and scores is not None:
-        label, scores = await asyncio.to_thread(server.blended, blend, body.model, body.item, scores)
+        label, scores = await asyncio.to_thread(
+            server.blended, blend, body.model, body.item, body.labels, scores
+        )
         tokens = len(server.prompt_tokenizer(label, add_special_tokens=False)["input_ids"])
         pieces, event = [label], dataclasses.replace(event, completion_tokens=tokens)
     server.metrics.tokens.inc(event.completion_tokens)
@@ -442,6 +449,19 @@ async def _answer(
     extra = {"label_scores": scores} if scores is not None else None
     build = protocol.chat_body if chat else protocol.completion_body
     return JSONResponse(build(request_id, body.model, answer, event.finish, counts, extra), headers=placed)
+
+
+async def _statistics_answer(
+    server: Server, blend: BlendPart, body: CompletionRequest | ChatRequest, chat: bool, prompt_tokens: int
+) -> Response:
+    """A label request naming an item, answered by a blend without a model source: from the user's row
+    and the item's statistics alone, with no job for the engine."""
+    label, scores = await asyncio.to_thread(server.blended, blend, body.model, body.item, body.labels, None)
+    tokens = len(server.prompt_tokenizer(label, add_special_tokens=False)["input_ids"])
+    counts = protocol.usage(prompt_tokens, tokens)
+    build = protocol.chat_body if chat else protocol.completion_body
+    request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
+    return JSONResponse(build(request_id, body.model, label, "stop", counts, {"label_scores": scores}))
 
 
 async def _last_event(

@@ -368,20 +368,43 @@ class Server:
             )
         return part
 
+    def blend_route(self, owner: KeyOwner, model: str, labels: Sequence[str]) -> tuple[BlendPart, int, int]:
+        """(the store's blend part, version, bank) for a label request of ``model`` naming an item: the
+        same 404 as ``module_of`` for a model that is not the owner's; then the part (``blend_part``); then
+        the user's module when the part's model source is each user's own, else the shared model (bank -1,
+        slot 0), which a user with no module of their own is served from too. Blocks on the store."""
+        if owner.role != "admin" and owner.user_id != model:
+            raise model_not_found(model)
+        part = self.blend_part(labels)
+        if part.model == "module":
+            return (part, *self.module_of(owner, model))
+        if not self.store.index.has_user(model):
+            raise model_not_found(model)
+        return part, 0, -1
+
     def blended(
-        self, part: BlendPart, user_id: str, item: str, scores: Mapping[str, float]
-    ) -> tuple[str, dict]:
+        self,
+        part: BlendPart,
+        user_id: str,
+        item: str,
+        labels: Sequence[str],
+        scores: Mapping[str, float] | None,
+    ) -> tuple[str, dict[str, float]]:
         """The blend's answer for ``user_id`` on ``item``: the label the task's rule picks from the blended
-        distribution, and every label's blended log-probability (in ``scores``' order). ``scores``: the
-        model's label scores (the user's module's, or the task adapter's for a user without one). The
-        user's row is folded in from the training history the store keeps for them now. Blocks on the
-        index: call it off the event loop."""
-        model = torch.log_softmax(torch.tensor([scores[label] for label in part.labels]), dim=-1)
+        distribution, and every label's blended log-probability in ``labels``' order. ``scores``: the
+        model's label scores (None for a part without a model source). The user's row is folded in from
+        the training history the store keeps for them now. Blocks on the index: call it off the event
+        loop."""
+        model = None
+        if part.uses_model:
+            if scores is None:
+                raise ValueError("this blend part has a model source: the model's label scores are needed")
+            model = torch.log_softmax(torch.tensor([scores[label] for label in part.labels]), dim=-1)
         row = part.statistics.row(user_of(user_id, self.service.history(user_id)).train)
-        found = part.distribution(row, item, model if part.uses_model else None)
+        found = part.distribution(row, item, model)
         answer = label_by_rule(part.rule, part.labels, found.exp().tolist())
         by_label = dict(zip(part.labels, found.tolist(), strict=True))
-        return answer, {label: by_label[label] for label in scores}
+        return answer, {label: by_label[label] for label in labels}
 
 
 def module_loader(store: ModuleStore, spec: ModuleSpec) -> Callable[[str], Mapping[str, torch.Tensor]]:
