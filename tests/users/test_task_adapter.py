@@ -16,6 +16,7 @@ from tailorlm.serve.config import ServeConfig
 from tailorlm.serve.run import background, free_port
 from tailorlm.store import module_folder
 from tailorlm.store.module_folder import StoredModule
+from tailorlm.store.store import ModuleStore
 from tailorlm.users.errors import UserError
 from tailorlm.users.service import TASK_ADAPTER_FOLDER, UserService
 
@@ -98,3 +99,27 @@ def test_users_are_served_on_the_merged_base(tmp_path, tiny, adapter_folder):
             timeout=60,
         ).json()
     assert answer["choices"][0]["text"].strip() == expected
+
+
+def test_a_bench_runs_task_adapter_store_is_taken_as_its_one_module(tmp_path, tiny, adapter_folder):
+    """``--task-adapter RUN/modules/task-adapter-plain``: the run's store of the one task adapter gives
+    its current version; a store of two modules is refused, naming the folder."""
+    run_store = ModuleStore(tmp_path / "task-adapter-plain")
+    module = random_module(tiny, "lora", seed=5)
+    run_store.put("task", SPECS["lora"], module, model=tiny.model, base_name=tiny.name)
+    stored = run_store.get("task").tensors  # as the store keeps it (its storage dtype)
+    run_store.close()
+    service = UserService(tmp_path / "store", load_base=lambda: fresh(tiny))
+    service.configure(task="verbagg", task_adapter=tmp_path / "task-adapter-plain")
+    kept = module_folder.read_module(tmp_path / "store" / TASK_ADAPTER_FOLDER)
+    assert set(kept.tensors) == set(stored)
+    assert all(torch.equal(kept.tensors[name], stored[name]) for name in stored)
+    service.close()
+    two = ModuleStore(tmp_path / "two")
+    for user in ("a", "b"):
+        two.put(user, SPECS["lora"], module, model=tiny.model, base_name=tiny.name)
+    two.close()
+    other = UserService(tmp_path / "other", load_base=lambda: fresh(tiny))
+    with pytest.raises(UserError, match="module store of 2 modules"):
+        other.configure(task_adapter=tmp_path / "two")
+    other.close()

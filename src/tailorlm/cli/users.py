@@ -107,8 +107,9 @@ def import_command(
     task_adapter: Path | None = typer.Option(
         None,
         "--task-adapter",
-        help="OPPU: a LoRA or IA3 module folder (e.g. a bench run's task adapter) merged into the base "
-        "before users train and are served; copied into the store. Only for a store without modules.",
+        help="OPPU: a bench run's task adapter (RUN/modules/task-adapter-TAG) or a LoRA or IA3 module "
+        "folder, merged into the base before users train and are served; copied into the store. Only for "
+        "a store without modules.",
     ),
     collab: Path | None = typer.Option(
         None,

@@ -110,6 +110,24 @@ def resolve_spec(
         raise UserError(str(error)) from error
 
 
+def module_of_store(folder: Path) -> Path:
+    """``folder`` itself, or when it holds a module store (a bench run's ``modules/task-adapter-TAG``), the
+    folder of the current version of its one module; a ``UserError`` when that store holds other than one."""
+    store = ModuleStore(folder)
+    if not store.exists():
+        return folder
+    try:
+        users = [u for u in store.users() if store.current(u) is not None]
+        if len(users) != 1:
+            raise UserError(
+                f"{folder} is a module store of {len(users)} modules: give the folder of one module "
+                "(a bench run's modules/task-adapter-TAG holds exactly one)"
+            )
+        return store.folder(users[0])
+    finally:
+        store.close()
+
+
 def read_blend_part(folder: str | Path, what: str = "blend part") -> BlendPart:
     """A blend part folder (a bench run's ``modules/blend-part-TAG``), or a ``UserError`` naming ``what``
     and what is wrong with it."""
@@ -210,12 +228,15 @@ class StoreSettings:
 
     def _keep_task_adapter(self, folder: Path) -> str:
         """Copy a task adapter's module folder into the store (users' modules depend on it, so it must not
-        change or vanish under them); returns its folder relative to the root."""
+        change or vanish under them); returns its folder relative to the root. ``folder`` is a module's
+        folder, or a bench run's store of the task adapter (``RUN/modules/task-adapter-TAG``), whose one
+        module's current version is taken."""
         if self.store.users():
             raise UserError(
                 f"the modules in {self.location} were trained without this task adapter; "
                 "use a new store for it"
             )
+        folder = module_of_store(folder)
         try:
             stored = module_folder.read_module(folder)
         except ModuleFileError as error:
