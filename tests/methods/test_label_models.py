@@ -104,9 +104,10 @@ def test_label_methods_are_offered_for_label_tasks_only(tmp_path):
     verbagg = load_task("verbagg", seed=0)
     label_rows = {"task-adapter+bias", "task-adapter+select", "joint+bias", "fusion", "oppu-select"}
     assert label_rows <= set(methods_for(verbagg))
-    assert {"task-adapter+bias", "fusion"} <= set(default_methods(verbagg))
+    assert {"task-adapter+bias", "fusion", "blend-stats"} <= set(default_methods(verbagg))
     fixture = Path(__file__).parents[1] / "data" / "fixtures" / "lamp" / "lamp7"
     tweets = load_task("lamp:7", data_dir=fixture, split="train")
     assert not label_parts.applies_to(tweets)
     assert not label_rows & set(methods_for(tweets))
     assert "fusion" not in default_methods(tweets) and "oppu" in default_methods(tweets)
+    assert "blend-stats" not in default_methods(tweets)

@@ -237,6 +237,7 @@ BASELINE_DESCRIPTIONS = {
 
 # The quick default: every family, sized for the 15-minute budget of `make demo`.
 DEFAULT_METHODS = (
+    "blend-stats",  # the strongest simple baseline where items are shared: in every default report
     "zero-shot",
     "few-shot",
     "rag-bm25",
