@@ -10,11 +10,15 @@ import concurrent.futures
 import httpx
 import openai
 import pytest
+import torch
 from serve_helpers import build_store, fresh, serve_config
 
 from kind_helpers import ALL_KINDS
+from tailorlm.data import load_task
+from tailorlm.methods.blend_part import Blender, ItemStatistics, part_for
 from tailorlm.serve.app import REPLICA_HEADER
 from tailorlm.serve.run import background
+from tailorlm.users.service import UserService
 
 pytestmark = pytest.mark.xdist_group("ray")
 
@@ -23,7 +27,17 @@ REPLICAS = 2
 
 @pytest.fixture(scope="module")
 def store_users(tmp_path_factory, tiny):
-    return build_store(tmp_path_factory.mktemp("store"), tiny)
+    users = build_store(tmp_path_factory.mktemp("store"), tiny)
+    # A blend part whose model source is the shared model: item requests score at slot 0 of a replica.
+    task = load_task("verbagg", seed=0)
+    statistics = ItemStatistics.fit(task, task.users[:4])
+    blender = Blender((*statistics.sources, "model"), torch.ones(4), torch.full((4,), 0.5), torch.zeros(3))
+    folder = tmp_path_factory.mktemp("blend") / "blend-part-plain"
+    part_for(task, statistics, blender, None, "shared").save(folder)
+    service = UserService(users.root)
+    service.configure(blend=folder)
+    service.close()
+    return users
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +74,7 @@ def test_ray_serve_answers_as_one_process_does(fronts, store_users):
     module fixture would then deploy twice). Forgetting comes last: it deletes a user from the store."""
     check_same_answers_one_replica_per_user_shared_batches(*fronts, store_users)
     check_bad_requests_get_the_same_answers(*fronts, store_users)
+    check_blend_answers_the_same(*fronts, store_users)
     check_forgetting_clears_the_replicas(fronts[1], store_users)
 
 
@@ -123,6 +138,46 @@ def check_bad_requests_get_the_same_answers(local, ray_url, store_users):
         assert 400 <= replies[0].status_code < 500, (path, body, replies[0].text)
         assert [r.status_code for r in replies] == [replies[0].status_code] * 2, (path, body)
         assert replies[1].json() == replies[0].json(), (path, body)
+
+
+def check_blend_answers_the_same(local, ray_url, store_users):
+    """A label request naming an item gets the same blended answer from either front (the blend runs in
+    the front, the shared model's scores on the user's home replica); a mismatched label set is the same
+    400."""
+    labels = ["no", "perhaps", "yes"]
+    for user in ("lora-user-0", "ia3-user-1"):
+        body = {
+            "model": user,
+            "prompt": "A bus fails to stop for me.",
+            "labels": labels,
+            "item": "S1WantCurse",
+        }
+        replies = [
+            httpx.post(
+                f"{url}/v1/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {store_users.keys[user]}"},
+                timeout=60,
+            )
+            for url in (local, ray_url)
+        ]
+        assert [r.status_code for r in replies] == [200, 200], [r.text for r in replies]
+        local_choice, ray_choice = (r.json()["choices"][0] for r in replies)
+        assert ray_choice["text"] == local_choice["text"]
+        assert [ray_choice["label_scores"][x] for x in labels] == pytest.approx(
+            [local_choice["label_scores"][x] for x in labels], abs=1e-4
+        )
+        bad = {**body, "labels": labels[:2]}
+        refused = [
+            httpx.post(
+                f"{url}/v1/completions",
+                json=bad,
+                headers={"Authorization": f"Bearer {store_users.keys[user]}"},
+                timeout=60,
+            )
+            for url in (local, ray_url)
+        ]
+        assert [r.status_code for r in refused] == [400, 400] and refused[0].json() == refused[1].json()
 
 
 def check_forgetting_clears_the_replicas(ray_url, store_users):
