@@ -145,6 +145,14 @@ def check_blend_answers_the_same(local, ray_url, store_users):
     the front, the shared model's scores on the user's home replica); a mismatched label set is the same
     400."""
     labels = ["no", "perhaps", "yes"]
+
+    def both(user: str, body: dict) -> list[httpx.Response]:
+        headers = {"Authorization": f"Bearer {store_users.keys[user]}"}
+        return [
+            httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
+            for url in (local, ray_url)
+        ]
+
     for user in ("lora-user-0", "ia3-user-1"):
         body = {
             "model": user,
@@ -152,31 +160,14 @@ def check_blend_answers_the_same(local, ray_url, store_users):
             "labels": labels,
             "item": "S1WantCurse",
         }
-        replies = [
-            httpx.post(
-                f"{url}/v1/completions",
-                json=body,
-                headers={"Authorization": f"Bearer {store_users.keys[user]}"},
-                timeout=60,
-            )
-            for url in (local, ray_url)
-        ]
+        replies = both(user, body)
         assert [r.status_code for r in replies] == [200, 200], [r.text for r in replies]
         local_choice, ray_choice = (r.json()["choices"][0] for r in replies)
         assert ray_choice["text"] == local_choice["text"]
         assert [ray_choice["label_scores"][x] for x in labels] == pytest.approx(
             [local_choice["label_scores"][x] for x in labels], abs=1e-4
         )
-        bad = {**body, "labels": labels[:2]}
-        refused = [
-            httpx.post(
-                f"{url}/v1/completions",
-                json=bad,
-                headers={"Authorization": f"Bearer {store_users.keys[user]}"},
-                timeout=60,
-            )
-            for url in (local, ray_url)
-        ]
+        refused = both(user, {**body, "labels": labels[:2]})
         assert [r.status_code for r in refused] == [400, 400] and refused[0].json() == refused[1].json()
 
 
