@@ -17,7 +17,7 @@ from test_methods_leakage import (
 
 from tailorlm.bench import runner
 from tailorlm.data import load_task
-from tailorlm.methods import blend_part, registry
+from tailorlm.methods import blend, blend_part, registry
 from tailorlm.methods.baselines import label_by_rule
 from tailorlm.methods.recipes import PromptUse
 from tailorlm.progress import Reporter
@@ -109,3 +109,20 @@ def test_a_run_of_both_blends_keeps_to_the_rules_and_fits_the_same_rows(tmp_path
             assert answered[example.id] == label_by_rule(stats.rule, stats.labels, scores)
             checked += 1
     assert checked == len(answered) > 0
+
+
+def test_no_validation_rows_fit_a_blender_over_every_label():
+    """A task whose users have no validation answers: the features keep the labels' width, so the blender
+    (every weight 0) answers each label equally likely rather than failing on a width of 0."""
+    from types import SimpleNamespace
+
+    task = load_task("verbagg", seed=0)
+    statistics = blend_part.ItemStatistics.fit(task, [])
+    rows = blend.Rows(SimpleNamespace(task=task), statistics)
+    features = rows.features([])
+    assert features.shape == (0, len(statistics.sources), len(task.labels))
+    fitted = blend_part.fit_blender(statistics.sources, features, rows.warmth([]), [])
+    assert fitted.bias.shape == (len(task.labels),)
+    user = task.users[0]
+    scores = fitted.scores(rows.features([(user, user.test[0])]), rows.warmth([(user, user.test[0])]))
+    torch.testing.assert_close(scores, torch.full((1, 3), -math.log(3)), atol=1e-6, rtol=0)

@@ -71,7 +71,9 @@ class Rows:
             if user.id not in self._rows:
                 self._rows[user.id] = self.statistics.row(self.deps.task.training_examples(user))
             found.append(self.statistics.features(self._rows[user.id], example.item_key))
-        return torch.stack(found) if found else torch.zeros(0, len(self.statistics.sources), 0)
+        if not found:
+            return torch.zeros(0, len(self.statistics.sources), len(self.statistics.labels))
+        return torch.stack(found)
 
     def warmth(self, queries: Sequence[Query]) -> torch.Tensor:
         """``[rows]`` in [0, 1]: how many training answers each query's item has, on a log scale."""

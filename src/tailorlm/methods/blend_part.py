@@ -161,14 +161,10 @@ class ItemStatistics:
     def row(self, examples: Sequence[Example]) -> UserRow:
         """A user's row from their training ``examples``: every answer that is a label counts toward
         their prior; answers to an item fold them in per rating source."""
-        indices = [metrics.label_index(e.targets[0], self.labels) for e in examples if e.targets]
-        counted = Counter(self.labels[i] for i in indices if i >= 0)
+        labelled = [(e, metrics.label_index(e.targets[0], self.labels)) for e in examples if e.targets]
+        counted = Counter(self.labels[i] for _, i in labelled if i >= 0)
         prior = torch.tensor(smoothed(counted, self.labels, self.prior.tolist()), dtype=torch.float64)
-        answers = [
-            (e.item_key, float(i))
-            for e, i in zip((e for e in examples if e.targets), indices, strict=True)
-            if e.item_key is not None and i >= 0
-        ]
+        answers = [(e.item_key, float(i)) for e, i in labelled if e.item_key is not None and i >= 0]
         return UserRow(prior, {name: items.fold_in(answers) for name, items in self.ratings.items()})
 
     def features(self, row: UserRow, item: str | None) -> torch.Tensor:

@@ -134,9 +134,8 @@ class _Request(Utf8Body):
     labels: list[str] | None = Field(default=None, min_length=1, max_length=MAX_LABELS)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
     raw_prompt: bool = False  # with labels: score the prompt as sent, not written into the task's prompt
-    item: str | None = Field(
-        default=None, min_length=1, max_length=MAX_ITEM_CHARS
-    )  # with labels: the blend's
+    # With labels: the task's item the prompt asks about (its key), for the store's blend part.
+    item: str | None = Field(default=None, min_length=1, max_length=MAX_ITEM_CHARS)
 
     @field_validator("stop")
     @classmethod

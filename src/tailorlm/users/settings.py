@@ -277,8 +277,8 @@ class StoreSettings:
                 f"{list(settings.labels)}: give the part of a bench run of this task"
             )
         if part.uses_model:
-            self._check_task_adapter("blend part's model source was fitted", part.task_adapter,
-                                     settings.task_adapter)  # fmt: skip
+            what = "blend part's model source was fitted"
+            self._check_task_adapter(what, part.task_adapter, settings.task_adapter)
 
     def blend_part(self) -> BlendPart | None:
         """The store's blend part, checked against the store's labels and task adapter; None without one;
