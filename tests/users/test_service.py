@@ -358,3 +358,23 @@ def test_history_text_the_index_cannot_keep_is_one_line_and_adds_nothing(importe
     with pytest.raises(UserError, match=f"{field} holds a"):
         imported.add_history("1", [HistoryRecord("1/first", "fine", "yes"), record])
     assert imported.history("1") == before
+
+
+def test_a_label_fit_that_comes_out_non_finite_skips_that_user_alone(service, monkeypatch):
+    """A label-bias user whose fitted part holds a NaN is not stored and is listed as diverged; the others
+    of the same fit are stored."""
+    from tailorlm.methods import label_parts
+
+    service.import_task("verbagg", users=["1", "2", "3"], kind="label-bias")
+    real = label_parts.fit_user_parts
+
+    def one_nan(*args, **kwargs):
+        fitted = real(*args, **kwargs)
+        bias, weight = fitted.parts["2"]
+        fitted.parts["2"] = (torch.full_like(bias, float("nan")), weight)
+        return fitted
+
+    monkeypatch.setattr(label_parts, "fit_user_parts", one_nan)
+    outcome = service.train()
+    assert sorted(outcome.trained) == ["1", "3"] and outcome.skipped == {"2": DIVERGED}
+    assert service.store.current("2") is None and service.store.current("1") is not None

@@ -27,6 +27,7 @@ from tailorlm.methods.recipes import PromptBuilder, Purpose, Recipe
 from tailorlm.methods.setups import Answerer, Query, prompts_for
 from tailorlm.progress import ProgressCallback
 from tailorlm.store.index import VersionRecord
+from tailorlm.store.module_folder import NonFiniteModuleError
 from tailorlm.store.store import ModuleStore
 from tailorlm.train.joint import fit_bias
 
@@ -320,9 +321,10 @@ def fit_and_store(
     fit: str = "bias",
 ) -> dict[str, VersionRecord]:
     """Fit ``users``' label parts (``fit_user_parts``) against ``engine``'s shared model (slot 0) and store
-    each as a new version of their module (``engine.spec``, a label-bias spec). A shrinkage or fusion
-    weight is chosen on these users' validation items the first time and kept in the store's index, so
-    users fitted later (a resumed run, a retrain of one user) get the same one."""
+    each as a new version of their module (``engine.spec``, a label-bias spec); a part that came out with
+    a NaN or an inf is not stored (the user keeps their previous version), the others are. A shrinkage or
+    fusion weight is chosen on these users' validation items the first time and kept in the store's
+    index, so users fitted later (a resumed run, a retrain of one user) get the same one."""
     stored_before = bool(store.users())
     known = {key: store.index.meta(key) if stored_before else None for key in (SHRINKAGE_KEY, WEIGHT_KEY)}
     builder = builder or deps.builder(Recipe(), engine.tokenizer)
@@ -348,15 +350,18 @@ def fit_and_store(
             "weight": fitted.weight,
             "examples": len(deps.task.training_examples(user)),
         }
-        records[user.id] = store.put(
-            user.id,
-            engine.spec,
-            label_part(bias, weight),
-            model=engine.model,
-            base_name=engine.base.name,
-            meta=meta,
-            data_fingerprint=(fingerprints or {}).get(user.id),
-        )
+        try:
+            records[user.id] = store.put(
+                user.id,
+                engine.spec,
+                label_part(bias, weight),
+                model=engine.model,
+                base_name=engine.base.name,
+                meta=meta,
+                data_fingerprint=(fingerprints or {}).get(user.id),
+            )
+        except NonFiniteModuleError:  # not stored, as no diverged module is; the other users are
+            continue
     counts = {o: sum(1 for x in fitted.options.values() if x == o) for o in OPTIONS}
     settings = [
         f"{name} {value:g}" + (" (the store's)" if known[key] is not None else "")
