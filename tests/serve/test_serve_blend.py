@@ -235,3 +235,32 @@ def test_users_without_a_module_are_served_the_blend_of_the_shared_model_or_of_t
         text = choice["text"] if "text" in choice else choice["message"]["content"]
         assert text == label_by_rule(part.rule, labels, expected.exp().tolist())
     service.close()
+
+
+def test_concurrent_blend_and_plain_requests_each_get_their_own_answer(store, tiny):
+    """Many users' blended and plain label requests at once (blended ones fold their user in on worker
+    threads while others score): every answer is 200 and equals the same request asked alone."""
+    import concurrent.futures
+
+    task = load_task("verbagg", seed=0)
+    labels = list(task.labels)
+    keys = {user: store.issue_key(user) for user in USERS}
+    bodies = []
+    for user in USERS:
+        for example in task.user(user).test[:2]:
+            plain = {"model": user, "prompt": example.text, "labels": labels}
+            bodies += [plain, {**plain, "item": example.item_key}]
+    with background(serve_config(store.root, retrain=False), base=fresh(tiny)) as server:
+
+        def ask(body: dict) -> dict:
+            response = _ask(server, keys[body["model"]], body)
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]
+
+        alone = [ask(body) for body in bodies]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(ask, bodies * 3))
+    for index, choice in enumerate(together):
+        expected = alone[index % len(bodies)]
+        assert choice["text"] == expected["text"]
+        assert choice["label_scores"] == pytest.approx(expected["label_scores"], abs=1e-4)
