@@ -111,29 +111,27 @@ def tune(
             )
             diverged = [u.id for u in sample if not store.has(u.id)]  # no module with NaN or inf is stored
             if diverged:
-                reporter.log(f"{method} lr={rate:g}: diverged for {len(diverged)} of {len(sample)} users")
-                rows.append({"learning_rate": rate, "diverged": len(diverged), "users": len(sample)})
                 store.close()
-                del engine
-                gc.collect()
-                continue
-            records = [store.current(u.id) for u in sample]
-            modules = {u.id: store.loader(engine.spec)(u.id) for u in sample}
-            store.close()
-            scored = _validation_scores(deps, method, engine, builder, sample, modules, decoding)
-            rows.append(
-                {
-                    "learning_rate": rate,
-                    "val_loss": statistics.fmean(min(r.metrics["val_losses"]) for r in records),
-                    "val_metric": scored["user_mean"][primary],
-                    "users": len(records),
-                    "best_epoch": statistics.fmean(r.metrics["best_epoch"] for r in records),
-                }
-            )
-            reporter.log(
-                f"{method} lr={rate:g}: validation loss {rows[-1]['val_loss']:.4f}, "
-                f"{primary} {rows[-1]['val_metric']:.4f}"
-            )
+                rows.append({"learning_rate": rate, "diverged": len(diverged), "users": len(sample)})
+                reporter.log(f"{method} lr={rate:g}: diverged for {len(diverged)} of {len(sample)} users")
+            else:
+                records = [store.current(u.id) for u in sample]
+                modules = {u.id: store.loader(engine.spec)(u.id) for u in sample}
+                store.close()
+                scored = _validation_scores(deps, method, engine, builder, sample, modules, decoding)
+                rows.append(
+                    {
+                        "learning_rate": rate,
+                        "val_loss": statistics.fmean(min(r.metrics["val_losses"]) for r in records),
+                        "val_metric": scored["user_mean"][primary],
+                        "users": len(records),
+                        "best_epoch": statistics.fmean(r.metrics["best_epoch"] for r in records),
+                    }
+                )
+                reporter.log(
+                    f"{method} lr={rate:g}: validation loss {rows[-1]['val_loss']:.4f}, "
+                    f"{primary} {rows[-1]['val_metric']:.4f}"
+                )
             # Each rate trains on a fresh base copy: free the last one before the next is loaded.
             del engine
             gc.collect()
