@@ -441,8 +441,7 @@ async def _answer(
         label, scores = await asyncio.to_thread(
             server.blended, blend, body.model, body.item, body.labels, scores
         )
-        tokens = len(server.prompt_tokenizer(label, add_special_tokens=False)["input_ids"])
-        pieces, event = [label], dataclasses.replace(event, completion_tokens=tokens)
+        pieces, event = [label], dataclasses.replace(event, completion_tokens=_tokens(server, label))
     server.metrics.tokens.inc(event.completion_tokens)
     answer = ("" if chat or not getattr(body, "echo", False) else text) + "".join(pieces)
     counts = protocol.usage(event.prompt_tokens, event.completion_tokens)
@@ -451,14 +450,18 @@ async def _answer(
     return JSONResponse(build(request_id, body.model, answer, event.finish, counts, extra), headers=placed)
 
 
+def _tokens(server: Server, label: str) -> int:
+    """The completion tokens of a blended answer (the label it chose)."""
+    return len(server.prompt_tokenizer(label, add_special_tokens=False)["input_ids"])
+
+
 async def _statistics_answer(
     server: Server, blend: BlendPart, body: CompletionRequest | ChatRequest, chat: bool, prompt_tokens: int
 ) -> Response:
     """A label request naming an item, answered by a blend without a model source: from the user's row
     and the item's statistics alone, with no job for the engine."""
     label, scores = await asyncio.to_thread(server.blended, blend, body.model, body.item, body.labels, None)
-    tokens = len(server.prompt_tokenizer(label, add_special_tokens=False)["input_ids"])
-    counts = protocol.usage(prompt_tokens, tokens)
+    counts = protocol.usage(prompt_tokens, _tokens(server, label))
     build = protocol.chat_body if chat else protocol.completion_body
     request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
     return JSONResponse(build(request_id, body.model, label, "stop", counts, {"label_scores": scores}))

@@ -339,8 +339,7 @@ class Server:
         store keeps none or the labels are not the part's (in any order); a 500 when the part is damaged.
         Read once, at the first such request (a part imported later is read then; one replaced while
         serving, at the next start). Blocks on the store: call it off the event loop."""
-        with self._builder_lock:
-            part = self._blend
+        part = self._blend  # two first requests racing both read it: the same part, no lock needed
         if part is None:
             try:
                 part = self.service.blend_part()
@@ -357,8 +356,7 @@ class Server:
                     code="blend_unavailable",
                     param="item",
                 )
-            with self._builder_lock:
-                self._blend = part
+            self._blend = part
         if sorted(labels) != sorted(part.labels):
             raise ApiError(
                 400,
